@@ -1,0 +1,3 @@
+from pykata.agent.main import main
+
+main()

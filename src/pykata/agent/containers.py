@@ -1,0 +1,302 @@
+"""The guest's containers: created by crun from the host's OCI spec.
+
+A container's init process and its exec'd processes are `Process` objects
+keyed by exec id. The init's exec id is the one the host chose in
+CreateContainer (the container id when it chose none); an empty exec id in
+SignalProcess addresses every process of the container.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from pykata.agent import guest_spec
+from pykata.agent.console import ConsoleSocket
+from pykata.agent.crun import Crun, wait_pid_file
+from pykata.agent.process import Process, Stdio
+from pykata.agent.reaper import Reaper
+from pykata.agent.storage import mount_storage, unmount
+from pykata.protocols import agent_pb2, oci_pb2
+from pykata.protocols.oci_spec import message_to_json, spec_to_json
+from pykata.ttrpc import Code, StatusError
+
+log = logging.getLogger(__name__)
+
+STATE_ROOT = Path("/run/pykata/containers")
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}")
+SANDBOX_TYPE_KEY = "io.kubernetes.cri.container-type"
+# How long an exec'd process's output may keep flowing after it exited before
+# the agent lets go of it (a background child can hold the pipe open forever).
+_EXEC_DRAIN_SECONDS = 10.0
+
+
+def check_id(kind: str, value: str) -> str:
+    if not _ID.fullmatch(value):
+        raise StatusError(Code.INVALID_ARGUMENT, f"invalid {kind} {value!r}")
+    return value
+
+
+class Container:
+    def __init__(self, container_id: str, init_exec_id: str, bundle: Path) -> None:
+        self.id = container_id
+        self.init_exec_id = init_exec_id
+        self.bundle = bundle
+        self.status = "creating"
+        self.is_sandbox = False
+        self.processes: dict[str, Process] = {}
+        self.mounts: list[Path] = []
+
+    @property
+    def init(self) -> Process:
+        return self.processes[self.init_exec_id]
+
+
+class Containers:
+    def __init__(self, reaper: Reaper, state_root: Path = STATE_ROOT) -> None:
+        self._reaper = reaper
+        self._root = state_root
+        self._crun = Crun(reaper, state_root)
+        self._containers: dict[str, Container] = {}
+        self._lock = asyncio.Lock()
+
+    # --- lookup ---------------------------------------------------------
+
+    def get(self, container_id: str) -> Container:
+        container = self._containers.get(container_id)
+        if container is None:
+            raise StatusError(Code.NOT_FOUND, f"container {container_id!r} does not exist")
+        return container
+
+    def process(self, container_id: str, exec_id: str) -> Process:
+        container = self.get(container_id)
+        key = exec_id or container.init_exec_id
+        if key == container.id:
+            key = container.init_exec_id
+        proc = container.processes.get(key)
+        if proc is None:
+            raise StatusError(
+                Code.NOT_FOUND, f"process {exec_id!r} of container {container_id!r} does not exist"
+            )
+        return proc
+
+    def all(self) -> list[Container]:
+        return list(self._containers.values())
+
+    def _sandbox_pid(self) -> int | None:
+        for container in self._containers.values():
+            if container.is_sandbox and container.status != "stopped":
+                return container.init.pid
+        return None
+
+    # --- lifecycle ------------------------------------------------------
+
+    async def create(self, req: agent_pb2.CreateContainerRequest) -> None:
+        cid = check_id("container id", req.container_id)
+        exec_id = check_id("exec id", req.exec_id) if req.exec_id else cid
+        if not req.HasField("OCI") or not req.OCI.HasField("Process"):
+            raise StatusError(
+                Code.INVALID_ARGUMENT, "CreateContainer needs an OCI spec with a process"
+            )
+        async with self._lock:
+            if cid in self._containers:
+                raise StatusError(Code.ALREADY_EXISTS, f"container {cid!r} already exists")
+            container = Container(cid, exec_id, self._root / cid)
+            self._containers[cid] = container
+        try:
+            await self._create(container, req)
+        except BaseException:
+            await self._discard(container)
+            raise
+        container.status = "created"
+
+    async def _create(self, container: Container, req: agent_pb2.CreateContainerRequest) -> None:
+        container.bundle.mkdir(parents=True, exist_ok=True)
+        for storage in req.storages:
+            container.mounts.append(await mount_storage(self._reaper, storage))
+        spec = spec_to_json(req.OCI)
+        annotations = spec.get("annotations", {})
+        container.is_sandbox = annotations.get(SANDBOX_TYPE_KEY) == "sandbox"
+        sandbox_pid = None if container.is_sandbox else self._sandbox_pid()
+        guest_spec.for_guest(
+            spec, container.id, sandbox_pid=sandbox_pid, share_pid_ns=req.sandbox_pidns
+        )
+        root = spec.get("root", {}).get("path", "")
+        if not root or not os.path.isdir(root):
+            raise StatusError(
+                Code.FAILED_PRECONDITION,
+                f"container {container.id}: rootfs {root!r} is not a directory in the guest",
+            )
+        _write_json(container.bundle / "config.json", spec)
+        terminal = bool(spec["process"].get("terminal"))
+        proc = await self._launch(
+            container, container.init_exec_id, terminal,
+            lambda stdio, console: self._crun.create(
+                container.id, container.bundle, container.bundle / "init.pid", stdio, console
+            ),
+            container.bundle / "init.pid",
+        )
+        container.processes[container.init_exec_id] = proc
+        proc.exited.add_done_callback(lambda _f: _mark_stopped(container))
+
+    async def _launch(
+        self, container: Container, exec_id: str, terminal: bool, run: Any, pid_file: Path
+    ) -> Process:
+        """Start a process through crun with fresh stdio; return it running."""
+        stdio = Stdio.for_terminal() if terminal else Stdio.pipes()
+        console = ConsoleSocket(container.bundle / f"{exec_id}.console") if terminal else None
+        proc = Process(container.id, exec_id, stdio)
+        started = time.monotonic()
+        try:
+            if console is not None:
+                master_task = asyncio.ensure_future(console.receive_master())
+                try:
+                    await run(stdio.child_fds, console.path)
+                except BaseException:
+                    master_task.cancel()
+                    raise
+                stdio.attach_terminal(await master_task)
+            else:
+                await run(stdio.child_fds, None)
+            stdio.close_child_ends()
+            proc.pid = await wait_pid_file(pid_file)
+            proc.exited = self._reaper.watch(proc.pid, since=started)
+            await proc.open_streams()
+        except BaseException:
+            proc.close()
+            raise
+        finally:
+            if console is not None:
+                console.close()
+        return proc
+
+    async def start(self, container_id: str) -> None:
+        container = self.get(container_id)
+        if container.status != "created":
+            raise StatusError(
+                Code.FAILED_PRECONDITION,
+                f"container {container_id} is {container.status}, not created",
+            )
+        await self._crun.start(container_id)
+        if container.status == "created":
+            container.status = "running"
+
+    async def exec(self, req: agent_pb2.ExecProcessRequest) -> None:
+        container = self.get(req.container_id)
+        exec_id = check_id("exec id", req.exec_id)
+        if container.status != "running":
+            raise StatusError(
+                Code.FAILED_PRECONDITION, f"container {container.id} is {container.status}"
+            )
+        if exec_id in container.processes or exec_id == container.id:
+            raise StatusError(Code.ALREADY_EXISTS, f"process {exec_id!r} already exists")
+        process = message_to_json(req.process)
+        process_file = container.bundle / f"{exec_id}.process.json"
+        pid_file = container.bundle / f"{exec_id}.pid"
+        _write_json(process_file, process)
+        proc = await self._launch(
+            container, exec_id, bool(process.get("terminal")),
+            lambda stdio, console: self._crun.exec(
+                container.id, process_file, pid_file, stdio, console
+            ),
+            pid_file,
+        )
+        container.processes[exec_id] = proc
+
+    async def signal(self, container_id: str, exec_id: str, signum: int) -> None:
+        container = self.get(container_id)
+        if not exec_id:
+            await self._crun.kill(container_id, signum, all_processes=True)
+            return
+        proc = self.process(container_id, exec_id)
+        if proc.exited.done():
+            raise StatusError(Code.NOT_FOUND, f"process {exec_id!r} already exited")
+        if proc is container.init and signum == signal.SIGTERM and not _catches(proc.pid, signum):
+            # A container's init is PID 1 of its namespace: a signal it has no
+            # handler for is ignored, so SIGTERM would never stop it.
+            signum = signal.SIGKILL
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signum)
+
+    async def wait(self, container_id: str, exec_id: str) -> int:
+        container = self.get(container_id)
+        proc = self.process(container_id, exec_id)
+        code = await asyncio.shield(proc.exited)
+        if proc is not container.init:
+            asyncio.get_running_loop().call_later(
+                _EXEC_DRAIN_SECONDS, self._release_exec, container, proc
+            )
+        return code
+
+    def _release_exec(self, container: Container, proc: Process) -> None:
+        if container.processes.get(proc.exec_id) is proc:
+            del container.processes[proc.exec_id]
+            proc.close()
+
+    async def remove(self, container_id: str) -> None:
+        container = self.get(container_id)
+        await self._discard(container)
+
+    async def _discard(self, container: Container) -> None:
+        """Delete everything of `container`, whatever state it is in."""
+        with contextlib.suppress(StatusError):
+            await self._crun.delete(container.id)
+        for proc in container.processes.values():
+            proc.close()
+        for mount in reversed(container.mounts):
+            await unmount(self._reaper, mount)
+        shutil.rmtree(container.bundle, ignore_errors=True)
+        self._containers.pop(container.id, None)
+
+    async def pause(self, container_id: str) -> None:
+        container = self.get(container_id)
+        await self._crun.pause(container_id)
+        container.status = "paused"
+
+    async def resume(self, container_id: str) -> None:
+        container = self.get(container_id)
+        await self._crun.resume(container_id)
+        container.status = "running"
+
+    async def pids(self, container_id: str) -> list[int]:
+        self.get(container_id)
+        return await self._crun.pids(container_id)
+
+    async def update(self, container_id: str, resources: oci_pb2.LinuxResources) -> None:
+        container = self.get(container_id)
+        path = container.bundle / "resources.json"
+        _write_json(path, message_to_json(resources))
+        await self._crun.update(container_id, path)
+
+    async def remove_all(self) -> None:
+        for container in self.all():
+            await self._discard(container)
+
+
+def _mark_stopped(container: Container) -> None:
+    container.status = "stopped"
+
+
+def _catches(pid: int, signum: int) -> bool:
+    """Whether `pid` has a handler for `signum` (SigCgt in /proc/<pid>/status)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("SigCgt:"):
+                    return bool(int(line.split()[1], 16) & (1 << (signum - 1)))
+    except (OSError, ValueError, IndexError):
+        pass
+    return True
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data))

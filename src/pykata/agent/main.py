@@ -1,0 +1,80 @@
+"""The agent's start-up and its end: from /init to serving, and powering off."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+
+from pykata.agent.channel import listen_vsock, open_serial
+from pykata.agent.containers import Containers
+from pykata.agent.reaper import Reaper
+from pykata.agent.service import AgentService, HealthService, build_server
+
+log = logging.getLogger("pykata.agent")
+
+BUSYBOX = "/bin/busybox"
+
+
+def kernel_params(cmdline: str | None = None) -> dict[str, str]:
+    """The `pykata.*` parameters of the kernel command line."""
+    if cmdline is None:
+        try:
+            cmdline = Path("/proc/cmdline").read_text()
+        except OSError:
+            cmdline = ""
+    params = {}
+    for word in cmdline.split():
+        key, _, value = word.partition("=")
+        if key.startswith("pykata."):
+            params[key.removeprefix("pykata.")] = value or "1"
+    return params
+
+
+def setup_logging(debug: bool) -> None:
+    # stderr is the guest console, which the host keeps as console.log.
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=logging.DEBUG if debug else logging.INFO,
+        format="pykata-agent: %(levelname)s: %(name)s: %(message)s",
+    )
+
+
+async def serve(params: dict[str, str]) -> None:
+    reaper = Reaper()
+    reaper.install()
+    agent = AgentService(reaper, Containers(reaper))
+    server = build_server(agent, HealthService())
+    if params.get("transport") == "vsock":
+        await server.serve_socket(listen_vsock())
+        log.info("serving on vsock port 1024")
+        await agent.destroyed.wait()
+    else:
+        reader, writer = await open_serial()
+        log.info("serving on virtio-serial")
+        # The connection ends when the host closes its end: the pykata
+        # process that owns this VM is gone, and the VM must go with it.
+        await server.serve_connection(reader, writer)
+    await server.aclose()
+    await agent.containers.remove_all()
+
+
+def power_off() -> None:
+    os.sync()
+    # reboot(2) as PID 1; with reboot=t and QEMU's -no-reboot the VM ends.
+    os.execv(BUSYBOX, [BUSYBOX, "reboot", "-f"])
+
+
+def main() -> None:
+    params = kernel_params()
+    setup_logging(params.get("debug") == "1")
+    try:
+        asyncio.run(serve(params))
+    except BaseException:
+        log.exception("agent failed")
+    finally:
+        log.info("host channel closed; powering off")
+        if os.getpid() == 1:
+            power_off()

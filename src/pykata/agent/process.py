@@ -1,0 +1,153 @@
+"""One process in a container, as the agent holds it: its stdio and its exit.
+
+The agent owns the host-facing ends of every stdio stream: pipes for plain
+processes, the pty master for terminal ones. The host pulls output with
+ReadStdout/ReadStderr and pushes input with WriteStdin; output that arrives
+after the process exited is still delivered, until end-of-file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import struct
+import termios
+from dataclasses import dataclass, field
+
+from pykata.agent.spawn import write_all
+from pykata.ttrpc import Code, StatusError
+
+log = logging.getLogger(__name__)
+
+# A read larger than this is clamped: a response must fit a ttRPC message.
+MAX_READ = 1 << 20
+
+
+class EndOfStream(StatusError):
+    """The stream reached end-of-file. OUT_OF_RANGE, as reading past the end is."""
+
+    def __init__(self) -> None:
+        super().__init__(Code.OUT_OF_RANGE, "EOF")
+
+
+@dataclass
+class Stdio:
+    """The agent's ends of a process's streams, and the ends the process gets."""
+
+    terminal: bool
+    stdin_w: int | None = None
+    stdout_r: int | None = None
+    stderr_r: int | None = None
+    child_fds: tuple[int | None, int | None, int | None] = (None, None, None)
+
+    @classmethod
+    def pipes(cls) -> Stdio:
+        in_r, in_w = os.pipe()
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        os.set_blocking(in_w, False)
+        return cls(False, in_w, out_r, err_r, (in_r, out_w, err_w))
+
+    @classmethod
+    def for_terminal(cls) -> Stdio:
+        return cls(True)
+
+    def attach_terminal(self, master: int) -> None:
+        os.set_blocking(master, False)
+        self.stdin_w = master
+        self.stdout_r = os.dup(master)
+
+    def close_child_ends(self) -> None:
+        for fd in self.child_fds:
+            if fd is not None:
+                os.close(fd)
+        self.child_fds = (None, None, None)
+
+
+@dataclass
+class Process:
+    container_id: str
+    exec_id: str
+    stdio: Stdio
+    pid: int = 0
+    exited: asyncio.Future[int] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+    _readers: dict[str, asyncio.StreamReader] = field(default_factory=dict)
+    _transports: list[asyncio.BaseTransport] = field(default_factory=list)
+    _stdin_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    async def open_streams(self) -> None:
+        """Start reading the output fds (after the process exists)."""
+        loop = asyncio.get_running_loop()
+        for name, fd in (("stdout", self.stdio.stdout_r), ("stderr", self.stdio.stderr_r)):
+            if fd is None:
+                continue
+            reader = asyncio.StreamReader(limit=MAX_READ)
+            transport, _ = await loop.connect_read_pipe(
+                lambda r=reader: asyncio.StreamReaderProtocol(r),  # type: ignore[misc]
+                os.fdopen(fd, "rb", buffering=0),
+            )
+            self._readers[name] = reader
+            self._transports.append(transport)
+
+    async def read(self, stream: str, length: int) -> bytes:
+        reader = self._readers.get(stream)
+        if reader is None:
+            raise EndOfStream()
+        try:
+            data = await reader.read(max(1, min(length, MAX_READ)))
+        except OSError as exc:
+            # A pty master reads EIO once the last slave fd is closed.
+            if exc.errno != errno.EIO:
+                raise
+            data = b""
+        if not data:
+            raise EndOfStream()
+        return data
+
+    async def write_stdin(self, data: bytes) -> int:
+        fd = self.stdio.stdin_w
+        if fd is None:
+            raise StatusError(Code.FAILED_PRECONDITION, "stdin of this process is closed")
+        async with self._stdin_lock:
+            try:
+                await write_all(fd, data)
+            except BrokenPipeError:
+                raise StatusError(
+                    Code.FAILED_PRECONDITION, "the process closed its stdin"
+                ) from None
+        return len(data)
+
+    def close_stdin(self) -> None:
+        fd = self.stdio.stdin_w
+        if fd is None:
+            return
+        if self.stdio.terminal:
+            # The master is also the output: send end-of-file (^D) instead.
+            with contextlib.suppress(OSError):
+                os.write(fd, b"\x04")
+            return
+        self.stdio.stdin_w = None
+        os.close(fd)
+
+    def resize(self, rows: int, columns: int) -> None:
+        fd = self.stdio.stdin_w
+        if not self.stdio.terminal or fd is None:
+            raise StatusError(Code.FAILED_PRECONDITION, "the process has no terminal")
+        fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
+
+    def close(self) -> None:
+        """Release every fd; pending reads end with end-of-file."""
+        for transport in self._transports:
+            transport.close()
+        self._transports.clear()
+        if self.stdio.stdin_w is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.stdio.stdin_w)
+            self.stdio.stdin_w = None
+        self.stdio.close_child_ends()

@@ -1,0 +1,180 @@
+"""The guest initrd: busybox, Debian's python3.11, the agent, protobuf and crun.
+
+Python files are shipped as sourceless bytecode (`foo.pyc` where `foo.py` would
+be, the layout `compileall -b` writes). The guest never compiles: /init sets
+PYTHONDONTWRITEBYTECODE and the root filesystem is thrown away anyway, so
+shipping sources would mean compiling every module on every boot, which under
+emulation costs seconds. Sourceless also halves the stdlib's size. Tracebacks
+keep file names and line numbers (compiled with the guest path as file name);
+the matching source is the host's copy of the same file.
+
+The bytecode is compiled by the guest interpreter itself, in hash mode without
+checking, so the archive's bytes depend only on the plan (see initrd_plan).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pykata.assets import host
+from pykata.assets.buildlog import BuildLog, Progress, no_progress
+from pykata.assets.cache import AssetCache, Installed
+from pykata.assets.cpio import Archive
+from pykata.assets.initrd_plan import (
+    BUILDER_VERSION,
+    KIND,
+    Compression,
+    EntryKind,
+    InitrdPlan,
+    InitrdSpec,
+    PlannedEntry,
+    make_plan,
+    requirements,
+)
+
+IMAGE = "initrd.img"
+CONTENTS = "contents.txt"
+
+_COMPILE_SCRIPT = r"""
+import json, py_compile, sys
+for src, dst, dfile in json.load(sys.stdin):
+    py_compile.compile(src, cfile=dst, dfile=dfile, doraise=True,
+                       invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
+"""
+
+
+@dataclass(frozen=True)
+class InitrdArtifact:
+    key: str
+    path: Path
+    image: Path
+    manifest: dict[str, Any]
+
+    @classmethod
+    def from_installed(cls, found: Installed) -> InitrdArtifact:
+        return cls(found.key, found.path, found.path / IMAGE, found.manifest)
+
+
+def find_initrd(spec: InitrdSpec, cache: AssetCache) -> InitrdArtifact | None:
+    found = cache.find(KIND, make_plan(spec, cache).key)
+    return None if found is None else InitrdArtifact.from_installed(found)
+
+
+def build_initrd(
+    spec: InitrdSpec | None = None,
+    cache: AssetCache | None = None,
+    *,
+    force: bool = False,
+    progress: Progress = no_progress,
+) -> InitrdArtifact:
+    """Build the initrd unless the cache already holds one with the same key."""
+    spec = spec or InitrdSpec()
+    cache = cache or AssetCache.default()
+    host.require(requirements(spec), "guest initrd")
+    with cache.lock(progress):
+        plan = make_plan(spec, cache)
+        found = cache.find(KIND, plan.key)
+        if found is not None and not force:
+            progress(f"initrd up to date (key {plan.key})")
+            return InitrdArtifact.from_installed(found)
+        with cache.staging(KIND, plan.key, progress) as stage:
+            log = stage.log
+            log.step(f"initrd: building key {plan.key} ({len(plan.entries)} planned entries)")
+            archive = assemble(plan, stage.work, log)
+            size = write_image(archive, stage.path / IMAGE, spec.compression, log)
+            (stage.path / CONTENTS).write_text(listing(plan.entries))
+            manifest = {
+                "inputs": {
+                    "builder": BUILDER_VERSION,
+                    "init_script": str(spec.init_script),
+                    "entry_module": spec.entry_module,
+                    "source_roots": [str(r) for r in spec.source_roots],
+                    "python": str(spec.python),
+                    "python_version": plan.scan.python_version,
+                    "protobuf_version": plan.protobuf_version,
+                    "crun": str(spec.crun),
+                    "busybox": str(spec.busybox),
+                    "compression": spec.compression.value,
+                },
+                "file_count": len(archive),
+                "sizes": {IMAGE: size},
+            }
+            path = stage.commit(manifest)
+        cache.prune(KIND)
+    progress(f"initrd built: {path / IMAGE} ({size} bytes, {len(archive)} entries)")
+    built = cache.find(KIND, plan.key)
+    assert built is not None
+    return InitrdArtifact.from_installed(built)
+
+
+def assemble(plan: InitrdPlan, work: Path, log: BuildLog) -> Archive:
+    """Compile the Python files and lay every planned entry into an archive."""
+    pyc_root = work / "pyc"
+    compiled = compile_bytecode(plan, pyc_root, log)
+    archive = Archive()
+    for entry in plan.entries:
+        path = entry.path.lstrip("/")
+        if entry.kind is EntryKind.DIR:
+            archive.add_dir(path, entry.mode)
+        elif entry.kind is EntryKind.FILE:
+            assert entry.source is not None
+            archive.add_file(path, entry.source, entry.mode)
+        elif entry.kind is EntryKind.PYC:
+            archive.add_file(path, compiled[entry.path], entry.mode)
+        elif entry.kind is EntryKind.DATA:
+            archive.add_data(path, entry.data, entry.mode)
+        elif entry.kind is EntryKind.SYMLINK:
+            archive.add_symlink(path, entry.data.decode())
+        elif entry.kind is EntryKind.CHARDEV:
+            archive.add_char_device(path, *entry.rdev, mode=entry.mode)
+    return archive
+
+
+def compile_bytecode(plan: InitrdPlan, out: Path, log: BuildLog) -> dict[str, Path]:
+    """Compile every PYC entry with the guest interpreter; returns guest path → .pyc file."""
+    jobs = []
+    compiled = {}
+    for entry in plan.entries:
+        if entry.kind is EntryKind.PYC:
+            assert entry.source is not None
+            dst = out / entry.path.lstrip("/")
+            # dfile: the file name tracebacks show, the module's path in the guest.
+            jobs.append((str(entry.source), str(dst), str(Path(entry.path).with_suffix(".py"))))
+            compiled[entry.path] = dst
+    log.step(f"initrd: compiling {len(jobs)} Python modules with {plan.spec.python}")
+    log.run([plan.spec.python, "-S", "-I", "-c", _COMPILE_SCRIPT], input_text=json.dumps(jobs))
+    return compiled
+
+
+def write_image(archive: Archive, path: Path, compression: Compression, log: BuildLog) -> int:
+    log.step(f"initrd: writing {len(archive)} entries ({compression.value} compression)")
+    if compression is Compression.GZIP:
+        with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz:
+            archive.write(gz)
+    else:
+        with open(path, "wb") as f:
+            archive.write(f)
+    return path.stat().st_size
+
+
+def listing(entries: tuple[PlannedEntry, ...]) -> str:
+    """A human-readable table of contents, kept next to the image for debugging."""
+    lines = []
+    for e in entries:
+        kind = {
+            EntryKind.DIR: stat.S_IFDIR,
+            EntryKind.SYMLINK: stat.S_IFLNK,
+            EntryKind.CHARDEV: stat.S_IFCHR,
+        }.get(e.kind, stat.S_IFREG)
+        line = f"{stat.filemode(kind | e.mode)} {e.path}"
+        if e.kind is EntryKind.SYMLINK:
+            line += f" -> {e.data.decode()}"
+        elif e.source is not None:
+            line += f"  <- {e.source}"
+        lines.append(line)
+    return "\n".join(lines) + "\n"

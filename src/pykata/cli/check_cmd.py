@@ -1,0 +1,80 @@
+"""`pykata check`: what this host supports, and what pykata will use on it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+from dataclasses import asdict, dataclass
+
+from pykata import config as config_mod
+from pykata.errors import PykataError
+from pykata.hypervisor.host import probe_shared_fs, probe_vsock, resolve_accel
+
+
+@dataclass(frozen=True)
+class CheckItem:
+    name: str
+    value: str
+    detail: str
+    ok: bool = True
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("check", help="check this host and show what pykata will use")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(handler=run)
+
+
+def _qemu(path: str) -> CheckItem:
+    try:
+        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return CheckItem("qemu", "missing", f"{path}: {exc} (install qemu-system-x86)", False)
+    match = re.search(r"version (\S+)", out.stdout)
+    return CheckItem("qemu", match.group(1) if match else "unknown", path)
+
+
+def _assets() -> list[CheckItem]:
+    from pykata.assets import locate
+
+    try:
+        paths = locate()
+    except PykataError as exc:
+        return [CheckItem("guest assets", "missing", str(exc), False)]
+    return [
+        CheckItem("guest kernel", paths.kernel_release or "built", str(paths.kernel)),
+        CheckItem("guest initrd", "built", str(paths.initrd)),
+    ]
+
+
+def gather(cfg: config_mod.Config) -> list[CheckItem]:
+    accel = resolve_accel(cfg.qemu.accel)
+    vsock = probe_vsock()
+    share = probe_shared_fs(cfg.qemu.shared_fs)
+    items = [
+        CheckItem("acceleration", accel.value, accel.reason),
+        CheckItem("agent transport", vsock.value, vsock.reason),
+        CheckItem("shared filesystem", share.value, share.reason, share.value != "unsupported"),
+        _qemu(cfg.qemu.path),
+        CheckItem("machine type", cfg.qemu.machine_type, "from [hypervisor.qemu] machine_type"),
+        *_assets(),
+        CheckItem("root", "yes" if os.geteuid() == 0 else "no",
+                  "pykata mounts and starts VMs as root", os.geteuid() == 0),
+        CheckItem("configuration", cfg.source, "the file in effect"),
+    ]
+    return items
+
+
+def run(args: argparse.Namespace) -> int:
+    items = gather(config_mod.load(args.config))
+    if args.json:
+        print(json.dumps([asdict(i) for i in items], indent=2))
+    else:
+        width = max(len(i.name) for i in items)
+        for item in items:
+            mark = "ok  " if item.ok else "FAIL"
+            print(f"{mark} {item.name:<{width}}  {item.value}  ({item.detail})")
+    return 0 if all(i.ok for i in items) else 1

@@ -1,0 +1,144 @@
+"""`pykata run`: one command in a container in its own VM, stdio attached."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+from pykata import config as config_mod
+from pykata.cli.console_io import ThreadedReader, ThreadedWriter, raw_terminal, terminal_size
+from pykata.errors import PykataError, SpecError
+from pykata.runtime.container import Container, bind_rootfs, overlay_rootfs
+from pykata.runtime.mounts import Mount
+from pykata.runtime.oneshot import OneShotIO, run_container
+from pykata.runtime.sandbox import SandboxOptions
+from pykata.runtime.spec import default_spec, load_bundle
+
+_FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "run",
+        help="run a command in a new container, in its own VM",
+        description="Run CMD in a new container inside its own VM and exit with its "
+        "exit code (128+N when killed by signal N). Without --rootfs or --bundle "
+        "the built-in busybox image is used.",
+    )
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--rootfs", metavar="DIR", type=Path, help="root filesystem directory")
+    src.add_argument("--bundle", metavar="DIR", type=Path, help="OCI bundle (config.json + rootfs)")
+    p.add_argument("-t", "--tty", action="store_true", help="allocate a terminal in the guest")
+    p.add_argument("-i", "--interactive", action="store_true", help="pass stdin to the container")
+    p.add_argument("--memory", metavar="MiB", type=int, help="guest memory in MiB")
+    p.add_argument("--cpus", metavar="N", type=int, help="guest vCPUs")
+    p.add_argument("--env", "-e", metavar="NAME=VALUE", action="append", default=[],
+                   help="set an environment variable (repeatable)")
+    p.add_argument("--workdir", "-w", metavar="DIR", default="/", help="working directory")
+    p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD...", help="command to run")
+    p.set_defaults(handler=run)
+
+
+def _command(args: argparse.Namespace) -> list[str]:
+    cmd: list[str] = list(args.cmd)
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    return cmd
+
+
+def _spec_and_rootfs(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
+    cmd = _command(args)
+    if args.bundle is not None:
+        spec, root = load_bundle(args.bundle)
+        if cmd:
+            spec["process"]["args"] = cmd
+        spec["process"]["terminal"] = bool(args.tty)
+        readonly = bool(spec.get("root", {}).get("readonly"))
+        mounts = bind_rootfs(root, readonly)
+        return spec, lambda _c: mounts
+    if not cmd:
+        raise SpecError("no command given", hint="usage: pykata run [options] -- CMD [ARG...]")
+    spec = default_spec(cmd, terminal=bool(args.tty), env=args.env, cwd=args.workdir)
+    if args.rootfs is not None:
+        mounts = bind_rootfs(args.rootfs)
+        return spec, lambda _c: mounts
+    from pykata.runtime.busybox_image import ensure_image
+
+    image = ensure_image()
+
+    def overlay(container: Container) -> list[Mount]:
+        return overlay_rootfs(image, container.paths.scratch_dir(container.id))
+
+    return spec, overlay
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = config_mod.load(args.config)
+    if args.debug and not cfg.runtime.enable_debug:
+        from dataclasses import replace
+
+        cfg = replace(cfg, runtime=replace(cfg.runtime, enable_debug=True))
+    spec, rootfs = _spec_and_rootfs(args)
+    options = SandboxOptions(vcpus=args.cpus, memory_mib=args.memory)
+    interactive = args.interactive or (args.tty and os.isatty(0))
+    with raw_terminal(0) if args.tty and interactive else contextlib.nullcontext():
+        return asyncio.run(_run(cfg, spec, rootfs, options, interactive, args.tty))
+
+
+async def _run(
+    cfg: config_mod.Config, spec: dict[str, Any], rootfs: Any, options: SandboxOptions,
+    interactive: bool, tty: bool,
+) -> int:
+    out, err = ThreadedWriter(1), ThreadedWriter(2)
+    stdin = ThreadedReader(0).read if interactive else None
+    loop = asyncio.get_running_loop()
+
+    async def on_running(container: Container) -> None:
+        if tty:
+            rows, cols = terminal_size()
+            with contextlib.suppress(PykataError):
+                await container.agent.resize(container.id, container.id, rows, cols)
+            loop.add_signal_handler(signal.SIGWINCH, _resize_later, container)
+        for sig in _FORWARDED:
+            loop.add_signal_handler(sig, _signal_later, container, sig)
+
+    io = OneShotIO(stdout=out.write, stderr=None if tty else err.write, stdin=stdin,
+                   on_running=on_running)
+    try:
+        result = await run_container(cfg, spec, rootfs, io, options)
+    finally:
+        for sig in (*_FORWARDED, signal.SIGWINCH):
+            loop.remove_signal_handler(sig)
+        await out.close()
+        await err.close()
+    return result.exit_code
+
+
+# Signal handlers start these; the set keeps each task referenced until done.
+_pending: set[asyncio.Task[None]] = set()
+
+
+def _spawn(call: Any) -> None:
+    task = asyncio.ensure_future(_quiet(call))
+    _pending.add(task)
+    task.add_done_callback(_pending.discard)
+
+
+def _resize_later(container: Container) -> None:
+    rows, cols = terminal_size()
+    _spawn(container.agent.resize(container.id, container.id, rows, cols))
+
+
+def _signal_later(container: Container, sig: int) -> None:
+    _spawn(container.kill(sig))
+
+
+async def _quiet(call: Any) -> None:
+    with contextlib.suppress(PykataError):
+        await call
+

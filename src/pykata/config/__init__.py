@@ -1,0 +1,181 @@
+"""pykata's configuration: the TOML file, validated into frozen objects.
+
+The file in effect is the first of: an explicit path, `$PYKATA_CONFIG`,
+`/etc/pykata/configuration.toml`, the default shipped in this package. A file
+replaces the default wholesale section by section: keys it leaves out keep
+their default values. Unknown keys and wrong types are errors that name the
+file and the key, because a typo silently ignored is a setting silently lost.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pykata.errors import ConfigError
+
+SYSTEM_CONFIG = Path("/etc/pykata/configuration.toml")
+DEFAULT_CONFIG = Path(__file__).with_name("configuration.toml")
+
+_Section = TypeVar("_Section", "QemuConfig", "AgentConfig", "RuntimeConfig")
+
+SHARED_FS_CHOICES = ("auto", "virtio-9p", "virtio-fs")
+ACCEL_CHOICES = ("auto", "kvm", "tcg")
+MACHINE_CHOICES = ("microvm", "q35")
+
+
+@dataclass(frozen=True)
+class QemuConfig:
+    path: str = "/usr/bin/qemu-system-x86_64"
+    kernel: str = ""
+    initrd: str = ""
+    machine_type: str = "microvm"
+    accel: str = "auto"
+    kernel_params: str = ""
+    default_vcpus: int = 1
+    default_memory: int = 512
+    shared_fs: str = "auto"
+    enable_annotations: tuple[str, ...] = ()
+
+    def validate(self, where: str) -> None:
+        _choice(where, "machine_type", self.machine_type, MACHINE_CHOICES)
+        _choice(where, "accel", self.accel, ACCEL_CHOICES)
+        _choice(where, "shared_fs", self.shared_fs, SHARED_FS_CHOICES)
+        if not 1 <= self.default_vcpus <= 64:
+            raise ConfigError(f"{where}: default_vcpus must be between 1 and 64")
+        if not 64 <= self.default_memory <= 1024 * 1024:
+            raise ConfigError(f"{where}: default_memory must be between 64 and 1048576 (MiB)")
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    dial_timeout: float = 60.0
+
+    def validate(self, where: str) -> None:
+        if self.dial_timeout <= 0:
+            raise ConfigError(f"{where}: dial_timeout must be a positive number of seconds")
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    enable_debug: bool = False
+
+    def validate(self, where: str) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class Config:
+    qemu: QemuConfig = field(default_factory=QemuConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    source: str = str(DEFAULT_CONFIG)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The configuration in the file's own layout (as `pykata env` shows it)."""
+        return {
+            "hypervisor": {"qemu": _plain(dataclasses.asdict(self.qemu))},
+            "agent": _plain(dataclasses.asdict(self.agent)),
+            "runtime": _plain(dataclasses.asdict(self.runtime)),
+        }
+
+
+def config_path(explicit: str | os.PathLike[str] | None = None) -> Path:
+    """The configuration file that `load` reads."""
+    if explicit:
+        return Path(explicit)
+    env = os.environ.get("PYKATA_CONFIG")
+    if env:
+        return Path(env)
+    if SYSTEM_CONFIG.exists():
+        return SYSTEM_CONFIG
+    return DEFAULT_CONFIG
+
+
+def load(explicit: str | os.PathLike[str] | None = None) -> Config:
+    """Read and validate the configuration; raise ConfigError naming file and key."""
+    path = config_path(explicit)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"configuration file {path} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration file {path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    return parse(data, str(path))
+
+
+def parse(data: dict[str, Any], source: str) -> Config:
+    """Validate an already-decoded configuration table."""
+    _no_unknown(source, "", data, {"hypervisor", "agent", "runtime"})
+    hypervisor = _table(source, "hypervisor", data.get("hypervisor", {}))
+    _no_unknown(source, "hypervisor.", hypervisor, {"qemu"})
+    qemu = _section(QemuConfig, source, "hypervisor.qemu", hypervisor.get("qemu", {}))
+    agent = _section(AgentConfig, source, "agent", data.get("agent", {}))
+    runtime = _section(RuntimeConfig, source, "runtime", data.get("runtime", {}))
+    return Config(qemu=qemu, agent=agent, runtime=runtime, source=source)
+
+
+def _section(cls: type[_Section], source: str, name: str, raw: object) -> _Section:
+    table = _table(source, name, raw)
+    known = {f.name: f for f in fields(cls)}
+    _no_unknown(source, f"{name}.", table, set(known))
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        values[key] = _coerce(source, f"{name}.{key}", known[key].type, value)
+    obj = cls(**values)
+    obj.validate(f"{source}: [{name}]")
+    return obj
+
+
+def _coerce(source: str, key: str, annotation: object, value: object) -> object:
+    expected = str(annotation)
+    if expected == "bool":
+        ok = isinstance(value, bool)
+    elif expected == "int":
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif expected == "float":
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        value = float(value) if ok else value  # type: ignore[arg-type]
+    elif expected == "str":
+        ok = isinstance(value, str)
+    elif expected == "tuple[str, ...]":
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+        value = tuple(value) if ok else value  # type: ignore[arg-type]
+    else:  # pragma: no cover - a field type this loader does not know is a bug here
+        raise TypeError(f"unsupported configuration type {expected} for {key}")
+    if not ok:
+        wanted = {"tuple[str, ...]": "list of strings", "float": "number"}.get(expected, expected)
+        raise ConfigError(
+            f"{source}: {key} must be a {wanted}, not {type(value).__name__} {value!r}"
+        )
+    return value
+
+
+def _table(source: str, name: str, raw: object) -> dict[str, Any]:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: [{name}] must be a table")
+    return raw
+
+
+def _no_unknown(source: str, prefix: str, table: dict[str, Any], known: set[str]) -> None:
+    unknown = sorted(set(table) - known)
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown key {prefix}{unknown[0]}",
+            hint=f"known keys here: {', '.join(sorted(known))}",
+        )
+
+
+def _choice(where: str, key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{where}: {key} = {value!r} is not one of {', '.join(choices)}")
+
+
+def _plain(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}

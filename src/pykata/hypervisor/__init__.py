@@ -1,0 +1,1 @@
+"""Hypervisor drivers. QEMU is the only one; its interface is `QemuVM`."""

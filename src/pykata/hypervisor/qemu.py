@@ -1,0 +1,250 @@
+"""The QEMU driver: configure (VmConfig), launch (QemuVM.start), control, stop.
+
+QEMU is pykata's child. Its QMP monitor and the agent's virtio-serial port are
+each one end of a socketpair created here and inherited by QEMU (`fd=N`), so
+there is no socket path to poll for, no race with QEMU creating it, and a VM
+whose QEMU died shows up at once as end-of-file on both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from pykata.errors import HypervisorError
+from pykata.hypervisor import qemu_args as qa
+from pykata.hypervisor.host import host_tsc_khz
+from pykata.hypervisor.qmp import QmpConnection
+
+log = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+_STOP_GRACE_SECONDS = 5.0
+
+
+@dataclass(frozen=True)
+class VmConfig:
+    """Everything a VM is made from, checked before QEMU starts."""
+
+    name: str
+    run_dir: Path
+    qemu_path: str
+    kernel: Path
+    initrd: Path
+    machine_type: str = "microvm"
+    accel: str = "tcg"
+    vcpus: int = 1
+    memory_mib: int = 512
+    kernel_params: str = ""
+    shared_dir: Path | None = None
+    debug: bool = False
+
+    @property
+    def console_log(self) -> Path:
+        return self.run_dir / "console.log"
+
+    @property
+    def stderr_log(self) -> Path:
+        return self.run_dir / "qemu.stderr"
+
+    def kernel_cmdline(self) -> str:
+        parts = [
+            "console=ttyS0",
+            # A guest reboot or panic ends the VM (QEMU runs with -no-reboot).
+            "reboot=t", "panic=-1",
+            "" if self.debug else "quiet",
+        ]
+        if self.accel == "tcg":
+            khz = host_tsc_khz()
+            # Under emulation: skip TSC calibration against the PIT and the
+            # IO-APIC timer check, both of which misjudge a vCPU thread the
+            # host descheduled and can hang or panic the boot.
+            parts += [f"tsc_early_khz={khz}" if khz else "", "tsc=reliable", "no_timer_check"]
+        if self.debug:
+            parts.append("pykata.debug=1")
+        parts.append(self.kernel_params)
+        return qa.join_cmdline(parts)
+
+    def check(self) -> None:
+        """Fail early, with the fix, on anything QEMU would fail on later."""
+        if not os.access(self.qemu_path, os.X_OK):
+            raise HypervisorError(
+                f"QEMU not found at {self.qemu_path}",
+                hint="install qemu-system-x86 or set [hypervisor.qemu] path",
+            )
+        for what, path in (("guest kernel", self.kernel), ("guest initrd", self.initrd)):
+            if not path.is_file():
+                raise HypervisorError(
+                    f"{what} not found at {path}", hint="run `pykata assets build`"
+                )
+        if self.shared_dir is not None and not self.shared_dir.is_dir():
+            raise HypervisorError(f"shared directory {self.shared_dir} does not exist")
+
+
+class QemuVM:
+    """One running QEMU process and the two channels pykata holds to it."""
+
+    def __init__(self, config: VmConfig) -> None:
+        self.config = config
+        self._proc: asyncio.subprocess.Process | None = None
+        self._qmp: QmpConnection | None = None
+        self.agent_socket: socket.socket | None = None
+        self._exit_code: int | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.returncode is None
+
+    def _options(self, qmp_fd: int, agent_fd: int) -> list[qa.QemuOption]:
+        c = self.config
+        opts: list[qa.QemuOption] = [
+            qa.Basics(name=f"pykata-{c.name}"),
+            qa.Machine(c.machine_type, c.accel),
+            qa.Cpu(c.vcpus, c.accel),
+            qa.Memory(c.memory_mib),
+            qa.KernelBoot(c.kernel, c.initrd, c.kernel_cmdline()),
+            qa.QmpFd(qmp_fd),
+            qa.SerialConsoleFile(c.console_log),
+            qa.Rng(c.machine_type),
+            qa.VirtioSerialAgent(agent_fd, c.machine_type),
+        ]
+        if c.shared_dir is not None:
+            opts.append(qa.Share9p(c.shared_dir, c.machine_type))
+        return opts
+
+    def command(self, qmp_fd: int, agent_fd: int) -> list[str]:
+        return [self.config.qemu_path, *qa.render(self._options(qmp_fd, agent_fd))]
+
+    async def start(self) -> None:
+        """Launch QEMU and connect QMP; on any failure nothing is left running."""
+        self.config.check()
+        self.config.run_dir.mkdir(parents=True, exist_ok=True)
+        qmp_host, qmp_vm = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        agent_host, agent_vm = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            await self._launch(qmp_vm.fileno(), agent_vm.fileno())
+        except BaseException:
+            qmp_host.close()
+            agent_host.close()
+            raise
+        finally:
+            qmp_vm.close()
+            agent_vm.close()
+        self.agent_socket = agent_host
+        try:
+            self._qmp = await QmpConnection.open(qmp_host)
+        except BaseException as exc:
+            await self.kill()
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            raise HypervisorError(f"QEMU failed to start: {self.failure_report()}") from exc
+
+    async def _launch(self, qmp_fd: int, agent_fd: int) -> None:
+        cmd = self.command(qmp_fd, agent_fd)
+        log.debug("starting %s", " ".join(cmd))
+        with open(self.config.stderr_log, "wb") as stderr:
+            try:
+                self._proc = await asyncio.create_subprocess_exec(
+                    *cmd,
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=stderr,
+                    stderr=stderr,
+                    pass_fds=(qmp_fd, agent_fd),
+                    start_new_session=True,
+                    preexec_fn=_die_with_parent(),
+                )
+            except OSError as exc:
+                raise HypervisorError(
+                    f"cannot run QEMU at {self.config.qemu_path}: {exc.strerror}"
+                ) from exc
+
+    def failure_report(self, lines: int = 15) -> str:
+        """QEMU's stderr and the end of the guest console, for error messages."""
+        parts = []
+        stderr = _tail(self.config.stderr_log, lines)
+        if stderr:
+            parts.append(f"QEMU said:\n{stderr}")
+        console = _tail(self.config.console_log, lines)
+        parts.append(
+            f"last console lines ({self.config.console_log}):\n{console}"
+            if console else "the guest console is empty"
+        )
+        return "\n".join(parts)
+
+    async def wait(self) -> int:
+        """Wait until QEMU exits; return its exit status."""
+        assert self._proc is not None, "VM not started"
+        code = await self._proc.wait()
+        self._exit_code = code
+        return code
+
+    async def stop(self, grace: float = _STOP_GRACE_SECONDS) -> None:
+        """Ask QEMU to quit; kill it if it has not exited within `grace` seconds."""
+        if self.running and self._qmp is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._qmp.execute("quit"), grace)
+        if self.running:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.wait(), grace)
+        await self.kill()
+
+    async def kill(self) -> None:
+        """Kill QEMU at once and release every channel; safe to call twice."""
+        proc = self._proc
+        if proc is not None and proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGKILL)
+            await proc.wait()
+        if self._qmp is not None:
+            await self._qmp.close()
+            self._qmp = None
+        if self.agent_socket is not None:
+            self.agent_socket.close()
+            self.agent_socket = None
+
+    async def pause(self) -> None:
+        assert self._qmp is not None
+        await self._qmp.execute("stop")
+
+    async def resume(self) -> None:
+        assert self._qmp is not None
+        await self._qmp.execute("cont")
+
+
+def _die_with_parent() -> Callable[[], None]:
+    """A pre-exec hook: QEMU gets SIGKILL when the pykata process that started it
+    dies, so a crashed runtime leaves no VM behind.
+
+    ctypes is loaded here, before fork: importing in the forked child could
+    deadlock on an import lock held by another thread at fork time.
+    """
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+    def hook() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+    return hook
+
+
+def _tail(path: Path, lines: int) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 16384))
+            data = f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    return "\n".join(data.rstrip().splitlines()[-lines:])

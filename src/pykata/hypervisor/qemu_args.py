@@ -1,0 +1,195 @@
+"""QEMU command-line pieces: one small object per device or option.
+
+Each piece renders its own arguments, so a VM's command line can be checked in
+a unit test without starting QEMU, and a new device is one new class.
+File descriptors handed to QEMU (`fd=N`) are numbers in QEMU's process: the
+caller passes the same descriptors through `pass_fds`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+AGENT_PORT_NAME = "agent.channel.0"
+SHARED_FS_TAG = "kataShared"
+
+
+class QemuOption(Protocol):
+    def args(self) -> list[str]: ...
+
+
+def _escape(value: str) -> str:
+    # QEMU option values use ',' as separator; a literal comma is doubled.
+    return value.replace(",", ",,")
+
+
+@dataclass(frozen=True)
+class Machine:
+    machine_type: str
+    accel: str
+
+    def args(self) -> list[str]:
+        if self.machine_type == "microvm":
+            # acpi=off: QEMU then lists the virtio-mmio devices on the kernel
+            # command line itself (auto-kernel-cmdline), and the guest kernel
+            # needs no ACPI. The legacy PIT, PIC and RTC stay: without the PIC
+            # the guest's timer interrupt never arrives under TCG, and the RTC
+            # gives the guest its wall-clock time.
+            opts = "microvm,acpi=off,pit=on,pic=on,rtc=on,isa-serial=on"
+        else:
+            opts = self.machine_type
+        return ["-machine", f"{opts},accel={self.accel}"]
+
+
+@dataclass(frozen=True)
+class Cpu:
+    vcpus: int
+    accel: str
+
+    def args(self) -> list[str]:
+        model = "host" if self.accel == "kvm" else "max"
+        return ["-cpu", model, "-smp", str(self.vcpus)]
+
+
+@dataclass(frozen=True)
+class Memory:
+    mib: int
+
+    def args(self) -> list[str]:
+        return ["-m", f"{self.mib}M"]
+
+
+@dataclass(frozen=True)
+class KernelBoot:
+    kernel: Path
+    initrd: Path
+    cmdline: str
+
+    def args(self) -> list[str]:
+        return ["-kernel", str(self.kernel), "-initrd", str(self.initrd), "-append", self.cmdline]
+
+
+@dataclass(frozen=True)
+class Basics:
+    """Options every pykata VM gets: no default devices, no display, no reboot."""
+
+    name: str
+    sandbox: bool = True
+
+    def args(self) -> list[str]:
+        out = [
+            "-name", _escape(self.name),
+            "-nodefaults", "-no-user-config", "-display", "none",
+            # A guest reboot (panic, or the agent giving up) ends the VM
+            # instead of booting it again.
+            "-no-reboot",
+        ]
+        if self.sandbox:
+            # QEMU's own seccomp filter: a compromised QEMU cannot exec, fork,
+            # raise privileges or change resource limits on the host.
+            out += [
+                "-sandbox",
+                "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+            ]
+        return out
+
+
+@dataclass(frozen=True)
+class QmpFd:
+    """The QMP monitor on an already-connected socket."""
+
+    fd: int
+
+    def args(self) -> list[str]:
+        return [
+            "-chardev", f"socket,id=qmp,fd={self.fd}",
+            "-mon", "chardev=qmp,mode=control",
+        ]
+
+
+@dataclass(frozen=True)
+class SerialConsoleFile:
+    """The guest's serial console written to a log file."""
+
+    path: Path
+
+    def args(self) -> list[str]:
+        return [
+            "-chardev", f"file,id=console,path={_escape(str(self.path))}",
+            "-serial", "chardev:console",
+        ]
+
+
+def _bus_suffix(machine_type: str) -> str:
+    return "device" if machine_type == "microvm" else "pci"
+
+
+@dataclass(frozen=True)
+class VirtioSerialAgent:
+    """The agent channel: a named virtio-serial port on an already-connected socket."""
+
+    fd: int
+    machine_type: str
+
+    def args(self) -> list[str]:
+        return [
+            "-device", f"virtio-serial-{_bus_suffix(self.machine_type)},id=agentserial",
+            "-chardev", f"socket,id=agent,fd={self.fd}",
+            "-device", f"virtserialport,bus=agentserial.0,chardev=agent,name={AGENT_PORT_NAME}",
+        ]
+
+
+@dataclass(frozen=True)
+class VhostVsock:
+    """The agent channel over AF_VSOCK, for hosts with /dev/vhost-vsock."""
+
+    guest_cid: int
+    machine_type: str
+
+    def args(self) -> list[str]:
+        bus = _bus_suffix(self.machine_type)
+        return ["-device", f"vhost-vsock-{bus},id=vsock,guest-cid={self.guest_cid}"]
+
+
+@dataclass(frozen=True)
+class Share9p:
+    """A host directory exported to the guest over virtio-9p."""
+
+    path: Path
+    machine_type: str
+    tag: str = SHARED_FS_TAG
+
+    def args(self) -> list[str]:
+        bus = _bus_suffix(self.machine_type)
+        # multidevs=remap: container rootfs bind mounts under the shared
+        # directory live on other host filesystems; remapping keeps guest
+        # inode numbers unique across them.
+        return [
+            "-fsdev",
+            f"local,id=shared,path={_escape(str(self.path))},security_model=none,multidevs=remap",
+            "-device", f"virtio-9p-{bus},fsdev=shared,mount_tag={self.tag}",
+        ]
+
+
+@dataclass(frozen=True)
+class Rng:
+    """A virtio entropy source: the guest's getrandom() must not block at boot."""
+
+    machine_type: str
+
+    def args(self) -> list[str]:
+        return ["-device", f"virtio-rng-{_bus_suffix(self.machine_type)}"]
+
+
+def render(options: Iterable[QemuOption]) -> list[str]:
+    out: list[str] = []
+    for option in options:
+        out.extend(option.args())
+    return out
+
+
+def join_cmdline(parts: Sequence[str]) -> str:
+    return " ".join(p for p in parts if p)

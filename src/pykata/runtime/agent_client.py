@@ -1,0 +1,191 @@
+"""The host's client of the guest agent: one method per RPC, each with its timeout.
+
+Nothing the agent answers is trusted beyond its type: sizes are bounded by the
+ttRPC layer, and callers never build host paths from agent data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from typing import TypeVar
+
+from google.protobuf import empty_pb2
+from google.protobuf.message import Message
+
+from pykata.errors import AgentError
+from pykata.protocols import agent_pb2, health_pb2, oci_pb2
+from pykata.ttrpc import Client, Code, ConnectionClosedError, StatusError
+
+AGENT_SERVICE = "grpc.AgentService"
+HEALTH_SERVICE = "grpc.Health"
+
+# Seconds per RPC. Long-polling calls (reads, waits, OOM events) have none:
+# they legitimately block until something happens in the guest.
+_TIMEOUTS = {
+    "CreateSandbox": 60.0,
+    "DestroySandbox": 30.0,
+    "CreateContainer": 120.0,
+    "StartContainer": 60.0,
+    "ExecProcess": 60.0,
+    "RemoveContainer": 60.0,
+    "SignalProcess": 30.0,
+    "WriteStdin": 60.0,
+    "CloseStdin": 30.0,
+    "TtyWinResize": 10.0,
+    "PauseContainer": 30.0,
+    "ResumeContainer": 30.0,
+    "UpdateContainer": 30.0,
+    "StatsContainer": 30.0,
+    "ListProcesses": 30.0,
+    "GetGuestDetails": 30.0,
+}
+
+R = TypeVar("R", bound=Message)
+
+
+class StreamEnd(Exception):
+    """A ReadStdout/ReadStderr reached the end of the stream."""
+
+
+class AgentClient:
+    def __init__(self, client: Client) -> None:
+        self._client = client
+
+    @classmethod
+    async def over_socket(cls, sock: socket.socket) -> AgentClient:
+        reader, writer = await asyncio.open_connection(sock=sock)
+        return cls(Client(reader, writer))
+
+    @property
+    def closed(self) -> bool:
+        return self._client.closed
+
+    async def wait_closed(self) -> None:
+        await self._client.wait_closed()
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    async def _call(self, method: str, request: Message, response_type: type[R]) -> R:
+        try:
+            return await self._client.call(
+                AGENT_SERVICE, method, request, response_type, timeout=_TIMEOUTS.get(method)
+            )
+        except StatusError as exc:
+            raise _agent_error(method, exc) from exc
+        except ConnectionClosedError as exc:
+            raise AgentError(f"agent connection lost during {method}") from exc
+
+    async def check(self, timeout: float) -> None:
+        """Health.Check, waiting up to `timeout` for the agent to come up."""
+        await self._client.call(
+            HEALTH_SERVICE, "Check", health_pb2.CheckRequest(), health_pb2.HealthCheckResponse,
+            timeout=timeout,
+        )
+
+    async def create_sandbox(self, req: agent_pb2.CreateSandboxRequest) -> None:
+        await self._call("CreateSandbox", req, empty_pb2.Empty)
+
+    async def destroy_sandbox(self) -> None:
+        await self._call("DestroySandbox", agent_pb2.DestroySandboxRequest(), empty_pb2.Empty)
+
+    async def guest_details(self) -> agent_pb2.GuestDetailsResponse:
+        return await self._call(
+            "GetGuestDetails", agent_pb2.GuestDetailsRequest(), agent_pb2.GuestDetailsResponse
+        )
+
+    async def create_container(self, req: agent_pb2.CreateContainerRequest) -> None:
+        await self._call("CreateContainer", req, empty_pb2.Empty)
+
+    async def start_container(self, cid: str) -> None:
+        req = agent_pb2.StartContainerRequest(container_id=cid)
+        await self._call("StartContainer", req, empty_pb2.Empty)
+
+    async def remove_container(self, cid: str) -> None:
+        req = agent_pb2.RemoveContainerRequest(container_id=cid)
+        await self._call("RemoveContainer", req, empty_pb2.Empty)
+
+    async def exec_process(
+        self, cid: str, exec_id: str, process: oci_pb2.Process
+    ) -> None:
+        req = agent_pb2.ExecProcessRequest(container_id=cid, exec_id=exec_id, process=process)
+        await self._call("ExecProcess", req, empty_pb2.Empty)
+
+    async def signal_process(self, cid: str, exec_id: str, signal: int) -> None:
+        req = agent_pb2.SignalProcessRequest(container_id=cid, exec_id=exec_id, signal=signal)
+        await self._call("SignalProcess", req, empty_pb2.Empty)
+
+    async def wait_process(self, cid: str, exec_id: str) -> int:
+        req = agent_pb2.WaitProcessRequest(container_id=cid, exec_id=exec_id)
+        resp = await self._call("WaitProcess", req, agent_pb2.WaitProcessResponse)
+        return resp.status
+
+    async def write_stdin(self, cid: str, exec_id: str, data: bytes) -> int:
+        req = agent_pb2.WriteStreamRequest(container_id=cid, exec_id=exec_id, data=data)
+        resp = await self._call("WriteStdin", req, agent_pb2.WriteStreamResponse)
+        return resp.len
+
+    async def read_stream(self, stream: str, cid: str, exec_id: str, length: int) -> bytes:
+        """Read from "stdout" or "stderr"; raise StreamEnd at end-of-file."""
+        method = "ReadStdout" if stream == "stdout" else "ReadStderr"
+        req = agent_pb2.ReadStreamRequest(container_id=cid, exec_id=exec_id, len=length)
+        try:
+            resp = await self._client.call(
+                AGENT_SERVICE, method, req, agent_pb2.ReadStreamResponse
+            )
+        except StatusError as exc:
+            if exc.code in (Code.OUT_OF_RANGE, Code.NOT_FOUND):
+                raise StreamEnd() from None
+            raise _agent_error(method, exc) from exc
+        except ConnectionClosedError as exc:
+            raise StreamEnd() from exc
+        return resp.data
+
+    async def close_stdin(self, cid: str, exec_id: str) -> None:
+        req = agent_pb2.CloseStdinRequest(container_id=cid, exec_id=exec_id)
+        await self._call("CloseStdin", req, empty_pb2.Empty)
+
+    async def resize(self, cid: str, exec_id: str, rows: int, columns: int) -> None:
+        req = agent_pb2.TtyWinResizeRequest(
+            container_id=cid, exec_id=exec_id, row=rows, column=columns
+        )
+        await self._call("TtyWinResize", req, empty_pb2.Empty)
+
+    async def pause_container(self, cid: str) -> None:
+        req = agent_pb2.PauseContainerRequest(container_id=cid)
+        await self._call("PauseContainer", req, empty_pb2.Empty)
+
+    async def resume_container(self, cid: str) -> None:
+        req = agent_pb2.ResumeContainerRequest(container_id=cid)
+        await self._call("ResumeContainer", req, empty_pb2.Empty)
+
+    async def update_container(self, cid: str, resources: oci_pb2.LinuxResources) -> None:
+        req = agent_pb2.UpdateContainerRequest(container_id=cid, resources=resources)
+        await self._call("UpdateContainer", req, empty_pb2.Empty)
+
+    async def stats_container(self, cid: str) -> agent_pb2.StatsContainerResponse:
+        req = agent_pb2.StatsContainerRequest(container_id=cid)
+        return await self._call("StatsContainer", req, agent_pb2.StatsContainerResponse)
+
+    async def list_processes(self, cid: str) -> list[int]:
+        req = agent_pb2.ListProcessesRequest(container_id=cid, format="json")
+        resp = await self._call("ListProcesses", req, agent_pb2.ListProcessesResponse)
+        try:
+            pids = json.loads(resp.process_list or b"[]")
+        except ValueError as exc:
+            raise AgentError("the agent sent an unreadable process list") from exc
+        if not isinstance(pids, list) or not all(isinstance(p, int) for p in pids):
+            raise AgentError("the agent sent an unreadable process list")
+        return pids
+
+    async def get_oom_event(self) -> str:
+        resp = await self._client.call(
+            AGENT_SERVICE, "GetOOMEvent", agent_pb2.GetOOMEventRequest(), agent_pb2.OOMEvent
+        )
+        return resp.container_id
+
+
+def _agent_error(method: str, exc: StatusError) -> AgentError:
+    return AgentError(f"{method} failed in the guest: {exc.message}", code=int(exc.code))

@@ -1,0 +1,117 @@
+"""A container in a sandbox, as the host sees it: its rootfs share and its agent calls."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pykata.errors import PykataError, SpecError
+from pykata.protocols import agent_pb2
+from pykata.protocols.oci_spec import InvalidSpecError, process_from_json, spec_from_json
+from pykata.runtime.agent_client import AgentClient
+from pykata.runtime.mounts import Mount, MountError, mount, unmount_all
+from pykata.runtime.paths import SandboxPaths, check_id
+from pykata.runtime.sandbox import Sandbox
+
+log = logging.getLogger(__name__)
+
+
+class Container:
+    """One container of `sandbox`; its init process has exec id == container id."""
+
+    def __init__(self, sandbox: Sandbox, container_id: str) -> None:
+        self.sandbox = sandbox
+        self.id = check_id("container id", container_id)
+        self.paths: SandboxPaths = sandbox.paths
+        self.rootfs = self.paths.container_rootfs(self.id)
+        self._mounted = False
+        self.created = False
+
+    @property
+    def agent(self) -> AgentClient:
+        if self.sandbox.agent is None:
+            raise PykataError(f"sandbox {self.sandbox.id} is not running")
+        return self.sandbox.agent
+
+    def share_rootfs(self, mounts: Sequence[Mount]) -> None:
+        """Mount the container's rootfs where the guest sees it (9p share)."""
+        if not mounts:
+            raise SpecError(f"container {self.id}: no rootfs to mount")
+        self.rootfs.mkdir(parents=True, exist_ok=True)
+        for m in mounts:
+            mount(m, self.rootfs)
+            self._mounted = True
+
+    async def create(
+        self, spec: dict[str, Any], *, share_pid_ns: bool = False
+    ) -> None:
+        """CreateContainer in the guest with `spec` rewritten to the guest rootfs."""
+        guest = copy.deepcopy(spec)
+        guest.setdefault("root", {})["path"] = self.paths.guest_rootfs(self.id)
+        try:
+            oci = spec_from_json(guest)
+        except InvalidSpecError as exc:
+            raise SpecError(f"invalid OCI config: {exc}") from exc
+        await self.agent.create_container(agent_pb2.CreateContainerRequest(
+            container_id=self.id, exec_id=self.id, OCI=oci, sandbox_pidns=share_pid_ns,
+        ))
+        self.created = True
+
+    async def start(self) -> None:
+        await self.agent.start_container(self.id)
+
+    async def exec(self, exec_id: str, process: dict[str, Any]) -> None:
+        check_id("exec id", exec_id)
+        try:
+            proto = process_from_json(process)
+        except InvalidSpecError as exc:
+            raise SpecError(f"invalid process spec: {exc}") from exc
+        await self.agent.exec_process(self.id, exec_id, proto)
+
+    async def wait(self, exec_id: str = "") -> int:
+        return await self.agent.wait_process(self.id, exec_id or self.id)
+
+    async def kill(self, signal: int, *, all_processes: bool = False, exec_id: str = "") -> None:
+        target = "" if all_processes else (exec_id or self.id)
+        await self.agent.signal_process(self.id, target, signal)
+
+    async def delete(self) -> None:
+        """Remove the container in the guest (if the VM still runs) and on the host."""
+        if self.created and self.sandbox.vm is not None and self.sandbox.vm.running:
+            with contextlib.suppress(PykataError):
+                await self.agent.remove_container(self.id)
+        self.created = False
+        self.unshare_rootfs()
+
+    def unshare_rootfs(self) -> None:
+        if self._mounted or self.rootfs.exists():
+            try:
+                unmount_all(self.rootfs)
+            except MountError as exc:
+                log.error("container %s: %s", self.id, exc)
+                return
+        self._mounted = False
+        shutil.rmtree(self.rootfs.parent, ignore_errors=True)
+        shutil.rmtree(self.paths.scratch_dir(self.id), ignore_errors=True)
+
+
+def bind_rootfs(path: Path, readonly: bool = False) -> list[Mount]:
+    if not path.is_dir():
+        problem = "is not a directory" if path.exists() else "does not exist"
+        raise SpecError(f"rootfs {path} {problem}")
+    return [Mount("bind", str(path), ("rbind", "ro") if readonly else ("rbind",))]
+
+
+def overlay_rootfs(lower: Path, scratch: Path) -> list[Mount]:
+    """A writable layer over a read-only image; the writes vanish with the container."""
+    upper, work = scratch / "upper", scratch / "work"
+    upper.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+    return [Mount("overlay", "overlay", (
+        f"lowerdir={lower}", f"upperdir={upper}", f"workdir={work}",
+    ))]

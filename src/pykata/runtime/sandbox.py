@@ -1,0 +1,219 @@
+"""A sandbox: one VM, its agent connection, its shared directory, its containers.
+
+Lifecycle: `Sandbox.start()` (directories → VM → agent → CreateSandbox) and
+`Sandbox.stop()` (DestroySandbox → VM quits → mounts and directories removed).
+A start that fails part-way undoes what it did: no QEMU, mount or directory of
+the sandbox is left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pykata.config import Config
+from pykata.errors import AgentError, HypervisorError, PykataError
+from pykata.hypervisor.host import resolve_accel
+from pykata.hypervisor.qemu import QemuVM, VmConfig
+from pykata.hypervisor.qemu_args import SHARED_FS_TAG
+from pykata.protocols import agent_pb2
+from pykata.runtime.agent_client import AgentClient
+from pykata.runtime.mounts import mounts_under, unmount
+from pykata.runtime.paths import GUEST_SHARED_DIR, SandboxPaths
+from pykata.ttrpc import StatusError
+
+log = logging.getLogger(__name__)
+
+# 9p options in the guest: a larger msize moves more per round trip, and
+# cache=mmap lets programs mmap their files shared (needed by some loaders).
+NINEP_OPTIONS = ("trans=virtio", "version=9p2000.L", "msize=524288", "cache=mmap")
+
+
+@dataclass(frozen=True)
+class SandboxOptions:
+    """Per-sandbox choices; unset fields take the configuration's defaults."""
+
+    vcpus: int | None = None
+    memory_mib: int | None = None
+    hostname: str = "pykata"
+    kernel_params: str = ""
+
+
+@dataclass
+class PhaseTimes:
+    """Seconds spent in each start phase (the benchmark reports them)."""
+
+    vm_launch: float = 0.0
+    agent_ready: float = 0.0
+    sandbox_create: float = 0.0
+
+
+class Sandbox:
+    def __init__(self, sandbox_id: str, config: Config, options: SandboxOptions) -> None:
+        self.id = sandbox_id
+        self.config = config
+        self.options = options
+        self.paths = SandboxPaths.for_sandbox(sandbox_id)
+        self.vm: QemuVM | None = None
+        self.agent: AgentClient | None = None
+        self.times = PhaseTimes()
+        self._stopped = False
+
+    @property
+    def console_log(self) -> Path:
+        return self.paths.run_dir / "console.log"
+
+    def _vm_config(self) -> VmConfig:
+        q = self.config.qemu
+        kernel, initrd = _guest_assets(q.kernel, q.initrd)
+        accel = resolve_accel(q.accel)
+        return VmConfig(
+            name=self.id,
+            run_dir=self.paths.run_dir,
+            qemu_path=q.path,
+            kernel=kernel,
+            initrd=initrd,
+            machine_type=q.machine_type,
+            accel=accel.value,
+            vcpus=self.options.vcpus or q.default_vcpus,
+            memory_mib=self.options.memory_mib or q.default_memory,
+            kernel_params=" ".join(p for p in (q.kernel_params, self.options.kernel_params) if p),
+            shared_dir=self.paths.shared_dir,
+            debug=self.config.runtime.enable_debug,
+        )
+
+    async def start(self) -> None:
+        """Boot the VM and bring its agent up; undo everything if any step fails."""
+        vm_config = self._vm_config()
+        self._make_dirs()
+        try:
+            await self._boot(vm_config)
+        except BaseException:
+            await self._teardown()
+            raise
+        self._write_state()
+
+    def _make_dirs(self) -> None:
+        try:
+            self.paths.run_dir.mkdir(parents=True)
+        except FileExistsError:
+            raise PykataError(
+                f"sandbox {self.id} already exists ({self.paths.run_dir})",
+                hint="choose another id, or remove the sandbox first",
+            ) from None
+        (self.paths.shared_dir / "containers").mkdir(parents=True, exist_ok=True)
+
+    async def _boot(self, vm_config: VmConfig) -> None:
+        t0 = time.monotonic()
+        self.vm = QemuVM(vm_config)
+        await self.vm.start()
+        assert self.vm.agent_socket is not None
+        self.agent = await AgentClient.over_socket(self.vm.agent_socket)
+        t1 = time.monotonic()
+        await self._wait_for_agent()
+        t2 = time.monotonic()
+        storage = agent_pb2.Storage(
+            driver="9p", source=SHARED_FS_TAG, fstype="9p",
+            options=list(NINEP_OPTIONS), mount_point=GUEST_SHARED_DIR,
+        )
+        await self.agent.create_sandbox(agent_pb2.CreateSandboxRequest(
+            hostname=self.options.hostname, storages=[storage], sandbox_id=self.id,
+        ))
+        self.times = PhaseTimes(t1 - t0, t2 - t1, time.monotonic() - t2)
+
+    async def _wait_for_agent(self) -> None:
+        """Health.Check until it answers, QEMU exits, or dial_timeout passes."""
+        assert self.vm is not None and self.agent is not None
+        timeout = self.config.agent.dial_timeout
+        check = asyncio.ensure_future(self.agent.check(timeout))
+        exited = asyncio.ensure_future(self.vm.wait())
+        try:
+            done, _ = await asyncio.wait({check, exited}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (check, exited):
+                task.cancel()
+        if exited in done:
+            raise HypervisorError(
+                f"the VM of sandbox {self.id} stopped while booting:\n"
+                f"{self.vm.failure_report()}"
+            )
+        try:
+            check.result()
+        except StatusError as exc:
+            raise AgentError(
+                f"the agent of sandbox {self.id} did not answer within {timeout:g} s "
+                f"(dial_timeout); the VM was stopped.\n{self.vm.failure_report()}",
+                hint="raise [agent] dial_timeout if the host is slow",
+            ) from exc
+        except Exception as exc:
+            raise AgentError(
+                f"the agent of sandbox {self.id} failed to answer: {exc}\n"
+                f"{self.vm.failure_report()}"
+            ) from exc
+
+    async def stop(self) -> None:
+        """Destroy the sandbox in the guest, stop the VM, remove host state."""
+        if self._stopped:
+            return
+        if self.agent is not None and self.vm is not None and self.vm.running:
+            with contextlib.suppress(PykataError, asyncio.TimeoutError):
+                await asyncio.wait_for(self.agent.destroy_sandbox(), 10)
+        await self._teardown()
+
+    async def kill(self) -> None:
+        """Stop at once, without asking the guest."""
+        await self._teardown()
+
+    async def _teardown(self) -> None:
+        self._stopped = True
+        if self.agent is not None:
+            await self.agent.close()
+        if self.vm is not None:
+            await self.vm.stop()
+        cleanup_host_state(self.paths)
+
+    def _write_state(self) -> None:
+        assert self.vm is not None
+        state = {
+            "id": self.id,
+            "qemu_pid": self.vm.pid,
+            "runtime_pid": os.getpid(),
+            "console_log": str(self.console_log),
+            "created": time.time(),
+        }
+        tmp = self.paths.run_dir / "state.json.tmp"
+        tmp.write_text(json.dumps(state))
+        tmp.rename(self.paths.run_dir / "state.json")
+
+
+def cleanup_host_state(paths: SandboxPaths) -> None:
+    """Unmount everything under the sandbox's directories and remove them.
+
+    Safe to repeat, and usable on a sandbox whose owner died (`shim delete`).
+    """
+    for base in (paths.shared_dir, paths.run_dir):
+        for point in mounts_under(base):
+            with contextlib.suppress(PykataError):
+                unmount(point, lazy=True)
+        # Nothing may be mounted below before rmtree, or it would delete the
+        # mounted content (a user's rootfs) instead of the mount point.
+        if not mounts_under(base):
+            shutil.rmtree(base, ignore_errors=True)
+        else:
+            log.error("mounts remain under %s; leaving it in place", base)
+
+
+def _guest_assets(kernel: str, initrd: str) -> tuple[Path, Path]:
+    if kernel and initrd:
+        return Path(kernel), Path(initrd)
+    from pykata.assets import locate
+
+    paths = locate()
+    return Path(kernel) if kernel else paths.kernel, Path(initrd) if initrd else paths.initrd
