@@ -46,6 +46,8 @@ def test_commit_moves_the_build_into_place_with_manifest_and_log(tmp_path: Path)
     assert found is not None and found.manifest["kernel_release"] == "6.1-pykata"
     assert found.manifest["key"] == "abc" and found.built_at
     assert "doing things" in (final / "build.log").read_text()
+    assert final.stat().st_mode & 0o777 == 0o755
+    assert (final / "manifest.json").stat().st_mode & 0o777 == 0o644
     assert not list((tmp_path / "tmp").iterdir())
 
 

@@ -8,6 +8,7 @@ import re
 import shutil
 import stat
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -17,38 +18,38 @@ from pykata.assets.cpio import MAGIC, TRAILER, Archive, header
 needs_cpio = pytest.mark.skipif(shutil.which("cpio") is None, reason="needs the cpio tool")
 
 
-def parse(data: bytes) -> list[dict[str, object]]:
+# newc header fields, in order, each eight hex digits
+FIELDS = ["ino", "mode", "uid", "gid", "nlink", "mtime", "filesize"]
+FIELDS += ["devmajor", "devminor", "rdevmajor", "rdevminor", "namesize", "check"]
+
+
+@dataclass
+class Parsed:
+    name: str
+    content: bytes
+    fields: dict[str, int]
+
+    def __getitem__(self, field: str) -> int:
+        return self.fields[field]
+
+
+def parse(data: bytes) -> list[Parsed]:
     """A minimal newc reader: every header field, the name and the content."""
-    entries = []
+    entries: list[Parsed] = []
     offset = 0
-    names = [
-        "ino",
-        "mode",
-        "uid",
-        "gid",
-        "nlink",
-        "mtime",
-        "filesize",
-        "devmajor",
-        "devminor",
-        "rdevmajor",
-        "rdevminor",
-        "namesize",
-        "check",
-    ]
     while True:
         assert data[offset : offset + 6] == MAGIC
         fields = {
-            n: int(data[offset + 6 + 8 * i : offset + 14 + 8 * i], 16) for i, n in enumerate(names)
+            n: int(data[offset + 6 + 8 * i : offset + 14 + 8 * i], 16) for i, n in enumerate(FIELDS)
         }
         name_start = offset + 110
-        name = data[name_start : name_start + int(fields["namesize"]) - 1].decode()
-        offset = (name_start + int(fields["namesize"]) + 3) & ~3
-        content = data[offset : offset + int(fields["filesize"])]
-        offset = (offset + int(fields["filesize"]) + 3) & ~3
+        name = data[name_start : name_start + fields["namesize"] - 1].decode()
+        offset = (name_start + fields["namesize"] + 3) & ~3
+        content = data[offset : offset + fields["filesize"]]
+        offset = (offset + fields["filesize"] + 3) & ~3
         if name == TRAILER:
             return entries
-        entries.append({**fields, "name": name, "content": content})
+        entries.append(Parsed(name, content, fields))
 
 
 def sample(tmp_path: Path) -> Archive:
@@ -82,13 +83,13 @@ def test_header_layout_matches_the_newc_format() -> None:
 def test_entries_are_sorted_with_parents_first_and_owned_by_root(tmp_path: Path) -> None:
     """Implicit parent directories are added; mtime, uid and gid are 0; inodes count from 1."""
     entries = parse(written(sample(tmp_path)))
-    names = [e["name"] for e in entries]
+    names = [e.name for e in entries]
     assert names == sorted(names)
     assert {"usr", "usr/bin", "bin", "dev", "etc"} <= set(names)
     assert all(e["mtime"] == 0 and e["uid"] == 0 and e["gid"] == 0 for e in entries)
     assert [e["ino"] for e in entries] == list(range(1, len(entries) + 1))
-    console = next(e for e in entries if e["name"] == "dev/console")
-    assert stat.S_ISCHR(int(console["mode"]))
+    console = next(e for e in entries if e.name == "dev/console")
+    assert stat.S_ISCHR(console["mode"])
     assert (console["rdevmajor"], console["rdevminor"]) == (5, 1)
 
 

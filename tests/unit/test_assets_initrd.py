@@ -8,7 +8,9 @@ archive instead.
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
+import hashlib
 import os
 import shutil
 import subprocess
@@ -157,8 +159,8 @@ def test_key_changes_with_the_init_script_and_compression(
     spec, cache = shared
     init = tmp_path / "init"
     init.write_text("#!/bin/busybox sh\necho other init\n")
-    other_init = InitrdSpec(**{**spec.__dict__, "init_script": init})
-    gzipped = InitrdSpec(**{**spec.__dict__, "compression": Compression.GZIP})
+    other_init = dataclasses.replace(spec, init_script=init)
+    gzipped = dataclasses.replace(spec, compression=Compression.GZIP)
     assert make_plan(other_init, cache).key != plan.key
     assert make_plan(gzipped, cache).key != plan.key
 
@@ -209,12 +211,22 @@ def test_second_build_is_a_cache_hit(built: Path, shared: tuple[InitrdSpec, Asse
     assert built.stat().st_mtime_ns == before
 
 
+def test_forced_rebuild_is_byte_identical(
+    built: Path, shared: tuple[InitrdSpec, AssetCache]
+) -> None:
+    """The same inputs give the same bytes: sorted entries, mtime 0, hash-based .pyc."""
+    before = hashlib.sha256(built.read_bytes()).hexdigest()
+    rebuilt = build_initrd(*shared, force=True)
+    assert rebuilt.image == built
+    assert hashlib.sha256(built.read_bytes()).hexdigest() == before
+
+
 def test_gzip_variant_is_the_same_archive_compressed(
     built: Path, shared: tuple[InitrdSpec, AssetCache]
 ) -> None:
     """Compression changes only the encoding: gunzip gives the uncompressed image back."""
     spec, cache = shared
-    gz = build_initrd(InitrdSpec(**{**spec.__dict__, "compression": Compression.GZIP}), cache)
+    gz = build_initrd(dataclasses.replace(spec, compression=Compression.GZIP), cache)
     assert gzip.decompress(gz.image.read_bytes()) == built.read_bytes()
 
 

@@ -162,7 +162,8 @@ class Staging:
         self.work.mkdir()
         self.log = BuildLog(self.path / BUILD_LOG, progress)
         self.started = time.monotonic()
-        self.log.write(f"pykata {kind} build, key {key}, started {_now()}")
+        self.started_at = _now()
+        self.log.write(f"pykata {kind} build, key {key}, started {self.started_at}")
         self._committed = False
 
     def __enter__(self) -> Staging:
@@ -195,6 +196,7 @@ class Staging:
         manifest = {
             "kind": self.kind,
             "key": self.key,
+            "started_at": self.started_at,
             "built_at": _now(),
             "build_seconds": seconds,
             **manifest,
@@ -203,6 +205,9 @@ class Staging:
         self.log.write(f"build finished in {seconds} s")
         self.log.close()
         write_json(self.path / MANIFEST, manifest)
+        # mkdtemp made it private; the finished artifact is readable by all,
+        # like any file under /var/cache (QEMU may run as another user).
+        os.chmod(self.path, 0o755)
         final = self.cache.artifact_dir(self.kind, self.key)
         trash = None
         if final.exists():
@@ -234,6 +239,7 @@ def write_json(path: Path, data: object) -> None:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(data, f, indent=2, sort_keys=True)
             f.write("\n")
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide it from other users
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -131,25 +131,9 @@ def build_kernel(
             n = jobs or os.cpu_count() or 1
             log.step(f"kernel: compiling (make -j{n} bzImage, several minutes)")
             log.run(_make(spec, src, obj, f"-j{n}", "bzImage"), env=_BUILD_ENV)
-            release = (
-                log.output(
-                    _make(spec, src, obj, "-s", "--no-print-directory", "kernelrelease"),
-                    env=_BUILD_ENV,
-                )
-                .strip()
-                .splitlines()[-1]
-            )
+            release = kernel_release(spec, src, obj, log)
             sizes = install_images(obj, stage.path, log)
-            manifest = {
-                "kernel_release": release,
-                "inputs": {
-                    "fragment": str(spec.fragment),
-                    "tarball": str(spec.tarball),
-                    "make": spec.make_args(),
-                    "builder": BUILDER_VERSION,
-                },
-                "sizes": sizes,
-            }
+            manifest = {"kernel_release": release, "inputs": _inputs(spec), "sizes": sizes}
             path = stage.commit(manifest)
         cache.prune(KIND)
     progress(f"kernel built: {path} ({release})")
@@ -224,6 +208,14 @@ def configure(spec: KernelSpec, src: Path, obj: Path, log: BuildLog) -> None:
         )
 
 
+def kernel_release(spec: KernelSpec, src: Path, obj: Path, log: BuildLog) -> str:
+    """`make kernelrelease`: what `uname -r` says in the guest, e.g. 6.1.192-pykata."""
+    out = log.output(
+        _make(spec, src, obj, "-s", "--no-print-directory", "kernelrelease"), env=_BUILD_ENV
+    )
+    return out.strip().splitlines()[-1]
+
+
 def install_images(obj: Path, out: Path, log: BuildLog) -> dict[str, int]:
     """Copy bzImage, a stripped vmlinux and the .config into the artifact directory."""
     log.step("kernel: installing vmlinux (stripped) and bzImage")
@@ -233,6 +225,19 @@ def install_images(obj: Path, out: Path, log: BuildLog) -> dict[str, int]:
     shutil.copyfile(obj / "arch/x86/boot/bzImage", out / BZIMAGE)
     shutil.copyfile(obj / ".config", out / "config")
     return {name: (out / name).stat().st_size for name in (VMLINUX, BZIMAGE)}
+
+
+def _inputs(spec: KernelSpec) -> dict[str, object]:
+    st = spec.tarball.stat()
+    return {
+        "builder": BUILDER_VERSION,
+        "fragment": str(spec.fragment),
+        "fragment_sha256": hashlib.sha256(spec.fragment.read_bytes()).hexdigest(),
+        "tarball": str(spec.tarball),
+        "tarball_size": st.st_size,
+        "tarball_mtime_ns": st.st_mtime_ns,
+        "make": spec.make_args(),
+    }
 
 
 def _make(spec: KernelSpec, src: Path, obj: Path, *targets: str) -> list[str]:

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 # Bump when the scan script or its output format changes.
 SCAN_VERSION = "2"
+KEEP_SCANS = 20
 
 # Developer tools no service imports at run time, reached only through
 # modulefinder's over-approximation (test harnesses under `if __name__ ==
@@ -185,9 +186,17 @@ def cached_scan(request: ScanRequest, inputs_digest: str, plan_dir: Path) -> Sca
     result = scan(request)
     try:
         write_json(path, result.to_json())
+        _forget_old_scans(plan_dir)
     except OSError as exc:  # a read-only cache still works, only slower
         log.warning("cannot cache the agent module scan in %s: %s", path, exc)
     return result
+
+
+def _forget_old_scans(plan_dir: Path, keep: int = KEEP_SCANS) -> None:
+    """Every edit of the agent makes a new scan: keep only the most recent ones."""
+    scans = sorted(plan_dir.glob("scan-*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in scans[keep:]:
+        old.unlink(missing_ok=True)
 
 
 def scan(request: ScanRequest) -> ScanResult:

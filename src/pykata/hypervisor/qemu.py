@@ -176,6 +176,9 @@ class QemuVM:
         if stderr:
             parts.append(f"QEMU said:\n{stderr}")
         console = _tail(self.config.console_log, lines)
+        panic = _panic_line(self.config.console_log)
+        if panic and panic not in console:
+            parts.append(f"the guest kernel panicked: {panic}")
         parts.append(
             f"last console lines ({self.config.console_log}):\n{console}"
             if console else "the guest console is empty"
@@ -237,6 +240,17 @@ def _die_with_parent() -> Callable[[], None]:
         prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
     return hook
+
+
+def _panic_line(path: Path) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    for line in text.splitlines():
+        if "Kernel panic" in line:
+            return line.strip()
+    return ""
 
 
 def _tail(path: Path, lines: int) -> str:

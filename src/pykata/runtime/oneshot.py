@@ -76,7 +76,8 @@ async def run_container(
         await container.create(spec)
         assert sandbox.agent is not None
         relay = StdioRelay(sandbox.agent, container.id, container.id)
-        relay.start(io.stdout, io.stderr, io.stdin)
+        terminal = bool(spec.get("process", {}).get("terminal"))
+        relay.start(io.stdout, io.stderr, io.stdin, terminal=terminal)
         await container.start()
         phases["container_create_start"] = time.monotonic() - t1
         if io.on_running is not None:

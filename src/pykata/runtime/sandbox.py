@@ -139,6 +139,13 @@ class Sandbox:
         finally:
             for task in (check, exited):
                 task.cancel()
+        if exited not in done and check.exception() is not None:
+            # A VM that dies closes the agent socket first; give QEMU's exit
+            # a moment to be seen, so the error says what really happened.
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self.vm.wait()), 2)
+            if not self.vm.running:
+                done = {exited}
         if exited in done:
             raise HypervisorError(
                 f"the VM of sandbox {self.id} stopped while booting:\n"

@@ -52,6 +52,10 @@ async def pump_input(agent: AgentClient, cid: str, exec_id: str, source: Source)
         await agent.close_stdin(cid, exec_id)
 
 
+async def _no_input() -> bytes:
+    return b""
+
+
 class StdioRelay:
     """The pumps of one process; `drain` waits for its output to end."""
 
@@ -62,7 +66,15 @@ class StdioRelay:
         self._outputs: list[asyncio.Task[None]] = []
         self._input: asyncio.Task[None] | None = None
 
-    def start(self, stdout: Sink | None, stderr: Sink | None, stdin: Source | None) -> None:
+    def start(
+        self, stdout: Sink | None, stderr: Sink | None, stdin: Source | None,
+        *, terminal: bool = False,
+    ) -> None:
+        """Start the pumps. Without a `stdin` source the process's stdin is
+        closed at once (it reads end-of-file), except on a terminal, which
+        stays open as an idle terminal does."""
+        if stdin is None and not terminal:
+            stdin = _no_input
         for name, sink in (("stdout", stdout), ("stderr", stderr)):
             if sink is not None:
                 self._outputs.append(asyncio.ensure_future(

@@ -1,0 +1,197 @@
+"""Fixtures for tests that boot real VMs: assets, the CLI, a shared sandbox, leak checks.
+
+Every VM these tests boot is real: pykata's kernel and initrd under QEMU, the
+agent inside, crun making the containers. The guest assets are built once per
+machine (cached) by the `guest_assets` fixture.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from pykata import assets, config
+from pykata.runtime.paths import run_root
+from pykata.runtime.sandbox import Sandbox, SandboxOptions
+
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def require_root() -> None:
+    if os.geteuid() != 0:
+        pytest.fail("functional tests boot VMs and mount filesystems: run them as root")
+
+
+@pytest.fixture(scope="session")
+def guest_assets(require_root: None) -> assets.AssetPaths:
+    """The kernel and initrd, built if out of date (the kernel takes minutes once)."""
+    return assets.build(log=lambda line: print(f"assets: {line}", file=sys.stderr))
+
+
+@pytest.fixture(scope="session")
+def pykata_config(guest_assets: assets.AssetPaths) -> config.Config:
+    return config.load(config.DEFAULT_CONFIG)
+
+
+@dataclass
+class CliResult:
+    returncode: int
+    stdout: bytes
+    stderr: bytes
+
+    @property
+    def out(self) -> str:
+        return self.stdout.decode()
+
+    @property
+    def err(self) -> str:
+        return self.stderr.decode()
+
+
+def pykata_cli(
+    *args: str, input: bytes | None = None, timeout: float = 180, env: dict[str, str] | None = None
+) -> CliResult:
+    """Run the `pykata` command line as a user would, in a child process."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "pykata.cli.main", *args],
+        input=input, capture_output=True, timeout=timeout,
+        env={**os.environ, **(env or {})},
+        stdin=None if input is not None else subprocess.DEVNULL,
+    )
+    return CliResult(proc.returncode, proc.stdout, proc.stderr)
+
+
+Cli = Callable[..., CliResult]
+
+
+@pytest.fixture
+def cli(guest_assets: assets.AssetPaths) -> Cli:
+    """The `pykata` command line (assets built first)."""
+    return pykata_cli
+
+
+def qemu_processes() -> list[str]:
+    out = subprocess.run(["pgrep", "-a", "-f", "qemu-system.*-name pykata-"],
+                         capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if line.strip()]
+
+
+def leftovers(allowed: set[str] = frozenset()) -> list[str]:  # type: ignore[assignment]
+    """QEMU processes, mounts and state directories pykata left behind."""
+    found = []
+    for line in qemu_processes():
+        if not any(f"pykata-{sid} " in line + " " for sid in allowed):
+            found.append(f"process: {line}")
+    root = run_root()
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            point = line.split()[4]
+            if point.startswith(str(root)) and not any(sid in point for sid in allowed):
+                found.append(f"mount: {point}")
+    if root.exists():
+        for entry in root.iterdir():
+            if entry.name == "shared":
+                found += [f"state: {p}" for p in entry.iterdir() if p.name not in allowed]
+            elif entry.name not in allowed:
+                found.append(f"state: {entry}")
+    return found
+
+
+_shared_ids: set[str] = set()
+
+
+@pytest.fixture(autouse=True)
+def no_leftovers(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After every test: no QEMU, mount or /run/pykata state of pykata left."""
+    yield
+    left = leftovers(_shared_ids)
+    assert not left, "pykata left this behind:\n" + "\n".join(left)
+
+
+@pytest.fixture(scope="session")
+async def shared_sandbox(pykata_config: config.Config) -> AsyncIterator[Sandbox]:
+    """One booted VM for the tests that only need a fresh container, not a fresh VM."""
+    sandbox = Sandbox("shared-test-vm", pykata_config, SandboxOptions(vcpus=1, memory_mib=512))
+    _shared_ids.add(sandbox.id)
+    await sandbox.start()
+    try:
+        yield sandbox
+    finally:
+        await sandbox.stop()
+        _shared_ids.discard(sandbox.id)
+        assert not leftovers(), "the shared sandbox left state behind"
+
+
+def save_console(sandbox: Sandbox, name: str) -> None:
+    """Keep a sandbox's console log for a failed test (CI uploads test-artifacts/)."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    with contextlib.suppress(OSError):
+        (ARTIFACTS / f"{name}.console.log").write_bytes(sandbox.console_log.read_bytes())
+
+
+async def wait_for(predicate: object, timeout: float = 30.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():  # type: ignore[operator]
+        if asyncio.get_running_loop().time() > deadline:
+            raise TimeoutError("condition not met in time")
+        await asyncio.sleep(0.05)
+
+
+@dataclass
+class ContainerRun:
+    exit_code: int
+    stdout: bytes
+    stderr: bytes
+
+
+async def run_in_sandbox(
+    sandbox: Sandbox, args: list[str], *, container_id: str, stdin: bytes | None = None,
+    kill_after: float | None = None, kill_signal: int = 9,
+) -> ContainerRun:
+    """Run `args` in a new busybox container of `sandbox`; collect stdio and exit code."""
+    from pykata.runtime.busybox_image import ensure_image
+    from pykata.runtime.container import Container, overlay_rootfs
+    from pykata.runtime.spec import default_spec
+    from pykata.runtime.stdio import StdioRelay
+
+    image = ensure_image()
+    container = Container(sandbox, container_id)
+    out: list[bytes] = []
+    err: list[bytes] = []
+
+    async def to_out(data: bytes) -> None:
+        out.append(data)
+
+    async def to_err(data: bytes) -> None:
+        err.append(data)
+
+    pending = [stdin] if stdin is not None else []
+
+    async def source() -> bytes:
+        return pending.pop() if pending else b""
+
+    assert sandbox.agent is not None
+    try:
+        container.share_rootfs(overlay_rootfs(image, container.paths.scratch_dir(container.id)))
+        await container.create(default_spec(args))
+        relay = StdioRelay(sandbox.agent, container.id, container.id)
+        relay.start(to_out, to_err, source if stdin is not None else None)
+        await container.start()
+        if kill_after is not None:
+            await asyncio.sleep(kill_after)
+            await container.kill(kill_signal)
+        code = await asyncio.wait_for(container.wait(), 120)
+        await relay.drain(30)
+        await relay.close()
+    finally:
+        await container.delete()
+    return ContainerRun(code, b"".join(out), b"".join(err))

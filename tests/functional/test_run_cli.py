@@ -1,0 +1,102 @@
+"""`pykata run` end to end, as a user runs it: a real VM per command."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import platform
+import pty
+import select
+import signal
+import struct
+import subprocess
+import sys
+import termios
+import time
+
+from tests.functional.conftest import Cli
+
+
+def test_guest_kernel_is_pykatas_own(cli: Cli) -> None:
+    """The container runs on pykata's guest kernel, not on the host's."""
+    result = cli("run", "--", "uname", "-r")
+    assert result.returncode == 0, result.err
+    release = result.out.strip()
+    assert release.endswith("-pykata")
+    assert release != platform.release()
+
+
+def test_stdout_and_stderr_stay_separate(cli: Cli) -> None:
+    """What the container writes to stdout and stderr arrives on the same streams."""
+    result = cli("run", "--", "sh", "-c", "echo to-out; echo to-err >&2; echo more-out")
+    assert result.returncode == 0, result.err
+    assert result.out == "to-out\nmore-out\n"
+    assert result.err.endswith("to-err\n")
+    assert "to-out" not in result.err
+
+
+def test_one_mebibyte_of_stdin_comes_back_byte_for_byte(cli: Cli) -> None:
+    """1 MiB of random bytes piped through `cat` in the guest returns unchanged."""
+    data = os.urandom(1 << 20)
+    result = cli("run", "-i", "--", "cat", input=data)
+    assert result.returncode == 0, result.err
+    assert len(result.stdout) == len(data)
+    assert result.stdout == data
+
+
+def test_exit_code_comes_back(cli: Cli) -> None:
+    """The command line exits with the container's exit code."""
+    result = cli("run", "--", "sh", "-c", "exit 42")
+    assert result.returncode == 42, result.err
+
+
+def test_sigterm_to_run_stops_the_container_with_137(guest_assets: object) -> None:
+    """SIGTERM to `pykata run` reaches the container; an init that does not handle
+    it is killed, and the run exits 128+9 like a killed container."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pykata.cli.main", "run", "--", "sh", "-c", "echo up; sleep 600"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == b"up\n"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 137
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def _read_until(fd: int, needle: bytes, timeout: float) -> bytes:
+    buf = b""
+    deadline = time.monotonic() + timeout
+    while needle not in buf and time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 0.5)
+        if ready:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            buf += chunk
+    return buf
+
+
+def test_tty_run_gets_a_terminal_of_the_right_size(guest_assets: object) -> None:
+    """`run -t` under a real terminal: the container sees a /dev/pts terminal
+    with the host terminal's size."""
+    pid, master = pty.fork()
+    if pid == 0:  # child: becomes `pykata run -t` on the pty
+        os.execv(sys.executable, [sys.executable, "-m", "pykata.cli.main", "run", "-t", "--",
+                                  "sh", "-c", "tty; stty size; echo done"])
+    try:
+        fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 37, 111, 0, 0))
+        output = _read_until(master, b"done", 120)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        os.close(master)
+    text = output.decode(errors="replace")
+    assert "/dev/pts/" in text, text
+    assert "37 111" in text, text
+    assert os.waitstatus_to_exitcode(status) == 0, text
