@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +17,12 @@ from pykata.cli.console_io import ThreadedReader, ThreadedWriter, raw_terminal, 
 from pykata.errors import PykataError, SpecError
 from pykata.runtime.container import Container, bind_rootfs, overlay_rootfs
 from pykata.runtime.mounts import Mount
-from pykata.runtime.oneshot import OneShotIO, run_container
+from pykata.runtime.oneshot import OneShotIO, OneShotResult, run_container
 from pykata.runtime.sandbox import SandboxOptions
 from pykata.runtime.spec import default_spec, load_bundle
 
+# A file to write phase timings to (the benchmark sets it).
+TIMINGS_ENV = "PYKATA_TIMINGS"
 _FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
 
@@ -78,6 +82,7 @@ def _spec_and_rootfs(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    entered = time.time()
     cfg = config_mod.load(args.config)
     if args.debug and not cfg.runtime.enable_debug:
         from dataclasses import replace
@@ -87,13 +92,22 @@ def run(args: argparse.Namespace) -> int:
     options = SandboxOptions(vcpus=args.cpus, memory_mib=args.memory)
     interactive = args.interactive or (args.tty and os.isatty(0))
     with raw_terminal(0) if args.tty and interactive else contextlib.nullcontext():
-        return asyncio.run(_run(cfg, spec, rootfs, options, interactive, args.tty))
+        result = asyncio.run(_run(cfg, spec, rootfs, options, interactive, args.tty))
+    timings = os.environ.get(TIMINGS_ENV)
+    if timings:
+        _write_timings(Path(timings), entered, result.phases)
+    return result.exit_code
+
+
+def _write_timings(path: Path, entered: float, phases: dict[str, float]) -> None:
+    """For the benchmark: when the verb started (wall clock) and each phase."""
+    path.write_text(json.dumps({"entered": entered, "exited": time.time(), **phases}))
 
 
 async def _run(
     cfg: config_mod.Config, spec: dict[str, Any], rootfs: Any, options: SandboxOptions,
     interactive: bool, tty: bool,
-) -> int:
+) -> OneShotResult:
     out, err = ThreadedWriter(1), ThreadedWriter(2)
     stdin = ThreadedReader(0).read if interactive else None
     loop = asyncio.get_running_loop()
@@ -116,7 +130,7 @@ async def _run(
             loop.remove_signal_handler(sig)
         await out.close()
         await err.close()
-    return result.exit_code
+    return result
 
 
 # Signal handlers start these; the set keeps each task referenced until done.
