@@ -53,7 +53,7 @@ async def serve(params: dict[str, str]) -> None:
         await agent.destroyed.wait()
     else:
         reader, writer = await open_serial()
-        log.info("serving on virtio-serial")
+        log.info("serving on virtio-serial (guest uptime %s s)", _uptime())
         # The connection ends when the host closes its end: the pykata
         # process that owns this VM is gone, and the VM must go with it.
         await server.serve_connection(reader, writer)
@@ -67,9 +67,17 @@ def power_off() -> None:
     os.execv(BUSYBOX, [BUSYBOX, "reboot", "-f"])
 
 
+def _uptime() -> str:
+    try:
+        return Path("/proc/uptime").read_text().split()[0]
+    except OSError:
+        return "?"
+
+
 def main() -> None:
     params = kernel_params()
     setup_logging(params.get("debug") == "1")
+    log.debug("agent imported at guest uptime %s s", _uptime())
     try:
         asyncio.run(serve(params))
     except BaseException:

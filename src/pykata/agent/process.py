@@ -16,7 +16,6 @@ import logging
 import os
 import struct
 import termios
-from dataclasses import dataclass, field
 
 from pykata.agent.spawn import write_all
 from pykata.ttrpc import Code, StatusError
@@ -34,15 +33,25 @@ class EndOfStream(StatusError):
         super().__init__(Code.OUT_OF_RANGE, "EOF")
 
 
-@dataclass
+# Plain classes rather than dataclasses: a dataclass compiles its methods at
+# import time, and compiling is among the slowest things Python does under
+# emulation, on the path of every VM boot.
 class Stdio:
     """The agent's ends of a process's streams, and the ends the process gets."""
 
-    terminal: bool
-    stdin_w: int | None = None
-    stdout_r: int | None = None
-    stderr_r: int | None = None
-    child_fds: tuple[int | None, int | None, int | None] = (None, None, None)
+    def __init__(
+        self,
+        terminal: bool,
+        stdin_w: int | None = None,
+        stdout_r: int | None = None,
+        stderr_r: int | None = None,
+        child_fds: tuple[int | None, int | None, int | None] = (None, None, None),
+    ) -> None:
+        self.terminal = terminal
+        self.stdin_w = stdin_w
+        self.stdout_r = stdout_r
+        self.stderr_r = stderr_r
+        self.child_fds = child_fds
 
     @classmethod
     def pipes(cls) -> Stdio:
@@ -68,18 +77,16 @@ class Stdio:
         self.child_fds = (None, None, None)
 
 
-@dataclass
 class Process:
-    container_id: str
-    exec_id: str
-    stdio: Stdio
-    pid: int = 0
-    exited: asyncio.Future[int] = field(
-        default_factory=lambda: asyncio.get_running_loop().create_future()
-    )
-    _readers: dict[str, asyncio.StreamReader] = field(default_factory=dict)
-    _transports: list[asyncio.BaseTransport] = field(default_factory=list)
-    _stdin_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    def __init__(self, container_id: str, exec_id: str, stdio: Stdio) -> None:
+        self.container_id = container_id
+        self.exec_id = exec_id
+        self.stdio = stdio
+        self.pid = 0
+        self.exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._readers: dict[str, asyncio.StreamReader] = {}
+        self._transports: list[asyncio.BaseTransport] = []
+        self._stdin_lock = asyncio.Lock()
 
     async def open_streams(self) -> None:
         """Start reading the output fds (after the process exists)."""

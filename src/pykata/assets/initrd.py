@@ -40,10 +40,13 @@ from pykata.assets.initrd_plan import (
 IMAGE = "initrd.img"
 CONTENTS = "contents.txt"
 
+# optimize=2 drops docstrings and asserts, and -X no_debug_ranges the column
+# tables: less bytecode to unmarshal on every boot, where Python runs under
+# emulation. A sourceless .pyc is loaded whatever the interpreter's -O level.
 _COMPILE_SCRIPT = r"""
 import json, py_compile, sys
 for src, dst, dfile in json.load(sys.stdin):
-    py_compile.compile(src, cfile=dst, dfile=dfile, doraise=True,
+    py_compile.compile(src, cfile=dst, dfile=dfile, doraise=True, optimize=2,
                        invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
 """
 
@@ -147,7 +150,7 @@ def compile_bytecode(plan: InitrdPlan, out: Path, log: BuildLog) -> dict[str, Pa
             jobs.append((str(entry.source), str(dst), str(Path(entry.path).with_suffix(".py"))))
             compiled[entry.path] = dst
     log.step(f"initrd: compiling {len(jobs)} Python modules with {plan.spec.python}")
-    log.run([plan.spec.python, "-S", "-I", "-c", _COMPILE_SCRIPT], input_text=json.dumps(jobs))
+    log.run([plan.spec.python, "-S", "-I", "-X", "no_debug_ranges", "-c", _COMPILE_SCRIPT], input_text=json.dumps(jobs))
     return compiled
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import enum
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from pykata.ttrpc.errors import MessageTooLargeError, ProtocolError
 
@@ -42,8 +42,7 @@ class Flags(enum.IntFlag):
     NO_DATA = 0x4
 
 
-@dataclass(frozen=True, slots=True)
-class FrameHeader:
+class FrameHeader(NamedTuple):
     """A decoded frame header.
 
     ``type`` and ``flags`` are kept as the raw byte values: a type this side does not
@@ -109,8 +108,7 @@ def is_client_stream_id(stream_id: int) -> bool:
     return stream_id % 2 == 1
 
 
-@dataclass(frozen=True, slots=True)
-class Frame:
+class Frame(NamedTuple):
     """One received frame: its header and its payload bytes."""
 
     header: FrameHeader

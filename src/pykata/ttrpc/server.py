@@ -14,9 +14,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from google.protobuf.message import DecodeError, Message
 
@@ -41,8 +40,7 @@ RequestT = TypeVar("RequestT", bound=Message)
 Handler = Callable[[Any, "RequestContext"], Awaitable[Message]]
 
 
-@dataclass(frozen=True, slots=True)
-class RequestContext:
+class RequestContext(NamedTuple):
     """What a handler knows about the request besides its message.
 
     ``deadline`` is in event-loop time (``loop.time()``), computed from the
@@ -63,8 +61,7 @@ class RequestContext:
         return self.deadline - asyncio.get_running_loop().time()
 
 
-@dataclass(frozen=True, slots=True)
-class _Method:
+class _Method(NamedTuple):
     request_type: type[Message]
     handler: Handler
 
