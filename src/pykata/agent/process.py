@@ -17,7 +17,7 @@ import os
 import struct
 import termios
 
-from pykata.agent.spawn import write_all
+from pykata.fdio import write_all
 from pykata.ttrpc import Code, StatusError
 
 log = logging.getLogger(__name__)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -79,27 +78,3 @@ async def read_all(fd: int) -> bytes:
         return await reader.read()
     finally:
         transport.close()
-
-
-async def write_all(fd: int, data: bytes) -> None:
-    """Write all of `data` to a non-blocking fd, waiting while it is full."""
-    loop = asyncio.get_running_loop()
-    view = memoryview(data)
-    while view:
-        try:
-            n = os.write(fd, view)
-        except BlockingIOError:
-            ready: asyncio.Future[None] = loop.create_future()
-            loop.add_writer(fd, _wake, ready)
-            try:
-                await ready
-            finally:
-                with contextlib.suppress(Exception):
-                    loop.remove_writer(fd)
-            continue
-        view = view[n:]
-
-
-def _wake(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)

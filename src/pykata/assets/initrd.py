@@ -150,7 +150,8 @@ def compile_bytecode(plan: InitrdPlan, out: Path, log: BuildLog) -> dict[str, Pa
             jobs.append((str(entry.source), str(dst), str(Path(entry.path).with_suffix(".py"))))
             compiled[entry.path] = dst
     log.step(f"initrd: compiling {len(jobs)} Python modules with {plan.spec.python}")
-    log.run([plan.spec.python, "-S", "-I", "-X", "no_debug_ranges", "-c", _COMPILE_SCRIPT], input_text=json.dumps(jobs))
+    compile_cmd = [plan.spec.python, "-S", "-I", "-X", "no_debug_ranges", "-c", _COMPILE_SCRIPT]
+    log.run(compile_cmd, input_text=json.dumps(jobs))
     return compiled
 
 

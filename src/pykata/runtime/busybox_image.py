@@ -84,3 +84,62 @@ def _build(busybox: Path, target: Path) -> None:
     finally:
         with contextlib.suppress(FileNotFoundError):
             shutil.rmtree(tmp)
+
+
+def write_oci_archive(archive: Path, reference: str, busybox: Path = BUSYBOX) -> Path:
+    """The built-in image as an OCI image-layout tar (for `ctr image import`).
+
+    One uncompressed layer holding the image's rootfs; the index names it
+    `reference` (org.opencontainers.image.ref.name), which ctr uses as its name.
+    """
+    import io
+    import json
+    import tarfile
+
+    rootfs = ensure_image(busybox)
+    layer = io.BytesIO()
+    with tarfile.open(fileobj=layer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for path in sorted(rootfs.rglob("*")):
+            info = tar.gettarinfo(str(path), arcname=str(path.relative_to(rootfs)))
+            info.uid = info.gid = 0
+            info.uname = info.gname = "root"
+            info.mtime = 0
+            if info.isfile():
+                with open(path, "rb") as f:
+                    tar.addfile(info, f)
+            else:
+                tar.addfile(info)
+    layer_bytes = layer.getvalue()
+    layer_digest = hashlib.sha256(layer_bytes).hexdigest()
+    config = json.dumps({
+        "architecture": "amd64", "os": "linux",
+        "config": {"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
+                   "Cmd": ["sh"], "WorkingDir": "/"},
+        "rootfs": {"type": "layers", "diff_ids": [f"sha256:{layer_digest}"]},
+    }).encode()
+    manifest = json.dumps({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": f"sha256:{hashlib.sha256(config).hexdigest()}",
+                   "size": len(config)},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
+                    "digest": f"sha256:{layer_digest}", "size": len(layer_bytes)}],
+    }).encode()
+    index = json.dumps({
+        "schemaVersion": 2,
+        "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json",
+                       "digest": f"sha256:{hashlib.sha256(manifest).hexdigest()}",
+                       "size": len(manifest),
+                       "annotations": {"org.opencontainers.image.ref.name": reference},
+                       "platform": {"architecture": "amd64", "os": "linux"}}],
+    }).encode()
+    blobs = [config, manifest, layer_bytes]
+    with tarfile.open(archive, "w") as out:
+        entries = [("oci-layout", b'{"imageLayoutVersion": "1.0.0"}'), ("index.json", index)]
+        entries += [(f"blobs/sha256/{hashlib.sha256(b).hexdigest()}", b) for b in blobs]
+        for name, data in entries:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            out.addfile(info, io.BytesIO(data))
+    return archive

@@ -85,6 +85,23 @@ class StdioRelay:
                 pump_input(self._agent, self._cid, self._exec_id, stdin)
             )
 
+    async def finish_input(self, grace: float) -> bool:
+        """The client will send no more input: let what it already sent through.
+
+        Waits up to `grace` seconds for the input pump to reach end-of-file
+        (it then closes the process's stdin itself) and returns True; after
+        that it stops the pump and returns False, and the caller closes stdin.
+        """
+        if self._input is None:
+            return False
+        done, _ = await asyncio.wait({self._input}, timeout=grace)
+        if done:
+            return True
+        self._input.cancel()
+        await asyncio.gather(self._input, return_exceptions=True)
+        self._input = None
+        return False
+
     async def drain(self, timeout: float | None = None) -> None:
         """Wait until every output stream reached end-of-file (or `timeout`)."""
         if self._outputs:

@@ -1,0 +1,5 @@
+import sys
+
+from pykata.shim.cli import main
+
+sys.exit(main())

@@ -1,0 +1,63 @@
+"""Per-pod VM settings from `io.katacontainers.config.hypervisor.*` annotations.
+
+Annotations come from whoever writes the pod spec: untrusted input. One is
+honoured only when the configuration's `enable_annotations` lists its name
+(regular expressions, matched in full); any other is refused with an error
+that says which setting would allow it, rather than silently ignored.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+
+from pykata.config import Config
+from pykata.errors import ConfigError
+from pykata.runtime.sandbox import SandboxOptions
+
+PREFIX = "io.katacontainers.config."
+HYPERVISOR_PREFIX = PREFIX + "hypervisor."
+
+
+def _int_in(low: int, high: int) -> Callable[[str], int]:
+    def parse(value: str) -> int:
+        number = int(value)
+        if not low <= number <= high:
+            raise ValueError(f"must be between {low} and {high}")
+        return number
+
+    return parse
+
+
+_PARSERS: dict[str, tuple[str, Callable[[str], object]]] = {
+    "default_vcpus": ("vcpus", _int_in(1, 64)),
+    "default_memory": ("memory_mib", _int_in(64, 1024 * 1024)),
+    "kernel_params": ("kernel_params", str),
+}
+
+
+def sandbox_options(annotations: Mapping[str, str], config: Config) -> SandboxOptions:
+    """The sandbox settings the annotations ask for, all checked against the allowlist."""
+    chosen: dict[str, object] = {}
+    for key, value in sorted(annotations.items()):
+        if not key.startswith(PREFIX):
+            continue
+        if not key.startswith(HYPERVISOR_PREFIX):
+            raise ConfigError(f"annotation {key} is not supported by pykata",
+                              hint=f"only {HYPERVISOR_PREFIX}* annotations are")
+        name = key.removeprefix(HYPERVISOR_PREFIX)
+        allowed = config.qemu.enable_annotations
+        if not any(re.fullmatch(pattern, name) for pattern in allowed):
+            raise ConfigError(
+                f"annotation {key} is not allowed by the configuration",
+                hint=f"add {name!r} to [hypervisor.qemu] enable_annotations in {config.source}",
+            )
+        if name not in _PARSERS:
+            raise ConfigError(f"annotation {key} is not supported by pykata",
+                              hint=f"supported: {', '.join(sorted(_PARSERS))}")
+        field, parse = _PARSERS[name]
+        try:
+            chosen[field] = parse(value)
+        except ValueError as exc:
+            raise ConfigError(f"annotation {key}={value!r} is invalid: {exc}") from None
+    return SandboxOptions(**chosen)  # type: ignore[arg-type]

@@ -1,0 +1,67 @@
+"""`delete`: clean up after a shim that can no longer be reached.
+
+containerd runs this when the shim died (its VM died with it: QEMU is killed
+when its owner dies) or cannot be reached after a restart. It unmounts the
+task's rootfs, ends a VM still running, removes the sandbox's host state, and
+answers with a DeleteResponse on stdout, exit status 137 (killed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+from pykata.errors import PykataError
+from pykata.protocols import shim_pb2
+from pykata.runtime.mounts import unmount_all
+from pykata.runtime.paths import SandboxPaths
+from pykata.runtime.sandbox import cleanup_host_state
+from pykata.shim.cli import ShimFlags
+from pykata.shim.events import now
+from pykata.shim.start import _answers, group_of, socket_path
+
+KILLED_STATUS = 128 + signal.SIGKILL
+
+
+def _kill_vm(paths: SandboxPaths) -> None:
+    """SIGKILL the sandbox's QEMU if it still runs (checked by its command line)."""
+    try:
+        state = json.loads((paths.run_dir / "state.json").read_text())
+        pid = int(state["qemu_pid"])
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if f"pykata-{paths.sandbox_id}".encode() in cmdline:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def delete(flags: ShimFlags) -> int:
+    bundle = flags.bundle_dir()
+    warnings: list[str] = []
+    try:
+        unmount_all(Path(bundle) / "rootfs")
+    except PykataError as exc:
+        warnings.append(str(exc))
+    group = group_of(bundle, flags.id)
+    if not _answers(socket_path(flags, group)):
+        # The pod's shim is gone, so is its VM: clean up the whole sandbox.
+        try:
+            paths = SandboxPaths.for_sandbox(group)
+            _kill_vm(paths)
+            cleanup_host_state(paths)
+        except PykataError as exc:
+            warnings.append(str(exc))
+        for suffix in ("", ".lock"):
+            with contextlib.suppress(OSError):
+                os.unlink(socket_path(flags, group) + suffix)
+    for warning in warnings:
+        print(f"pykata shim delete: {warning}", file=sys.stderr)
+    response = shim_pb2.DeleteResponse(pid=0, exit_status=KILLED_STATUS, exited_at=now())
+    sys.stdout.buffer.write(response.SerializeToString())
+    sys.stdout.buffer.flush()
+    return 0

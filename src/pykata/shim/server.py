@@ -1,0 +1,78 @@
+"""The shim server: one per pod, serving containerd's task API until told to go.
+
+Launched by `start` with the listening socket inherited. It ends on Shutdown
+once no task is left, or on SIGTERM/SIGINT; either way it stops the VM and
+removes its socket before exiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+
+from pykata import config as config_mod
+from pykata.shim import shimlog
+from pykata.shim.cli import RUNTIME_TYPE, ShimFlags
+from pykata.shim.events import EventPublisher
+from pykata.shim.service import TASK_REQUESTS, TaskService
+from pykata.ttrpc import Server
+
+log = logging.getLogger(__name__)
+
+TASK_SERVICE = "containerd.task.v2.Task"
+TTRPC_ADDRESS_ENV = "TTRPC_ADDRESS"
+
+
+def serve(flags: ShimFlags) -> int:
+    if flags.socket_fd < 0:
+        print("serve is started by `start`, with -socket-fd", flush=True)
+        return 2
+    try:
+        cfg = config_mod.load()
+    except Exception as exc:  # reported through the log FIFO, then exit
+        shimlog.setup(flags.bundle_dir(), debug=True, runtime=RUNTIME_TYPE)
+        log.error("cannot load the configuration: %s", exc)
+        return 1
+    shimlog.setup(flags.bundle_dir(), debug=flags.debug or cfg.runtime.enable_debug,
+                  runtime=RUNTIME_TYPE)
+    try:
+        asyncio.run(_serve(flags, cfg))
+    except Exception:
+        log.exception("shim server failed")
+        return 1
+    finally:
+        for path in (flags.socket, flags.socket + ".lock"):
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+    return 0
+
+
+async def _serve(flags: ShimFlags, cfg: config_mod.Config) -> None:
+    loop = asyncio.get_running_loop()
+    done = asyncio.Event()
+    publisher = EventPublisher(os.environ.get(TTRPC_ADDRESS_ENV, ""), flags.namespace)
+    # Shutdown answers before the server stops: let the reply go out first.
+
+    def idle() -> None:
+        loop.call_later(0.05, done.set)
+
+    service = TaskService(cfg, publisher, on_idle=idle)
+    server = Server()
+    server.register_object(TASK_SERVICE, service, TASK_REQUESTS)
+    listener = socket.socket(fileno=flags.socket_fd)
+    await server.serve_socket(listener)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, done.set)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    log.info("shim serving %s for namespace %s", flags.socket, flags.namespace)
+    await done.wait()
+    log.info("shim shutting down")
+    with contextlib.suppress(OSError):
+        os.unlink(flags.socket)
+    await service.close()
+    await publisher.close()
+    await server.aclose()
