@@ -21,6 +21,7 @@ import pytest
 from pykata import assets, config
 from pykata.runtime.paths import run_root
 from pykata.runtime.sandbox import Sandbox, SandboxOptions
+from tests.functional.containerd_peer import PrivateContainerd
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 
@@ -85,12 +86,19 @@ def qemu_processes() -> list[str]:
     return [line for line in out.splitlines() if line.strip()]
 
 
+def shim_processes() -> list[str]:
+    out = subprocess.run(["pgrep", "-a", "-f", "pykata[.]shim .* serve"],
+                         capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if line.strip()]
+
+
 def leftovers(allowed: set[str] = frozenset()) -> list[str]:  # type: ignore[assignment]
-    """QEMU processes, mounts and state directories pykata left behind."""
+    """QEMU and shim processes, mounts and state directories pykata left behind."""
     found = []
     for line in qemu_processes():
         if not any(f"pykata-{sid} " in line + " " for sid in allowed):
             found.append(f"process: {line}")
+    found += [f"shim: {line}" for line in shim_processes()]
     root = run_root()
     with open("/proc/self/mountinfo") as f:
         for line in f:
@@ -99,7 +107,7 @@ def leftovers(allowed: set[str] = frozenset()) -> list[str]:  # type: ignore[ass
                 found.append(f"mount: {point}")
     if root.exists():
         for entry in root.iterdir():
-            if entry.name == "shared":
+            if entry.name in ("shared", "shims"):
                 found += [f"state: {p}" for p in entry.iterdir() if p.name not in allowed]
             elif entry.name not in allowed:
                 found.append(f"state: {entry}")
@@ -195,3 +203,34 @@ async def run_in_sandbox(
     finally:
         await container.delete()
     return ContainerRun(code, b"".join(out), b"".join(err))
+
+
+@pytest.fixture(scope="session")
+def containerd(
+    guest_assets: assets.AssetPaths, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[PrivateContainerd]:
+    """A private containerd 1.6 with the busybox test image imported."""
+    base = tmp_path_factory.mktemp("containerd")
+    config_file = base / "pykata.toml"
+    config_file.write_text(config.DEFAULT_CONFIG.read_text())
+    peer = PrivateContainerd(base, config_file)
+    peer.start()
+    try:
+        peer.import_busybox()
+        yield peer
+    finally:
+        peer.stop()
+
+
+@pytest.fixture
+def shim_config(containerd: PrivateContainerd) -> Iterator[Callable[[str], None]]:
+    """Replace the configuration the shims read (PYKATA_CONFIG) for one test."""
+    original = containerd.pykata_config.read_text()
+
+    def write(text: str) -> None:
+        containerd.pykata_config.write_text(text)
+
+    try:
+        yield write
+    finally:
+        containerd.pykata_config.write_text(original)

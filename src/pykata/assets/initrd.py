@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,7 +151,9 @@ def compile_bytecode(plan: InitrdPlan, out: Path, log: BuildLog) -> dict[str, Pa
             jobs.append((str(entry.source), str(dst), str(Path(entry.path).with_suffix(".py"))))
             compiled[entry.path] = dst
     log.step(f"initrd: compiling {len(jobs)} Python modules with {plan.spec.python}")
-    compile_cmd = [plan.spec.python, "-S", "-I", "-X", "no_debug_ranges", "-c", _COMPILE_SCRIPT]
+    compile_cmd: list[str | os.PathLike[str]] = [
+        plan.spec.python, "-S", "-I", "-X", "no_debug_ranges", "-c", _COMPILE_SCRIPT,
+    ]
     log.run(compile_cmd, input_text=json.dumps(jobs))
     return compiled
 

@@ -92,11 +92,11 @@ class TaskService:
         async with self._lock:
             if req.id in self.tasks:
                 raise StatusError(Code.ALREADY_EXISTS, f"task {req.id} already exists")
-            spec, _root = load_bundle(Path(req.bundle))
+            spec, root = load_bundle(Path(req.bundle))
             annotations = spec.get("annotations") or {}
             options = sandbox_options(annotations, self.config)
             proc_stdio = (req.stdin, req.stdout, req.stderr)
-            task = await self._create(req, spec, annotations, options, proc_stdio)
+            task = await self._create(req, spec, root, options, proc_stdio)
         rootfs = [mount_pb2.Mount(type=m.type, source=m.source, target=m.target,
                                   options=list(m.options)) for m in req.rootfs]
         self.publisher.publish(events_pb2.TaskCreate(
@@ -107,11 +107,17 @@ class TaskService:
         return shim_pb2.CreateTaskResponse(pid=self.vm_pid)
 
     async def _create(
-        self, req: shim_pb2.CreateTaskRequest, spec: dict[str, Any],
-        annotations: dict[str, str], options: Any, stdio: tuple[str, str, str],
+        self, req: shim_pb2.CreateTaskRequest, spec: dict[str, Any], root: Path,
+        options: Any, stdio: tuple[str, str, str],
     ) -> Task:
+        """Mount, boot (first task), share, create in the guest; undo all on failure.
+
+        With snapshot mounts the rootfs is mounted at the bundle's rootfs/;
+        without, the spec's root.path is shared as it is.
+        """
         booted_here = False
         bundle_rootfs = Path(req.bundle) / "rootfs"
+        annotations = spec.get("annotations") or {}
         task: Task | None = None
         try:
             if self.sandbox is None:
@@ -125,7 +131,7 @@ class TaskService:
                 await self.sandbox.start()
                 self._spawn(self._watch_vm(self.sandbox))
                 self._spawn(self._watch_oom(self.sandbox))
-            task.container.share_rootfs(bind_rootfs(bundle_rootfs))
+            task.container.share_rootfs(bind_rootfs(bundle_rootfs if req.rootfs else root))
             share_pid = _shares_pid_namespace(spec, annotations)
             spec.setdefault("process", {})["terminal"] = req.terminal
             await task.container.create(spec, share_pid_ns=share_pid)

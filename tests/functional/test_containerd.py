@@ -1,0 +1,213 @@
+"""pykata under a real containerd 1.6, driven with `ctr` as a user would.
+
+Each test leaves nothing behind: the autouse `no_leftovers` check looks for
+QEMU and shim processes, mounts and /run/pykata state after every test.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import platform
+import pty
+import select
+import signal
+import struct
+import subprocess
+import termios
+import time
+
+from tests.functional.containerd_peer import IMAGE, RUNTIME, PrivateContainerd
+
+
+def test_ctr_run_prints_the_guest_kernel(containerd: PrivateContainerd) -> None:
+    """`ctr run --rm --runtime io.containerd.pykata.v2 ... uname -r` runs in pykata's VM."""
+    result = containerd.run("kernel", "uname", "-r")
+    assert result.returncode == 0, result.err
+    assert result.out.strip().endswith("-pykata")
+    assert result.out.strip() != platform.release()
+
+
+def test_exit_codes_0_and_3(containerd: PrivateContainerd) -> None:
+    """ctr exits with the task's exit code."""
+    assert containerd.run("exit0", "true").returncode == 0
+    result = containerd.run("exit3", "sh", "-c", "echo out; echo err >&2; exit 3")
+    assert result.returncode == 3
+    assert result.out == "out\n"
+    assert result.err.startswith("err\n")
+
+
+def test_kill_with_sigkill_gives_137(containerd: PrivateContainerd) -> None:
+    """`ctr task kill -s KILL` ends a running `ctr run`, which exits 137."""
+    proc = subprocess.Popen(
+        containerd.ctr_argv("run", "--rm", "--runtime", RUNTIME, IMAGE, "killme",
+                            "sh", "-c", "echo up; sleep 600"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == b"up\n"
+        kill = containerd.ctr("task", "kill", "-s", "KILL", "killme")
+        assert kill.returncode == 0, kill.err
+        assert proc.wait(timeout=60) == 137
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+            containerd.remove("killme")
+
+
+def test_long_running_task_exec_ps_pause_metrics_kill_delete(
+    containerd: PrivateContainerd,
+) -> None:
+    """A detached task: exec a second process, list processes, pause and resume,
+    read metrics, then kill and delete it."""
+    cid = "longrun"
+    started = containerd.ctr("run", "-d", "--runtime", RUNTIME, IMAGE, cid, "sleep", "600")
+    assert started.returncode == 0, started.err
+    try:
+        assert containerd.task_status(cid) == "RUNNING"
+        exec_ = containerd.ctr("task", "exec", "--exec-id", "e1", cid,
+                               "sh", "-c", "echo from-exec; ps -o pid,comm; exit 5")
+        assert exec_.returncode == 5
+        assert exec_.out.startswith("from-exec\n")
+        assert "sleep" in exec_.out  # the exec shares the task's PID namespace
+
+        ps = containerd.ctr("task", "ps", cid)
+        assert ps.returncode == 0, ps.err
+        pids = [line.split()[0] for line in ps.out.splitlines()[1:]]
+        assert pids and all(p.isdigit() for p in pids)
+
+        assert containerd.ctr("task", "pause", cid).returncode == 0
+        assert containerd.task_status(cid) == "PAUSED"
+        assert containerd.ctr("task", "resume", cid).returncode == 0
+        assert containerd.task_status(cid) == "RUNNING"
+
+        metrics = containerd.ctr("task", "metrics", cid)
+        assert metrics.returncode == 0, metrics.err
+        values = dict(line.split()[:2] for line in metrics.out.splitlines()
+                      if line.startswith(("memory.usage ", "cpu.usage_usec ", "pids.current ")))
+        assert int(values["memory.usage"]) > 0
+        assert int(values["cpu.usage_usec"]) > 0
+        assert int(values["pids.current"]) >= 1
+
+        assert containerd.ctr("task", "kill", "-s", "KILL", cid).returncode == 0
+        deadline = time.monotonic() + 30
+        while containerd.task_status(cid) != "STOPPED" and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert containerd.task_status(cid) == "STOPPED"
+        deleted = containerd.ctr("task", "delete", cid)
+        assert deleted.returncode == 0, deleted.err
+        assert containerd.task_status(cid) == ""
+    finally:
+        containerd.remove(cid)
+
+
+def test_stdin_one_mebibyte_byte_exact(containerd: PrivateContainerd) -> None:
+    """1 MiB piped through `ctr run ... cat` comes back unchanged."""
+    data = os.urandom(1 << 20)
+    result = containerd.run("stdin", "cat", input=data)
+    assert result.returncode == 0, result.err
+    assert result.stdout == data
+
+
+def test_ctr_run_with_a_terminal(containerd: PrivateContainerd) -> None:
+    """`ctr run -t` under a real terminal: a /dev/pts terminal with the host's size."""
+    pid, master = pty.fork()
+    if pid == 0:
+        os.execvp("ctr", containerd.ctr_argv(
+            "run", "-t", "--rm", "--runtime", RUNTIME, IMAGE, "tty",
+            "sh", "-c", "tty; stty size; echo done"))
+    output = b""
+    try:
+        fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 29, 101, 0, 0))
+        deadline = time.monotonic() + 120
+        while b"done" not in output and time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.5)
+            if ready:
+                try:
+                    chunk = os.read(master, 4096)
+                except OSError:
+                    break
+                if not chunk:
+                    break
+                output += chunk
+        _, status = os.waitpid(pid, 0)
+    finally:
+        os.close(master)
+    text = output.decode(errors="replace")
+    assert "/dev/pts/" in text, text
+    assert "29 101" in text, text
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def _pod_container(containerd: PrivateContainerd, pod: str, cid: str, kind: str,
+                   *cmd: str, share_pid: bool = False) -> None:
+    extra = ["--annotation", f"io.kubernetes.cri.container-type={kind}",
+             "--annotation", f"io.kubernetes.cri.sandbox-id={pod}"]
+    if share_pid:
+        # CRI names the sandbox's PID namespace on the host; pykata maps it
+        # to the sandbox container's namespace in the guest.
+        extra += ["--with-ns", "pid:/proc/1/ns/pid"]
+    result = containerd.ctr("run", "-d", "--runtime", RUNTIME, *extra, IMAGE, cid, *cmd)
+    assert result.returncode == 0, result.err
+
+
+def _exec(containerd: PrivateContainerd, cid: str, exec_id: str, script: str) -> str:
+    result = containerd.ctr("task", "exec", "--exec-id", exec_id, cid, "sh", "-c", script)
+    assert result.returncode == 0, result.err
+    return result.out
+
+
+def _qemu_pids() -> set[str]:
+    out = subprocess.run(["pgrep", "-f", "qemu-system.*-name pykata-"],
+                         capture_output=True, text=True).stdout
+    return set(out.split())
+
+
+def test_pod_containers_share_one_vm_and_pid_namespace_only_when_asked(
+    containerd: PrivateContainerd,
+) -> None:
+    """Containers of a pod run in one VM behind one shim; a container sees the
+    sandbox's processes only when its spec names the pod's PID namespace."""
+    pod = "pod1"
+    names = [pod, "pod1-shared", "pod1-private"]
+    try:
+        _pod_container(containerd, pod, pod, "sandbox", "sleep", "600")
+        vms = _qemu_pids()
+        _pod_container(containerd, pod, names[1], "container", "sleep", "500", share_pid=True)
+        _pod_container(containerd, pod, names[2], "container", "sleep", "400")
+        assert _qemu_pids() == vms and len(vms) == 1  # no second VM for the pod
+        boot_ids = {_exec(containerd, c, "b", "cat /proc/sys/kernel/random/boot_id")
+                    for c in names}
+        assert len(boot_ids) == 1  # one guest kernel
+        shared = _exec(containerd, names[1], "ps1", "ps -o args")
+        private = _exec(containerd, names[2], "ps2", "ps -o args")
+        assert "sleep 600" in shared and "sleep 500" in shared
+        assert "sleep 600" not in private and "sleep 400" in private
+    finally:
+        for cid in reversed(names):
+            containerd.remove(cid)
+    assert not _qemu_pids()  # the VM went with the pod's last container
+
+
+def test_task_exit_reaches_containerd_when_qemu_is_killed(
+    containerd: PrivateContainerd,
+) -> None:
+    """Killing a running task's QEMU: containerd gets a TaskExit, the task can be
+    deleted, and nothing is left behind."""
+    cid = "fault"
+    with containerd.events() as events:
+        started = containerd.ctr("run", "-d", "--runtime", RUNTIME, IMAGE, cid, "sleep", "600")
+        assert started.returncode == 0, started.err
+        try:
+            events.wait_for("/tasks/start", cid)
+            (qemu,) = _qemu_pids()
+            os.kill(int(qemu), signal.SIGKILL)
+            exit_line = events.wait_for("/tasks/exit", cid)
+            assert "137" in exit_line
+            assert containerd.task_status(cid) == "STOPPED"
+            deleted = containerd.ctr("task", "delete", cid)
+            assert deleted.returncode == 0, deleted.err
+        finally:
+            containerd.remove(cid)
