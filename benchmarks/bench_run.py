@@ -5,7 +5,7 @@ machine options, to an init that powers the VM off at once: everything
 `pykata run` spends above it is pykata's. The two are measured alternately in
 the same run, so both see the same machine.
 
-    .venv/bin/python benchmarks/bench_run.py [--runs 10]
+    .venv/bin/python -m benchmarks.bench_run [--runs 10]   (from the repository root)
 """
 
 from __future__ import annotations

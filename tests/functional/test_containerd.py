@@ -17,7 +17,7 @@ import subprocess
 import termios
 import time
 
-from tests.functional.containerd_peer import IMAGE, RUNTIME, PrivateContainerd
+from tests.functional.containerd_peer import IMAGE, NAMESPACE, RUNTIME, PrivateContainerd
 
 
 def test_ctr_run_prints_the_guest_kernel(containerd: PrivateContainerd) -> None:
@@ -61,46 +61,66 @@ def test_long_running_task_exec_ps_pause_metrics_kill_delete(
     containerd: PrivateContainerd,
 ) -> None:
     """A detached task: exec a second process, list processes, pause and resume,
-    read metrics, then kill and delete it."""
+    read metrics, update its resources, then kill and delete it; containerd
+    receives every task event on the way, and the shim's log reaches it."""
     cid = "longrun"
-    started = containerd.ctr("run", "-d", "--runtime", RUNTIME, IMAGE, cid, "sleep", "600")
-    assert started.returncode == 0, started.err
-    try:
-        assert containerd.task_status(cid) == "RUNNING"
-        exec_ = containerd.ctr("task", "exec", "--exec-id", "e1", cid,
-                               "sh", "-c", "echo from-exec; ps -o pid,comm; exit 5")
-        assert exec_.returncode == 5
-        assert exec_.out.startswith("from-exec\n")
-        assert "sleep" in exec_.out  # the exec shares the task's PID namespace
+    with containerd.events() as events:
+        started = containerd.ctr("run", "-d", "--runtime", RUNTIME, IMAGE, cid, "sleep", "600")
+        assert started.returncode == 0, started.err
+        try:
+            _exercise_long_running_task(containerd, cid)
+        finally:
+            containerd.remove(cid)
+        for topic in ("/tasks/create", "/tasks/start", "/tasks/exec-added",
+                      "/tasks/exec-started", "/tasks/paused", "/tasks/resumed", "/tasks/exit",
+                      "/tasks/delete"):
+            events.wait_for(topic, cid)
+    log = containerd.log.read_text()
+    assert f'msg="task {cid} created"' in log and f"container={cid}" in log
 
-        ps = containerd.ctr("task", "ps", cid)
-        assert ps.returncode == 0, ps.err
-        pids = [line.split()[0] for line in ps.out.splitlines()[1:]]
-        assert pids and all(p.isdigit() for p in pids)
 
-        assert containerd.ctr("task", "pause", cid).returncode == 0
-        assert containerd.task_status(cid) == "PAUSED"
-        assert containerd.ctr("task", "resume", cid).returncode == 0
-        assert containerd.task_status(cid) == "RUNNING"
+def _exercise_long_running_task(containerd: PrivateContainerd, cid: str) -> None:
+    assert containerd.task_status(cid) == "RUNNING"
+    exec_ = containerd.ctr("task", "exec", "--exec-id", "e1", cid,
+                           "sh", "-c", "echo from-exec; ps -o pid,comm; exit 5")
+    assert exec_.returncode == 5
+    assert exec_.out.startswith("from-exec\n")
+    assert "sleep" in exec_.out  # the exec shares the task's PID namespace
 
-        metrics = containerd.ctr("task", "metrics", cid)
-        assert metrics.returncode == 0, metrics.err
-        values = dict(line.split()[:2] for line in metrics.out.splitlines()
-                      if line.startswith(("memory.usage ", "cpu.usage_usec ", "pids.current ")))
-        assert int(values["memory.usage"]) > 0
-        assert int(values["cpu.usage_usec"]) > 0
-        assert int(values["pids.current"]) >= 1
+    ps = containerd.ctr("task", "ps", cid)
+    assert ps.returncode == 0, ps.err
+    pids = [line.split()[0] for line in ps.out.splitlines()[1:]]
+    assert pids and all(p.isdigit() for p in pids)
 
-        assert containerd.ctr("task", "kill", "-s", "KILL", cid).returncode == 0
-        deadline = time.monotonic() + 30
-        while containerd.task_status(cid) != "STOPPED" and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert containerd.task_status(cid) == "STOPPED"
-        deleted = containerd.ctr("task", "delete", cid)
-        assert deleted.returncode == 0, deleted.err
-        assert containerd.task_status(cid) == ""
-    finally:
-        containerd.remove(cid)
+    assert containerd.ctr("task", "pause", cid).returncode == 0
+    assert containerd.task_status(cid) == "PAUSED"
+    assert containerd.ctr("task", "resume", cid).returncode == 0
+    assert containerd.task_status(cid) == "RUNNING"
+
+    metrics = containerd.ctr("task", "metrics", cid)
+    assert metrics.returncode == 0, metrics.err
+    values = dict(line.split()[:2] for line in metrics.out.splitlines()
+                  if line.startswith(("memory.usage ", "cpu.usage_usec ", "pids.current ")))
+    assert int(values["memory.usage"]) > 0
+    assert int(values["cpu.usage_usec"]) > 0
+    assert int(values["pids.current"]) >= 1
+
+    checkpoint = containerd.ctr("task", "checkpoint", cid)
+    assert checkpoint.returncode != 0
+    assert "checkpoint is not supported by pykata" in checkpoint.err
+
+    update_memory_limit(containerd, cid, 123 * 1024 * 1024)
+    after = containerd.ctr("task", "metrics", cid).out
+    assert f"memory.usage_limit    {123 * 1024 * 1024}" in after, after
+
+    assert containerd.ctr("task", "kill", "-s", "KILL", cid).returncode == 0
+    deadline = time.monotonic() + 30
+    while containerd.task_status(cid) != "STOPPED" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert containerd.task_status(cid) == "STOPPED"
+    deleted = containerd.ctr("task", "delete", cid)
+    assert deleted.returncode == 0, deleted.err
+    assert containerd.task_status(cid) == ""
 
 
 def test_stdin_one_mebibyte_byte_exact(containerd: PrivateContainerd) -> None:
@@ -139,6 +159,32 @@ def test_ctr_run_with_a_terminal(containerd: PrivateContainerd) -> None:
     assert "/dev/pts/" in text, text
     assert "29 101" in text, text
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def update_memory_limit(containerd: PrivateContainerd, cid: str, limit: int) -> None:
+    """Update a task's memory limit through the shim's task API, as containerd's
+    UpdateTask does (ctr 1.6 has no command for it)."""
+    import asyncio
+    import json
+
+    from google.protobuf import any_pb2, empty_pb2
+
+    from pykata.protocols import shim_pb2
+    from pykata.ttrpc import Client
+
+    address = (containerd.state / "io.containerd.runtime.v2.task" / NAMESPACE / cid /
+               "address").read_text().removeprefix("unix://")
+    resources = any_pb2.Any(
+        type_url="types.containerd.io/opencontainers/runtime-spec/1/LinuxResources",
+        value=json.dumps({"memory": {"limit": limit}}).encode())
+
+    async def call() -> None:
+        async with await Client.connect_unix(address) as client:
+            await client.call("containerd.task.v2.Task", "Update",
+                              shim_pb2.UpdateTaskRequest(id=cid, resources=resources),
+                              empty_pb2.Empty, timeout=30)
+
+    asyncio.run(call())
 
 
 def _pod_container(containerd: PrivateContainerd, pod: str, cid: str, kind: str,
@@ -211,3 +257,38 @@ def test_task_exit_reaches_containerd_when_qemu_is_killed(
             assert deleted.returncode == 0, deleted.err
         finally:
             containerd.remove(cid)
+
+
+def test_oom_kill_is_reported(containerd: PrivateContainerd) -> None:
+    """A task that outgrows its memory limit is killed in the guest; containerd
+    receives a TaskOOM for it, and ctr exits 137."""
+    with containerd.events() as events:
+        result = containerd.run(
+            "oom", "sh", "-c", "x=$(head -c 100000000 /dev/zero | tr '\\0' a); echo survived",
+            extra=("--memory-limit", str(32 * 1024 * 1024)))
+        assert result.returncode == 137
+        assert "survived" not in result.out
+        events.wait_for("/tasks/oom", "oom")
+
+
+def test_dead_shim_is_cleaned_up_by_delete(containerd: PrivateContainerd) -> None:
+    """SIGKILL to a running task's shim: its VM dies with it, containerd runs
+    `delete`, and the task, its mounts and its state are gone."""
+    cid = "deadshim"
+    started = containerd.ctr("run", "-d", "--runtime", RUNTIME, IMAGE, cid, "sleep", "600")
+    assert started.returncode == 0, started.err
+    try:
+        with containerd.events() as events:
+            shim = subprocess.run(["pgrep", "-f", "pykata[.]shim .* serve"],
+                                  capture_output=True, text=True).stdout.split()
+            assert len(shim) == 1
+            os.kill(int(shim[0]), signal.SIGKILL)
+            exit_line = events.wait_for("/tasks/exit", cid)
+            assert '"exit_status":137' in exit_line
+        deadline = time.monotonic() + 30
+        while containerd.task_status(cid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert containerd.task_status(cid) == ""
+        assert not _qemu_pids()
+    finally:
+        containerd.remove(cid)

@@ -156,6 +156,8 @@ class AgentService:
         self, req: agent_pb2.WaitProcessRequest, ctx: RequestContext
     ) -> agent_pb2.WaitProcessResponse:
         code = await self.containers.wait(req.container_id, req.exec_id)
+        # A process the OOM killer ended is reported as OOM before its exit is.
+        self._check_oom(req.container_id)
         return agent_pb2.WaitProcessResponse(status=code)
 
     async def WriteStdin(
@@ -203,10 +205,13 @@ class AgentService:
         while True:
             await asyncio.sleep(_OOM_POLL_SECONDS)
             for container in self.containers.all():
-                kills = stats.oom_kills(container.id)
-                if kills > self._oom_seen.get(container.id, 0):
-                    self._oom_seen[container.id] = kills
-                    await self._oom_events.put(container.id)
+                self._check_oom(container.id)
+
+    def _check_oom(self, container_id: str) -> None:
+        kills = stats.oom_kills(container_id)
+        if kills > self._oom_seen.get(container_id, 0):
+            self._oom_seen[container_id] = kills
+            self._oom_events.put_nowait(container_id)
 
 
 class HealthService:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 SHIM_NAME = "containerd-shim-pykata-v2"
 RUNTIME_TYPE = "io.containerd.pykata.v2"
@@ -22,18 +21,24 @@ class UsageError(Exception):
     pass
 
 
-@dataclass
 class ShimFlags:
-    namespace: str = ""
-    id: str = ""
-    address: str = ""
-    publish_binary: str = ""
-    bundle: str = ""
-    socket: str = ""
-    socket_fd: int = -1
-    debug: bool = False
-    version: bool = False
-    action: str = ""
+    """The flags containerd passes (plus `-socket`/`-socket-fd` for the server).
+
+    A plain class: the dataclasses module alone would double the import time
+    of `start`.
+    """
+
+    def __init__(self) -> None:
+        self.namespace = ""
+        self.id = ""
+        self.address = ""
+        self.publish_binary = ""
+        self.bundle = ""
+        self.socket = ""
+        self.socket_fd = -1
+        self.debug = False
+        self.version = False
+        self.action = ""
 
     def bundle_dir(self) -> str:
         return self.bundle or os.getcwd()

@@ -1,0 +1,96 @@
+"""Benchmark: `ctr run --rm IMAGE ID true` with pykata beside runc, and the shim's memory.
+
+Starts a private containerd 1.6 (like the functional tests), imports the
+busybox test image, then alternates pykata and runc runs so both see the same
+machine. Also reports the memory of the shim server (RSS and PSS from
+/proc/<pid>/smaps_rollup) and of its QEMU for an idle pod.
+
+    .venv/bin/python -m benchmarks.bench_containerd [--runs 10]   (from the repository root)
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from pykata import config
+from tests.functional.containerd_peer import IMAGE, PrivateContainerd
+
+RUNTIMES = {"pykata": "io.containerd.pykata.v2", "runc": "io.containerd.runc.v2"}
+
+
+def timed_run(peer: PrivateContainerd, runtime: str, cid: str) -> float:
+    start = time.monotonic()
+    result = peer.ctr("run", "--rm", "--runtime", runtime, IMAGE, cid, "true")
+    elapsed = time.monotonic() - start
+    if result.returncode != 0:
+        raise SystemExit(f"ctr run with {runtime} failed: {result.err}")
+    return elapsed
+
+
+def memory_kib(pid: int) -> tuple[int, int]:
+    """(RSS, PSS) in KiB."""
+    values = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("Rss", "Pss"):
+            values[key] = int(rest.split()[0])
+    return values["Rss"], values["Pss"]
+
+
+def idle_pod_memory(peer: PrivateContainerd) -> dict[str, tuple[int, int]]:
+    cid = "bench-idle"
+    result = peer.ctr("run", "-d", "--runtime", RUNTIMES["pykata"], IMAGE, cid, "sleep", "600")
+    if result.returncode != 0:
+        raise SystemExit(f"could not start an idle pod: {result.err}")
+    try:
+        time.sleep(3)  # let the shim settle after start-up
+        shim = subprocess.run(["pgrep", "-f", "pykata[.]shim .* serve"], capture_output=True,
+                              text=True).stdout.split()
+        qemu = subprocess.run(["pgrep", "-f", f"qemu-system.*-name pykata-{cid}"],
+                              capture_output=True, text=True).stdout.split()
+        return {"shim": memory_kib(int(shim[0])), "qemu": memory_kib(int(qemu[0]))}
+    finally:
+        peer.remove(cid)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=10)
+    args = parser.parse_args()
+    times: dict[str, list[float]] = {name: [] for name in RUNTIMES}
+    with tempfile.TemporaryDirectory(prefix="pykata-bench-") as tmp:
+        cfg_file = Path(tmp) / "pykata.toml"
+        cfg_file.write_text(config.DEFAULT_CONFIG.read_text())
+        peer = PrivateContainerd(Path(tmp), cfg_file)
+        peer.start()
+        try:
+            peer.import_busybox()
+            for i in range(args.runs):
+                for name, runtime in RUNTIMES.items():
+                    times[name].append(timed_run(peer, runtime, f"bench-{name}-{i}"))
+                print(f"run {i + 1}/{args.runs}: pykata {times['pykata'][-1]:.2f} s, "
+                      f"runc {times['runc'][-1]:.3f} s", file=sys.stderr)
+            memory = idle_pod_memory(peer)
+        finally:
+            peer.stop()
+    print(f"\nctr run --rm IMAGE ID true, median of {args.runs} runs (min-max):\n")
+    for name in RUNTIMES:
+        values = times[name]
+        print(f"  {name:<7} {statistics.median(values):7.3f} s   "
+              f"({min(values):.3f}-{max(values):.3f})")
+    ratio = statistics.median(times["pykata"]) / statistics.median(times["runc"])
+    print(f"  pykata / runc = {ratio:.1f}x")
+    print("\nidle pod (sleep 600), memory:")
+    for name, (rss, pss) in memory.items():
+        print(f"  {name:<5} RSS {rss / 1024:6.1f} MiB   PSS {pss / 1024:6.1f} MiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
