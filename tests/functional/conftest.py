@@ -234,3 +234,38 @@ def shim_config(containerd: PrivateContainerd) -> Iterator[Callable[[str], None]
         yield write
     finally:
         containerd.pykata_config.write_text(original)
+
+
+def run_on_terminal(argv: list[str], rows: int, columns: int, until: bytes,
+                    timeout: float = 120) -> tuple[str, int]:
+    """Run `argv` on a new pseudo-terminal of the given size, as a user at a
+    terminal would; return what it printed (until `until`) and its exit code."""
+    import fcntl
+    import pty
+    import select
+    import struct
+    import termios
+    import time
+
+    pid, master = pty.fork()
+    if pid == 0:  # the child: becomes argv on the terminal
+        os.execvp(argv[0], argv)
+    output = b""
+    try:
+        fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
+        deadline = time.monotonic() + timeout
+        while until not in output and time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.5)
+            if not ready:
+                continue
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            output += chunk
+        _, status = os.waitpid(pid, 0)
+    finally:
+        os.close(master)
+    return output.decode(errors="replace"), os.waitstatus_to_exitcode(status)

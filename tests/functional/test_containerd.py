@@ -6,17 +6,13 @@ QEMU and shim processes, mounts and /run/pykata state after every test.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import platform
-import pty
-import select
 import signal
-import struct
 import subprocess
-import termios
 import time
 
+from tests.functional.conftest import run_on_terminal
 from tests.functional.containerd_peer import IMAGE, NAMESPACE, RUNTIME, PrivateContainerd
 
 
@@ -133,32 +129,12 @@ def test_stdin_one_mebibyte_byte_exact(containerd: PrivateContainerd) -> None:
 
 def test_ctr_run_with_a_terminal(containerd: PrivateContainerd) -> None:
     """`ctr run -t` under a real terminal: a /dev/pts terminal with the host's size."""
-    pid, master = pty.fork()
-    if pid == 0:
-        os.execvp("ctr", containerd.ctr_argv(
-            "run", "-t", "--rm", "--runtime", RUNTIME, IMAGE, "tty",
-            "sh", "-c", "tty; stty size; echo done"))
-    output = b""
-    try:
-        fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 29, 101, 0, 0))
-        deadline = time.monotonic() + 120
-        while b"done" not in output and time.monotonic() < deadline:
-            ready, _, _ = select.select([master], [], [], 0.5)
-            if ready:
-                try:
-                    chunk = os.read(master, 4096)
-                except OSError:
-                    break
-                if not chunk:
-                    break
-                output += chunk
-        _, status = os.waitpid(pid, 0)
-    finally:
-        os.close(master)
-    text = output.decode(errors="replace")
+    text, code = run_on_terminal(
+        containerd.ctr_argv("run", "-t", "--rm", "--runtime", RUNTIME, IMAGE, "tty",
+                            "sh", "-c", "tty; stty size; echo done"), 29, 101, until=b"done")
     assert "/dev/pts/" in text, text
     assert "29 101" in text, text
-    assert os.waitstatus_to_exitcode(status) == 0
+    assert code == 0, text
 
 
 def update_memory_limit(containerd: PrivateContainerd, cid: str, limit: int) -> None:

@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import fcntl
 import os
 import platform
-import pty
-import select
 import signal
-import struct
 import subprocess
 import sys
-import termios
-import time
 
-from tests.functional.conftest import Cli
+from tests.functional.conftest import Cli, run_on_terminal
 
 
 def test_guest_kernel_is_pykatas_own(cli: Cli) -> None:
@@ -67,36 +61,12 @@ def test_sigterm_to_run_stops_the_container_with_137(guest_assets: object) -> No
         proc.wait()
 
 
-def _read_until(fd: int, needle: bytes, timeout: float) -> bytes:
-    buf = b""
-    deadline = time.monotonic() + timeout
-    while needle not in buf and time.monotonic() < deadline:
-        ready, _, _ = select.select([fd], [], [], 0.5)
-        if ready:
-            try:
-                chunk = os.read(fd, 4096)
-            except OSError:
-                break
-            if not chunk:
-                break
-            buf += chunk
-    return buf
-
-
 def test_tty_run_gets_a_terminal_of_the_right_size(guest_assets: object) -> None:
     """`run -t` under a real terminal: the container sees a /dev/pts terminal
     with the host terminal's size."""
-    pid, master = pty.fork()
-    if pid == 0:  # child: becomes `pykata run -t` on the pty
-        os.execv(sys.executable, [sys.executable, "-m", "pykata.cli.main", "run", "-t", "--",
-                                  "sh", "-c", "tty; stty size; echo done"])
-    try:
-        fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 37, 111, 0, 0))
-        output = _read_until(master, b"done", 120)
-        _, status = os.waitpid(pid, 0)
-    finally:
-        os.close(master)
-    text = output.decode(errors="replace")
+    text, code = run_on_terminal(
+        [sys.executable, "-m", "pykata.cli.main", "run", "-t", "--",
+         "sh", "-c", "tty; stty size; echo done"], 37, 111, until=b"done")
     assert "/dev/pts/" in text, text
     assert "37 111" in text, text
-    assert os.waitstatus_to_exitcode(status) == 0, text
+    assert code == 0, text
