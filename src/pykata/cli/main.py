@@ -43,7 +43,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.WARNING,
-        format="pykata: %(levelname)s: %(name)s: %(message)s",
+        format="pykata: %(levelname)s: %(name)s: %(message)s" if args.debug
+        else "pykata: %(levelname)s: %(message)s",
     )
     try:
         code: int = args.handler(args)

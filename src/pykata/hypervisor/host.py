@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import logging
 import os
 import shutil
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ CPUINFO = Path("/proc/cpuinfo")
 KVM_DEVICE = Path("/dev/kvm")
 VHOST_VSOCK_DEVICE = Path("/dev/vhost-vsock")
 VIRTIOFSD_CANDIDATES = ("/usr/libexec/virtiofsd", "/usr/lib/qemu/virtiofsd")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -63,11 +66,22 @@ def probe_accel(cpuinfo: str | None = None, kvm_device: Path = KVM_DEVICE) -> Pr
     return Probe("kvm", f"{sorted(hw)[0]} flag present and {kvm_device} opens")
 
 
+_warned_tcg = False
+
+
 def resolve_accel(setting: str) -> Probe:
-    """The acceleration a VM uses, given the configuration's `accel` value."""
-    if setting == "auto":
-        return probe_accel()
-    return Probe(setting, "set in the configuration (accel)")
+    """The acceleration a VM uses, given the configuration's `accel` value.
+
+    Falling back to TCG is logged as a warning, once per process: the VM is
+    still a real boundary, but everything in it runs many times slower.
+    """
+    global _warned_tcg
+    probe = probe_accel() if setting == "auto" else Probe(
+        setting, "set in the configuration (accel)")
+    if probe.value == "tcg" and setting == "auto" and not _warned_tcg:
+        _warned_tcg = True
+        log.warning("using TCG (software emulation, slow): %s", probe.reason)
+    return probe
 
 
 def probe_vsock(device: Path = VHOST_VSOCK_DEVICE) -> Probe:
