@@ -45,6 +45,8 @@ class VmConfig:
     kernel_params: str = ""
     shared_dir: Path | None = None
     debug: bool = False
+    # The agent channel: AF_VSOCK to this context id, or (0) virtio-serial.
+    vsock_cid: int = 0
 
     @property
     def console_log(self) -> Path:
@@ -69,6 +71,8 @@ class VmConfig:
             parts += [f"tsc_early_khz={khz}" if khz else "", "tsc=reliable", "no_timer_check"]
         if self.debug:
             parts.append("pykata.debug=1")
+        if self.vsock_cid:
+            parts.append("pykata.transport=vsock")
         parts.append(self.kernel_params)
         return qa.join_cmdline(parts)
 
@@ -117,7 +121,8 @@ class QemuVM:
             qa.QmpFd(qmp_fd),
             qa.SerialConsoleFile(c.console_log),
             qa.Rng(c.machine_type),
-            qa.VirtioSerialAgent(agent_fd, c.machine_type),
+            qa.VhostVsock(c.vsock_cid, c.machine_type) if c.vsock_cid
+            else qa.VirtioSerialAgent(agent_fd, c.machine_type),
         ]
         if c.shared_dir is not None:
             opts.append(qa.Share9p(c.shared_dir, c.machine_type))
@@ -141,7 +146,10 @@ class QemuVM:
         finally:
             qmp_vm.close()
             agent_vm.close()
-        self.agent_socket = agent_host
+        if self.config.vsock_cid:
+            agent_host.close()
+        else:
+            self.agent_socket = agent_host
         try:
             self._qmp = await QmpConnection.open(qmp_host)
         except BaseException as exc:

@@ -20,10 +20,11 @@ from pathlib import Path
 
 from pykata.config import Config
 from pykata.errors import AgentError, HypervisorError, PykataError
-from pykata.hypervisor.host import resolve_accel
+from pykata.hypervisor.host import probe_vsock, resolve_accel
 from pykata.hypervisor.qemu import QemuVM, VmConfig
 from pykata.hypervisor.qemu_args import SHARED_FS_TAG
 from pykata.protocols import agent_pb2
+from pykata.runtime import vsock
 from pykata.runtime.agent_client import AgentClient
 from pykata.runtime.mounts import mounts_under, unmount
 from pykata.runtime.paths import GUEST_SHARED_DIR, SandboxPaths
@@ -87,6 +88,7 @@ class Sandbox:
             kernel_params=" ".join(p for p in (q.kernel_params, self.options.kernel_params) if p),
             shared_dir=self.paths.shared_dir,
             debug=self.config.runtime.enable_debug,
+            vsock_cid=vsock.pick_cid() if probe_vsock().value == "vsock" else 0,
         )
 
     async def start(self) -> None:
@@ -114,10 +116,9 @@ class Sandbox:
         t0 = time.monotonic()
         self.vm = QemuVM(vm_config)
         await self.vm.start()
-        assert self.vm.agent_socket is not None
-        self.agent = await AgentClient.over_socket(self.vm.agent_socket)
         t1 = time.monotonic()
         await self._wait_for_agent()
+        assert self.agent is not None
         t2 = time.monotonic()
         storage = agent_pb2.Storage(
             driver="9p", source=SHARED_FS_TAG, fstype="9p",
@@ -128,11 +129,26 @@ class Sandbox:
         ))
         self.times = PhaseTimes(t1 - t0, t2 - t1, time.monotonic() - t2)
 
+    async def _dial(self, timeout: float) -> None:
+        """Connect to the agent (vsock) or take the channel QEMU holds, then
+        Health.Check until it answers."""
+        assert self.vm is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        cid = self.vm.config.vsock_cid
+        if cid:
+            sock = await vsock.connect(cid, timeout)
+        else:
+            assert self.vm.agent_socket is not None
+            sock = self.vm.agent_socket
+        self.agent = await AgentClient.over_socket(sock)
+        await self.agent.check(max(0.001, deadline - loop.time()))
+
     async def _wait_for_agent(self) -> None:
-        """Health.Check until it answers, QEMU exits, or dial_timeout passes."""
-        assert self.vm is not None and self.agent is not None
+        """Dial the agent until it answers, QEMU exits, or dial_timeout passes."""
+        assert self.vm is not None
         timeout = self.config.agent.dial_timeout
-        check = asyncio.ensure_future(self.agent.check(timeout))
+        check = asyncio.ensure_future(self._dial(timeout))
         exited = asyncio.ensure_future(self.vm.wait())
         try:
             done, _ = await asyncio.wait({check, exited}, return_when=asyncio.FIRST_COMPLETED)
@@ -153,7 +169,7 @@ class Sandbox:
             )
         try:
             check.result()
-        except StatusError as exc:
+        except (StatusError, TimeoutError) as exc:
             raise AgentError(
                 f"the agent of sandbox {self.id} did not answer within {timeout:g} s "
                 f"(dial_timeout); the VM was stopped.\n{self.vm.failure_report()}",
