@@ -1,0 +1,84 @@
+"""QEMU command lines and host probes, without starting QEMU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pykata.errors import HypervisorError
+from pykata.hypervisor import host
+from pykata.hypervisor import qemu_args as qa
+from pykata.hypervisor.qemu import QemuVM, VmConfig
+
+_CPUINFO = "processor : 0\ncpu MHz : 2445.412\nflags : fpu {flags}\n"
+
+
+def _vm(tmp_path: Path, **kw: object) -> VmConfig:
+    values: dict[str, object] = {"name": "s1", "run_dir": tmp_path, "qemu_path": "/bin/true",
+                                 "kernel": tmp_path / "vmlinux", "initrd": tmp_path / "initrd"}
+    values.update(kw)
+    return VmConfig(**values)  # type: ignore[arg-type]
+
+
+def test_microvm_command_line(tmp_path: Path) -> None:
+    """The microvm VM: mmio devices, the agent port, the 9p share and the sandbox."""
+    cmd = QemuVM(_vm(tmp_path, shared_dir=tmp_path / "sh,ared")).command(7, 9)
+    text = " ".join(cmd)
+    assert "microvm,acpi=off" in text and "accel=tcg" in text
+    assert "virtio-serial-device" in text and "name=agent.channel.0" in text
+    assert "socket,id=qmp,fd=7" in text and "socket,id=agent,fd=9" in text
+    assert f"path={tmp_path}/sh,,ared" in text  # commas doubled for QEMU
+    assert "virtio-9p-device,fsdev=shared,mount_tag=kataShared" in text
+    assert "-sandbox" in cmd and "-no-reboot" in cmd
+
+
+def test_q35_uses_pci_devices() -> None:
+    """On q35 the same devices come as their PCI variants."""
+    args = qa.render([qa.Rng("q35"), qa.VirtioSerialAgent(3, "q35")])
+    assert "virtio-rng-pci" in args and "virtio-serial-pci,id=agentserial" in args
+
+
+def test_kernel_command_line(tmp_path: Path) -> None:
+    """quiet unless debugging; TCG-only clock options only under TCG; user params last."""
+    tcg = _vm(tmp_path, kernel_params="foo=bar").kernel_cmdline()
+    assert "quiet" in tcg and "no_timer_check" in tcg and tcg.endswith("foo=bar")
+    kvm = _vm(tmp_path, accel="kvm", debug=True).kernel_cmdline()
+    assert "quiet" not in kvm and "no_timer_check" not in kvm and "pykata.debug=1" in kvm
+
+
+def test_check_names_what_is_missing(tmp_path: Path) -> None:
+    """Missing QEMU, kernel or initrd fail before launch, naming the path and the fix."""
+    with pytest.raises(HypervisorError, match="QEMU not found at /no/qemu"):
+        _vm(tmp_path, qemu_path="/no/qemu").check()
+    with pytest.raises(HypervisorError) as kernel:
+        _vm(tmp_path).check()
+    assert f"guest kernel not found at {tmp_path / 'vmlinux'}" in str(kernel.value)
+    assert "pykata assets build" in str(kernel.value)
+    (tmp_path / "vmlinux").write_bytes(b"k")
+    with pytest.raises(HypervisorError, match="guest initrd not found"):
+        _vm(tmp_path).check()
+
+
+def test_accel_needs_hardware_virtualization(tmp_path: Path) -> None:
+    """No vmx/svm means TCG whatever /dev/kvm says; with vmx, KVM if it opens."""
+    no_hw = host.probe_accel(_CPUINFO.format(flags="sse2 hypervisor"), tmp_path / "kvm")
+    assert no_hw.value == "tcg" and "no vmx or svm" in no_hw.reason
+    missing = host.probe_accel(_CPUINFO.format(flags="vmx"), tmp_path / "kvm")
+    assert missing.value == "tcg" and "does not exist" in missing.reason
+    (tmp_path / "kvm").write_bytes(b"")
+    assert host.probe_accel(_CPUINFO.format(flags="vmx"), tmp_path / "kvm").value == "kvm"
+
+
+def test_tsc_rate_trusted_only_when_cpuinfo_states_it() -> None:
+    """An invariant TSC without APERF/MPERF: cpu MHz is the TSC rate; otherwise unknown."""
+    assert host.host_tsc_khz(_CPUINFO.format(flags="constant_tsc")) == 2445412
+    assert host.host_tsc_khz(_CPUINFO.format(flags="constant_tsc aperfmperf")) is None
+    assert host.host_tsc_khz(_CPUINFO.format(flags="tsc")) is None
+
+
+def test_shared_fs_choice() -> None:
+    """virtio-fs is refused as not implemented; auto and virtio-9p choose 9p."""
+    assert host.probe_shared_fs("virtio-fs").value == "unsupported"
+    assert host.probe_shared_fs("virtio-9p").value == "virtio-9p"
+    assert host.probe_shared_fs("auto").value == "virtio-9p"

@@ -1,0 +1,145 @@
+"""The shim's pure parts: flags, pod grouping, annotations, logs, metrics, status codes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import pytest
+
+from pykata import config
+from pykata.errors import AgentError, ConfigError, NotFoundError, SpecError
+from pykata.protocols import agent_pb2, cgroups_v2_pb2
+from pykata.shim import annotations, cli, metrics, shimlog, start
+from pykata.shim.status import to_status
+from pykata.ttrpc import Code
+
+
+def test_flags_parse_like_go() -> None:
+    """-name value, -name=value, --name, booleans and the action are understood."""
+    flags = cli.parse(["-namespace", "k8s.io", "-id=abc", "--address", "/run/c.sock",
+                       "-publish-binary", "/usr/bin/containerd", "-debug", "start"])
+    assert (flags.namespace, flags.id, flags.address) == ("k8s.io", "abc", "/run/c.sock")
+    assert flags.debug and flags.action == "start"
+    again = cli.parse([*flags.to_args(), "delete"])
+    assert (again.namespace, again.id, again.address, again.debug) == (
+        "k8s.io", "abc", "/run/c.sock", True)
+    assert cli.parse(["-v"]).version
+
+
+@pytest.mark.parametrize("argv", [["-nope", "x"], ["-id"]])
+def test_bad_flags_are_usage_errors(argv: list[str]) -> None:
+    """An unknown flag or a flag without its value is refused."""
+    with pytest.raises(cli.UsageError):
+        cli.parse(argv)
+
+
+def test_pod_grouping_by_cri_annotations(tmp_path: Path) -> None:
+    """Containers of a pod group under the sandbox id; others under their own id."""
+    (tmp_path / "config.json").write_text(json.dumps({"annotations": {
+        "io.kubernetes.cri.container-type": "container",
+        "io.kubernetes.cri.sandbox-id": "pod-1"}}))
+    assert start.group_of(str(tmp_path), "c1") == "pod-1"
+    (tmp_path / "config.json").write_text(json.dumps({"annotations": {}}))
+    assert start.group_of(str(tmp_path), "c1") == "c1"
+    (tmp_path / "config.json").write_text("{not json")
+    assert start.group_of(str(tmp_path), "c1") == "c1"
+
+
+def test_socket_path_is_per_containerd_and_short(monkeypatch: pytest.MonkeyPatch,
+                                                 tmp_path: Path) -> None:
+    """Two containerds with the same ids get different sockets, under the run root."""
+    monkeypatch.setenv("PYKATA_RUN_ROOT", str(tmp_path))
+    one = cli.parse(["-namespace", "n", "-id", "x", "-address", "/a.sock"])
+    two = cli.parse(["-namespace", "n", "-id", "x", "-address", "/b.sock"])
+    assert start.socket_path(one, "x") != start.socket_path(two, "x")
+    assert start.socket_path(one, "x").startswith(str(tmp_path / "shims"))
+    assert len(start.socket_path(one, "x")) < 108
+
+
+def _config(*allowed: str) -> config.Config:
+    return config.parse({"hypervisor": {"qemu": {"enable_annotations": list(allowed)}}},
+                        "/etc/pykata/test.toml")
+
+
+def test_annotation_allowlist_matches_in_full() -> None:
+    """An allowlist entry is a full-match regular expression."""
+    key = annotations.HYPERVISOR_PREFIX + "default_memory"
+    with pytest.raises(ConfigError) as refused:
+        annotations.sandbox_options({key: "300"}, _config("default_mem"))
+    assert "enable_annotations" in str(refused.value)
+    assert "/etc/pykata/test.toml" in str(refused.value)
+    options = annotations.sandbox_options({key: "300", "unrelated": "x"},
+                                          _config("default_mem.*"))
+    assert options.memory_mib == 300
+
+
+def test_annotation_values_and_names_are_checked() -> None:
+    """Out-of-range values, unsupported names and other prefixes are refused."""
+    prefix = annotations.HYPERVISOR_PREFIX
+    with pytest.raises(ConfigError, match="must be between 1 and 64"):
+        annotations.sandbox_options({prefix + "default_vcpus": "0"}, _config(".*"))
+    with pytest.raises(ConfigError, match="not supported"):
+        annotations.sandbox_options({prefix + "path": "/bin/evil"}, _config(".*"))
+    with pytest.raises(ConfigError, match="not supported"):
+        annotations.sandbox_options({annotations.PREFIX + "agent.debug": "1"}, _config(".*"))
+    params = annotations.sandbox_options({prefix + "kernel_params": "quiet"}, _config(".*"))
+    assert params.kernel_params == "quiet"
+
+
+def test_logfmt_lines_carry_ids_and_escape_text() -> None:
+    """Log lines are logfmt with quoting, and name the container they concern."""
+    formatter = shimlog.LogfmtFormatter(runtime="io.containerd.pykata.v2")
+    record = logging.LogRecord("x", logging.ERROR, __file__, 1, 'bad "thing"\nhappened',
+                               None, None)
+    record.container = "c1"
+    line = formatter.format(record)
+    assert line.startswith("time=")
+    assert "level=error" in line
+    assert 'msg="bad \\"thing\\"\\nhappened"' in line
+    assert "container=c1" in line and "runtime=io.containerd.pykata.v2" in line
+    assert "\n" not in line
+
+
+def test_fifo_handler_drops_instead_of_blocking() -> None:
+    """When the reader is behind, a log line is dropped and counted, never waited on."""
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    handler = shimlog.FifoHandler(write_end)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, "y" * 65536, None, None)
+    for _ in range(4):
+        handler.emit(record)
+    assert handler.dropped >= 1
+    handler.close()
+    os.close(read_end)
+
+
+def test_metrics_convert_units_and_memory_keys() -> None:
+    """Agent cgroup figures become cgroups v2 Metrics (microseconds, memory.stat keys)."""
+    stats = agent_pb2.StatsContainerResponse()
+    cg = stats.cgroup_stats
+    cg.cpu_stats.cpu_usage.total_usage = 5_000_000
+    cg.cpu_stats.cpu_usage.usage_in_usermode = 3_000_000
+    cg.memory_stats.usage.usage = 4096
+    cg.memory_stats.usage.limit = 8192
+    cg.memory_stats.stats["anon"] = 1234
+    cg.memory_stats.stats["not_a_field"] = 1
+    cg.pids_stats.current = 3
+    packed = metrics.pack_metrics(metrics.to_v2_metrics(stats))
+    assert packed.type_url == "io.containerd.cgroups.v2.Metrics"
+    decoded = cgroups_v2_pb2.Metrics.FromString(packed.value)
+    assert decoded.cpu.usage_usec == 5000 and decoded.cpu.user_usec == 3000
+    assert (decoded.memory.usage, decoded.memory.usage_limit) == (4096, 8192)
+    assert decoded.memory.anon == 1234 and decoded.pids.current == 3
+
+
+def test_errors_map_to_containerd_status_codes() -> None:
+    """pykata's errors become the codes containerd turns into its error kinds."""
+    assert to_status(NotFoundError("x")).code == Code.NOT_FOUND
+    assert to_status(SpecError("x")).code == Code.INVALID_ARGUMENT
+    assert to_status(ConfigError("x")).code == Code.INVALID_ARGUMENT
+    assert to_status(AgentError("x", code=int(Code.ALREADY_EXISTS))).code == Code.ALREADY_EXISTS
+    assert to_status(AgentError("x")).code == Code.UNKNOWN
