@@ -37,7 +37,7 @@ def test_check_spec_names_the_field(change: Any, field: str) -> None:
 
 def test_load_bundle_resolves_a_relative_root(tmp_path: Path) -> None:
     """root.path is relative to the bundle; missing or broken JSON is named."""
-    with pytest.raises(SpecError, match="config.json does not exist"):
+    with pytest.raises(SpecError, match=r"config\.json does not exist"):
         load_bundle(tmp_path)
     (tmp_path / "config.json").write_text("{")
     with pytest.raises(SpecError, match="is not valid JSON"):
