@@ -142,3 +142,30 @@ def test_unknown_configuration_key_names_file_and_key(cli: Cli, tmp_path: Path) 
     assert result.returncode != 0
     assert str(path) in result.err
     assert "hypervisor.qemu.default_memroy" in result.err
+
+
+def test_cleanup_after_a_killed_run(cli: Cli) -> None:
+    """`pykata run` killed with SIGKILL: its VM dies with it, and `pykata cleanup`
+    removes the mounts and state it could not remove itself."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.functional.conftest import qemu_processes
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pykata.cli.main", "run", "--", "sh", "-c", "echo up; sleep 600"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == b"up\n"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 30
+    while qemu_processes() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not qemu_processes()  # QEMU died with its owner
+    result = cli("cleanup")
+    assert result.returncode == 0, result.err
+    assert "removing sandbox run-" in result.out
+    assert "nothing to clean up" in cli("cleanup").out

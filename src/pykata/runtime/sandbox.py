@@ -111,6 +111,9 @@ class Sandbox:
                 hint="choose another id, or remove the sandbox first",
             ) from None
         (self.paths.shared_dir / "containers").mkdir(parents=True, exist_ok=True)
+        # Written before anything can be left behind, so `pykata cleanup` can
+        # tell an abandoned sandbox (owner dead) from one still starting.
+        self._write_state()
 
     async def _boot(self, vm_config: VmConfig) -> None:
         t0 = time.monotonic()
@@ -203,10 +206,9 @@ class Sandbox:
         cleanup_host_state(self.paths)
 
     def _write_state(self) -> None:
-        assert self.vm is not None
         state = {
             "id": self.id,
-            "qemu_pid": self.vm.pid,
+            "qemu_pid": self.vm.pid if self.vm is not None else None,
             "runtime_pid": os.getpid(),
             "console_log": str(self.console_log),
             "created": time.time(),

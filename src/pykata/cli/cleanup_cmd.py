@@ -1,0 +1,68 @@
+"""`pykata cleanup`: remove what sandboxes whose owner died left behind.
+
+A `pykata run` killed with SIGKILL takes its VM with it (QEMU dies with its
+owner), but its mounts and state directory stay. This finds every sandbox
+whose owning process is gone and removes its mounts and directories.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from pykata.errors import PykataError
+from pykata.runtime.paths import SandboxPaths, run_root
+from pykata.runtime.sandbox import cleanup_host_state
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("cleanup", help="remove state left by sandboxes whose owner died")
+    p.add_argument("--dry-run", action="store_true", help="only list what would be removed")
+    p.set_defaults(handler=run)
+
+
+def _alive(pid: object) -> bool:
+    """Whether `pid` runs; an exited process nobody reaped yet (a zombie) does not."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            # The state follows the command name, which is in parentheses.
+            state = f.read().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def stale_sandboxes() -> list[SandboxPaths]:
+    """Sandboxes with a state file whose runtime process and QEMU are both gone."""
+    stale: list[SandboxPaths] = []
+    root = run_root()
+    if not root.is_dir():
+        return stale
+    for entry in sorted(root.iterdir()):
+        state_file = entry / "state.json"
+        if entry.name in ("shared", "shims") or not state_file.is_file():
+            continue
+        try:
+            state = json.loads(state_file.read_text())
+        except (OSError, ValueError):
+            continue
+        if not _alive(state.get("runtime_pid")) and not _alive(state.get("qemu_pid")):
+            stale.append(SandboxPaths(entry.name, root))
+    return stale
+
+
+def run(args: argparse.Namespace) -> int:
+    stale = stale_sandboxes()
+    for paths in stale:
+        print(f"{'would remove' if args.dry_run else 'removing'} sandbox {paths.sandbox_id} "
+              f"({paths.run_dir}, {paths.shared_dir})")
+        if not args.dry_run:
+            try:
+                cleanup_host_state(paths)
+            except PykataError as exc:
+                print(f"pykata: sandbox {paths.sandbox_id}: {exc}")
+    if not stale:
+        print("nothing to clean up")
+    return 0
