@@ -63,11 +63,6 @@ class Reaper:
             self._waiters[pid] = fut
         return fut
 
-    def forget(self, pid: int) -> None:
-        fut = self._waiters.pop(pid, None)
-        if fut is not None and not fut.done():
-            fut.cancel()
-
     def reap(self) -> None:
         while True:
             try:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 from pykata.agent.reaper import Reaper
@@ -51,6 +50,3 @@ async def unmount(reaper: Reaper, target: Path) -> None:
     if result.code != 0:
         log.warning("unmounting %s: %s", target, result.error_text())
 
-
-def is_mounted(target: Path) -> bool:
-    return os.path.ismount(target)

@@ -100,7 +100,6 @@ class QemuVM:
         self._proc: asyncio.subprocess.Process | None = None
         self._qmp: QmpConnection | None = None
         self.agent_socket: socket.socket | None = None
-        self._exit_code: int | None = None
 
     @property
     def pid(self) -> int | None:
@@ -196,9 +195,7 @@ class QemuVM:
     async def wait(self) -> int:
         """Wait until QEMU exits; return its exit status."""
         assert self._proc is not None, "VM not started"
-        code = await self._proc.wait()
-        self._exit_code = code
-        return code
+        return await self._proc.wait()
 
     async def stop(self, grace: float = _STOP_GRACE_SECONDS) -> None:
         """Ask QEMU to quit; kill it if it has not exited within `grace` seconds."""
@@ -223,14 +220,6 @@ class QemuVM:
         if self.agent_socket is not None:
             self.agent_socket.close()
             self.agent_socket = None
-
-    async def pause(self) -> None:
-        assert self._qmp is not None
-        await self._qmp.execute("stop")
-
-    async def resume(self) -> None:
-        assert self._qmp is not None
-        await self._qmp.execute("cont")
 
 
 def _die_with_parent() -> Callable[[], None]:

@@ -22,7 +22,6 @@ MS_NODEV = 0x4
 MS_REMOUNT = 0x20
 MS_BIND = 0x1000
 MS_REC = 0x4000
-MS_PRIVATE = 1 << 18
 MNT_DETACH = 0x2
 
 # mount(8)-style options that are flags, not filesystem data.
