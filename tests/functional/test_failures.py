@@ -61,13 +61,18 @@ def test_rootfs_that_does_not_exist(cli: Cli, tmp_path: Path) -> None:
     assert f"rootfs {tmp_path / 'nothing'} does not exist" in result.err
 
 
-def test_invalid_config_json_names_the_field(cli: Cli, tmp_path: Path) -> None:
-    """A config.json whose process.args is not a list is refused, naming the field."""
+def _bundle(tmp_path: Path, process: dict[str, object]) -> Path:
+    """An OCI bundle with an empty rootfs and the given process."""
     bundle = tmp_path / "bundle"
     (bundle / "rootfs").mkdir(parents=True)
-    spec = {"ociVersion": "1.0.2", "process": {"args": "echo hi", "cwd": "/"},
-            "root": {"path": "rootfs"}}
+    spec = {"ociVersion": "1.0.2", "process": process, "root": {"path": "rootfs"}}
     (bundle / "config.json").write_text(json.dumps(spec))
+    return bundle
+
+
+def test_invalid_config_json_names_the_field(cli: Cli, tmp_path: Path) -> None:
+    """A config.json whose process.args is not a list is refused, naming the field."""
+    bundle = _bundle(tmp_path, {"args": "echo hi", "cwd": "/"})
     result = cli("run", "--bundle", str(bundle))
     assert result.returncode != 0
     assert "process.args" in result.err
@@ -75,12 +80,8 @@ def test_invalid_config_json_names_the_field(cli: Cli, tmp_path: Path) -> None:
 
 def test_invalid_nested_field_is_named(cli: Cli, tmp_path: Path) -> None:
     """A wrongly typed nested field (an rlimit's hard limit) is named with its path."""
-    bundle = tmp_path / "bundle"
-    (bundle / "rootfs").mkdir(parents=True)
-    spec = {"ociVersion": "1.0.2", "root": {"path": "rootfs"},
-            "process": {"args": ["true"], "cwd": "/",
-                        "rlimits": [{"type": "RLIMIT_NOFILE", "hard": "lots", "soft": 1}]}}
-    (bundle / "config.json").write_text(json.dumps(spec))
+    bundle = _bundle(tmp_path, {"args": ["true"], "cwd": "/", "rlimits": [
+        {"type": "RLIMIT_NOFILE", "hard": "lots", "soft": 1}]})
     result = cli("run", "--bundle", str(bundle))
     assert result.returncode != 0
     assert "process.rlimits[0].hard" in result.err

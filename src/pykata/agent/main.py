@@ -53,7 +53,9 @@ async def serve(params: dict[str, str]) -> None:
         await agent.destroyed.wait()
     else:
         reader, writer = await open_serial()
-        log.info("serving on virtio-serial (guest uptime %s s)", _uptime())
+        log.info("serving on virtio-serial")
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("serving at guest uptime %s s", _uptime())
         # The connection ends when the host closes its end: the pykata
         # process that owns this VM is gone, and the VM must go with it.
         await server.serve_connection(reader, writer)
@@ -77,7 +79,8 @@ def _uptime() -> str:
 def main() -> None:
     params = kernel_params()
     setup_logging(params.get("debug") == "1")
-    log.debug("agent imported at guest uptime %s s", _uptime())
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("agent imported at guest uptime %s s", _uptime())
     try:
         asyncio.run(serve(params))
     except BaseException:

@@ -199,11 +199,15 @@ class Sandbox:
 
     async def _teardown(self) -> None:
         self._stopped = True
-        if self.agent is not None:
-            await self.agent.close()
-        if self.vm is not None:
-            await self.vm.stop()
-        cleanup_host_state(self.paths)
+        try:
+            if self.agent is not None:
+                await self.agent.close()
+            if self.vm is not None:
+                await self.vm.stop()
+        finally:
+            # Host state goes even if stopping the VM failed: nothing mounted
+            # for a sandbox outlives it.
+            cleanup_host_state(self.paths)
 
     def _write_state(self) -> None:
         state = {

@@ -45,10 +45,11 @@ def now() -> timestamp_pb2.Timestamp:
     return stamp
 
 
-def pack(event: Message) -> any_pb2.Any:
-    # containerd names event types by their full protobuf name, without the
-    # type.googleapis.com/ prefix that Any.Pack would add.
-    return any_pb2.Any(type_url=event.DESCRIPTOR.full_name, value=event.SerializeToString())
+def pack(message: Message) -> any_pb2.Any:
+    # containerd's typeurl names protobuf types (events, metrics) by their full
+    # name, without the type.googleapis.com/ prefix that Any.Pack would add.
+    return any_pb2.Any(type_url=message.DESCRIPTOR.full_name,
+                       value=message.SerializeToString())
 
 
 class EventPublisher:

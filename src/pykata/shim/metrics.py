@@ -10,6 +10,7 @@ from __future__ import annotations
 from google.protobuf import any_pb2
 
 from pykata.protocols import agent_pb2, cgroups_v2_pb2
+from pykata.shim.events import pack
 
 
 def to_v2_metrics(stats: agent_pb2.StatsContainerResponse) -> cgroups_v2_pb2.Metrics:
@@ -45,5 +46,4 @@ def to_v2_metrics(stats: agent_pb2.StatsContainerResponse) -> cgroups_v2_pb2.Met
 
 
 def pack_metrics(metrics: cgroups_v2_pb2.Metrics) -> any_pb2.Any:
-    # containerd's typeurl names protobuf types by their full name, unprefixed.
-    return any_pb2.Any(type_url=metrics.DESCRIPTOR.full_name, value=metrics.SerializeToString())
+    return pack(metrics)

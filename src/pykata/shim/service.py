@@ -26,7 +26,7 @@ from pykata.protocols import events_pb2, mount_pb2, shim_pb2, task_types_pb2
 from pykata.protocols.oci_spec import InvalidSpecError, process_from_json, resources_from_json
 from pykata.runtime.container import Container, bind_rootfs
 from pykata.runtime.mounts import Mount, mount, unmount_all
-from pykata.runtime.sandbox import Sandbox, cleanup_host_state
+from pykata.runtime.sandbox import Sandbox
 from pykata.runtime.spec import load_bundle
 from pykata.shim.annotations import sandbox_options
 from pykata.shim.events import EventPublisher
@@ -270,7 +270,6 @@ class TaskService:
             await sandbox.stop()
         finally:
             self._stopping = False
-            cleanup_host_state(sandbox.paths)
         log.info("sandbox %s stopped", sandbox.id, extra={"sandbox": sandbox.id})
 
     @rpc
