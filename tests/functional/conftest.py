@@ -26,10 +26,63 @@ from tests.functional.containerd_peer import PrivateContainerd
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 
 
+TEST_RUN_ROOTS = Path("/run/pykata-tests")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def require_root() -> None:
     if os.geteuid() != 0:
         pytest.fail("functional tests boot VMs and mount filesystems: run them as root")
+
+
+def _clear_run_root(root: Path) -> None:
+    """Clear a test session's run root the way a user would: `pykata cleanup`
+    against it (sandboxes whose owner died), then the emptied directories."""
+    from pykata.cli.cleanup_cmd import stale_sandboxes
+    from pykata.runtime.sandbox import cleanup_host_state
+
+    saved = os.environ.get("PYKATA_RUN_ROOT")
+    os.environ["PYKATA_RUN_ROOT"] = str(root)
+    try:
+        for paths in stale_sandboxes():
+            cleanup_host_state(paths)
+    finally:
+        if saved is None:
+            os.environ.pop("PYKATA_RUN_ROOT", None)
+        else:
+            os.environ["PYKATA_RUN_ROOT"] = saved
+    with contextlib.suppress(OSError):
+        for socket in (root / "shims").glob("*"):
+            socket.unlink()
+    # rmdir, never rmtree: a directory still holding a mount must stay.
+    for directory in (root / "shared", root / "shims", root):
+        with contextlib.suppress(OSError):
+            directory.rmdir()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_run_root(require_root: None) -> Iterator[Path]:
+    """Each test session keeps pykata's state under a root of its own, so pods a
+    user runs on this machine, or what a killed earlier session left, neither
+    fail these tests nor get touched by them. Every pykata process the tests
+    start (CLI, shims through containerd) inherits PYKATA_RUN_ROOT."""
+    from pykata.cli.cleanup_cmd import _alive
+
+    if TEST_RUN_ROOTS.is_dir():
+        for earlier in TEST_RUN_ROOTS.iterdir():
+            if earlier.name.isdigit() and not _alive(int(earlier.name)):
+                _clear_run_root(earlier)
+    root = TEST_RUN_ROOTS / str(os.getpid())
+    saved = os.environ.get("PYKATA_RUN_ROOT")
+    os.environ["PYKATA_RUN_ROOT"] = str(root)
+    try:
+        yield root
+    finally:
+        if saved is None:
+            os.environ.pop("PYKATA_RUN_ROOT", None)
+        else:
+            os.environ["PYKATA_RUN_ROOT"] = saved
+        _clear_run_root(root)
 
 
 @pytest.fixture(scope="session")
@@ -81,15 +134,27 @@ def cli(guest_assets: assets.AssetPaths) -> Cli:
 
 
 def qemu_processes() -> list[str]:
+    """This session's QEMU processes (their console log lies under its run root)."""
     out = subprocess.run(["pgrep", "-a", "-f", "qemu-system.*-name pykata-"],
                          capture_output=True, text=True).stdout
-    return [line for line in out.splitlines() if line.strip()]
+    return [line for line in out.splitlines() if f"path={run_root()}/" in line]
+
+
+def _environ(pid: str) -> bytes:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
 
 
 def shim_processes() -> list[str]:
+    """This session's shim servers (they inherit its PYKATA_RUN_ROOT)."""
     out = subprocess.run(["pgrep", "-a", "-f", "pykata[.]shim .* serve"],
                          capture_output=True, text=True).stdout
-    return [line for line in out.splitlines() if line.strip()]
+    mine = f"PYKATA_RUN_ROOT={run_root()}".encode()
+    return [line for line in out.splitlines()
+            if line.strip() and mine in _environ(line.split()[0]).split(b"\0")]
 
 
 def leftovers(allowed: set[str] = frozenset()) -> list[str]:  # type: ignore[assignment]
