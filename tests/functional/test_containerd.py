@@ -11,6 +11,7 @@ import platform
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 from tests.functional.conftest import run_on_terminal
 from tests.functional.containerd_peer import IMAGE, NAMESPACE, RUNTIME, PrivateContainerd
@@ -268,3 +269,25 @@ def test_dead_shim_is_cleaned_up_by_delete(containerd: PrivateContainerd) -> Non
         assert not _qemu_pids()
     finally:
         containerd.remove(cid)
+
+
+def test_bind_mounts_from_the_host_reach_the_container(
+    containerd: PrivateContainerd, tmp_path: Path
+) -> None:
+    """`ctr run --mount type=bind,...`: a writable host directory and a read-only
+    one are shared into the VM and bound where the spec says."""
+    data, config = tmp_path / "data", tmp_path / "config"
+    data.mkdir()
+    config.mkdir()
+    (config / "setting").write_text("42\n")
+    result = containerd.run(
+        "volumes", "sh", "-c",
+        "cat /etc/app/setting; echo from-guest > /data/out; "
+        "touch /etc/app/new; echo touch=$?",
+        extra=("--mount", f"type=bind,src={data},dst=/data,options=rbind:rw",
+               "--mount", f"type=bind,src={config},dst=/etc/app,options=rbind:ro"),
+    )
+    assert result.returncode == 0, result.err
+    assert result.out == "42\ntouch=1\n"
+    assert (data / "out").read_text() == "from-guest\n"
+    assert sorted(p.name for p in config.iterdir()) == ["setting"]

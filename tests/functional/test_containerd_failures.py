@@ -91,3 +91,15 @@ def test_snapshot_mount_that_fails(containerd: PrivateContainerd) -> None:
         if upper is not None and upper.with_name("fs.away").exists():
             upper.with_name("fs.away").rename(upper)
         containerd.ctr("container", "rm", cid)
+
+
+def test_bind_mount_source_that_does_not_exist(containerd: PrivateContainerd,
+                                               tmp_path: Path) -> None:
+    """A bind mount whose host path is missing: ctr names the volume and the path,
+    and no VM was booted for it."""
+    missing = tmp_path / "nowhere"
+    result = containerd.run(
+        "novolume", "true",
+        extra=("--mount", f"type=bind,src={missing},dst=/data,options=rbind:rw"))
+    assert result.returncode != 0
+    assert f"volume '/data': host path {missing}: No such file or directory" in result.err

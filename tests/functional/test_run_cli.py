@@ -7,6 +7,7 @@ import platform
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 from tests.functional.conftest import Cli, run_on_terminal
 
@@ -70,3 +71,32 @@ def test_tty_run_gets_a_terminal_of_the_right_size(guest_assets: object) -> None
     assert "/dev/pts/" in text, text
     assert "37 111" in text, text
     assert code == 0, text
+
+
+def test_volumes_share_host_paths_read_write_and_read_only(cli: Cli, tmp_path: Path) -> None:
+    """`-v` shares a host directory (writable) and a file (read-only) into the
+    container; writes reach the host, the read-only file stays as it was, and
+    the host's files are still there after the container is gone."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "in").write_text("from-host\n")
+    note = tmp_path / "note"
+    note.write_text("read-only\n")
+    result = cli("run", "-v", f"{shared}:/data", "-v", f"{note}:/etc/note:ro", "--",
+                 "sh", "-c", "cat /data/in /etc/note; echo from-guest > /data/out; "
+                 "echo changed > /etc/note; echo write=$?")
+    assert result.returncode == 0, result.err
+    assert result.out == "from-host\nread-only\nwrite=1\n"
+    assert "Read-only file system" in result.err
+    assert (shared / "out").read_text() == "from-guest\n"
+    assert (shared / "in").read_text() == "from-host\n"
+    assert note.read_text() == "read-only\n"
+
+
+def test_volume_whose_host_path_is_missing(cli: Cli, tmp_path: Path) -> None:
+    """A `-v` host path that does not exist is named before any VM boots."""
+    missing = tmp_path / "nowhere"
+    result = cli("run", "-v", f"{missing}:/data", "--", "true")
+    assert result.returncode == 1
+    assert f"volume '/data': host path {missing}: No such file or directory" in result.err
+    assert "TCG" not in result.err  # refused before QEMU was chosen, let alone started

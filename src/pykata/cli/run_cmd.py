@@ -15,6 +15,7 @@ from typing import Any
 from pykata import config as config_mod
 from pykata.cli.console_io import ThreadedReader, ThreadedWriter, raw_terminal, terminal_size
 from pykata.errors import PykataError, SpecError
+from pykata.runtime import volumes
 from pykata.runtime.container import Container, bind_rootfs, overlay_rootfs
 from pykata.runtime.mounts import Mount
 from pykata.runtime.oneshot import OneShotIO, OneShotResult, run_container
@@ -44,8 +45,24 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--env", "-e", metavar="NAME=VALUE", action="append", default=[],
                    help="set an environment variable (repeatable)")
     p.add_argument("--workdir", "-w", metavar="DIR", default="/", help="working directory")
+    p.add_argument("--volume", "-v", metavar="HOST:CONTAINER[:ro]", action="append",
+                   default=[], type=_volume,
+                   help="share a host directory or file into the container (repeatable)")
     p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD...", help="command to run")
     p.set_defaults(handler=run)
+
+
+def _volume(text: str) -> dict[str, Any]:
+    """An OCI bind mount from `HOST:CONTAINER[:ro|:rw]`."""
+    parts = text.split(":")
+    mode = "rw"
+    if len(parts) == 3 and parts[2] in ("ro", "rw"):
+        mode = parts.pop()
+    if len(parts) != 2 or not parts[0] or not parts[1].startswith("/"):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not HOST:CONTAINER[:ro] with CONTAINER an absolute path")
+    return {"destination": parts[1], "type": "bind",
+            "source": os.path.abspath(parts[0]), "options": ["rbind", mode]}
 
 
 def _command(args: argparse.Namespace) -> list[str]:
@@ -56,6 +73,14 @@ def _command(args: argparse.Namespace) -> list[str]:
 
 
 def _spec_and_rootfs(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
+    spec, rootfs = _base_spec_and_rootfs(args)
+    spec.setdefault("mounts", []).extend(args.volume)
+    # Checked before a VM boots: a missing host path should not cost a boot.
+    volumes.plan(spec["mounts"], args.bundle)
+    return spec, rootfs
+
+
+def _base_spec_and_rootfs(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
     cmd = _command(args)
     if args.bundle is not None:
         spec, root = load_bundle(args.bundle)
@@ -92,7 +117,8 @@ def run(args: argparse.Namespace) -> int:
     options = SandboxOptions(vcpus=args.cpus, memory_mib=args.memory)
     interactive = args.interactive or (args.tty and os.isatty(0))
     with raw_terminal(0) if args.tty and interactive else contextlib.nullcontext():
-        result = asyncio.run(_run(cfg, spec, rootfs, options, interactive, args.tty))
+        result = asyncio.run(_run(cfg, spec, rootfs, options, interactive, args.tty,
+                                  args.bundle))
     timings = os.environ.get(TIMINGS_ENV)
     if timings:
         _write_timings(Path(timings), entered, result.phases)
@@ -106,7 +132,7 @@ def _write_timings(path: Path, entered: float, phases: dict[str, float]) -> None
 
 async def _run(
     cfg: config_mod.Config, spec: dict[str, Any], rootfs: Any, options: SandboxOptions,
-    interactive: bool, tty: bool,
+    interactive: bool, tty: bool, bundle: Path | None,
 ) -> OneShotResult:
     out, err = ThreadedWriter(1), ThreadedWriter(2)
     stdin = ThreadedReader(0).read if interactive else None
@@ -124,7 +150,7 @@ async def _run(
     io = OneShotIO(stdout=out.write, stderr=None if tty else err.write, stdin=stdin,
                    on_running=on_running)
     try:
-        result = await run_container(cfg, spec, rootfs, io, options)
+        result = await run_container(cfg, spec, rootfs, io, options, bundle=bundle)
     finally:
         for sig in (*_FORWARDED, signal.SIGWINCH):
             loop.remove_signal_handler(sig)

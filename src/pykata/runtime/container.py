@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from pykata.errors import PykataError, SpecError
-from pykata.protocols import agent_pb2
+from pykata.protocols import agent_pb2, oci_pb2
 from pykata.protocols.oci_spec import InvalidSpecError, process_from_json, spec_from_json
+from pykata.runtime import volumes
 from pykata.runtime.agent_client import AgentClient
-from pykata.runtime.mounts import Mount, MountError, mount, unmount_all
+from pykata.runtime.mounts import Mount, MountError, mount, mounts_under, unmount, unmount_all
 from pykata.runtime.paths import SandboxPaths, check_id
 from pykata.runtime.sandbox import Sandbox
 
@@ -48,19 +49,35 @@ class Container:
             self._mounted = True
 
     async def create(
-        self, spec: dict[str, Any], *, share_pid_ns: bool = False
+        self, spec: dict[str, Any], *, share_pid_ns: bool = False, bundle: Path | None = None,
     ) -> None:
-        """CreateContainer in the guest with `spec` rewritten to the guest rootfs."""
+        """CreateContainer in the guest with `spec` rewritten to guest paths: its
+        rootfs, and the host paths it binds in (shared first; relative sources
+        are relative to `bundle`). The caller's `delete` undoes a failed create."""
         guest = copy.deepcopy(spec)
         guest.setdefault("root", {})["path"] = self.paths.guest_rootfs(self.id)
         try:
             oci = spec_from_json(guest)
         except InvalidSpecError as exc:
             raise SpecError(f"invalid OCI config: {exc}") from exc
+        self._share_volumes(oci, guest.get("mounts") or [], bundle)
         await self.agent.create_container(agent_pb2.CreateContainerRequest(
             container_id=self.id, exec_id=self.id, OCI=oci, sandbox_pidns=share_pid_ns,
         ))
         self.created = True
+
+    def _share_volumes(
+        self, oci: oci_pb2.Spec, mounts: list[dict[str, Any]], bundle: Path | None
+    ) -> None:
+        """Mount the spec's bind sources under the share and point `oci`'s
+        mounts at them as the guest sees them."""
+        planned = volumes.plan(mounts, bundle)
+        host_dir = self.paths.container_volumes(self.id)
+        for index, volume in planned:
+            volumes.share(volume, host_dir)
+            oci.Mounts[index].source = f"{self.paths.guest_volumes(self.id)}/{volume.name}"
+        if planned:
+            log.info("container %s: %d host path(s) shared as volumes", self.id, len(planned))
 
     async def start(self) -> None:
         await self.agent.start_container(self.id)
@@ -89,14 +106,23 @@ class Container:
         self.unshare_rootfs()
 
     def unshare_rootfs(self) -> None:
-        if self._mounted or self.rootfs.exists():
-            try:
+        """Unmount the rootfs and volumes from the share and remove the container's
+        directories, never while anything is still mounted below them."""
+        share = self.rootfs.parent
+        try:
+            for point in mounts_under(self.paths.container_volumes(self.id)):
+                unmount(point)
+            if self._mounted or self.rootfs.exists():
                 unmount_all(self.rootfs)
-            except MountError as exc:
-                log.error("container %s: %s", self.id, exc)
-                return
+        except MountError as exc:
+            log.error("container %s: %s", self.id, exc)
+            return
         self._mounted = False
-        shutil.rmtree(self.rootfs.parent, ignore_errors=True)
+        # rmtree through a mount would delete the user's files, not a mount point.
+        if mounts_under(share):
+            log.error("container %s: mounts remain under %s; leaving it", self.id, share)
+            return
+        shutil.rmtree(share, ignore_errors=True)
         shutil.rmtree(self.paths.scratch_dir(self.id), ignore_errors=True)
 
 
