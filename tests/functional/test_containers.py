@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 
@@ -109,3 +111,35 @@ async def test_bad_requests_do_not_hurt_the_agent(shared_sandbox: Sandbox) -> No
     details = await agent.guest_details()
     assert details.agent_details.init_daemon
     assert json.loads(json.dumps(list(details.agent_details.extra_features)))
+
+
+async def test_a_refused_create_unshares_its_volumes(
+    shared_sandbox: Sandbox, tmp_path: Path
+) -> None:
+    """crun refuses the container (a host file bound over a directory): the volume
+    shared for it is unmounted again, and the host's file is left as it was."""
+    from pykata.errors import AgentError
+    from pykata.runtime.busybox_image import ensure_image
+    from pykata.runtime.container import Container, overlay_rootfs
+    from pykata.runtime.mounts import mounts_under
+    from pykata.runtime.spec import default_spec
+
+    host_file = tmp_path / "file"
+    host_file.write_text("keep\n")
+    spec = default_spec(["true"])
+    spec["mounts"].append({"destination": "/etc", "type": "bind", "source": str(host_file),
+                           "options": ["rbind"]})
+    container = Container(shared_sandbox, "refused-volume")
+    try:
+        container.share_rootfs(overlay_rootfs(ensure_image(),
+                                              container.paths.scratch_dir(container.id)))
+        # crun's error names the host's path, not the guest's.
+        expected = re.escape(f"mount `{host_file} (volume)` to `etc`: Not a directory")
+        with pytest.raises(AgentError, match=expected):
+            await container.create(spec)
+        assert mounts_under(container.paths.container_volumes(container.id))
+    finally:
+        await container.delete()
+    assert not mounts_under(shared_sandbox.paths.shared_dir / "containers")
+    assert not (shared_sandbox.paths.shared_dir / "containers" / container.id).exists()
+    assert host_file.read_text() == "keep\n"

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pykata.errors import PykataError, SpecError
+from pykata.errors import AgentError, PykataError, SpecError
 from pykata.protocols import agent_pb2, oci_pb2
 from pykata.protocols.oci_spec import InvalidSpecError, process_from_json, spec_from_json
 from pykata.runtime import volumes
@@ -60,24 +60,37 @@ class Container:
             oci = spec_from_json(guest)
         except InvalidSpecError as exc:
             raise SpecError(f"invalid OCI config: {exc}") from exc
-        self._share_volumes(oci, guest.get("mounts") or [], bundle)
-        await self.agent.create_container(agent_pb2.CreateContainerRequest(
-            container_id=self.id, exec_id=self.id, OCI=oci, sandbox_pidns=share_pid_ns,
-        ))
+        shared = self._share_volumes(oci, guest.get("mounts") or [], bundle)
+        try:
+            await self.agent.create_container(agent_pb2.CreateContainerRequest(
+                container_id=self.id, exec_id=self.id, OCI=oci, sandbox_pidns=share_pid_ns,
+            ))
+        except AgentError as exc:
+            if not shared:
+                raise
+            # crun names the guest's path of a volume; the user knows the host's.
+            message = exc.message
+            for guest_path, source in shared.items():
+                message = message.replace(guest_path, f"{source} (volume)")
+            raise AgentError(message, hint=exc.hint, code=exc.code) from exc
         self.created = True
 
     def _share_volumes(
         self, oci: oci_pb2.Spec, mounts: list[dict[str, Any]], bundle: Path | None
-    ) -> None:
+    ) -> dict[str, Path]:
         """Mount the spec's bind sources under the share and point `oci`'s
-        mounts at them as the guest sees them."""
+        mounts at them as the guest sees them; returns guest path -> host path."""
         planned = volumes.plan(mounts, bundle)
         host_dir = self.paths.container_volumes(self.id)
+        shared: dict[str, Path] = {}
         for index, volume in planned:
             volumes.share(volume, host_dir)
-            oci.Mounts[index].source = f"{self.paths.guest_volumes(self.id)}/{volume.name}"
+            guest_path = f"{self.paths.guest_volumes(self.id)}/{volume.name}"
+            oci.Mounts[index].source = guest_path
+            shared[guest_path] = volume.source
         if planned:
             log.info("container %s: %d host path(s) shared as volumes", self.id, len(planned))
+        return shared
 
     async def start(self) -> None:
         await self.agent.start_container(self.id)
