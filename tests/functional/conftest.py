@@ -12,7 +12,7 @@ import contextlib
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -229,8 +229,10 @@ class ContainerRun:
 async def run_in_sandbox(
     sandbox: Sandbox, args: list[str], *, container_id: str, stdin: bytes | None = None,
     kill_after: float | None = None, kill_signal: int = 9,
+    mounts: Sequence[dict[str, object]] = (),
 ) -> ContainerRun:
-    """Run `args` in a new busybox container of `sandbox`; collect stdio and exit code."""
+    """Run `args` in a new busybox container of `sandbox` (with `mounts` added to
+    its spec); collect stdio and exit code."""
     from pykata.runtime.busybox_image import ensure_image
     from pykata.runtime.container import Container, overlay_rootfs
     from pykata.runtime.spec import default_spec
@@ -255,7 +257,9 @@ async def run_in_sandbox(
     assert sandbox.agent is not None
     try:
         container.share_rootfs(overlay_rootfs(image, container.paths.scratch_dir(container.id)))
-        await container.create(default_spec(args))
+        spec = default_spec(args)
+        spec["mounts"].extend(mounts)
+        await container.create(spec)
         relay = StdioRelay(sandbox.agent, container.id, container.id)
         relay.start(to_out, to_err, source if stdin is not None else None)
         await container.start()

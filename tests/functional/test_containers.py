@@ -143,3 +143,29 @@ async def test_a_refused_create_unshares_its_volumes(
     assert not mounts_under(shared_sandbox.paths.shared_dir / "containers")
     assert not (shared_sandbox.paths.shared_dir / "containers" / container.id).exists()
     assert host_file.read_text() == "keep\n"
+
+
+async def test_read_only_volume_is_read_only_all_the_way_down(
+    shared_sandbox: Sandbox, tmp_path: Path
+) -> None:
+    """A read-only recursive bind of a host directory that has a mount below it:
+    the container can write neither to the directory nor to the mount below."""
+    from pykata.runtime.mounts import Mount, mount, unmount
+
+    below = tmp_path / "below"
+    below.mkdir()
+    mount(Mount("tmpfs", "tmpfs", ("size=1m",)), below)
+    try:
+        run = await run_in_sandbox(
+            shared_sandbox,
+            ["sh", "-c", "touch /data/top; echo top=$?; touch /data/below/x; echo below=$?"],
+            container_id="ro-volume",
+            mounts=[{"destination": "/data", "type": "bind", "source": str(tmp_path),
+                     "options": ["rbind", "ro"]}],
+        )
+        assert run.exit_code == 0, run.stderr
+        assert run.stdout == b"top=1\nbelow=1\n"
+        assert list(below.iterdir()) == []
+    finally:
+        unmount(below)
+    assert not (tmp_path / "top").exists()

@@ -77,10 +77,15 @@ def mount(m: Mount, target: Path) -> None:
     _mount(m.source, target, fstype, flags & ~MS_RDONLY if flags & MS_BIND else flags, data)
     if flags & MS_BIND and flags & MS_RDONLY:
         try:
-            _mount("", target, "", MS_BIND | MS_REMOUNT | MS_RDONLY, "")
+            remount_readonly(target)
         except MountError:
             unmount(target)
             raise
+
+
+def remount_readonly(target: Path) -> None:
+    """Make the bind mount at `target` read-only (binds ignore MS_RDONLY at first)."""
+    _mount("", target, "", MS_BIND | MS_REMOUNT | MS_RDONLY, "")
 
 
 def _mount(source: str, target: Path, fstype: str, flags: int, data: str) -> None:

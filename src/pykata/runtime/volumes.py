@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pykata.errors import SpecError
-from pykata.runtime.mounts import Mount, mount
+from pykata.runtime.mounts import Mount, mount, mounts_under, remount_readonly
 
 _BIND_OPTIONS = {"bind", "rbind"}
 
@@ -90,4 +90,10 @@ def share(volume: Volume, host_dir: Path) -> Path:
         point.touch(exist_ok=True)
     options = ("rbind" if volume.recursive else "bind",) + (("ro",) if volume.readonly else ())
     mount(Mount("bind", str(volume.source), options), point)
+    if volume.readonly and volume.recursive:
+        # A read-only remount covers only the top mount of a recursive bind;
+        # the mounts below it would stay writable to the guest.
+        for below in mounts_under(point):
+            if below != point:
+                remount_readonly(below)
     return point
