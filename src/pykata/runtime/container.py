@@ -15,7 +15,7 @@ from pykata.protocols import agent_pb2, oci_pb2
 from pykata.protocols.oci_spec import InvalidSpecError, process_from_json, spec_from_json
 from pykata.runtime import volumes
 from pykata.runtime.agent_client import AgentClient
-from pykata.runtime.mounts import Mount, MountError, mount, mounts_under, unmount, unmount_all
+from pykata.runtime.mounts import Mount, MountError, mount, remove_unmounted
 from pykata.runtime.paths import SandboxPaths, check_id
 from pykata.runtime.sandbox import Sandbox
 
@@ -30,7 +30,6 @@ class Container:
         self.id = check_id("container id", container_id)
         self.paths: SandboxPaths = sandbox.paths
         self.rootfs = self.paths.container_rootfs(self.id)
-        self._mounted = False
         self.created = False
 
     @property
@@ -46,7 +45,6 @@ class Container:
         self.rootfs.mkdir(parents=True, exist_ok=True)
         for m in mounts:
             mount(m, self.rootfs)
-            self._mounted = True
 
     async def create(
         self, spec: dict[str, Any], *, share_pid_ns: bool = False, bundle: Path | None = None,
@@ -120,22 +118,12 @@ class Container:
 
     def unshare_rootfs(self) -> None:
         """Unmount the rootfs and volumes from the share and remove the container's
-        directories, never while anything is still mounted below them."""
-        share = self.rootfs.parent
+        directories."""
         try:
-            for point in mounts_under(self.paths.container_volumes(self.id)):
-                unmount(point)
-            if self._mounted or self.rootfs.exists():
-                unmount_all(self.rootfs)
+            remove_unmounted(self.rootfs.parent)
         except MountError as exc:
             log.error("container %s: %s", self.id, exc)
             return
-        self._mounted = False
-        # rmtree through a mount would delete the user's files, not a mount point.
-        if mounts_under(share):
-            log.error("container %s: mounts remain under %s; leaving it", self.id, share)
-            return
-        shutil.rmtree(share, ignore_errors=True)
         shutil.rmtree(self.paths.scratch_dir(self.id), ignore_errors=True)
 
 

@@ -10,6 +10,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,6 +127,20 @@ def unmount_all(target: Path) -> None:
             return
         unmount(target)
     unmount(target, lazy=True)
+
+
+def remove_unmounted(base: Path, *, lazy: bool = False) -> None:
+    """Unmount everything at or below `base`, deepest first, then remove `base`.
+
+    Raises MountError, leaving `base` in place, if a mount remains: rmtree
+    through a mount would delete the mounted files (a user's rootfs or volume),
+    not the mount point.
+    """
+    for point in mounts_under(base):
+        unmount(point, lazy=lazy)
+    if mounts_under(base):
+        raise MountError(f"mounts remain under {base}; leaving it in place")
+    shutil.rmtree(base, ignore_errors=True)
 
 
 def mounts_under(prefix: Path) -> list[Path]:

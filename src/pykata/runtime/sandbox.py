@@ -13,7 +13,6 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from pykata.hypervisor.qemu_args import SHARED_FS_TAG
 from pykata.protocols import agent_pb2
 from pykata.runtime import vsock
 from pykata.runtime.agent_client import AgentClient
-from pykata.runtime.mounts import mounts_under, unmount
+from pykata.runtime.mounts import remove_unmounted
 from pykata.runtime.paths import GUEST_SHARED_DIR, SandboxPaths
 from pykata.ttrpc import StatusError
 
@@ -228,15 +227,10 @@ def cleanup_host_state(paths: SandboxPaths) -> None:
     Safe to repeat, and usable on a sandbox whose owner died (`shim delete`).
     """
     for base in (paths.shared_dir, paths.run_dir):
-        for point in mounts_under(base):
-            with contextlib.suppress(PykataError):
-                unmount(point, lazy=True)
-        # Nothing may be mounted below before rmtree, or it would delete the
-        # mounted content (a user's rootfs) instead of the mount point.
-        if not mounts_under(base):
-            shutil.rmtree(base, ignore_errors=True)
-        else:
-            log.error("mounts remain under %s; leaving it in place", base)
+        try:
+            remove_unmounted(base, lazy=True)
+        except PykataError as exc:
+            log.error("sandbox %s: %s", paths.sandbox_id, exc)
 
 
 def _guest_assets(kernel: str, initrd: str) -> tuple[Path, Path]:
