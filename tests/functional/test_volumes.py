@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from pykata.runtime import volumes
 from pykata.runtime.mounts import Mount, mount, mounts_under, unmount
+from pykata.runtime.volumes import plan_volumes, share_volume
 
 
 def test_read_only_recursive_volume_is_read_only_below_too(tmp_path: Path) -> None:
@@ -22,10 +22,10 @@ def test_read_only_recursive_volume_is_read_only_below_too(tmp_path: Path) -> No
     below.mkdir(parents=True)
     mount(Mount("tmpfs", "tmpfs", ("size=1m",)), below)
     try:
-        [(_, volume)] = volumes.plan(
+        [(_, volume)] = plan_volumes(
             [{"destination": "/d", "type": "bind", "source": str(source),
               "options": ["rbind", "ro"]}], None)
-        point = volumes.share(volume, share)
+        point = share_volume(volume, share)
         try:
             for target in (point / "top", point / "below" / "x"):
                 with pytest.raises(OSError) as refused:

@@ -10,7 +10,7 @@ import pytest
 
 from pykata.cli.run_cmd import _volume
 from pykata.errors import SpecError
-from pykata.runtime import volumes
+from pykata.runtime.volumes import plan_volumes
 
 
 def test_only_bind_mounts_are_volumes(tmp_path: Path) -> None:
@@ -22,7 +22,7 @@ def test_only_bind_mounts_are_volumes(tmp_path: Path) -> None:
         {"destination": "/b", "type": "none", "source": str(tmp_path / "file"),
          "options": ["bind", "ro"]},
     ]
-    planned = volumes.plan(mounts, None)
+    planned = plan_volumes(mounts, None)
     assert [index for index, _ in planned] == [1, 3]
     first, second = planned[0][1], planned[1][1]
     assert (first.name, first.recursive, first.readonly, first.is_dir) == ("0", True, False, True)
@@ -33,15 +33,15 @@ def test_only_bind_mounts_are_volumes(tmp_path: Path) -> None:
 def test_relative_source_is_relative_to_the_bundle(tmp_path: Path) -> None:
     (tmp_path / "data").mkdir()
     mounts = [{"destination": "/d", "type": "bind", "source": "data"}]
-    assert volumes.plan(mounts, tmp_path)[0][1].source == tmp_path / "data"
+    assert plan_volumes(mounts, tmp_path)[0][1].source == tmp_path / "data"
     with pytest.raises(SpecError, match="relative source 'data'"):
-        volumes.plan(mounts, None)
+        plan_volumes(mounts, None)
 
 
 def test_missing_source_is_named(tmp_path: Path) -> None:
     mounts = [{"destination": "/d", "type": "bind", "source": str(tmp_path / "gone")}]
     with pytest.raises(SpecError, match=r"volume '/d': host path .*/gone: No such file"):
-        volumes.plan(mounts, None)
+        plan_volumes(mounts, None)
 
 
 def test_socket_cannot_be_shared(tmp_path: Path) -> None:
@@ -50,7 +50,7 @@ def test_socket_cannot_be_shared(tmp_path: Path) -> None:
         server.bind(str(path))
         mounts = [{"destination": "/s", "type": "bind", "source": str(path)}]
         with pytest.raises(SpecError, match="neither a directory nor a regular file"):
-            volumes.plan(mounts, None)
+            plan_volumes(mounts, None)
 
 
 def test_volume_flag_parses_host_container_and_mode(

@@ -15,12 +15,12 @@ from typing import Any
 from pykata import config as config_mod
 from pykata.cli.console_io import ThreadedReader, ThreadedWriter, raw_terminal, terminal_size
 from pykata.errors import PykataError, SpecError
-from pykata.runtime import volumes
 from pykata.runtime.container import Container, bind_rootfs, overlay_rootfs
 from pykata.runtime.mounts import Mount
 from pykata.runtime.oneshot import OneShotIO, OneShotResult, run_container
 from pykata.runtime.sandbox import SandboxOptions
 from pykata.runtime.spec import default_spec, load_bundle
+from pykata.runtime.volumes import Volume, plan_volumes
 
 # A file to write phase timings to (the benchmark sets it).
 TIMINGS_ENV = "PYKATA_TIMINGS"
@@ -72,12 +72,13 @@ def _command(args: argparse.Namespace) -> list[str]:
     return cmd
 
 
-def _spec_and_rootfs(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
+def _spec_and_rootfs(
+    args: argparse.Namespace,
+) -> tuple[dict[str, Any], Any, list[tuple[int, Volume]]]:
     spec, rootfs = _base_spec_and_rootfs(args)
     spec.setdefault("mounts", []).extend(args.volume)
     # Checked before a VM boots: a missing host path should not cost a boot.
-    volumes.plan(spec["mounts"], args.bundle)
-    return spec, rootfs
+    return spec, rootfs, plan_volumes(spec["mounts"], args.bundle)
 
 
 def _base_spec_and_rootfs(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
@@ -113,12 +114,12 @@ def run(args: argparse.Namespace) -> int:
         from dataclasses import replace
 
         cfg = replace(cfg, runtime=replace(cfg.runtime, enable_debug=True))
-    spec, rootfs = _spec_and_rootfs(args)
+    spec, rootfs, volumes = _spec_and_rootfs(args)
     options = SandboxOptions(vcpus=args.cpus, memory_mib=args.memory)
     interactive = args.interactive or (args.tty and os.isatty(0))
     with raw_terminal(0) if args.tty and interactive else contextlib.nullcontext():
         result = asyncio.run(_run(cfg, spec, rootfs, options, interactive, args.tty,
-                                  args.bundle))
+                                  volumes))
     timings = os.environ.get(TIMINGS_ENV)
     if timings:
         _write_timings(Path(timings), entered, result.phases)
@@ -132,7 +133,7 @@ def _write_timings(path: Path, entered: float, phases: dict[str, float]) -> None
 
 async def _run(
     cfg: config_mod.Config, spec: dict[str, Any], rootfs: Any, options: SandboxOptions,
-    interactive: bool, tty: bool, bundle: Path | None,
+    interactive: bool, tty: bool, volumes: list[tuple[int, Volume]],
 ) -> OneShotResult:
     out, err = ThreadedWriter(1), ThreadedWriter(2)
     stdin = ThreadedReader(0).read if interactive else None
@@ -150,7 +151,7 @@ async def _run(
     io = OneShotIO(stdout=out.write, stderr=None if tty else err.write, stdin=stdin,
                    on_running=on_running)
     try:
-        result = await run_container(cfg, spec, rootfs, io, options, bundle=bundle)
+        result = await run_container(cfg, spec, rootfs, io, options, volumes=volumes)
     finally:
         for sig in (*_FORWARDED, signal.SIGWINCH):
             loop.remove_signal_handler(sig)

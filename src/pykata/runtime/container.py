@@ -13,11 +13,11 @@ from typing import Any
 from pykata.errors import AgentError, PykataError, SpecError
 from pykata.protocols import agent_pb2, oci_pb2
 from pykata.protocols.oci_spec import InvalidSpecError, process_from_json, spec_from_json
-from pykata.runtime import volumes
 from pykata.runtime.agent_client import AgentClient
 from pykata.runtime.mounts import Mount, MountError, mount, remove_unmounted
 from pykata.runtime.paths import SandboxPaths, check_id
 from pykata.runtime.sandbox import Sandbox
+from pykata.runtime.volumes import Volume, plan_volumes, share_volume
 
 log = logging.getLogger(__name__)
 
@@ -47,18 +47,23 @@ class Container:
             mount(m, self.rootfs)
 
     async def create(
-        self, spec: dict[str, Any], *, share_pid_ns: bool = False, bundle: Path | None = None,
+        self, spec: dict[str, Any], *, share_pid_ns: bool = False,
+        volumes: Sequence[tuple[int, Volume]] | None = None,
     ) -> None:
         """CreateContainer in the guest with `spec` rewritten to guest paths: its
-        rootfs, and the host paths it binds in (shared first; relative sources
-        are relative to `bundle`). The caller's `delete` undoes a failed create."""
+        rootfs, and the host paths it binds in, shared first. `volumes` is
+        `plan_volumes` of the spec's mounts when the caller checked them already
+        (before a boot, against its bundle). The caller's `delete` undoes a
+        failed create."""
         guest = copy.deepcopy(spec)
         guest.setdefault("root", {})["path"] = self.paths.guest_rootfs(self.id)
         try:
             oci = spec_from_json(guest)
         except InvalidSpecError as exc:
             raise SpecError(f"invalid OCI config: {exc}") from exc
-        shared = self._share_volumes(oci, guest.get("mounts") or [], bundle)
+        if volumes is None:
+            volumes = plan_volumes(guest.get("mounts") or [], None)
+        shared = self._share_volumes(oci, volumes)
         try:
             await self.agent.create_container(agent_pb2.CreateContainerRequest(
                 container_id=self.id, exec_id=self.id, OCI=oci, sandbox_pidns=share_pid_ns,
@@ -74,20 +79,19 @@ class Container:
         self.created = True
 
     def _share_volumes(
-        self, oci: oci_pb2.Spec, mounts: list[dict[str, Any]], bundle: Path | None
+        self, oci: oci_pb2.Spec, volumes: Sequence[tuple[int, Volume]]
     ) -> dict[str, Path]:
-        """Mount the spec's bind sources under the share and point `oci`'s
-        mounts at them as the guest sees them; returns guest path -> host path."""
-        planned = volumes.plan(mounts, bundle)
+        """Mount the bind sources under the share and point `oci`'s mounts at
+        them as the guest sees them; returns guest path -> host path."""
         host_dir = self.paths.container_volumes(self.id)
         shared: dict[str, Path] = {}
-        for index, volume in planned:
-            volumes.share(volume, host_dir)
+        for index, volume in volumes:
+            share_volume(volume, host_dir)
             guest_path = f"{self.paths.guest_volumes(self.id)}/{volume.name}"
             oci.Mounts[index].source = guest_path
             shared[guest_path] = volume.source
-        if planned:
-            log.info("container %s: %d host path(s) shared as volumes", self.id, len(planned))
+        if shared:
+            log.info("container %s: %d host path(s) shared as volumes", self.id, len(shared))
         return shared
 
     async def start(self) -> None:

@@ -14,7 +14,6 @@ import signal
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from pykata.config import Config
@@ -23,6 +22,7 @@ from pykata.runtime.container import Container
 from pykata.runtime.mounts import Mount
 from pykata.runtime.sandbox import Sandbox, SandboxOptions
 from pykata.runtime.stdio import Sink, Source, StdioRelay
+from pykata.runtime.volumes import Volume
 
 log = logging.getLogger(__name__)
 
@@ -56,13 +56,13 @@ async def run_container(
     io: OneShotIO,
     options: SandboxOptions | None = None,
     sandbox_id: str | None = None,
-    bundle: Path | None = None,
+    volumes: Sequence[tuple[int, Volume]] | None = None,
 ) -> OneShotResult:
     """Boot a sandbox, run `spec` in it, stream its stdio, tear everything down.
 
     `rootfs` is called with the container to get the mounts of its rootfs (it
-    may use the container's scratch directory, e.g. for an overlay). Relative
-    bind sources in `spec` are relative to `bundle`.
+    may use the container's scratch directory, e.g. for an overlay). `volumes`
+    is the plan of the spec's bind mounts, when the caller made one.
     """
     sandbox = Sandbox(sandbox_id or new_id(), config, options or SandboxOptions())
     phases: dict[str, float] = {}
@@ -76,7 +76,7 @@ async def run_container(
     try:
         t1 = time.monotonic()
         container.share_rootfs(rootfs(container))
-        await container.create(spec, bundle=bundle)
+        await container.create(spec, volumes=volumes)
         assert sandbox.agent is not None
         relay = StdioRelay(sandbox.agent, container.id, container.id)
         terminal = bool(spec.get("process", {}).get("terminal"))

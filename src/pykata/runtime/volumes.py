@@ -28,7 +28,6 @@ class Volume:
     """One host path to share: where it comes from, and its name in the share."""
 
     source: Path
-    destination: str
     name: str
     recursive: bool
     readonly: bool
@@ -40,7 +39,7 @@ def is_bind(entry: dict[str, Any]) -> bool:
     return entry.get("type") == "bind" or any(o in _BIND_OPTIONS for o in options)
 
 
-def plan(mounts: list[dict[str, Any]], bundle: Path | None) -> list[tuple[int, Volume]]:
+def plan_volumes(mounts: list[dict[str, Any]], bundle: Path | None) -> list[tuple[int, Volume]]:
     """The spec's bind mounts, by their index in `mounts`, checked on the host.
 
     A source that is missing, relative without a bundle, or neither a directory
@@ -72,14 +71,14 @@ def plan(mounts: list[dict[str, Any]], bundle: Path | None) -> list[tuple[int, V
                 hint="device nodes, sockets and pipes cannot be shared into the VM")
         options = entry.get("options") or []
         planned.append((index, Volume(
-            source=source, destination=destination, name=str(len(planned)),
+            source=source, name=str(len(planned)),
             recursive="rbind" in options or entry.get("type") == "rbind",
             readonly="ro" in options, is_dir=stat.S_ISDIR(mode),
         )))
     return planned
 
 
-def share(volume: Volume, host_dir: Path) -> Path:
+def share_volume(volume: Volume, host_dir: Path) -> Path:
     """Bind `volume` at `host_dir`/its name (created as a directory or an empty
     file, as the source is); returns the mount point."""
     host_dir.mkdir(parents=True, exist_ok=True)

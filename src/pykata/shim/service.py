@@ -24,11 +24,11 @@ from pykata.config import Config
 from pykata.errors import AgentError, PykataError, SpecError
 from pykata.protocols import events_pb2, mount_pb2, shim_pb2, task_types_pb2
 from pykata.protocols.oci_spec import InvalidSpecError, process_from_json, resources_from_json
-from pykata.runtime import volumes
 from pykata.runtime.container import Container, bind_rootfs
 from pykata.runtime.mounts import Mount, mount, unmount_all
 from pykata.runtime.sandbox import Sandbox
 from pykata.runtime.spec import load_bundle
+from pykata.runtime.volumes import plan_volumes
 from pykata.shim.annotations import sandbox_options
 from pykata.shim.events import EventPublisher
 from pykata.shim.metrics import pack_metrics, to_v2_metrics
@@ -122,7 +122,7 @@ class TaskService:
         task: Task | None = None
         try:
             # Checked before a VM boots: a missing host path should not cost a boot.
-            volumes.plan(spec.get("mounts") or [], Path(req.bundle))
+            volumes = plan_volumes(spec.get("mounts") or [], Path(req.bundle))
             if self.sandbox is None:
                 self.sandbox = Sandbox(group_of(req.bundle, req.id), self.config, options)
                 booted_here = True
@@ -137,7 +137,7 @@ class TaskService:
             task.container.share_rootfs(bind_rootfs(bundle_rootfs if req.rootfs else root))
             share_pid = _shares_pid_namespace(spec, annotations)
             spec.setdefault("process", {})["terminal"] = req.terminal
-            await task.container.create(spec, share_pid_ns=share_pid, bundle=Path(req.bundle))
+            await task.container.create(spec, share_pid_ns=share_pid, volumes=volumes)
             assert self.sandbox.agent is not None
             task.init.start_relay(self.sandbox.agent)
             # Watched from creation on: a task killed before it was started
