@@ -41,16 +41,8 @@ def _clear_run_root(root: Path) -> None:
     from pykata.cli.cleanup_cmd import stale_sandboxes
     from pykata.runtime.sandbox import cleanup_host_state
 
-    saved = os.environ.get("PYKATA_RUN_ROOT")
-    os.environ["PYKATA_RUN_ROOT"] = str(root)
-    try:
-        for paths in stale_sandboxes():
-            cleanup_host_state(paths)
-    finally:
-        if saved is None:
-            os.environ.pop("PYKATA_RUN_ROOT", None)
-        else:
-            os.environ["PYKATA_RUN_ROOT"] = saved
+    for paths in stale_sandboxes(root):
+        cleanup_host_state(paths)
     with contextlib.suppress(OSError):
         for socket in (root / "shims").glob("*"):
             socket.unlink()
@@ -66,23 +58,17 @@ def private_run_root(require_root: None) -> Iterator[Path]:
     user runs on this machine, or what a killed earlier session left, neither
     fail these tests nor get touched by them. Every pykata process the tests
     start (CLI, shims through containerd) inherits PYKATA_RUN_ROOT."""
-    from pykata.cli.cleanup_cmd import _alive
+    from pykata.cli.cleanup_cmd import alive
 
     if TEST_RUN_ROOTS.is_dir():
         for earlier in TEST_RUN_ROOTS.iterdir():
-            if earlier.name.isdigit() and not _alive(int(earlier.name)):
+            if earlier.name.isdigit() and not alive(int(earlier.name)):
                 _clear_run_root(earlier)
     root = TEST_RUN_ROOTS / str(os.getpid())
-    saved = os.environ.get("PYKATA_RUN_ROOT")
-    os.environ["PYKATA_RUN_ROOT"] = str(root)
-    try:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PYKATA_RUN_ROOT", str(root))
         yield root
-    finally:
-        if saved is None:
-            os.environ.pop("PYKATA_RUN_ROOT", None)
-        else:
-            os.environ["PYKATA_RUN_ROOT"] = saved
-        _clear_run_root(root)
+    _clear_run_root(root)
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from pykata.errors import PykataError
 from pykata.runtime.paths import SandboxPaths, run_root
@@ -21,7 +22,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(handler=run)
 
 
-def _alive(pid: object) -> bool:
+def alive(pid: object) -> bool:
     """Whether `pid` runs; an exited process nobody reaped yet (a zombie) does not."""
     if not isinstance(pid, int) or pid <= 0:
         return False
@@ -34,10 +35,11 @@ def _alive(pid: object) -> bool:
     return state != "Z"
 
 
-def stale_sandboxes() -> list[SandboxPaths]:
-    """Sandboxes with a state file whose runtime process and QEMU are both gone."""
+def stale_sandboxes(root: Path | None = None) -> list[SandboxPaths]:
+    """Sandboxes under `root` (pykata's run root) with a state file whose runtime
+    process and QEMU are both gone."""
     stale: list[SandboxPaths] = []
-    root = run_root()
+    root = root or run_root()
     if not root.is_dir():
         return stale
     for entry in sorted(root.iterdir()):
@@ -48,7 +50,7 @@ def stale_sandboxes() -> list[SandboxPaths]:
             state = json.loads(state_file.read_text())
         except (OSError, ValueError):
             continue
-        if not _alive(state.get("runtime_pid")) and not _alive(state.get("qemu_pid")):
+        if not alive(state.get("runtime_pid")) and not alive(state.get("qemu_pid")):
             stale.append(SandboxPaths(entry.name, root))
     return stale
 
