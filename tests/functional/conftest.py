@@ -47,7 +47,7 @@ def _clear_run_root(root: Path) -> None:
         for socket in (root / "shims").glob("*"):
             socket.unlink()
     # rmdir, never rmtree: a directory still holding a mount must stay.
-    for directory in (root / "shared", root / "shims", root):
+    for directory in (root / "sandboxes", root / "shims", root):
         with contextlib.suppress(OSError):
             directory.rmdir()
 
@@ -158,9 +158,9 @@ def leftovers(allowed: set[str] = frozenset()) -> list[str]:  # type: ignore[ass
                 found.append(f"mount: {point}")
     if root.exists():
         for entry in root.iterdir():
-            if entry.name in ("shared", "shims"):
+            if entry.name in ("sandboxes", "shims"):
                 found += [f"state: {p}" for p in entry.iterdir() if p.name not in allowed]
-            elif entry.name not in allowed:
+            else:
                 found.append(f"state: {entry}")
     return found
 
@@ -242,7 +242,7 @@ async def run_in_sandbox(
 
     assert sandbox.agent is not None
     try:
-        container.share_rootfs(overlay_rootfs(image, container.paths.scratch_dir(container.id)))
+        container.share_rootfs(overlay_rootfs(image, container.scratch()))
         spec = default_spec(args)
         spec["mounts"].extend(mounts)
         await container.create(spec)

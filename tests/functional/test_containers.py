@@ -70,8 +70,7 @@ async def test_exec_in_a_running_container_and_list_processes(shared_sandbox: Sa
     container = Container(shared_sandbox, "execs")
     assert shared_sandbox.agent is not None
     try:
-        container.share_rootfs(overlay_rootfs(ensure_image(),
-                                              container.paths.scratch_dir(container.id)))
+        container.share_rootfs(overlay_rootfs(ensure_image(), container.scratch()))
         await container.create(default_spec(["sleep", "600"]))
         await container.start()
         process = default_spec(["sh", "-c", "echo exec-pid=$$; exit 7"])["process"]
@@ -131,8 +130,7 @@ async def test_a_refused_create_unshares_its_volumes(
                            "options": ["rbind"]})
     container = Container(shared_sandbox, "refused-volume")
     try:
-        container.share_rootfs(overlay_rootfs(ensure_image(),
-                                              container.paths.scratch_dir(container.id)))
+        container.share_rootfs(overlay_rootfs(ensure_image(), container.scratch()))
         # crun's error names the host's path, not the guest's.
         expected = re.escape(f"mount `{host_file} (volume)` to `etc`: Not a directory")
         with pytest.raises(AgentError, match=expected):
@@ -150,11 +148,11 @@ async def test_read_only_volume_is_read_only_all_the_way_down(
 ) -> None:
     """A read-only recursive bind of a host directory that has a mount below it:
     the container can write neither to the directory nor to the mount below."""
-    from pykata.runtime.mounts import Mount, mount, unmount
+    from pykata.runtime.mounts import Mount, mount_beneath, unmount
 
     below = tmp_path / "below"
     below.mkdir()
-    mount(Mount("tmpfs", "tmpfs", ("size=1m",)), below)
+    mount_beneath(Mount("tmpfs", "tmpfs", ("size=1m",)), tmp_path, "below")
     try:
         run = await run_in_sandbox(
             shared_sandbox,

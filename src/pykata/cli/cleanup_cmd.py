@@ -39,32 +39,32 @@ def stale_sandboxes(root: Path | None = None) -> list[SandboxPaths]:
     """Sandboxes under `root` (pykata's run root) with a state file whose runtime
     process and QEMU are both gone."""
     stale: list[SandboxPaths] = []
-    root = root or run_root()
-    if not root.is_dir():
+    sandboxes = (root or run_root()) / "sandboxes"
+    if not sandboxes.is_dir():
         return stale
-    for entry in sorted(root.iterdir()):
+    for entry in sorted(sandboxes.iterdir()):
         state_file = entry / "state.json"
-        if entry.name in ("shared", "shims") or not state_file.is_file():
+        if not state_file.is_file():
             continue
         try:
             state = json.loads(state_file.read_text())
         except (OSError, ValueError):
             continue
         if not alive(state.get("runtime_pid")) and not alive(state.get("qemu_pid")):
-            stale.append(SandboxPaths(entry.name, root))
+            stale.append(SandboxPaths(entry.name, sandboxes.parent))
     return stale
 
 
 def run(args: argparse.Namespace) -> int:
     stale = stale_sandboxes()
     for paths in stale:
-        print(f"{'would remove' if args.dry_run else 'removing'} sandbox {paths.sandbox_id} "
+        print(f"{'would remove' if args.dry_run else 'removing'} sandbox {paths.key} "
               f"({paths.run_dir}, {paths.shared_dir})")
         if not args.dry_run:
             try:
                 cleanup_host_state(paths)
             except PykataError as exc:
-                print(f"pykata: sandbox {paths.sandbox_id}: {exc}")
+                print(f"pykata: sandbox {paths.key}: {exc}")
     if not stale:
         print("nothing to clean up")
     return 0

@@ -88,8 +88,7 @@ def _base_spec_and_rootfs(args: argparse.Namespace) -> tuple[dict[str, Any], Any
         if cmd:
             spec["process"]["args"] = cmd
         spec["process"]["terminal"] = bool(args.tty)
-        readonly = bool(spec.get("root", {}).get("readonly"))
-        mounts = bind_rootfs(root, readonly)
+        mounts = bind_rootfs(root)
         return spec, lambda _c: mounts
     if not cmd:
         raise SpecError("no command given", hint="usage: pykata run [options] -- CMD [ARG...]")
@@ -102,7 +101,7 @@ def _base_spec_and_rootfs(args: argparse.Namespace) -> tuple[dict[str, Any], Any
     image = ensure_image()
 
     def overlay(container: Container) -> list[Mount]:
-        return overlay_rootfs(image, container.paths.scratch_dir(container.id))
+        return overlay_rootfs(image, container.scratch())
 
     return spec, overlay
 

@@ -63,9 +63,13 @@ class AgentConfig:
 @dataclass(frozen=True)
 class RuntimeConfig:
     enable_debug: bool = False
+    # MiB of the per-sandbox tmpfs that holds what pykata writes for a sandbox
+    # on the host (the writable layer of `pykata run`).
+    scratch_size: int = 1024
 
     def validate(self, where: str) -> None:
-        pass
+        if not 16 <= self.scratch_size <= 1024 * 1024:
+            raise ConfigError(f"{where}: scratch_size must be between 16 and 1048576 (MiB)")
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -14,10 +13,10 @@ from pykata.errors import AgentError, PykataError, SpecError
 from pykata.protocols import agent_pb2, oci_pb2
 from pykata.protocols.oci_spec import InvalidSpecError, process_from_json, spec_from_json
 from pykata.runtime.agent_client import AgentClient
-from pykata.runtime.mounts import Mount, MountError, mount, remove_unmounted
+from pykata.runtime.mounts import Mount, MountError
 from pykata.runtime.paths import SandboxPaths, check_id
 from pykata.runtime.sandbox import Sandbox
-from pykata.runtime.volumes import Volume, plan_volumes, share_volume
+from pykata.runtime.volumes import Volume, plan_volumes
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +28,8 @@ class Container:
         self.sandbox = sandbox
         self.id = check_id("container id", container_id)
         self.paths: SandboxPaths = sandbox.paths
-        self.rootfs = self.paths.container_rootfs(self.id)
+        self.share = sandbox.share.container(self.id)
+        self.rootfs = self.share.rootfs
         self.created = False
 
     @property
@@ -38,13 +38,20 @@ class Container:
             raise PykataError(f"sandbox {self.sandbox.id} is not running")
         return self.sandbox.agent
 
-    def share_rootfs(self, mounts: Sequence[Mount]) -> None:
-        """Mount the container's rootfs where the guest sees it (9p share)."""
+    def share_rootfs(self, mounts: Sequence[Mount], *, readonly: bool = False) -> None:
+        """Mount the container's rootfs where the guest sees it (9p share);
+        `readonly` (the spec's root.readonly) holds on the host, all the way down."""
         if not mounts:
             raise SpecError(f"container {self.id}: no rootfs to mount")
-        self.rootfs.mkdir(parents=True, exist_ok=True)
-        for m in mounts:
-            mount(m, self.rootfs)
+        if not self.share.created:
+            self.share.create()
+        self.share.mount_rootfs(mounts, readonly=readonly)
+
+    def scratch(self) -> Path:
+        """Host-only space for the container's writable layer (bounded tmpfs)."""
+        if not self.share.created:
+            self.share.create()
+        return self.share.scratch()
 
     async def create(
         self, spec: dict[str, Any], *, share_pid_ns: bool = False,
@@ -83,10 +90,9 @@ class Container:
     ) -> dict[str, Path]:
         """Mount the bind sources under the share and point `oci`'s mounts at
         them as the guest sees them; returns guest path -> host path."""
-        host_dir = self.paths.container_volumes(self.id)
         shared: dict[str, Path] = {}
         for index, volume in volumes:
-            share_volume(volume, host_dir)
+            self.share.add_volume(volume)
             guest_path = f"{self.paths.guest_volumes(self.id)}/{volume.name}"
             oci.Mounts[index].source = guest_path
             shared[guest_path] = volume.source
@@ -122,24 +128,29 @@ class Container:
 
     def unshare_rootfs(self) -> None:
         """Unmount the rootfs and volumes from the share and remove the container's
-        directories."""
+        directories (only those this container made)."""
         try:
-            remove_unmounted(self.rootfs.parent)
+            self.share.remove()
         except MountError as exc:
             log.error("container %s: %s", self.id, exc)
-            return
-        shutil.rmtree(self.paths.scratch_dir(self.id), ignore_errors=True)
 
 
-def bind_rootfs(path: Path, readonly: bool = False) -> list[Mount]:
+def bind_rootfs(path: Path) -> list[Mount]:
     if not path.is_dir():
         problem = "is not a directory" if path.exists() else "does not exist"
         raise SpecError(f"rootfs {path} {problem}")
-    return [Mount("bind", str(path), ("rbind", "ro") if readonly else ("rbind",))]
+    return [Mount("bind", str(path), ("rbind",))]
+
+
+def spec_readonly_root(spec: dict[str, Any]) -> bool:
+    """The spec's root.readonly (Kubernetes readOnlyRootFilesystem)."""
+    root = spec.get("root")
+    return isinstance(root, dict) and root.get("readonly") is True
 
 
 def overlay_rootfs(lower: Path, scratch: Path) -> list[Mount]:
-    """A writable layer over a read-only image; the writes vanish with the container."""
+    """A writable layer over a read-only image; the writes vanish with the
+    container. `scratch` is the container's space on the sandbox's bounded tmpfs."""
     upper, work = scratch / "upper", scratch / "work"
     upper.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)

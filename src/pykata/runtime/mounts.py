@@ -1,52 +1,50 @@
-"""Host mounts, through mount(2) and umount2(2) directly.
+"""Host mounts pykata makes for a guest, each one safe to hand to a hostile guest.
 
-Calling the syscalls (instead of running mount(8)) keeps a container start
-free of extra processes and gives errors as errno values, not as text.
+Every mount lands on a file descriptor opened without following links
+(`safepath`), never on a path resolved again later. Every mount is nosuid,
+nodev and noexec on the host: the guest writes through these mounts as root
+(QEMU's 9p server), and nothing it writes may become a setuid program, a
+device node or an executable for the host. Bind mounts get their flags while
+still detached (the new mount API), so a read-only bind is read-only all the
+way down before anyone can see it, and its propagation is private: a mount
+the host makes later below a volume's source does not appear, writable, in
+the guest's share.
+
+The syscalls are called directly (not mount(8)): no extra processes on a
+container start, and errors come as errno values, not text.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import os
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from pykata.errors import PykataError
+from pykata.runtime import safepath
+from pykata.runtime import syscalls as sc
 
-MS_RDONLY = 0x1
-MS_NOSUID = 0x2
-MS_NODEV = 0x4
-MS_REMOUNT = 0x20
-MS_BIND = 0x1000
-MS_REC = 0x4000
-MNT_DETACH = 0x2
+# What every mount pykata makes for a guest carries on the host.
+GUEST_MOUNT_ATTRS = sc.MOUNT_ATTR_NOSUID | sc.MOUNT_ATTR_NODEV | sc.MOUNT_ATTR_NOEXEC
+_GUEST_MS_FLAGS = sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC
 
 # mount(8)-style options that are flags, not filesystem data.
 _FLAG_OPTIONS = {
-    "ro": MS_RDONLY,
-    "nosuid": MS_NOSUID,
-    "nodev": MS_NODEV,
-    "bind": MS_BIND,
-    "rbind": MS_BIND | MS_REC,
+    "ro": sc.MS_RDONLY,
+    "nosuid": sc.MS_NOSUID,
+    "nodev": sc.MS_NODEV,
+    "noexec": sc.MS_NOEXEC,
+    "bind": sc.MS_BIND,
+    "rbind": sc.MS_BIND | sc.MS_REC,
 }
-_IGNORED_OPTIONS = {"rw", "defaults"}
-
-_libc: ctypes.CDLL | None = None
+_IGNORED_OPTIONS = {"rw", "defaults", "suid", "dev", "exec"}
 
 
 class MountError(PykataError):
     """A host mount or unmount failed."""
-
-
-def _lib() -> ctypes.CDLL:
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    return _libc
 
 
 @dataclass(frozen=True)
@@ -56,6 +54,19 @@ class Mount:
     type: str
     source: str
     options: Sequence[str] = field(default_factory=tuple)
+
+    @property
+    def is_bind(self) -> bool:
+        return self.type in ("bind", "rbind") or any(
+            o in ("bind", "rbind") for o in self.options)
+
+    @property
+    def recursive(self) -> bool:
+        return self.type == "rbind" or "rbind" in self.options
+
+    @property
+    def readonly(self) -> bool:
+        return "ro" in self.options
 
 
 def _split_options(options: Sequence[str]) -> tuple[int, str]:
@@ -69,55 +80,92 @@ def _split_options(options: Sequence[str]) -> tuple[int, str]:
     return flags, ",".join(data)
 
 
-def mount(m: Mount, target: Path) -> None:
-    """Mount `m` at `target`; a read-only bind is remounted read-only as it must be."""
+def mount_beneath(m: Mount, base: Path, rel: str | PurePosixPath, *,
+                  readonly: bool = False) -> None:
+    """Mount `m` at `base`/`rel` (an existing directory or file), resolved
+    without following links; nosuid, nodev, noexec, private; read-only all
+    the way down when `readonly` or `m` says "ro"."""
+    what = f"{m.type} mount of {m.source or '(none)'} at {base / rel}"
+    try:
+        target = safepath.open_beneath(base, rel, directory=_source_is_dir(m))
+    except OSError as exc:
+        raise MountError(f"{what} failed: {_reason(exc)}") from exc
+    try:
+        if m.is_bind:
+            _bind(m, target, readonly=readonly or m.readonly)
+        else:
+            _mount_fs(m, target, readonly=readonly)
+            # The new mount's root, for the propagation change below.
+            root = safepath.open_beneath(base, rel, directory=True)
+            try:
+                sc.mount_setattr(root, set_flags=0, recursive=False, propagation=sc.MS_PRIVATE)
+            finally:
+                os.close(root)
+    except OSError as exc:
+        raise MountError(f"{what} failed: {_reason(exc)}" + _hint(exc, m)) from exc
+    finally:
+        os.close(target)
+
+
+def _source_is_dir(m: Mount) -> bool:
+    if not m.is_bind:
+        return True
+    return os.path.isdir(m.source)
+
+
+def _bind(m: Mount, target: int, *, readonly: bool) -> None:
+    tree = sc.open_tree(m.source, recursive=m.recursive)
+    try:
+        attrs = GUEST_MOUNT_ATTRS | (sc.MOUNT_ATTR_RDONLY if readonly else 0)
+        # Recursive in every case: the flags must hold for each mount of an
+        # rbind, not only its top (CVE-2020-28914's class).
+        sc.mount_setattr(tree, set_flags=attrs, recursive=True, propagation=sc.MS_PRIVATE)
+        sc.move_mount(tree, target)
+    finally:
+        os.close(tree)
+
+
+def _mount_fs(m: Mount, target: int, *, readonly: bool) -> None:
     flags, data = _split_options(m.options)
-    fstype = "" if m.type in ("bind", "rbind") else m.type
-    if m.type in ("bind", "rbind"):
-        flags |= MS_BIND | (MS_REC if m.type == "rbind" else 0)
-    _mount(m.source, target, fstype, flags & ~MS_RDONLY if flags & MS_BIND else flags, data)
-    if flags & MS_BIND and flags & MS_RDONLY:
-        try:
-            remount_readonly(target)
-        except MountError:
-            unmount(target)
-            raise
+    flags |= _GUEST_MS_FLAGS | (sc.MS_RDONLY if readonly else 0)
+    sc.mount(m.source, safepath.fd_path(target), m.type, flags, data)
 
 
-def remount_readonly(target: Path) -> None:
-    """Make the bind mount at `target` read-only (binds ignore MS_RDONLY at first)."""
-    _mount("", target, "", MS_BIND | MS_REMOUNT | MS_RDONLY, "")
+def _reason(exc: OSError) -> str:
+    if exc.errno == errno.ELOOP:
+        return "a symbolic link is in the way (refused: host mounts never follow links)"
+    if exc.errno == errno.EXDEV:
+        return "the path leaves its base directory (refused)"
+    return os.strerror(exc.errno) if exc.errno else str(exc)
 
 
-def _mount(source: str, target: Path, fstype: str, flags: int, data: str) -> None:
-    rc = _lib().mount(
-        source.encode() or None, str(target).encode(), fstype.encode() or None,
-        ctypes.c_ulong(flags), data.encode() or None,
-    )
-    if rc != 0:
-        err = ctypes.get_errno()
-        what = f"{fstype or 'bind'} mount of {source or '(none)'} at {target}"
-        raise MountError(f"{what} failed: {os.strerror(err)}" + _mount_hint(err, fstype, data))
-
-
-def _mount_hint(err: int, fstype: str, data: str) -> str:
-    if err == errno.EPERM:
+def _hint(exc: OSError, m: Mount) -> str:
+    if exc.errno == errno.EPERM:
         return " (pykata must run as root to mount)"
-    if err == errno.ENOENT:
+    if exc.errno == errno.ENOENT:
         return " (a source or lower directory does not exist)"
-    if fstype == "overlay" and err == errno.EINVAL:
-        return f" (overlay options {data!r} were refused)"
+    if exc.errno == errno.ENOSYS:
+        return " (pykata needs Linux 5.12 or later on the host)"
+    if m.type == "overlay" and exc.errno == errno.EINVAL:
+        return f" (overlay options {_split_options(m.options)[1]!r} were refused)"
     return ""
 
 
+def mount_tmpfs(target: Path, *, size_mib: int, mode: int = 0o700) -> None:
+    """A bounded, private tmpfs at `target` (a directory pykata just made)."""
+    mount_beneath(Mount("tmpfs", "tmpfs", (f"size={size_mib}m", f"mode={mode:o}")),
+                  target.parent, target.name)
+
+
 def unmount(target: Path, *, lazy: bool = False) -> None:
-    """Unmount `target`; not mounted is not an error."""
-    rc = _lib().umount2(str(target).encode(), MNT_DETACH if lazy else 0)
-    if rc != 0:
-        err = ctypes.get_errno()
-        if err in (errno.EINVAL, errno.ENOENT):
+    """Unmount `target` (never through a link); not mounted is not an error."""
+    flags = sc.UMOUNT_NOFOLLOW | (sc.MNT_DETACH if lazy else 0)
+    try:
+        sc.umount2(str(target), flags)
+    except OSError as exc:
+        if exc.errno in (errno.EINVAL, errno.ENOENT):
             return
-        raise MountError(f"unmounting {target} failed: {os.strerror(err)}")
+        raise MountError(f"unmounting {target} failed: {_reason(exc)}") from exc
 
 
 def unmount_all(target: Path) -> None:
@@ -152,6 +200,17 @@ def mounts_under(prefix: Path) -> list[Path]:
             if point == prefix or prefix in point.parents:
                 found.append(point)
     return sorted(found, key=lambda p: len(p.parts), reverse=True)
+
+
+def mount_options(point: Path) -> set[str]:
+    """The per-mount options (ro, nosuid, ...) of the topmost mount at `point`."""
+    options: set[str] = set()
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if Path(_unescape(fields[4])) == point:
+                options = set(fields[5].split(","))
+    return options
 
 
 def _unescape(field: str) -> str:

@@ -18,7 +18,7 @@ from typing import Any
 
 from pykata.config import Config
 from pykata.errors import PykataError
-from pykata.runtime.container import Container
+from pykata.runtime.container import Container, spec_readonly_root
 from pykata.runtime.mounts import Mount
 from pykata.runtime.sandbox import Sandbox, SandboxOptions
 from pykata.runtime.stdio import Sink, Source, StdioRelay
@@ -75,7 +75,7 @@ async def run_container(
     relay: StdioRelay | None = None
     try:
         t1 = time.monotonic()
-        container.share_rootfs(rootfs(container))
+        container.share_rootfs(rootfs(container), readonly=spec_readonly_root(spec))
         await container.create(spec, volumes=volumes)
         assert sandbox.agent is not None
         relay = StdioRelay(sandbox.agent, container.id, container.id)
@@ -87,6 +87,11 @@ async def run_container(
             await io.on_running(container)
         code = await _wait_or_vm_exit(sandbox, container)
         await relay.drain(_DRAIN_SECONDS)
+        if sandbox.share.scratch_full():
+            log.warning(
+                "the container's writable layer reached its limit of %d MiB: its writes "
+                "failed with 'No space left on device' (raise [runtime] scratch_size in %s)",
+                config.runtime.scratch_size, config.source)
     finally:
         t2 = time.monotonic()
         if relay is not None:

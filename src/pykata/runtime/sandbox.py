@@ -1,9 +1,11 @@
 """A sandbox: one VM, its agent connection, its shared directory, its containers.
 
-Lifecycle: `Sandbox.start()` (directories → VM → agent → CreateSandbox) and
-`Sandbox.stop()` (DestroySandbox → VM quits → mounts and directories removed).
-A start that fails part-way undoes what it did: no QEMU, mount or directory of
-the sandbox is left behind.
+Lifecycle: `Sandbox.start()` (directories → share → VM → agent →
+CreateSandbox) and `Sandbox.stop()` (DestroySandbox → VM quits → mounts and
+directories removed). A start that fails part-way undoes what it did: no QEMU,
+mount or directory of the sandbox is left behind. A sandbox removes only the
+state it created: a start refused because the key is in use leaves the other
+sandbox's state alone.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from pykata.protocols import agent_pb2
 from pykata.runtime import vsock
 from pykata.runtime.agent_client import AgentClient
 from pykata.runtime.mounts import remove_unmounted
-from pykata.runtime.paths import GUEST_SHARED_DIR, SandboxPaths
+from pykata.runtime.paths import GUEST_SHARED_DIR, SandboxPaths, private_dir
+from pykata.runtime.share import SandboxShare
 from pykata.ttrpc import StatusError
 
 log = logging.getLogger(__name__)
@@ -56,15 +59,20 @@ class PhaseTimes:
 
 
 class Sandbox:
-    def __init__(self, sandbox_id: str, config: Config, options: SandboxOptions) -> None:
+    def __init__(self, sandbox_id: str, config: Config, options: SandboxOptions,
+                 key: str | None = None) -> None:
+        """`key` names the sandbox's state on the host (unique per pod: see
+        `paths`); it defaults to the id, which the guest sees."""
         self.id = sandbox_id
         self.config = config
         self.options = options
-        self.paths = SandboxPaths.for_sandbox(sandbox_id)
+        self.paths = SandboxPaths.for_key(key or sandbox_id)
+        self.share = SandboxShare(self.paths, config.runtime.scratch_size)
         self.vm: QemuVM | None = None
         self.agent: AgentClient | None = None
         self.times = PhaseTimes()
         self._stopped = False
+        self._owns_state = False
 
     @property
     def console_log(self) -> Path:
@@ -75,7 +83,7 @@ class Sandbox:
         kernel, initrd = _guest_assets(q.kernel, q.initrd)
         accel = resolve_accel(q.accel)
         return VmConfig(
-            name=self.id,
+            name=self.paths.key,
             run_dir=self.paths.run_dir,
             qemu_path=q.path,
             kernel=kernel,
@@ -95,6 +103,7 @@ class Sandbox:
         vm_config = self._vm_config()
         self._make_dirs()
         try:
+            self.share.prepare()
             await self._boot(vm_config)
         except BaseException:
             await self._teardown()
@@ -102,14 +111,16 @@ class Sandbox:
         self._write_state()
 
     def _make_dirs(self) -> None:
+        private_dir(self.paths.root)
+        private_dir(self.paths.sandboxes)
         try:
-            self.paths.run_dir.mkdir(parents=True)
+            self.paths.run_dir.mkdir(mode=0o700)
         except FileExistsError:
             raise PykataError(
                 f"sandbox {self.id} already exists ({self.paths.run_dir})",
                 hint="choose another id, or remove the sandbox first",
             ) from None
-        (self.paths.shared_dir / "containers").mkdir(parents=True, exist_ok=True)
+        self._owns_state = True
         # Written before anything can be left behind, so `pykata cleanup` can
         # tell an abandoned sandbox (owner dead) from one still starting.
         self._write_state()
@@ -206,11 +217,14 @@ class Sandbox:
         finally:
             # Host state goes even if stopping the VM failed: nothing mounted
             # for a sandbox outlives it.
-            cleanup_host_state(self.paths)
+            if self._owns_state:
+                cleanup_host_state(self.paths)
+                self._owns_state = False
 
     def _write_state(self) -> None:
         state = {
             "id": self.id,
+            "key": self.paths.key,
             "qemu_pid": self.vm.pid if self.vm is not None else None,
             "runtime_pid": os.getpid(),
             "console_log": str(self.console_log),
@@ -218,19 +232,18 @@ class Sandbox:
         }
         tmp = self.paths.run_dir / "state.json.tmp"
         tmp.write_text(json.dumps(state))
-        tmp.rename(self.paths.run_dir / "state.json")
+        tmp.rename(self.paths.state_file)
 
 
 def cleanup_host_state(paths: SandboxPaths) -> None:
-    """Unmount everything under the sandbox's directories and remove them.
+    """Unmount everything under the sandbox's directory and remove it.
 
     Safe to repeat, and usable on a sandbox whose owner died (`shim delete`).
     """
-    for base in (paths.shared_dir, paths.run_dir):
-        try:
-            remove_unmounted(base, lazy=True)
-        except PykataError as exc:
-            log.error("sandbox %s: %s", paths.sandbox_id, exc)
+    try:
+        remove_unmounted(paths.run_dir, lazy=True)
+    except PykataError as exc:
+        log.error("sandbox %s: %s", paths.key, exc)
 
 
 def _guest_assets(kernel: str, initrd: str) -> tuple[Path, Path]:

@@ -4,9 +4,10 @@ A bind mount in the OCI spec names a host path, which means nothing inside the
 VM: crun in the guest would bind the guest's own file of that name, or fail.
 So each one is bind-mounted on the host under the container's share, which the
 guest sees over 9p, and the spec's source is rewritten to the guest's path of
-it. The spec keeps its options, so crun applies `ro` and propagation in the
-guest too; a read-only volume is also read-only on the host side of the share,
-so the guest cannot write through 9p whatever it does.
+it (`share.ContainerShare.add_volume`). The spec keeps its options, so crun
+applies `ro` and propagation in the guest too; a read-only volume is also
+read-only on the host side of the share, all the way down, so the guest cannot
+write through 9p whatever it does.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from pykata.errors import SpecError
-from pykata.runtime.mounts import Mount, mount, mounts_under, remount_readonly
 
 _BIND_OPTIONS = {"bind", "rbind"}
 
@@ -76,23 +76,3 @@ def plan_volumes(mounts: list[dict[str, Any]], bundle: Path | None) -> list[tupl
             readonly="ro" in options, is_dir=stat.S_ISDIR(mode),
         )))
     return planned
-
-
-def share_volume(volume: Volume, host_dir: Path) -> Path:
-    """Bind `volume` at `host_dir`/its name (created as a directory or an empty
-    file, as the source is); returns the mount point."""
-    host_dir.mkdir(parents=True, exist_ok=True)
-    point = host_dir / volume.name
-    if volume.is_dir:
-        point.mkdir(exist_ok=True)
-    else:
-        point.touch(exist_ok=True)
-    options = ("rbind" if volume.recursive else "bind",) + (("ro",) if volume.readonly else ())
-    mount(Mount("bind", str(volume.source), options), point)
-    if volume.readonly and volume.recursive:
-        # A read-only remount covers only the top mount of a recursive bind;
-        # the mounts below it would stay writable to the guest.
-        for below in mounts_under(point):
-            if below != point:
-                remount_readonly(below)
-    return point

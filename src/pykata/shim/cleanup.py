@@ -22,7 +22,14 @@ from pykata.runtime.paths import SandboxPaths
 from pykata.runtime.sandbox import cleanup_host_state
 from pykata.shim.cli import ShimFlags
 from pykata.shim.events import now
-from pykata.shim.start import _answers, group_of, socket_path
+from pykata.shim.start import (
+    _answers,
+    group_of,
+    pod_lock,
+    release_pod_files,
+    sandbox_key,
+    socket_path,
+)
 
 KILLED_STATUS = 128 + signal.SIGKILL
 
@@ -30,12 +37,12 @@ KILLED_STATUS = 128 + signal.SIGKILL
 def _kill_vm(paths: SandboxPaths) -> None:
     """SIGKILL the sandbox's QEMU if it still runs (checked by its command line)."""
     try:
-        state = json.loads((paths.run_dir / "state.json").read_text())
+        state = json.loads(paths.state_file.read_text())
         pid = int(state["qemu_pid"])
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except (OSError, ValueError, KeyError, TypeError):
         return
-    if f"pykata-{paths.sandbox_id}".encode() in cmdline:
+    if f"pykata-{paths.key}\0".encode() in cmdline:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
 
@@ -48,17 +55,17 @@ def delete(flags: ShimFlags) -> int:
     except PykataError as exc:
         warnings.append(str(exc))
     group = group_of(bundle, flags.id)
-    if not _answers(socket_path(flags, group)):
-        # The pod's shim is gone, so is its VM: clean up the whole sandbox.
-        try:
-            paths = SandboxPaths.for_sandbox(group)
-            _kill_vm(paths)
-            cleanup_host_state(paths)
-        except PykataError as exc:
-            warnings.append(str(exc))
-        for suffix in ("", ".lock"):
-            with contextlib.suppress(OSError):
-                os.unlink(socket_path(flags, group) + suffix)
+    path = socket_path(flags, group)
+    with pod_lock(path):
+        if not _answers(path):
+            # The pod's shim is gone, so is its VM: clean up the whole sandbox.
+            try:
+                paths = SandboxPaths.for_key(sandbox_key(flags, group))
+                _kill_vm(paths)
+                cleanup_host_state(paths)
+            except PykataError as exc:
+                warnings.append(str(exc))
+            release_pod_files(path)
     for warning in warnings:
         print(f"pykata shim delete: {warning}", file=sys.stderr)
     response = shim_pb2.DeleteResponse(pid=0, exit_status=KILLED_STATUS, exited_at=now())

@@ -8,7 +8,6 @@ removes its socket before exiting.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import signal
@@ -19,6 +18,7 @@ from pykata.shim import shimlog
 from pykata.shim.cli import RUNTIME_TYPE, ShimFlags
 from pykata.shim.events import EventPublisher
 from pykata.shim.service import TASK_REQUESTS, TaskService
+from pykata.shim.start import pod_lock, release_pod_files
 from pykata.ttrpc import Server
 
 log = logging.getLogger(__name__)
@@ -40,39 +40,65 @@ def serve(flags: ShimFlags) -> int:
     shimlog.setup(flags.bundle_dir(), debug=flags.debug or cfg.runtime.enable_debug,
                   runtime=RUNTIME_TYPE)
     try:
-        asyncio.run(_serve(flags, cfg))
+        st = os.stat(flags.socket)
+        inode: tuple[int, int] | None = (st.st_dev, st.st_ino)
+    except OSError:
+        inode = None
+    try:
+        asyncio.run(_serve(flags, cfg, inode))
     except Exception:
         log.exception("shim server failed")
         return 1
-    finally:
-        for path in (flags.socket, flags.socket + ".lock"):
-            with contextlib.suppress(OSError):
-                os.unlink(path)
     return 0
 
 
-async def _serve(flags: ShimFlags, cfg: config_mod.Config) -> None:
+def _release(path: str, inode: tuple[int, int] | None) -> None:
+    """Stop being found: remove our socket, never a successor's (a new shim
+    for a pod with the same id may already serve at the same path)."""
+    with pod_lock(path):
+        release_pod_files(path, only=inode, socket_known=inode is not None)
+
+
+async def _serve(flags: ShimFlags, cfg: config_mod.Config,
+                 inode: tuple[int, int] | None) -> None:
     loop = asyncio.get_running_loop()
     done = asyncio.Event()
     publisher = EventPublisher(os.environ.get(TTRPC_ADDRESS_ENV, ""), flags.namespace)
-    # Shutdown answers before the server stops: let the reply go out first.
+    released = False
+
+    def release() -> None:
+        # Unfindable before anything else: a `start` from now on launches a
+        # new shim rather than hand containerd this one, which is going away.
+        nonlocal released
+        if not released:
+            released = True
+            _release(flags.socket, inode)
 
     def idle() -> None:
+        release()
+        # Shutdown answers before the server stops: let the reply go out first.
         loop.call_later(0.05, done.set)
 
-    service = TaskService(cfg, publisher, on_idle=idle)
+    def terminate() -> None:
+        release()
+        done.set()
+
+    service = TaskService(cfg, publisher, on_idle=idle,
+                          pod=(flags.address, flags.namespace))
     server = Server()
     server.register_object(TASK_SERVICE, service, TASK_REQUESTS)
     listener = socket.socket(fileno=flags.socket_fd)
-    await server.serve_socket(listener)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, done.set)
-    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
-    log.info("shim serving %s for namespace %s", flags.socket, flags.namespace)
-    await done.wait()
-    log.info("shim shutting down")
-    with contextlib.suppress(OSError):
-        os.unlink(flags.socket)
-    await service.close()
-    await publisher.close()
-    await server.aclose()
+    try:
+        await server.serve_socket(listener)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, terminate)
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        log.info("shim serving %s for namespace %s", flags.socket, flags.namespace)
+        await done.wait()
+        log.info("shim shutting down")
+    finally:
+        release()
+        server.stop_listening()
+        await service.close()
+        await publisher.close()
+        await server.aclose()

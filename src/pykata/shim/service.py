@@ -24,8 +24,9 @@ from pykata.config import Config
 from pykata.errors import AgentError, PykataError, SpecError
 from pykata.protocols import events_pb2, mount_pb2, shim_pb2, task_types_pb2
 from pykata.protocols.oci_spec import InvalidSpecError, process_from_json, resources_from_json
-from pykata.runtime.container import Container, bind_rootfs
-from pykata.runtime.mounts import Mount, mount, unmount_all
+from pykata.runtime.container import Container, bind_rootfs, spec_readonly_root
+from pykata.runtime.keys import pod_key
+from pykata.runtime.mounts import Mount, mount_beneath, unmount_all
 from pykata.runtime.sandbox import Sandbox
 from pykata.runtime.spec import load_bundle
 from pykata.runtime.volumes import plan_volumes
@@ -47,8 +48,12 @@ CLOSE_IO_GRACE = 10.0
 
 
 class TaskService:
-    def __init__(self, config: Config, publisher: EventPublisher, on_idle: Callable[[], None]):
+    def __init__(self, config: Config, publisher: EventPublisher, on_idle: Callable[[], None],
+                 pod: tuple[str, str] = ("", "")):
+        """`pod` is containerd's (address, namespace): with the pod's id they
+        key its state on the host."""
         self.config = config
+        self._pod = pod
         self.publisher = publisher
         self._on_idle = on_idle
         self.sandbox: Sandbox | None = None
@@ -124,7 +129,9 @@ class TaskService:
             # Checked before a VM boots: a missing host path should not cost a boot.
             volumes = plan_volumes(spec.get("mounts") or [], Path(req.bundle))
             if self.sandbox is None:
-                self.sandbox = Sandbox(group_of(req.bundle, req.id), self.config, options)
+                group = group_of(req.bundle, req.id)
+                self.sandbox = Sandbox(group, self.config, options,
+                                       key=pod_key(*self._pod, group))
                 booted_here = True
             task = Task(Container(self.sandbox, req.id), req.bundle)
             task.init = ShimProcess(task, "", terminal=req.terminal, stdin=stdio[0],
@@ -134,7 +141,8 @@ class TaskService:
                 await self.sandbox.start()
                 self._spawn(self._watch_vm(self.sandbox))
                 self._spawn(self._watch_oom(self.sandbox))
-            task.container.share_rootfs(bind_rootfs(bundle_rootfs if req.rootfs else root))
+            task.container.share_rootfs(bind_rootfs(bundle_rootfs if req.rootfs else root),
+                                        readonly=spec_readonly_root(spec))
             share_pid = _shares_pid_namespace(spec, annotations)
             spec.setdefault("process", {})["terminal"] = req.terminal
             await task.container.create(spec, share_pid_ns=share_pid, volumes=volumes)
@@ -156,7 +164,7 @@ class TaskService:
             return
         target.mkdir(exist_ok=True)
         for m in req.rootfs:
-            mount(Mount(m.type, m.source, tuple(m.options)), target)
+            mount_beneath(Mount(m.type, m.source, tuple(m.options)), target.parent, target.name)
             task.rootfs_mounted = True
 
     async def _undo_create(self, task: Task | None, bundle_rootfs: Path, booted: bool) -> None:

@@ -11,12 +11,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import hashlib
 import json
 import os
 import socket
 import sys
+from collections.abc import Iterator
 
+from pykata.runtime.keys import pod_key
 from pykata.shim.cli import ShimFlags
 
 CONTAINER_TYPE = "io.kubernetes.cri.container-type"
@@ -42,11 +43,52 @@ def group_of(bundle: str, task_id: str) -> str:
     return task_id
 
 
+def sandbox_key(flags: ShimFlags, group: str) -> str:
+    """The pod's key: containerd's address, namespace and the pod's id, so two
+    containerd instances or namespaces with the same ids never share state."""
+    return pod_key(flags.address, flags.namespace, group)
+
+
 def socket_path(flags: ShimFlags, group: str) -> str:
-    # Keyed by containerd's address as well: two containerd instances on one
-    # host may use the same namespace and ids.
-    digest = hashlib.sha256(f"{flags.address}\0{flags.namespace}\0{group}".encode()).hexdigest()
-    return os.path.join(shim_dir(), f"{digest[:32]}.sock")
+    return os.path.join(shim_dir(), f"{sandbox_key(flags, group)}.sock")
+
+
+@contextlib.contextmanager
+def pod_lock(socket: str) -> Iterator[None]:
+    """Hold the pod's lock file (beside its socket), exclusively.
+
+    The holder may unlink the lock file before releasing it, so that lock
+    files do not pile up: whoever then wakes up holding the old, unlinked
+    file sees that the path no longer names it, and takes the new one.
+    """
+    path = socket + ".lock"
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                current = os.stat(path)
+            except FileNotFoundError:
+                continue
+            held = os.fstat(fd)
+            if (current.st_dev, current.st_ino) != (held.st_dev, held.st_ino):
+                continue
+            yield
+            return
+        finally:
+            os.close(fd)
+
+
+def release_pod_files(socket: str, *, only: tuple[int, int] | None = None,
+                      socket_known: bool = True) -> None:
+    """With the pod's lock held: remove its socket (only if it is the inode
+    `only`, when given; not at all unless `socket_known`), and the lock file."""
+    with contextlib.suppress(FileNotFoundError):
+        st = os.stat(socket)
+        if socket_known and (only is None or (st.st_dev, st.st_ino) == only):
+            os.unlink(socket)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(socket + ".lock")
 
 
 def _answers(path: str) -> bool:
@@ -92,9 +134,8 @@ def start(flags: ShimFlags) -> int:
     bundle = flags.bundle_dir()
     path = socket_path(flags, group_of(bundle, flags.id))
     os.makedirs(shim_dir(), mode=0o700, exist_ok=True)
-    with open(path + ".lock", "w") as lock:
-        # Two containers of one pod may start at once; one server per pod.
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    # Two containers of one pod may start at once; one server per pod.
+    with pod_lock(path):
         if not _answers(path):
             sock = _listen(path)
             try:

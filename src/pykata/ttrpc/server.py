@@ -162,6 +162,11 @@ class Server:
         self._check_open()
         self._listeners.append(await asyncio.start_server(self.serve_connection, sock=sock))
 
+    def stop_listening(self) -> None:
+        """Stop accepting connections; those already served go on."""
+        for listener in self._listeners:
+            listener.close()
+
     async def aclose(self) -> None:
         """Stop accepting, cancel in-flight handlers and close every connection."""
         self._closing = True

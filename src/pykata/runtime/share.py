@@ -1,0 +1,146 @@
+"""The host side of a sandbox's shared filesystem (the 9p export).
+
+What the guest can write, and where:
+- the export's own directories (its root, `containers/`, each container's
+  directory): nothing. The export is a read-only bind of a host-only
+  directory, so the guest cannot create, rename or replace the entries the
+  host mounts on (the CVE-2020-2024/2026 class) nor fill the host's /run;
+- a container's rootfs: what its mounts allow, read-only all the way down
+  when the spec's root.readonly says so (CVE-2020-28914's rootfs variant);
+- a volume: what the spec allows, read-only all the way down for `ro`.
+Every one of these mounts is nosuid, nodev and noexec on the host.
+`pykata run`'s writable layer lives on the sandbox's scratch tmpfs, bounded
+by [runtime] scratch_size.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path, PurePosixPath
+
+from pykata.errors import ContainerError
+from pykata.runtime import safepath
+from pykata.runtime.mounts import (
+    Mount,
+    MountError,
+    mount_beneath,
+    mount_tmpfs,
+    mounts_under,
+    unmount,
+)
+from pykata.runtime.paths import SandboxPaths
+from pykata.runtime.volumes import Volume
+
+log = logging.getLogger(__name__)
+
+# At or above this share of its size, a scratch tmpfs counts as full.
+_FULL_FRACTION = 0.98
+
+
+class SandboxShare:
+    """The scratch tmpfs and the read-only export of one sandbox."""
+
+    def __init__(self, paths: SandboxPaths, scratch_mib: int) -> None:
+        self.paths = paths
+        self.scratch_mib = scratch_mib
+
+    def prepare(self) -> None:
+        """Mount the scratch tmpfs and the export; the run dir must exist.
+        The caller's teardown removes whatever this made if it fails."""
+        p = self.paths
+        p.scratch_dir.mkdir(mode=0o700)
+        mount_tmpfs(p.scratch_dir, size_mib=self.scratch_mib)
+        safepath.make_dirs(p.scratch_dir, "share/containers")
+        safepath.make_dirs(p.scratch_dir, "containers", mode=0o700)
+        p.shared_dir.mkdir(mode=0o700)
+        mount_beneath(Mount("bind", str(p.share_source), ("bind",)), p.run_dir, "shared",
+                      readonly=True)
+
+    def container(self, container_id: str) -> ContainerShare:
+        return ContainerShare(self, container_id)
+
+    def scratch_full(self) -> bool:
+        """Whether the scratch tmpfs is (about) full: writes in it fail with ENOSPC."""
+        try:
+            st = os.statvfs(self.paths.scratch_dir)
+        except OSError:
+            return False
+        return st.f_blocks > 0 and (st.f_blocks - st.f_bavail) >= _FULL_FRACTION * st.f_blocks
+
+
+class ContainerShare:
+    """One container's part of the export: its rootfs and volumes.
+
+    `create` makes the container's directories and fails if they exist;
+    `remove` undoes only what this object made, so a refused container
+    never takes another's state with it.
+    """
+
+    def __init__(self, share: SandboxShare, container_id: str) -> None:
+        self.paths = share.paths
+        self.id = container_id
+        self.rel = SandboxPaths.container_share(container_id)
+        self.created = False
+
+    @property
+    def rootfs(self) -> Path:
+        return self.paths.container_rootfs(self.id)
+
+    def create(self) -> None:
+        try:
+            safepath.make_dirs(self.paths.share_source, self.rel, exclusive=True)
+        except FileExistsError:
+            raise ContainerError(
+                f"container {self.id} already exists in sandbox {self.paths.key}") from None
+        self.created = True
+        safepath.make_dirs(self.paths.share_source, self.rel / "rootfs")
+        safepath.make_dirs(self.paths.share_source, self.rel / "volumes")
+
+    def scratch(self) -> Path:
+        """The container's host-only directory on the scratch tmpfs."""
+        rel = PurePosixPath("containers", self.id)
+        safepath.make_dirs(self.paths.scratch_dir, rel, mode=0o700)
+        return self.paths.scratch_dir / rel
+
+    def mount_rootfs(self, mounts: Sequence[Mount], *, readonly: bool) -> None:
+        for m in mounts:
+            mount_beneath(m, self.paths.shared_dir, self.rel / "rootfs", readonly=readonly)
+
+    def add_volume(self, volume: Volume) -> None:
+        """Bind `volume`'s host path at its place in the share."""
+        rel = self.rel / "volumes" / volume.name
+        if volume.is_dir:
+            safepath.make_dirs(self.paths.share_source, rel)
+        else:
+            safepath.make_file(self.paths.share_source, rel)
+        options = ("rbind" if volume.recursive else "bind",)
+        mount_beneath(Mount("bind", str(volume.source), options), self.paths.shared_dir, rel,
+                      readonly=volume.readonly)
+
+    def remove(self) -> None:
+        """Unmount the container's rootfs and volumes, then remove its
+        directories (only if this object created them)."""
+        if not self.created:
+            return
+        top = self.paths.shared_dir / self.rel
+        for point in mounts_under(top):
+            unmount(point)
+        if mounts_under(top):
+            raise MountError(f"mounts remain under {top}; leaving it in place")
+        for base in (self.paths.share_source, self.paths.scratch_dir / "containers"):
+            _remove_tree(base / (self.rel if base == self.paths.share_source else self.id))
+        self.created = False
+
+
+def _remove_tree(path: Path) -> None:
+    try:
+        shutil.rmtree(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        if exc.errno != errno.ENOENT:
+            log.error("removing %s: %s", path, exc.strerror)
