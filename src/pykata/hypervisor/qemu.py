@@ -14,18 +14,17 @@ import logging
 import os
 import signal
 import socket
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from pykata.errors import HypervisorError
 from pykata.hypervisor import qemu_args as qa
+from pykata.hypervisor.confine import confining_hook
 from pykata.hypervisor.host import host_tsc_khz
 from pykata.hypervisor.qmp import QmpConnection
 
 log = logging.getLogger(__name__)
 
-_PR_SET_PDEATHSIG = 1
 _STOP_GRACE_SECONDS = 5.0
 
 
@@ -169,7 +168,7 @@ class QemuVM:
                     stderr=stderr,
                     pass_fds=(qmp_fd, agent_fd),
                     start_new_session=True,
-                    preexec_fn=_die_with_parent(),
+                    preexec_fn=confining_hook(os.getpid()),
                 )
             except OSError as exc:
                 raise HypervisorError(
@@ -220,23 +219,6 @@ class QemuVM:
         if self.agent_socket is not None:
             self.agent_socket.close()
             self.agent_socket = None
-
-
-def _die_with_parent() -> Callable[[], None]:
-    """A pre-exec hook: QEMU gets SIGKILL when the pykata process that started it
-    dies, so a crashed runtime leaves no VM behind.
-
-    ctypes is loaded here, before fork: importing in the forked child could
-    deadlock on an import lock held by another thread at fork time.
-    """
-    import ctypes
-
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-
-    def hook() -> None:
-        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-
-    return hook
 
 
 def _panic_line(path: Path) -> str:

@@ -166,10 +166,15 @@ class Share9p:
         bus = _bus_suffix(self.machine_type)
         # multidevs=remap: container rootfs bind mounts under the shared
         # directory live on other host filesystems; remapping keeps guest
-        # inode numbers unique across them.
+        # inode numbers unique across them. security_model=passthrough: the
+        # guest's owners and modes are the host files' own (mapped-xattr
+        # would turn an image's symlinks unreadable), and a change QEMU may
+        # not make (see hypervisor/confine.py) fails in the guest instead of
+        # being silently dropped as with "none".
         return [
             "-fsdev",
-            f"local,id=shared,path={_escape(str(self.path))},security_model=none,multidevs=remap",
+            f"local,id=shared,path={_escape(str(self.path))},security_model=passthrough,"
+            "multidevs=remap",
             "-device", f"virtio-9p-{bus},fsdev=shared,mount_tag={self.tag}",
         ]
 
