@@ -173,3 +173,29 @@ def test_cleanup_after_a_killed_run(cli: Cli) -> None:
     assert result.returncode == 0, result.err
     assert "removing sandbox run-" in result.out
     assert "nothing to clean up" in cli("cleanup").out
+
+
+def test_sigterm_while_starting_leaves_nothing(cli: Cli) -> None:
+    """SIGTERM to `pykata run` while its VM is still booting: the run stops with
+    128+SIGTERM, and its QEMU, mounts and state directory are gone (the
+    no_leftovers check)."""
+    import signal
+    import subprocess
+    import sys
+
+    from tests.functional.conftest import qemu_processes
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pykata.cli.main", "run", "--", "true"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not any("-name pykata-run-" in line for line in qemu_processes()):
+            assert proc.poll() is None and time.monotonic() < deadline, "no VM started"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

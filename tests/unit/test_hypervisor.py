@@ -23,11 +23,12 @@ def _vm(tmp_path: Path, **kw: object) -> VmConfig:
 
 def test_microvm_command_line(tmp_path: Path) -> None:
     """The microvm VM: mmio devices, the agent port, the 9p share and the sandbox."""
-    cmd = QemuVM(_vm(tmp_path, shared_dir=tmp_path / "sh,ared")).command(7, 9)
+    cmd = QemuVM(_vm(tmp_path, shared_dir=tmp_path / "sh,ared")).command(7, 9, 11)
     text = " ".join(cmd)
     assert "microvm,acpi=off" in text and "accel=tcg" in text
     assert "virtio-serial-device" in text and "name=agent.channel.0" in text
     assert "socket,id=qmp,fd=7" in text and "socket,id=agent,fd=9" in text
+    assert "socket,id=console,fd=11" in text and "security_model=passthrough" in text
     assert f"path={tmp_path}/sh,,ared" in text  # commas doubled for QEMU
     assert "virtio-9p-device,fsdev=shared,mount_tag=kataShared" in text
     assert "-sandbox" in cmd and "-no-reboot" in cmd

@@ -143,3 +143,26 @@ def test_errors_map_to_containerd_status_codes() -> None:
     assert to_status(ConfigError("x")).code == Code.INVALID_ARGUMENT
     assert to_status(AgentError("x", code=int(Code.ALREADY_EXISTS))).code == Code.ALREADY_EXISTS
     assert to_status(AgentError("x")).code == Code.UNKNOWN
+
+
+@pytest.mark.parametrize("value, refused", [
+    ("init=/bin/sh", "init="), ("quiet rdinit=/x", "rdinit="), ("panic=0", "panic="),
+    ("console=ttyS1", "console="), ("pykata.transport=serial", "pykata.transport"),
+    ("reboot=w", "reboot="), ("-- evil", "--"), ("a=`id`", "characters"),
+    ("root=/dev/vda", "root="),
+])
+def test_kernel_params_refuse_dangerous_parameters_by_name(value: str, refused: str) -> None:
+    """Even with kernel_params allowed, what controls init, panics, the console
+    and pykata's own parameters is refused, naming the parameter."""
+    key = annotations.HYPERVISOR_PREFIX + "kernel_params"
+    with pytest.raises(ConfigError) as error:
+        annotations.sandbox_options({key: value}, _config("kernel_params"))
+    assert refused in str(error.value) and key in str(error.value)
+
+
+def test_kernel_params_pass_ordinary_parameters() -> None:
+    """Ordinary parameters go through, normalised to single spaces."""
+    key = annotations.HYPERVISOR_PREFIX + "kernel_params"
+    options = annotations.sandbox_options({key: " loglevel=3  mitigations=off "},
+                                          _config("kernel_params"))
+    assert options.kernel_params == "loglevel=3 mitigations=off"

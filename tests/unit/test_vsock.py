@@ -51,7 +51,7 @@ def test_vm_with_vsock_gets_the_device_and_tells_the_agent(tmp_path: Path) -> No
     guest kernel command line tells the agent to listen on vsock."""
     config = VmConfig(name="v", run_dir=tmp_path, qemu_path="/usr/bin/qemu-system-x86_64",
                       kernel=tmp_path / "k", initrd=tmp_path / "i", vsock_cid=4242)
-    cmd = QemuVM(config).command(qmp_fd=7, agent_fd=9)
+    cmd = QemuVM(config).command(qmp_fd=7, agent_fd=9, console_fd=11)
     assert "vhost-vsock-device,id=vsock,guest-cid=4242" in cmd
     assert not any("virtserialport" in arg for arg in cmd)
     assert "pykata.transport=vsock" in config.kernel_cmdline()

@@ -137,6 +137,18 @@ async def _run(
     out, err = ThreadedWriter(1), ThreadedWriter(2)
     stdin = ThreadedReader(0).read if interactive else None
     loop = asyncio.get_running_loop()
+    main = asyncio.current_task()
+    interrupted: list[int] = []
+
+    def interrupt(sig: int) -> None:
+        # Before the container runs there is nobody to pass the signal to:
+        # stop starting, and let the teardown remove what was made so far.
+        if not interrupted and main is not None:
+            interrupted.append(sig)
+            main.cancel()
+
+    for sig in _FORWARDED:
+        loop.add_signal_handler(sig, interrupt, sig)
 
     async def on_running(container: Container) -> None:
         if tty:
@@ -151,6 +163,10 @@ async def _run(
                    on_running=on_running)
     try:
         result = await run_container(cfg, spec, rootfs, io, options, volumes=volumes)
+    except asyncio.CancelledError:
+        if not interrupted:
+            raise
+        result = OneShotResult(128 + interrupted[0])
     finally:
         for sig in (*_FORWARDED, signal.SIGWINCH):
             loop.remove_signal_handler(sig)

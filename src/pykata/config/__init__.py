@@ -66,8 +66,12 @@ class RuntimeConfig:
     # MiB of the per-sandbox tmpfs that holds what pykata writes for a sandbox
     # on the host (the writable layer of `pykata run`).
     scratch_size: int = 1024
+    # KiB of the guest console kept on the host (the oldest half is dropped).
+    console_log_size: int = 1024
 
     def validate(self, where: str) -> None:
+        if not 16 <= self.console_log_size <= 1024 * 1024:
+            raise ConfigError(f"{where}: console_log_size must be between 16 and 1048576 (KiB)")
         if not 16 <= self.scratch_size <= 1024 * 1024:
             raise ConfigError(f"{where}: scratch_size must be between 16 and 1048576 (MiB)")
 

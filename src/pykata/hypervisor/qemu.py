@@ -1,9 +1,10 @@
 """The QEMU driver: configure (VmConfig), launch (QemuVM.start), control, stop.
 
-QEMU is pykata's child. Its QMP monitor and the agent's virtio-serial port are
-each one end of a socketpair created here and inherited by QEMU (`fd=N`), so
-there is no socket path to poll for, no race with QEMU creating it, and a VM
-whose QEMU died shows up at once as end-of-file on both.
+QEMU is pykata's child. Its QMP monitor, the agent's virtio-serial port and
+the guest console are each one end of a socketpair created here and inherited
+by QEMU (`fd=N`), so there is no socket path to poll for, no race with QEMU
+creating it, and a VM whose QEMU died shows up at once as end-of-file on all.
+The console and QEMU's own output reach bounded files (`capped_log`).
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ from pathlib import Path
 
 from pykata.errors import HypervisorError
 from pykata.hypervisor import qemu_args as qa
+from pykata.hypervisor.capped_log import CappedLog, read_tail
 from pykata.hypervisor.confine import confining_hook
 from pykata.hypervisor.host import host_tsc_khz
 from pykata.hypervisor.qmp import QmpConnection
+from pykata.untrusted import guest_text
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +49,8 @@ class VmConfig:
     debug: bool = False
     # The agent channel: AF_VSOCK to this context id, or (0) virtio-serial.
     vsock_cid: int = 0
+    # Bytes of guest console kept on the host (and a quarter of it for QEMU's stderr).
+    console_limit: int = 1 << 20
 
     @property
     def console_log(self) -> Path:
@@ -99,6 +104,8 @@ class QemuVM:
         self._proc: asyncio.subprocess.Process | None = None
         self._qmp: QmpConnection | None = None
         self.agent_socket: socket.socket | None = None
+        self._logs: list[CappedLog] = []
+        self._console: asyncio.StreamWriter | None = None
 
     @property
     def pid(self) -> int | None:
@@ -108,7 +115,7 @@ class QemuVM:
     def running(self) -> bool:
         return self._proc is not None and self._proc.returncode is None
 
-    def _options(self, qmp_fd: int, agent_fd: int) -> list[qa.QemuOption]:
+    def _options(self, qmp_fd: int, agent_fd: int, console_fd: int) -> list[qa.QemuOption]:
         c = self.config
         opts: list[qa.QemuOption] = [
             qa.Basics(name=f"pykata-{c.name}"),
@@ -117,7 +124,7 @@ class QemuVM:
             qa.Memory(c.memory_mib),
             qa.KernelBoot(c.kernel, c.initrd, c.kernel_cmdline()),
             qa.QmpFd(qmp_fd),
-            qa.SerialConsoleFile(c.console_log),
+            qa.SerialConsoleFd(console_fd),
             qa.Rng(c.machine_type),
             qa.VhostVsock(c.vsock_cid, c.machine_type) if c.vsock_cid
             else qa.VirtioSerialAgent(agent_fd, c.machine_type),
@@ -126,8 +133,8 @@ class QemuVM:
             opts.append(qa.Share9p(c.shared_dir, c.machine_type))
         return opts
 
-    def command(self, qmp_fd: int, agent_fd: int) -> list[str]:
-        return [self.config.qemu_path, *qa.render(self._options(qmp_fd, agent_fd))]
+    def command(self, qmp_fd: int, agent_fd: int, console_fd: int) -> list[str]:
+        return [self.config.qemu_path, *qa.render(self._options(qmp_fd, agent_fd, console_fd))]
 
     async def start(self) -> None:
         """Launch QEMU and connect QMP; on any failure nothing is left running."""
@@ -135,15 +142,20 @@ class QemuVM:
         self.config.run_dir.mkdir(parents=True, exist_ok=True)
         qmp_host, qmp_vm = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         agent_host, agent_vm = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        console_host, console_vm = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            await self._launch(qmp_vm.fileno(), agent_vm.fileno())
+            await self._launch(qmp_vm.fileno(), agent_vm.fileno(), console_vm.fileno())
+            await self._capture_output(console_host)
         except BaseException:
             qmp_host.close()
             agent_host.close()
+            console_host.close()
+            await self.kill()
             raise
         finally:
             qmp_vm.close()
             agent_vm.close()
+            console_vm.close()
         if self.config.vsock_cid:
             agent_host.close()
         else:
@@ -156,27 +168,37 @@ class QemuVM:
                 raise
             raise HypervisorError(f"QEMU failed to start: {self.failure_report()}") from exc
 
-    async def _launch(self, qmp_fd: int, agent_fd: int) -> None:
-        cmd = self.command(qmp_fd, agent_fd)
+    async def _launch(self, qmp_fd: int, agent_fd: int, console_fd: int) -> None:
+        cmd = self.command(qmp_fd, agent_fd, console_fd)
         log.debug("starting %s", " ".join(cmd))
-        with open(self.config.stderr_log, "wb") as stderr:
-            try:
-                self._proc = await asyncio.create_subprocess_exec(
-                    *cmd,
-                    stdin=asyncio.subprocess.DEVNULL,
-                    stdout=stderr,
-                    stderr=stderr,
-                    pass_fds=(qmp_fd, agent_fd),
-                    start_new_session=True,
-                    preexec_fn=confining_hook(os.getpid()),
-                )
-            except OSError as exc:
-                raise HypervisorError(
-                    f"cannot run QEMU at {self.config.qemu_path}: {exc.strerror}"
-                ) from exc
+        try:
+            self._proc = await asyncio.create_subprocess_exec(
+                *cmd,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                pass_fds=(qmp_fd, agent_fd, console_fd),
+                start_new_session=True,
+                preexec_fn=confining_hook(os.getpid()),
+            )
+        except OSError as exc:
+            raise HypervisorError(
+                f"cannot run QEMU at {self.config.qemu_path}: {exc.strerror}"
+            ) from exc
+
+    async def _capture_output(self, console: socket.socket) -> None:
+        assert self._proc is not None and self._proc.stdout is not None
+        limit = self.config.console_limit
+        stderr = CappedLog(self.config.stderr_log, max(16384, limit // 4))
+        stderr.start(self._proc.stdout)
+        reader, self._console = await asyncio.open_connection(sock=console)
+        guest = CappedLog(self.config.console_log, limit)
+        guest.start(reader)
+        self._logs = [stderr, guest]
 
     def failure_report(self, lines: int = 15) -> str:
-        """QEMU's stderr and the end of the guest console, for error messages."""
+        """QEMU's stderr and the end of the guest console, for error messages
+        (guest text escaped: a hostile guest writes its console)."""
         parts = []
         stderr = _tail(self.config.stderr_log, lines)
         if stderr:
@@ -213,6 +235,14 @@ class QemuVM:
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGKILL)
             await proc.wait()
+        for capped in self._logs:
+            # What QEMU wrote before it died is what an error report shows.
+            await capped.wait(2.0)
+            capped.stop()
+        self._logs = []
+        if self._console is not None:
+            self._console.close()
+            self._console = None
         if self._qmp is not None:
             await self._qmp.close()
             self._qmp = None
@@ -222,22 +252,12 @@ class QemuVM:
 
 
 def _panic_line(path: Path) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return ""
-    for line in text.splitlines():
+    for line in read_tail(path, 65536).decode("utf-8", "replace").splitlines():
         if "Kernel panic" in line:
-            return line.strip()
+            return guest_text(line.strip(), 512)
     return ""
 
 
 def _tail(path: Path, lines: int) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 16384))
-            data = f.read().decode("utf-8", "replace")
-    except OSError:
-        return ""
-    return "\n".join(data.rstrip().splitlines()[-lines:])
+    data = read_tail(path, 16384).decode("utf-8", "replace")
+    return guest_text("\n".join(data.rstrip().splitlines()[-lines:]))

@@ -111,14 +111,15 @@ class QmpFd:
 
 
 @dataclass(frozen=True)
-class SerialConsoleFile:
-    """The guest's serial console written to a log file."""
+class SerialConsoleFd:
+    """The guest's serial console on an already-connected socket (the host
+    reads it into a bounded log)."""
 
-    path: Path
+    fd: int
 
     def args(self) -> list[str]:
         return [
-            "-chardev", f"file,id=console,path={_escape(str(self.path))}",
+            "-chardev", f"socket,id=console,fd={self.fd}",
             "-serial", "chardev:console",
         ]
 

@@ -1,13 +1,20 @@
 """The host's client of the guest agent: one method per RPC, each with its timeout.
 
-Nothing the agent answers is trusted beyond its type: sizes are bounded by the
-ttRPC layer, and callers never build host paths from agent data.
+This is the boundary where the guest's answers enter the host, and the guest
+may be hostile: every failure comes out as an `AgentError` (a garbled or
+unexpected answer included) with the guest's text escaped; every value is
+checked or clamped here (exit statuses to 0..255, process lists bounded, ids
+checked), so nothing above this module sees a value a real agent could not
+send. Sizes are bounded by the ttRPC layer, and callers never build host paths
+from agent data.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import re
 import socket
 from typing import TypeVar
 
@@ -16,7 +23,10 @@ from google.protobuf.message import Message
 
 from pykata.errors import AgentError
 from pykata.protocols import agent_pb2, health_pb2, oci_pb2
-from pykata.ttrpc import Client, Code, ConnectionClosedError, StatusError
+from pykata.ttrpc import Client, Code, ConnectionClosedError, StatusError, TtrpcError
+from pykata.untrusted import guest_line, guest_text
+
+log = logging.getLogger(__name__)
 
 AGENT_SERVICE = "grpc.AgentService"
 HEALTH_SERVICE = "grpc.Health"
@@ -44,6 +54,12 @@ _TIMEOUTS = {
 
 R = TypeVar("R", bound=Message)
 
+# An exit status the agent reports outside a shell's 0..255 becomes this.
+INVALID_EXIT_STATUS = 255
+MAX_PROCESSES = 65536
+MAX_PID = 4194304  # the kernel's PID_MAX_LIMIT
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}")
+
 
 class StreamEnd(Exception):
     """A ReadStdout/ReadStderr reached the end of the stream."""
@@ -68,22 +84,27 @@ class AgentClient:
     async def close(self) -> None:
         await self._client.aclose()
 
-    async def _call(self, method: str, request: Message, response_type: type[R]) -> R:
+    async def _call(self, method: str, request: Message, response_type: type[R],
+                    *, service: str = AGENT_SERVICE, timeout: float | None = None) -> R:
         try:
             return await self._client.call(
-                AGENT_SERVICE, method, request, response_type, timeout=_TIMEOUTS.get(method)
+                service, method, request, response_type,
+                timeout=timeout if timeout is not None else _TIMEOUTS.get(method),
             )
         except StatusError as exc:
             raise _agent_error(method, exc) from exc
         except ConnectionClosedError as exc:
             raise AgentError(f"agent connection lost during {method}") from exc
+        except TtrpcError as exc:
+            # A reply this side cannot decode: the guest is broken or hostile.
+            raise AgentError(f"{method}: the agent sent an invalid reply: "
+                             f"{guest_line(str(exc))}") from exc
 
     async def check(self, timeout: float) -> None:
-        """Health.Check, waiting up to `timeout` for the agent to come up."""
-        await self._client.call(
-            HEALTH_SERVICE, "Check", health_pb2.CheckRequest(), health_pb2.HealthCheckResponse,
-            timeout=timeout,
-        )
+        """Health.Check, waiting up to `timeout` for the agent to come up.
+        Running out of time raises AgentError with code DEADLINE_EXCEEDED."""
+        await self._call("Check", health_pb2.CheckRequest(), health_pb2.HealthCheckResponse,
+                         service=HEALTH_SERVICE, timeout=timeout)
 
     async def create_sandbox(self, req: agent_pb2.CreateSandboxRequest) -> None:
         await self._call("CreateSandbox", req, empty_pb2.Empty)
@@ -120,12 +141,16 @@ class AgentClient:
     async def wait_process(self, cid: str, exec_id: str) -> int:
         req = agent_pb2.WaitProcessRequest(container_id=cid, exec_id=exec_id)
         resp = await self._call("WaitProcess", req, agent_pb2.WaitProcessResponse)
+        if not 0 <= resp.status <= 255:
+            log.warning("the agent reported exit status %d for %s/%s; reporting %d",
+                        resp.status, guest_line(cid), guest_line(exec_id), INVALID_EXIT_STATUS)
+            return INVALID_EXIT_STATUS
         return resp.status
 
     async def write_stdin(self, cid: str, exec_id: str, data: bytes) -> int:
         req = agent_pb2.WriteStreamRequest(container_id=cid, exec_id=exec_id, data=data)
         resp = await self._call("WriteStdin", req, agent_pb2.WriteStreamResponse)
-        return resp.len
+        return min(max(resp.len, 0), len(data))
 
     async def read_stream(self, stream: str, cid: str, exec_id: str, length: int) -> bytes:
         """Read from "stdout" or "stderr"; raise StreamEnd at end-of-file."""
@@ -141,6 +166,9 @@ class AgentClient:
             raise _agent_error(method, exc) from exc
         except ConnectionClosedError as exc:
             raise StreamEnd() from exc
+        except TtrpcError as exc:
+            raise AgentError(f"{method}: the agent sent an invalid reply: "
+                             f"{guest_line(str(exc))}") from exc
         return resp.data
 
     async def close_stdin(self, cid: str, exec_id: str) -> None:
@@ -174,18 +202,23 @@ class AgentClient:
         resp = await self._call("ListProcesses", req, agent_pb2.ListProcessesResponse)
         try:
             pids = json.loads(resp.process_list or b"[]")
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise AgentError("the agent sent an unreadable process list") from exc
-        if not isinstance(pids, list) or not all(isinstance(p, int) for p in pids):
+        if (not isinstance(pids, list) or len(pids) > MAX_PROCESSES
+                or not all(type(p) is int and 0 < p <= MAX_PID for p in pids)):
             raise AgentError("the agent sent an unreadable process list")
         return pids
 
     async def get_oom_event(self) -> str:
-        resp = await self._client.call(
-            AGENT_SERVICE, "GetOOMEvent", agent_pb2.GetOOMEventRequest(), agent_pb2.OOMEvent
-        )
+        """The next container the guest reports out of memory (a long poll)."""
+        resp = await self._call("GetOOMEvent", agent_pb2.GetOOMEventRequest(),
+                                agent_pb2.OOMEvent)
+        if not _ID.fullmatch(resp.container_id):
+            raise AgentError(f"the agent sent an invalid container id "
+                             f"{guest_line(resp.container_id, 140)!r} in an OOM event")
         return resp.container_id
 
 
 def _agent_error(method: str, exc: StatusError) -> AgentError:
-    return AgentError(f"{method} failed in the guest: {exc.message}", code=int(exc.code))
+    return AgentError(f"{method} failed in the guest: {guest_text(exc.message)}",
+                      code=int(exc.code))

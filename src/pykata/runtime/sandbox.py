@@ -30,7 +30,7 @@ from pykata.runtime.agent_client import AgentClient
 from pykata.runtime.mounts import remove_unmounted
 from pykata.runtime.paths import GUEST_SHARED_DIR, SandboxPaths, private_dir
 from pykata.runtime.share import SandboxShare
-from pykata.ttrpc import StatusError
+from pykata.ttrpc import Code
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,7 @@ class Sandbox:
             shared_dir=self.paths.shared_dir,
             debug=self.config.runtime.enable_debug,
             vsock_cid=vsock.pick_cid() if probe_vsock().value == "vsock" else 0,
+            console_limit=self.config.runtime.console_log_size * 1024,
         )
 
     async def start(self) -> None:
@@ -182,7 +183,12 @@ class Sandbox:
             )
         try:
             check.result()
-        except (StatusError, TimeoutError) as exc:
+        except (AgentError, TimeoutError) as exc:
+            if isinstance(exc, AgentError) and exc.code != Code.DEADLINE_EXCEEDED:
+                raise AgentError(
+                    f"the agent of sandbox {self.id} failed to answer: {exc}\n"
+                    f"{self.vm.failure_report()}"
+                ) from exc
             raise AgentError(
                 f"the agent of sandbox {self.id} did not answer within {timeout:g} s "
                 f"(dial_timeout); the VM was stopped.\n{self.vm.failure_report()}",

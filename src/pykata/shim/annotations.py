@@ -9,6 +9,7 @@ that says which setting would allow it, rather than silently ignored.
 from __future__ import annotations
 
 import re
+import string
 from collections.abc import Callable, Mapping
 
 from pykata.config import Config
@@ -29,10 +30,47 @@ def _int_in(low: int, high: int) -> Callable[[str], int]:
     return parse
 
 
+# Kernel parameters a pod may never set, even with kernel_params allowed:
+# what starts the guest's init and agent, what turns a panic into the VM's
+# end (panic=0 would leave a panicked guest spinning, unnoticed), where the
+# console goes, and pykata's own parameters (the pykata. prefix).
+REFUSED_KERNEL_PARAMS = {
+    "init": "it chooses the guest's init (pykata's agent)",
+    "rdinit": "it chooses the guest's init (pykata's agent)",
+    "root": "the guest runs from pykata's initrd",
+    "noinitrd": "the guest runs from pykata's initrd",
+    "initrd": "the guest runs from pykata's initrd",
+    "panic": "pykata ends the VM on a guest panic (panic=-1)",
+    "reboot": "pykata ends the VM on a guest reboot",
+    "console": "pykata reads the guest console on ttyS0",
+    "earlycon": "pykata reads the guest console on ttyS0",
+    "earlyprintk": "pykata reads the guest console on ttyS0",
+    "--": "it passes arguments to the guest's init",
+}
+_PARAM_CHARS = set(string.ascii_letters + string.digits + "._-=,:/+@")
+
+
+def parse_kernel_params(value: str) -> str:
+    """A pod's extra kernel parameters, each checked; refused ones named."""
+    words = value.split()
+    for word in words:
+        name = word.partition("=")[0]
+        if not set(word) <= _PARAM_CHARS:
+            raise ValueError(f"parameter {word!r} has characters other than letters, digits "
+                             "and ._-=,:/+@")
+        if name.startswith("pykata."):
+            raise ValueError(f"parameter {name} is pykata's own and cannot be set by a pod")
+        reason = REFUSED_KERNEL_PARAMS.get(name)
+        if reason is not None:
+            raise ValueError(f"parameter {name}{'=' if name != '--' else ''} is not "
+                             f"allowed: {reason}")
+    return " ".join(words)
+
+
 _PARSERS: dict[str, tuple[str, Callable[[str], object]]] = {
     "default_vcpus": ("vcpus", _int_in(1, 64)),
     "default_memory": ("memory_mib", _int_in(64, 1024 * 1024)),
-    "kernel_params": ("kernel_params", str),
+    "kernel_params": ("kernel_params", parse_kernel_params),
 }
 
 

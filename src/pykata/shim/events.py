@@ -3,6 +3,12 @@
 Events go out one at a time in the order they were raised (a TaskExit must
 never overtake the TaskStart before it), each retried a few times if
 containerd is briefly unreachable, and never block the task service.
+
+OOM events come from the guest, which may raise them without end: at most one
+per container waits in the queue (more are coalesced into it) and at most
+`_LOSSY_LIMIT` in all. Lifecycle events (create, start, exit, delete, ...)
+follow what containerd asked for, so they are bounded by its requests, and
+are never dropped.
 """
 
 from __future__ import annotations
@@ -23,7 +29,9 @@ log = logging.getLogger(__name__)
 EVENTS_SERVICE = "containerd.services.events.ttrpc.v1.Events"
 NAMESPACE_KEY = "containerd-namespace-ttrpc"
 _ATTEMPTS = 5
-_QUEUE_LIMIT = 4096
+# Topics a guest can raise at will: coalesced and bounded, never the others.
+_LOSSY_TOPICS = {"/tasks/oom"}
+_LOSSY_LIMIT = 256
 
 TOPICS = {
     "TaskCreate": "/tasks/create",
@@ -56,7 +64,10 @@ class EventPublisher:
     def __init__(self, address: str, namespace: str) -> None:
         self._address = address.removeprefix("unix://")
         self._namespace = namespace
-        self._queue: asyncio.Queue[events_service_pb2.Envelope] = asyncio.Queue(_QUEUE_LIMIT)
+        self._queue: asyncio.Queue[tuple[events_service_pb2.Envelope, str | None]] = (
+            asyncio.Queue())
+        self._lossy_queued: set[str] = set()
+        self.dropped = 0
         self._client: Client | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -68,17 +79,22 @@ class EventPublisher:
         if not self._address:
             log.debug("no TTRPC_ADDRESS: not publishing %s", topic)
             return
-        try:
-            self._queue.put_nowait(envelope)
-        except asyncio.QueueFull:
-            log.error("event queue full: dropping %s", topic)
-            return
+        lossy: str | None = None
+        if topic in _LOSSY_TOPICS:
+            lossy = f"{topic} {getattr(event, 'container_id', '')}"
+            if lossy in self._lossy_queued or len(self._lossy_queued) >= _LOSSY_LIMIT:
+                self.dropped += 1
+                return
+            self._lossy_queued.add(lossy)
+        self._queue.put_nowait((envelope, lossy))
         if self._task is None:
             self._task = asyncio.ensure_future(self._run())
 
     async def _run(self) -> None:
         while True:
-            envelope = await self._queue.get()
+            envelope, lossy = await self._queue.get()
+            if lossy is not None:
+                self._lossy_queued.discard(lossy)
             await self._forward(envelope)
             self._queue.task_done()
 
@@ -96,7 +112,9 @@ class EventPublisher:
                 return
             except (OSError, TtrpcError) as exc:
                 log.warning("publishing %s (attempt %d): %s", envelope.topic, attempt + 1, exc)
-                self._client = None
+                if self._client is not None:
+                    await self._client.aclose()
+                    self._client = None
                 await asyncio.sleep(0.1 * 2**attempt)
         log.error("gave up publishing %s to %s", envelope.topic, self._address)
 

@@ -45,6 +45,10 @@ _EMPTY = empty_pb2.Empty()
 VM_DIED_STATUS = 137
 # How long CloseIO lets input already in the stdin FIFO flow to the process.
 CLOSE_IO_GRACE = 10.0
+# OOM events from the guest: one TaskOOM per container per interval, and a
+# bounded rate of polls however fast the guest answers.
+OOM_INTERVAL = 1.0
+OOM_POLLS_PER_SECOND = 100
 
 
 class TaskService:
@@ -319,14 +323,28 @@ class TaskService:
                     await self._exited(proc, VM_DIED_STATUS)
 
     async def _watch_oom(self, sandbox: Sandbox) -> None:
-        assert sandbox.agent is not None
+        """TaskOOM for each container the guest reports, at most one per
+        container per OOM_INTERVAL seconds, and at most OOM_POLLS_PER_SECOND
+        polls: a guest that reports without end costs the host little."""
+        agent = sandbox.agent
+        assert agent is not None
+        loop = asyncio.get_running_loop()
+        last: dict[str, float] = {}
         while self.sandbox is sandbox:
             try:
-                container_id = await sandbox.agent.get_oom_event()
-            except Exception:
-                return
-            if container_id in self.tasks:
+                container_id = await agent.get_oom_event()
+            except AgentError as exc:
+                if agent.closed:
+                    return
+                log.warning("OOM events: %s", exc, extra={"sandbox": sandbox.id})
+                await asyncio.sleep(1.0)
+                continue
+            stamp = loop.time()
+            if container_id in self.tasks and stamp - last.get(container_id, -OOM_INTERVAL) \
+                    >= OOM_INTERVAL:
+                last[container_id] = stamp
                 self.publisher.publish(events_pb2.TaskOOM(container_id=container_id))
+            await asyncio.sleep(1 / OOM_POLLS_PER_SECOND)
 
     # --- the rest of the task API ------------------------------------------------
 

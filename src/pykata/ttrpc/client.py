@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 ResponseT = TypeVar("ResponseT", bound=Message)
+_DROP_LOG_INTERVAL = 10.0
 Metadata = Mapping[str, str | Sequence[str]]
 
 
@@ -60,6 +61,10 @@ class Client:
         self._next_stream_id = 1  # client-initiated streams are odd: 1, 3, 5, ...
         self._close_cause: BaseException | None = None
         self._closed = asyncio.Event()
+        # Frames nobody waits for (a hostile peer can send them without end):
+        # counted, and logged at most once per _DROP_LOG_INTERVAL.
+        self.dropped_frames = 0
+        self._drop_logged_at = float("-inf")
         self._reader_task = asyncio.get_running_loop().create_task(
             self._read_responses(), name="ttrpc-client-reader"
         )
@@ -193,26 +198,32 @@ class Client:
         if header.message_type is not MessageType.RESPONSE:
             # Data frames belong to streaming RPCs, which pykata does not issue;
             # anything else is not meant for a client. Skipping keeps us in sync.
-            logger.warning(
-                "dropping frame of type %d on stream %d: not a response",
-                header.type,
-                header.stream_id,
-            )
+            self._drop(f"a frame of type {header.type} on stream {header.stream_id}")
             return
         future = self._pending.get(header.stream_id)
         if future is None:
-            level = logging.DEBUG if header.stream_id < self._next_stream_id else logging.WARNING
-            logger.log(
-                level, "dropping response for stream %d: no call waits on it", header.stream_id
-            )
+            if header.stream_id < self._next_stream_id:
+                # An answer to a call that timed out: expected now and then.
+                logger.debug("dropping response for stream %d: no call waits on it",
+                             header.stream_id)
+            else:
+                self._drop(f"a response for stream {header.stream_id}, never called")
             return
         if not future.done():
             future.set_result(frame.payload)
 
+    def _drop(self, what: str) -> None:
+        self.dropped_frames += 1
+        now = asyncio.get_running_loop().time()
+        if now - self._drop_logged_at >= _DROP_LOG_INTERVAL:
+            self._drop_logged_at = now
+            logger.warning("dropping frames nobody waits for (%d so far; latest: %s)",
+                           self.dropped_frames, what)
+
     def _fail_stream(self, stream_id: int | None, error: Exception) -> None:
         future = self._pending.get(stream_id) if stream_id is not None else None
         if future is None:
-            logger.warning("dropping error for stream %s: %s", stream_id, error)
+            self._drop(f"an error for stream {stream_id}: {error}")
         elif not future.done():
             future.set_exception(error)
 
