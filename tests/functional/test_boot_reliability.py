@@ -35,7 +35,7 @@ async def _boot_once(config: Config, index: int) -> float:
     try:
         assert sandbox.agent is not None
         details = await sandbox.agent.guest_details()
-        assert details.agent_details.init_daemon
+        assert details.agent_details.version
         return sandbox.times.vm_launch + sandbox.times.agent_ready
     finally:
         await sandbox.stop()

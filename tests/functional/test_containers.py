@@ -108,7 +108,9 @@ async def test_bad_requests_do_not_hurt_the_agent(shared_sandbox: Sandbox) -> No
         await agent.signal_process("../etc", "", 9)
     assert bad_id.value.code == Code.NOT_FOUND
     details = await agent.guest_details()
-    assert details.agent_details.init_daemon
+    # /init is PID 1 and ends the VM when the agent is gone; the agent is its child.
+    assert not details.agent_details.init_daemon
+    assert details.agent_details.version
     assert json.loads(json.dumps(list(details.agent_details.extra_features)))
 
 

@@ -47,13 +47,21 @@ def test_pick_cid_avoids_reserved_ids() -> None:
 
 
 def test_vm_with_vsock_gets_the_device_and_tells_the_agent(tmp_path: Path) -> None:
-    """With a cid the VM gets vhost-vsock instead of the serial port, and the
-    guest kernel command line tells the agent to listen on vsock."""
+    """With a cid the VM gets vhost-vsock instead of the agent's serial port, and
+    a token port on the socket QEMU inherits; the token itself is nowhere on the
+    command line (world-readable on the host), and the guest kernel command
+    line tells the agent to listen on vsock."""
+    token = bytes(range(32))
     config = VmConfig(name="v", run_dir=tmp_path, qemu_path="/usr/bin/qemu-system-x86_64",
-                      kernel=tmp_path / "k", initrd=tmp_path / "i", vsock_cid=4242)
+                      kernel=tmp_path / "k", initrd=tmp_path / "i", vsock_cid=4242,
+                      vsock_token=token)
     cmd = QemuVM(config).command(qmp_fd=7, agent_fd=9, console_fd=11)
     assert "vhost-vsock-device,id=vsock,guest-cid=4242" in cmd
-    assert not any("virtserialport" in arg for arg in cmd)
+    assert "virtserialport,bus=tokenserial.0,chardev=token,name=pykata.token" in cmd
+    assert "socket,id=token,fd=9" in cmd
+    assert not any("agent.channel.0" in arg for arg in cmd)
+    text = " ".join(cmd) + config.kernel_cmdline() + repr(config)
+    assert token.hex() not in text and repr(token) not in text
     assert "pykata.transport=vsock" in config.kernel_cmdline()
     serial = VmConfig(name="v", run_dir=tmp_path, qemu_path="q", kernel=tmp_path / "k",
                       initrd=tmp_path / "i")

@@ -7,10 +7,11 @@ import os
 import socket
 from pathlib import Path
 
+from pykata.channels import AGENT_PORT_NAME as PORT_NAME
+from pykata.channels import AGENT_VSOCK_PORT as VSOCK_PORT
+from pykata.channels import TOKEN_PORT_NAME, TOKEN_SIZE
 from pykata.ttrpc import open_fd_streams
 
-PORT_NAME = "agent.channel.0"
-VSOCK_PORT = 1024
 _PORTS = Path("/sys/class/virtio-ports")
 
 
@@ -36,3 +37,18 @@ def listen_vsock(port: int = VSOCK_PORT) -> socket.socket:
     sock.listen(8)
     sock.setblocking(False)
     return sock
+
+
+def read_token(name: str = TOKEN_PORT_NAME) -> bytes:
+    """This VM's token, which the host wrote to the token port before boot."""
+    fd = os.open(find_serial_port(name), os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        token = b""
+        while len(token) < TOKEN_SIZE:
+            chunk = os.read(fd, TOKEN_SIZE - len(token))
+            if not chunk:
+                raise EOFError(f"the token port {name} closed after {len(token)} bytes")
+            token += chunk
+    finally:
+        os.close(fd)
+    return token

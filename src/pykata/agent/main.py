@@ -8,8 +8,9 @@ import os
 import sys
 from pathlib import Path
 
-from pykata.agent.channel import listen_vsock, open_serial
+from pykata.agent.channel import listen_vsock, open_serial, read_token
 from pykata.agent.containers import Containers
+from pykata.agent.listener import AuthenticatedListener
 from pykata.agent.reaper import Reaper
 from pykata.agent.service import AgentService, HealthService, build_server
 
@@ -48,9 +49,11 @@ async def serve(params: dict[str, str]) -> None:
     agent = AgentService(reaper, Containers(reaper))
     server = build_server(agent, HealthService())
     if params.get("transport") == "vsock":
-        await server.serve_socket(listen_vsock())
+        listener = AuthenticatedListener(server, read_token())
+        accepting = asyncio.ensure_future(listener.serve(listen_vsock()))
         log.info("serving on vsock port 1024")
         await agent.destroyed.wait()
+        accepting.cancel()
     else:
         reader, writer = await open_serial()
         log.info("serving on virtio-serial")
@@ -65,7 +68,7 @@ async def serve(params: dict[str, str]) -> None:
 
 def power_off() -> None:
     os.sync()
-    # reboot(2) as PID 1; with reboot=t and QEMU's -no-reboot the VM ends.
+    # reboot(2); with reboot=t and QEMU's -no-reboot the VM ends.
     os.execv(BUSYBOX, [BUSYBOX, "reboot", "-f"])
 
 
@@ -87,5 +90,7 @@ def main() -> None:
         log.exception("agent failed")
     finally:
         log.info("host channel closed; powering off")
+        # Run as PID 1 (an older /init): nobody else would end the VM.
+        # Otherwise /init does, once this process is gone.
         if os.getpid() == 1:
             power_off()

@@ -28,6 +28,7 @@ from pykata.assets.cache import AssetCache, Installed
 from pykata.assets.cpio import Archive
 from pykata.assets.initrd_plan import (
     BUILDER_VERSION,
+    CC,
     KIND,
     Compression,
     EntryKind,
@@ -136,7 +137,19 @@ def assemble(plan: InitrdPlan, work: Path, log: BuildLog) -> Archive:
             archive.add_symlink(path, entry.data.decode())
         elif entry.kind is EntryKind.CHARDEV:
             archive.add_char_device(path, *entry.rdev, mode=entry.mode)
+        elif entry.kind is EntryKind.C_PROGRAM:
+            archive.add_file(path, compile_c(entry, work / "bin", log), entry.mode)
     return archive
+
+
+def compile_c(entry: PlannedEntry, out: Path, log: BuildLog) -> Path:
+    """A static, stripped binary of the C program `entry.source`."""
+    assert entry.source is not None
+    out.mkdir(parents=True, exist_ok=True)
+    binary = out / Path(entry.path).name
+    log.step(f"initrd: compiling {entry.source.name}")
+    log.run([CC, "-static", "-Os", "-s", "-Wall", "-Werror", "-o", binary, entry.source])
+    return binary
 
 
 def compile_bytecode(plan: InitrdPlan, out: Path, log: BuildLog) -> dict[str, Path]:

@@ -27,10 +27,13 @@ from pykata.errors import AssetsError
 
 KIND = "initrd"
 # Bump when a change to the builder changes what a build produces.
-BUILDER_VERSION = "2"
+BUILDER_VERSION = "3"
 
 SRC_ROOT = Path(__file__).resolve().parents[2]  # the directory holding the pykata package
 DEFAULT_INIT = Path(__file__).resolve().parent / "initrd" / "init"
+SUBREAPER_SOURCE = Path(__file__).resolve().parent / "initrd" / "subreaper.c"
+SUBREAPER = "/usr/libexec/pykata/subreaper"
+CC = Path("/usr/bin/gcc")
 DEFAULT_ENTRY = "pykata.agent.__main__"
 GUEST_LIB = "/usr/lib/pykata"  # PYTHONPATH of the agent, set by /init
 
@@ -72,6 +75,7 @@ class EntryKind(enum.StrEnum):
     DATA = "data"  # `data`
     SYMLINK = "symlink"
     CHARDEV = "chardev"
+    C_PROGRAM = "c-program"  # `source` (C) compiled and linked statically
 
 
 @dataclass(frozen=True)
@@ -121,6 +125,8 @@ def requirements(spec: InitrdSpec) -> list[host.Requirement]:
         host.file(spec.busybox, "busybox-static"),
         host.file(spec.crun, "crun"),
         host.tool("ldd", "libc-bin"),
+        host.file(CC, "gcc"),
+        host.file("/usr/lib/x86_64-linux-gnu/libc.a", "libc6-dev"),
     ]
 
 
@@ -191,6 +197,9 @@ def _binary_entries(spec: InitrdSpec, libraries: list[str]) -> Iterator[PlannedE
         "/usr/bin/python3", EntryKind.SYMLINK, 0o777, data=b"python3.11", fingerprint="python3.11"
     )
     yield _file("/usr/bin/crun", spec.crun)
+    digest = hashlib.sha256(SUBREAPER_SOURCE.read_bytes()).hexdigest()
+    yield PlannedEntry(SUBREAPER, EntryKind.C_PROGRAM, 0o755, SUBREAPER_SOURCE,
+                       f"{digest}:{_identity(CC)}")
     for lib in libraries:
         yield _file(lib, Path(lib))
 

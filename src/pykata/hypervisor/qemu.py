@@ -15,7 +15,7 @@ import logging
 import os
 import signal
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pykata.errors import HypervisorError
@@ -49,6 +49,9 @@ class VmConfig:
     debug: bool = False
     # The agent channel: AF_VSOCK to this context id, or (0) virtio-serial.
     vsock_cid: int = 0
+    # With vsock: the secret the agent wants first on every connection,
+    # handed to it through a virtio-serial port only QEMU and we hold.
+    vsock_token: bytes = field(default=b"", repr=False)
     # Bytes of guest console kept on the host (and a quarter of it for QEMU's stderr).
     console_limit: int = 1 << 20
 
@@ -106,6 +109,7 @@ class QemuVM:
         self.agent_socket: socket.socket | None = None
         self._logs: list[CappedLog] = []
         self._console: asyncio.StreamWriter | None = None
+        self._token_socket: socket.socket | None = None
 
     @property
     def pid(self) -> int | None:
@@ -126,9 +130,12 @@ class QemuVM:
             qa.QmpFd(qmp_fd),
             qa.SerialConsoleFd(console_fd),
             qa.Rng(c.machine_type),
-            qa.VhostVsock(c.vsock_cid, c.machine_type) if c.vsock_cid
-            else qa.VirtioSerialAgent(agent_fd, c.machine_type),
         ]
+        if c.vsock_cid:
+            opts += [qa.VhostVsock(c.vsock_cid, c.machine_type),
+                     qa.TokenPort(agent_fd, c.machine_type)]
+        else:
+            opts.append(qa.VirtioSerialAgent(agent_fd, c.machine_type))
         if c.shared_dir is not None:
             opts.append(qa.Share9p(c.shared_dir, c.machine_type))
         return opts
@@ -157,7 +164,10 @@ class QemuVM:
             agent_vm.close()
             console_vm.close()
         if self.config.vsock_cid:
-            agent_host.close()
+            # The token waits in the socket until the agent reads its port;
+            # the socket stays open with the VM (QEMU's end would see a hangup).
+            agent_host.sendall(self.config.vsock_token)
+            self._token_socket = agent_host
         else:
             self.agent_socket = agent_host
         try:
@@ -249,6 +259,9 @@ class QemuVM:
         if self.agent_socket is not None:
             self.agent_socket.close()
             self.agent_socket = None
+        if self._token_socket is not None:
+            self._token_socket.close()
+            self._token_socket = None
 
 
 def _panic_line(path: Path) -> str:

@@ -13,8 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-AGENT_PORT_NAME = "agent.channel.0"
-SHARED_FS_TAG = "kataShared"
+from pykata.channels import AGENT_PORT_NAME, SHARED_FS_TAG, TOKEN_PORT_NAME
 
 
 class QemuOption(Protocol):
@@ -140,6 +139,21 @@ class VirtioSerialAgent:
             "-device", f"virtio-serial-{_bus_suffix(self.machine_type)},id=agentserial",
             "-chardev", f"socket,id=agent,fd={self.fd}",
             "-device", f"virtserialport,bus=agentserial.0,chardev=agent,name={AGENT_PORT_NAME}",
+        ]
+
+
+@dataclass(frozen=True)
+class TokenPort:
+    """The virtio-serial port that hands the agent its VM's vsock token."""
+
+    fd: int
+    machine_type: str
+
+    def args(self) -> list[str]:
+        return [
+            "-device", f"virtio-serial-{_bus_suffix(self.machine_type)},id=tokenserial",
+            "-chardev", f"socket,id=token,fd={self.fd}",
+            "-device", f"virtserialport,bus=tokenserial.0,chardev=token,name={TOKEN_PORT_NAME}",
         ]
 
 

@@ -15,15 +15,16 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pykata.channels import SHARED_FS_TAG, TOKEN_SIZE
 from pykata.config import Config
 from pykata.errors import AgentError, HypervisorError, PykataError
 from pykata.hypervisor.host import probe_vsock, resolve_accel
 from pykata.hypervisor.qemu import QemuVM, VmConfig
-from pykata.hypervisor.qemu_args import SHARED_FS_TAG
 from pykata.protocols import agent_pb2
 from pykata.runtime import vsock
 from pykata.runtime.agent_client import AgentClient
@@ -82,6 +83,7 @@ class Sandbox:
         q = self.config.qemu
         kernel, initrd = _guest_assets(q.kernel, q.initrd)
         accel = resolve_accel(q.accel)
+        use_vsock = probe_vsock().value == "vsock"
         return VmConfig(
             name=self.paths.key,
             run_dir=self.paths.run_dir,
@@ -95,7 +97,8 @@ class Sandbox:
             kernel_params=" ".join(p for p in (q.kernel_params, self.options.kernel_params) if p),
             shared_dir=self.paths.shared_dir,
             debug=self.config.runtime.enable_debug,
-            vsock_cid=vsock.pick_cid() if probe_vsock().value == "vsock" else 0,
+            vsock_cid=vsock.pick_cid() if use_vsock else 0,
+            vsock_token=secrets.token_bytes(TOKEN_SIZE) if use_vsock else b"",
             console_limit=self.config.runtime.console_log_size * 1024,
         )
 
@@ -152,6 +155,8 @@ class Sandbox:
         cid = self.vm.config.vsock_cid
         if cid:
             sock = await vsock.connect(cid, timeout)
+            # The agent serves only a connection that opens with the token.
+            await loop.sock_sendall(sock, self.vm.config.vsock_token)
         else:
             assert self.vm.agent_socket is not None
             sock = self.vm.agent_socket

@@ -11,7 +11,8 @@ import secrets
 import socket
 from collections.abc import Callable
 
-AGENT_PORT = 1024
+from pykata.channels import AGENT_VSOCK_PORT as AGENT_PORT
+
 # Context ids 0-2 are reserved (hypervisor, local, host); 0xFFFFFFFF is "any".
 _CID_RANGE = (3, 0xFFFFFFFE)
 _RETRY_SECONDS = 0.05

@@ -1,0 +1,16 @@
+"""What the host and the guest agree on to find each other, defined once.
+
+Imported by the runtime on the host and by the agent in the guest, so it
+imports nothing.
+"""
+
+# The virtio-serial port the agent serves ttRPC on (hosts without vsock).
+AGENT_PORT_NAME = "agent.channel.0"
+# The vsock port the agent serves ttRPC on (hosts with /dev/vhost-vsock).
+AGENT_VSOCK_PORT = 1024
+# The virtio-serial port that hands the agent its VM's token at boot; a vsock
+# connection is served only after it presents the token.
+TOKEN_PORT_NAME = "pykata.token"
+TOKEN_SIZE = 32
+# The 9p mount tag of the sandbox's shared directory.
+SHARED_FS_TAG = "kataShared"
