@@ -67,7 +67,7 @@ async def test_only_a_connection_with_the_token_is_served(tmp_path: Path) -> Non
 async def test_a_second_connection_is_refused_while_one_is_served(tmp_path: Path) -> None:
     """The runtime holds the agent's one connection: another process that got
     the token some other way still cannot get in beside it."""
-    auth, task, path = await _listener(tmp_path)
+    _, task, path = await _listener(tmp_path)
     try:
         reader, writer = await asyncio.open_unix_connection(path)
         writer.write(TOKEN)
