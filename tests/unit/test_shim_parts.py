@@ -166,3 +166,48 @@ def test_kernel_params_pass_ordinary_parameters() -> None:
     options = annotations.sandbox_options({key: " loglevel=3  mitigations=off "},
                                           _config("kernel_params"))
     assert options.kernel_params == "loglevel=3 mitigations=off"
+
+
+def test_a_shim_going_away_removes_only_its_own_socket(tmp_path: Path) -> None:
+    """The old shim's socket was replaced by its successor's at the same path:
+    the old one's release leaves the successor's socket in place."""
+    path = str(tmp_path / "pod.sock")
+    Path(path).write_text("old")
+    os.utime(path, ns=(1, 1001))  # as `_listen` marks each socket
+    mine = start.file_identity(path)
+    os.unlink(path)
+    Path(path).write_text("successor")  # may well get the same inode number
+    os.utime(path, ns=(1, 2002))
+    with start.pod_lock(path):
+        start.release_pod_files(path, only=mine)
+    assert Path(path).read_text() == "successor"
+    with start.pod_lock(path):
+        start.release_pod_files(path, only=start.file_identity(path))
+    assert not Path(path).exists() and not Path(path + ".lock").exists()
+
+
+def test_a_lock_file_removed_by_its_holder_is_not_held_by_a_waiter(tmp_path: Path) -> None:
+    """A waiter that opened the lock file before its holder removed it takes
+    the new lock file instead, so two processes never both hold the pod."""
+    import threading
+    import time
+
+    path = str(tmp_path / "pod.sock")
+    inside: list[str] = []
+    ready = threading.Event()
+
+    def waiter() -> None:
+        ready.wait()
+        with start.pod_lock(path):
+            inside.append("waiter")
+            assert os.path.exists(path + ".lock")
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    with start.pod_lock(path):
+        ready.set()
+        time.sleep(0.2)  # the waiter now blocks on the file we are about to remove
+        inside.append("holder")
+        start.release_pod_files(path)
+    thread.join(10)
+    assert inside == ["holder", "waiter"]

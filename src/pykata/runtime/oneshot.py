@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pykata.config import Config
-from pykata.errors import PykataError
+from pykata.errors import AgentError, PykataError
 from pykata.runtime.container import Container, spec_readonly_root
 from pykata.runtime.mounts import Mount
 from pykata.runtime.sandbox import Sandbox, SandboxOptions
@@ -76,12 +76,15 @@ async def run_container(
     try:
         t1 = time.monotonic()
         container.share_rootfs(rootfs(container), readonly=spec_readonly_root(spec))
-        await container.create(spec, volumes=volumes)
-        assert sandbox.agent is not None
-        relay = StdioRelay(sandbox.agent, container.id, container.id)
-        terminal = bool(spec.get("process", {}).get("terminal"))
-        relay.start(io.stdout, io.stderr, io.stdin, terminal=terminal)
-        await container.start()
+        try:
+            await container.create(spec, volumes=volumes)
+            assert sandbox.agent is not None
+            relay = StdioRelay(sandbox.agent, container.id, container.id)
+            terminal = bool(spec.get("process", {}).get("terminal"))
+            relay.start(io.stdout, io.stderr, io.stdin, terminal=terminal)
+            await container.start()
+        except AgentError as exc:
+            raise await sandbox.explain(exc) from exc
         phases["container_create_start"] = time.monotonic() - t1
         if io.on_running is not None:
             await io.on_running(container)

@@ -205,6 +205,19 @@ class Sandbox:
                 f"{self.vm.failure_report()}"
             ) from exc
 
+    async def explain(self, exc: PykataError) -> PykataError:
+        """`exc`, or, when the VM has stopped, an error saying so with its
+        failure report: a VM that dies shows up first as a lost agent
+        connection, which alone tells the user nothing."""
+        if self.vm is None:
+            return exc
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self.vm.wait()), 2)
+        if self.vm.running:
+            return exc
+        return HypervisorError(
+            f"the VM of sandbox {self.id} stopped ({exc}):\n{self.vm.failure_report()}")
+
     async def stop(self) -> None:
         """Destroy the sandbox in the guest, stop the VM, remove host state."""
         if self._stopped:

@@ -18,7 +18,7 @@ from pykata.shim import shimlog
 from pykata.shim.cli import RUNTIME_TYPE, ShimFlags
 from pykata.shim.events import EventPublisher
 from pykata.shim.service import TASK_REQUESTS, TaskService
-from pykata.shim.start import pod_lock, release_pod_files
+from pykata.shim.start import FileIdentity, file_identity, pod_lock, release_pod_files
 from pykata.ttrpc import Server
 
 log = logging.getLogger(__name__)
@@ -40,8 +40,7 @@ def serve(flags: ShimFlags) -> int:
     shimlog.setup(flags.bundle_dir(), debug=flags.debug or cfg.runtime.enable_debug,
                   runtime=RUNTIME_TYPE)
     try:
-        st = os.stat(flags.socket)
-        inode: tuple[int, int] | None = (st.st_dev, st.st_ino)
+        inode: FileIdentity | None = file_identity(flags.socket)
     except OSError:
         inode = None
     try:
@@ -52,7 +51,7 @@ def serve(flags: ShimFlags) -> int:
     return 0
 
 
-def _release(path: str, inode: tuple[int, int] | None) -> None:
+def _release(path: str, inode: FileIdentity | None) -> None:
     """Stop being found: remove our socket, never a successor's (a new shim
     for a pod with the same id may already serve at the same path)."""
     with pod_lock(path):
@@ -60,7 +59,7 @@ def _release(path: str, inode: tuple[int, int] | None) -> None:
 
 
 async def _serve(flags: ShimFlags, cfg: config_mod.Config,
-                 inode: tuple[int, int] | None) -> None:
+                 inode: FileIdentity | None) -> None:
     loop = asyncio.get_running_loop()
     done = asyncio.Event()
     publisher = EventPublisher(os.environ.get(TTRPC_ADDRESS_ENV, ""), flags.namespace)

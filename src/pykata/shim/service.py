@@ -149,7 +149,10 @@ class TaskService:
                                         readonly=spec_readonly_root(spec))
             share_pid = _shares_pid_namespace(spec, annotations)
             spec.setdefault("process", {})["terminal"] = req.terminal
-            await task.container.create(spec, share_pid_ns=share_pid, volumes=volumes)
+            try:
+                await task.container.create(spec, share_pid_ns=share_pid, volumes=volumes)
+            except AgentError as exc:
+                raise await self.sandbox.explain(exc) from exc
             assert self.sandbox.agent is not None
             task.init.start_relay(self.sandbox.agent)
             # Watched from creation on: a task killed before it was started
@@ -192,12 +195,15 @@ class TaskService:
             raise precondition(f"process {proc.label} was already started")
         task = proc.task
         assert self.sandbox is not None and self.sandbox.agent is not None
-        if req.exec_id:
-            assert proc.spec is not None
-            await task.container.exec(req.exec_id, proc.spec)
-            proc.start_relay(self.sandbox.agent)
-        else:
-            await task.container.start()
+        try:
+            if req.exec_id:
+                assert proc.spec is not None
+                await task.container.exec(req.exec_id, proc.spec)
+                proc.start_relay(self.sandbox.agent)
+            else:
+                await task.container.start()
+        except AgentError as exc:
+            raise await self.sandbox.explain(exc) from exc
         proc.status = RUNNING
         if req.exec_id:
             self._spawn(self._watch_process(proc))

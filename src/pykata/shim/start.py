@@ -15,6 +15,7 @@ import json
 import os
 import socket
 import sys
+import time
 from collections.abc import Iterator
 
 from pykata.runtime.keys import pod_key
@@ -79,13 +80,24 @@ def pod_lock(socket: str) -> Iterator[None]:
             os.close(fd)
 
 
-def release_pod_files(socket: str, *, only: tuple[int, int] | None = None,
+FileIdentity = tuple[int, int, int]
+
+
+def file_identity(path: str) -> FileIdentity:
+    """What tells one socket file from another at the same path: device,
+    inode and modification time. A new file may get a deleted one's inode
+    number within the same clock tick, so `_listen` gives each socket a
+    random modification time of its own."""
+    st = os.stat(path)
+    return (st.st_dev, st.st_ino, st.st_mtime_ns)
+
+
+def release_pod_files(socket: str, *, only: FileIdentity | None = None,
                       socket_known: bool = True) -> None:
-    """With the pod's lock held: remove its socket (only if it is the inode
+    """With the pod's lock held: remove its socket (only if it is the file
     `only`, when given; not at all unless `socket_known`), and the lock file."""
     with contextlib.suppress(FileNotFoundError):
-        st = os.stat(socket)
-        if socket_known and (only is None or (st.st_dev, st.st_ino) == only):
+        if socket_known and (only is None or file_identity(socket) == only):
             os.unlink(socket)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(socket + ".lock")
@@ -108,6 +120,7 @@ def _listen(path: str) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.bind(path)
     os.chmod(path, 0o600)
+    os.utime(path, ns=(time.time_ns(), int.from_bytes(os.urandom(7), "big")))
     sock.listen(128)
     return sock
 

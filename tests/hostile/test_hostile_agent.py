@@ -1,0 +1,152 @@
+"""A hostile agent in a real VM: the host's trust checks at the agent boundary.
+
+The VM is real (pykata's kernel under QEMU, through the real shim and a real
+containerd); only the agent is replaced, by hostile_agent/, as a guest whose
+root took the agent over could. Whatever it sends, the pod's exit and delete
+reach containerd, the host stays responsive, and nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from pykata.assets import AssetCache, AssetPaths, InitrdSpec, build_initrd, default_cache_dir
+from pykata.assets.initrd_plan import DEFAULT_INIT, SRC_ROOT
+from tests.functional.containerd_peer import PrivateContainerd
+
+HERE = Path(__file__).parent
+
+
+@pytest.fixture(scope="session")
+def hostile_initrd(guest_assets: AssetPaths) -> Path:
+    """pykata's initrd with /init starting the hostile agent instead of pykata's
+    (a cache of its own, so its builds never prune the real initrd)."""
+    cache = AssetCache(default_cache_dir() / "hostile-agent")
+    cache.root.mkdir(parents=True, exist_ok=True)
+    init = cache.root / "init"
+    init.write_text(DEFAULT_INIT.read_text().replace("-m pykata.agent", "-m hostile_agent"))
+    spec = InitrdSpec(init_script=init, entry_module="hostile_agent.__main__",
+                      source_roots=(SRC_ROOT, HERE))
+    return build_initrd(spec, cache,
+                        progress=lambda line: print(f"hostile initrd: {line}")).image
+
+
+@pytest.fixture
+def hostile(guest_assets: AssetPaths, hostile_initrd: Path,
+            shim_config: Callable[[str], None]) -> Callable[[str], str]:
+    """Make the shims boot the hostile agent in `mode`; returns the config text."""
+    def use(mode: str) -> str:
+        text = (f'[hypervisor.qemu]\nkernel = "{guest_assets.kernel}"\n'
+                f'initrd = "{hostile_initrd}"\nkernel_params = "hostile={mode}"\n')
+        shim_config(text)
+        return text
+    return use
+
+
+def test_exit_status_out_of_range_reaches_containerd_as_255(
+    containerd: PrivateContainerd, hostile: Callable[[str], str],
+) -> None:
+    """The guest reports exit status -1: the task exits 255, and TaskExit and
+    TaskDelete reach containerd (the shim used to fail every later call)."""
+    hostile("exit")
+    with containerd.events() as events:
+        result = containerd.run("h-exit", "true")
+        assert result.returncode == 255, result.err
+        assert '"exit_status":255' in events.wait_for("/tasks/exit", "h-exit")
+        events.wait_for("/tasks/delete", "h-exit")
+
+
+def test_an_oom_flood_is_coalesced_and_exit_still_arrives(
+    containerd: PrivateContainerd, hostile: Callable[[str], str],
+) -> None:
+    """GetOOMEvent answered at once, without end, for 3 s: containerd gets at
+    most one TaskOOM a second, and the task's exit and delete."""
+    hostile("oom")
+    with containerd.events() as events:
+        result = containerd.run("h-oom", "true")
+        assert result.returncode == 0, result.err
+        events.wait_for("/tasks/exit", "h-oom")
+        events.wait_for("/tasks/delete", "h-oom")
+        ooms = [line for line in events.lines if "/tasks/oom" in line and "h-oom" in line]
+    assert 1 <= len(ooms) <= 6, len(ooms)
+
+
+def test_a_flood_of_unasked_frames_is_dropped_quietly(
+    containerd: PrivateContainerd, hostile: Callable[[str], str],
+) -> None:
+    """Thousands of frames nobody asked for (unknown streams, data frames,
+    unknown types, one over the size limit) around every answer: the task runs
+    and exits as usual, and the shim logs the drops a few times, not per frame."""
+    hostile("frames")
+    logged_before = containerd.log.read_text().count("dropping frames nobody waits for")
+    result = containerd.run("h-frames", "true")
+    assert result.returncode == 0, result.err
+    logged = containerd.log.read_text().count("dropping frames nobody waits for")
+    assert 1 <= logged - logged_before <= 5, logged - logged_before
+
+
+def test_guest_error_text_reaches_the_user_escaped(
+    containerd: PrivateContainerd, hostile: Callable[[str], str],
+) -> None:
+    """An error message with ANSI escapes, a carriage return and a C1 control:
+    ctr prints it escaped, and containerd's log holds no raw escape either."""
+    hostile("escape")
+    try:
+        result = containerd.run("h-escape", "true")
+    finally:
+        # A failed Start leaves a created task (ctr deletes only stopped ones).
+        containerd.remove("h-escape")
+    assert result.returncode != 0
+    assert "\x1b" not in result.err and "\r" not in result.err and "\x9b" not in result.err
+    assert "\\x1b[2J" in result.err and "owned by the guest" in result.err, result.err
+    assert "\x1b" not in containerd.log.read_text()
+
+
+def test_a_reply_that_is_no_response_fails_cleanly(
+    containerd: PrivateContainerd, hostile: Callable[[str], str],
+) -> None:
+    """CreateContainer answered with bytes that decode to nothing: the create
+    fails with a clear error and nothing of the pod remains (no_leftovers)."""
+    hostile("invalid")
+    result = containerd.run("h-invalid", "true")
+    assert result.returncode != 0
+    assert "the agent sent an invalid reply" in result.err, result.err
+
+
+def test_out_of_range_pids_are_refused_and_the_task_still_ends(
+    containerd: PrivateContainerd, hostile: Callable[[str], str],
+) -> None:
+    """ListProcesses with pids -1 and 99999999999: `ctr task ps` fails saying
+    so; the task is still killed and deleted as usual."""
+    hostile("ps")
+    started = containerd.ctr("run", "-d", "--runtime", "io.containerd.pykata.v2",
+                             "docker.io/pykata/busybox:test", "h-ps", "sleep", "600")
+    assert started.returncode == 0, started.err
+    try:
+        ps = containerd.ctr("task", "ps", "h-ps")
+        assert ps.returncode != 0
+        assert "unreadable process list" in ps.err, ps.err
+    finally:
+        containerd.remove("h-ps")
+    assert containerd.task_status("h-ps") == ""
+
+
+def test_console_escapes_are_shown_escaped_when_the_vm_dies(
+    guest_assets: AssetPaths, hostile_initrd: Path, tmp_path: Path,
+) -> None:
+    """The guest writes escapes to its console and dies: `pykata run` reports
+    the VM's end with the console's tail, escaped."""
+    config = tmp_path / "configuration.toml"
+    config.write_text(f'[hypervisor.qemu]\nkernel = "{guest_assets.kernel}"\n'
+                      f'initrd = "{hostile_initrd}"\nkernel_params = "hostile=console"\n')
+    proc = subprocess.run(
+        [sys.executable, "-m", "pykata.cli.main", "--config", str(config), "run", "--", "true"],
+        capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL)
+    assert proc.returncode != 0
+    assert "\x1b" not in proc.stderr and "\r" not in proc.stderr, proc.stderr
+    assert "owned by the guest" in proc.stderr and "\\x1b]0;" in proc.stderr, proc.stderr
