@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 
 from pykata import config
-from tests.functional.containerd_peer import IMAGE, PrivateContainerd
+from pykata.runtime.keys import pod_key
+from tests.functional.containerd_peer import IMAGE, NAMESPACE, PrivateContainerd
 
 RUNTIMES = {"pykata": "io.containerd.pykata.v2", "runc": "io.containerd.runc.v2"}
 
@@ -50,9 +51,10 @@ def idle_pod_memory(peer: PrivateContainerd) -> dict[str, tuple[int, int]]:
         raise SystemExit(f"could not start an idle pod: {result.err}")
     try:
         time.sleep(3)  # let the shim settle after start-up
-        shim = subprocess.run(["pgrep", "-f", "pykata[.]shim .* serve"], capture_output=True,
+        key = pod_key(str(peer.socket), NAMESPACE, cid)
+        shim = subprocess.run(["pgrep", "-f", f"pykata[.]shim .*{key}"], capture_output=True,
                               text=True).stdout.split()
-        qemu = subprocess.run(["pgrep", "-f", f"qemu-system.*-name pykata-{cid}"],
+        qemu = subprocess.run(["pgrep", "-f", f"qemu-system.*-name pykata-{key} "],
                               capture_output=True, text=True).stdout.split()
         return {"shim": memory_kib(int(shim[0])), "qemu": memory_kib(int(qemu[0]))}
     finally:

@@ -89,3 +89,32 @@ def test_export_is_read_only_and_every_mount_nosuid_nodev(tmp_path: Path) -> Non
         cleanup_host_state(share.paths)
     assert not share.paths.run_dir.exists()
     assert (rootfs / "written").exists() and source.is_dir()
+
+
+def test_a_later_host_mount_below_a_volume_stays_out_of_the_share(tmp_path: Path) -> None:
+    """The volume's source is a shared mount (as on a systemd host). After the
+    share is made, the host mounts a tmpfs below the source: it does not show
+    up in the share, where it would be writable below a read-only volume."""
+    from pykata.runtime import syscalls
+
+    source = tmp_path / "source"
+    (source / "later").mkdir(parents=True)
+    mount_beneath(Mount("bind", str(source), ("bind",)), tmp_path, "source")
+    syscalls.mount("", str(source), "", 1 << 20, "")  # MS_SHARED
+    share = _share(tmp_path)
+    try:
+        [(_, volume)] = plan_volumes(
+            [{"destination": "/d", "type": "bind", "source": str(source),
+              "options": ["rbind", "ro"]}], None)
+        container = share.container("c1")
+        container.create()
+        container.add_volume(volume)
+        _tmpfs(source / "later")
+        (source / "later" / "file").write_text("host only")
+        point = share.paths.container_volumes("c1") / volume.name
+        assert not (point / "later" / "file").exists()
+        assert point / "later" not in mounts_under(share.paths.run_dir)
+    finally:
+        cleanup_host_state(share.paths)
+        unmount(source / "later")
+        unmount(source)

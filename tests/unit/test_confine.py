@@ -83,6 +83,21 @@ def test_confined_qemu_cannot_make_setid_files_devices_or_capabilities(tmp_path:
     assert not stat.S_IMODE((tmp_path / "plain").stat().st_mode) & confine.SETID_BITS
 
 
+def test_a_qemu_whose_owner_already_died_never_runs() -> None:
+    """The owner died between fork and the death signal taking effect (the
+    child's parent is not the pid the hook was made for): the child exits at
+    once instead of living on as an orphaned VM."""
+    hook = confine.confining_hook(parent_pid=1)  # no test runs as PID 1's child
+    pid = os.fork()
+    if pid == 0:
+        try:
+            hook()
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 1
+
+
 def test_filter_program_jumps_resolve() -> None:
     """Every jump of the seccomp program lands inside it."""
     rows = confine.setid_filter()

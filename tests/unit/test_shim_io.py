@@ -54,6 +54,66 @@ async def test_publisher_gives_up_quietly_without_containerd(tmp_path: Path) -> 
     await publisher.close()
 
 
+async def test_failed_publishes_close_their_connections(tmp_path: Path) -> None:
+    """An events server that answers every Forward with an error: each retry's
+    connection is closed, so the shim's descriptors do not pile up."""
+    async def refuse(req: events_service_pb2.ForwardRequest,
+                     ctx: RequestContext) -> empty_pb2.Empty:
+        raise OSError("containerd is busy")
+
+    server = Server()
+    server.register(EVENTS_SERVICE, "Forward", events_service_pb2.ForwardRequest, refuse)
+    address = str(tmp_path / "events.sock")
+    await server.serve_unix(address)
+    publisher = EventPublisher(address, "ns")
+    before = len(os.listdir("/proc/self/fd"))
+    try:
+        publisher.publish(events_pb2.TaskStart(container_id="c", pid=1))  # 5 attempts
+        await publisher.flush(timeout=30)
+        await asyncio.sleep(0.1)
+        assert len(os.listdir("/proc/self/fd")) <= before + 1
+    finally:
+        await publisher.close()
+        await server.aclose()
+
+
+async def test_oom_events_are_coalesced_but_lifecycle_events_never_dropped(
+    tmp_path: Path,
+) -> None:
+    """While containerd is slow, 10,000 OOM events for one container become
+    one queued event; 300 exits and deletes all arrive, in order."""
+    received: list[str] = []
+    gate = asyncio.Event()
+
+    async def forward(req: events_service_pb2.ForwardRequest,
+                      ctx: RequestContext) -> empty_pb2.Empty:
+        await gate.wait()
+        received.append(req.envelope.topic)
+        return empty_pb2.Empty()
+
+    server = Server()
+    server.register(EVENTS_SERVICE, "Forward", events_service_pb2.ForwardRequest, forward)
+    address = str(tmp_path / "events.sock")
+    await server.serve_unix(address)
+    publisher = EventPublisher(address, "ns")
+    try:
+        publisher.publish(events_pb2.TaskStart(container_id="c", pid=1))
+        await asyncio.sleep(0.1)  # the start is in flight, held by the gate
+        for _ in range(10_000):
+            publisher.publish(events_pb2.TaskOOM(container_id="c"))
+        for i in range(150):
+            publisher.publish(events_pb2.TaskExit(container_id=f"t{i}", id=f"t{i}"))
+            publisher.publish(events_pb2.TaskDelete(container_id=f"t{i}"))
+        gate.set()
+        await publisher.flush(timeout=60)
+    finally:
+        await publisher.close()
+        await server.aclose()
+    assert received.count("/tasks/oom") == 1
+    assert received.count("/tasks/exit") == 150 and received.count("/tasks/delete") == 150
+    assert publisher.dropped == 9_999
+
+
 def test_event_any_uses_the_full_protobuf_name() -> None:
     """containerd's typeurl names events by full name, without a URL prefix."""
     assert pack(events_pb2.TaskOOM(container_id="c")).type_url == "containerd.events.TaskOOM"
