@@ -78,12 +78,11 @@ def _read(path: str) -> bytes:
 
 def pykata_processes(root: Path) -> list[int]:
     """QEMU and shim processes of this run root."""
-    mine = f"PYKATA_RUN_ROOT={root}".encode()
     found = []
     for pid in _pids():
         cmdline = _read(f"/proc/{pid}/cmdline")
         qemu = b"qemu-system" in cmdline and f"path={root}/".encode() in cmdline
-        shim = b"pykata.shim" in cmdline and mine in _read(f"/proc/{pid}/environ").split(b"\0")
+        shim = b"pykata.shim" in cmdline and f"\0{root}/shims/".encode() in cmdline
         if qemu or shim:
             found.append(pid)
     return found

@@ -22,6 +22,18 @@ def _tmpfs(point: Path) -> None:
     mount_beneath(Mount("tmpfs", "tmpfs", ("size=1m",)), point.parent, point.name)
 
 
+def _add_volume(share: SandboxShare, source: Path, options: list[str]) -> Path:
+    """Share `source` as container c1's only volume; its mount point in the share."""
+    [(_, volume)] = plan_volumes(
+        [{"destination": "/d", "type": "bind", "source": str(source), "options": options}],
+        None)
+    container = share.container("c1")
+    if not container.paths.container_rootfs("c1").exists():
+        container.create()
+    container.add_volume(volume)
+    return share.paths.container_volumes("c1") / volume.name
+
+
 def _share(tmp_path: Path) -> SandboxShare:
     paths = SandboxPaths("host-side", private_dir(tmp_path / "root"))
     private_dir(paths.sandboxes)
@@ -39,18 +51,11 @@ def test_read_only_recursive_volume_is_read_only_below_too(tmp_path: Path) -> No
     _tmpfs(below)
     share = _share(tmp_path)
     try:
-        [(_, volume)] = plan_volumes(
-            [{"destination": "/d", "type": "bind", "source": str(source),
-              "options": ["rbind", "ro"]}], None)
-        container = share.container("c1")
-        container.create()
-        container.add_volume(volume)
-        point = share.paths.container_volumes("c1") / volume.name
+        point = _add_volume(share, source, ["rbind", "ro"])
         for target in (point / "top", point / "below" / "x"):
             with pytest.raises(OSError) as refused:
                 target.write_text("x")
             assert refused.value.errno == errno.EROFS, target
-        container.remove()
         (below / "x").write_text("the source itself stays writable")
     finally:
         cleanup_host_state(share.paths)
@@ -70,10 +75,7 @@ def test_export_is_read_only_and_every_mount_nosuid_nodev(tmp_path: Path) -> Non
         container = share.container("c1")
         container.create()
         container.mount_rootfs([Mount("bind", str(rootfs), ("rbind",))], readonly=False)
-        [(_, volume)] = plan_volumes(
-            [{"destination": "/d", "type": "bind", "source": str(source),
-              "options": ["rbind"]}], None)
-        container.add_volume(volume)
+        _add_volume(share, source, ["rbind"])
         shared = share.paths.shared_dir
         for path in (shared / "x", shared / "containers" / "x",
                      shared / "containers" / "c1" / "x"):
@@ -103,15 +105,9 @@ def test_a_later_host_mount_below_a_volume_stays_out_of_the_share(tmp_path: Path
     syscalls.mount("", str(source), "", 1 << 20, "")  # MS_SHARED
     share = _share(tmp_path)
     try:
-        [(_, volume)] = plan_volumes(
-            [{"destination": "/d", "type": "bind", "source": str(source),
-              "options": ["rbind", "ro"]}], None)
-        container = share.container("c1")
-        container.create()
-        container.add_volume(volume)
+        point = _add_volume(share, source, ["rbind", "ro"])
         _tmpfs(source / "later")
         (source / "later" / "file").write_text("host only")
-        point = share.paths.container_volumes("c1") / volume.name
         assert not (point / "later" / "file").exists()
         assert point / "later" not in mounts_under(share.paths.run_dir)
     finally:

@@ -127,6 +127,15 @@ def _bus_suffix(machine_type: str) -> str:
     return "device" if machine_type == "microvm" else "pci"
 
 
+def _serial_port(name: str, fd: int, machine_type: str, port: str) -> list[str]:
+    """A virtio-serial bus with one named port on an already-connected socket."""
+    return [
+        "-device", f"virtio-serial-{_bus_suffix(machine_type)},id={name}serial",
+        "-chardev", f"socket,id={name},fd={fd}",
+        "-device", f"virtserialport,bus={name}serial.0,chardev={name},name={port}",
+    ]
+
+
 @dataclass(frozen=True)
 class VirtioSerialAgent:
     """The agent channel: a named virtio-serial port on an already-connected socket."""
@@ -135,11 +144,7 @@ class VirtioSerialAgent:
     machine_type: str
 
     def args(self) -> list[str]:
-        return [
-            "-device", f"virtio-serial-{_bus_suffix(self.machine_type)},id=agentserial",
-            "-chardev", f"socket,id=agent,fd={self.fd}",
-            "-device", f"virtserialport,bus=agentserial.0,chardev=agent,name={AGENT_PORT_NAME}",
-        ]
+        return _serial_port("agent", self.fd, self.machine_type, AGENT_PORT_NAME)
 
 
 @dataclass(frozen=True)
@@ -150,11 +155,7 @@ class TokenPort:
     machine_type: str
 
     def args(self) -> list[str]:
-        return [
-            "-device", f"virtio-serial-{_bus_suffix(self.machine_type)},id=tokenserial",
-            "-chardev", f"socket,id=token,fd={self.fd}",
-            "-device", f"virtserialport,bus=tokenserial.0,chardev=token,name={TOKEN_PORT_NAME}",
-        ]
+        return _serial_port("token", self.fd, self.machine_type, TOKEN_PORT_NAME)
 
 
 @dataclass(frozen=True)
