@@ -29,6 +29,13 @@ class ConsoleSocket:
             conn, _ = await asyncio.wait_for(loop.sock_accept(self._sock), timeout)
         except TimeoutError:
             raise StatusError(Code.INTERNAL, "crun never sent the terminal") from None
+        except OSError:
+            # Cancelled, then the socket closed under the pending accept:
+            # wait_for hands back the accept's error instead of the cancel.
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise asyncio.CancelledError() from None
+            raise
         with conn:
             conn.setblocking(False)
             while True:

@@ -162,7 +162,10 @@ class Containers:
                 try:
                     await run(stdio.child_fds, console.path)
                 except BaseException:
+                    # Let it end before its socket is closed below, or it
+                    # fails on the closed socket with nobody to hear it.
                     master_task.cancel()
+                    await asyncio.gather(master_task, return_exceptions=True)
                     raise
                 stdio.attach_terminal(await master_task)
             else:

@@ -91,9 +91,12 @@ class Process:
     async def open_streams(self) -> None:
         """Start reading the output fds (after the process exists)."""
         loop = asyncio.get_running_loop()
-        for name, fd in (("stdout", self.stdio.stdout_r), ("stderr", self.stdio.stderr_r)):
+        for name in ("stdout", "stderr"):
+            fd = getattr(self.stdio, f"{name}_r")
             if fd is None:
                 continue
+            # From here on the transport owns the fd (and closes it).
+            setattr(self.stdio, f"{name}_r", None)
             reader = asyncio.StreamReader(limit=MAX_READ)
             transport, _ = await loop.connect_read_pipe(
                 lambda r=reader: asyncio.StreamReaderProtocol(r),  # type: ignore[misc]
@@ -153,8 +156,12 @@ class Process:
         for transport in self._transports:
             transport.close()
         self._transports.clear()
-        if self.stdio.stdin_w is not None:
-            with contextlib.suppress(OSError):
-                os.close(self.stdio.stdin_w)
-            self.stdio.stdin_w = None
+        # Output ends no transport took over: the process never got that far
+        # (a create that crun refused), and they would leak with each one.
+        for attr in ("stdin_w", "stdout_r", "stderr_r"):
+            fd = getattr(self.stdio, attr)
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+                setattr(self.stdio, attr, None)
         self.stdio.close_child_ends()

@@ -36,6 +36,7 @@ class AgentService:
         self.containers = containers
         self._sandbox_mounts: list[Path] = []
         self._sandbox_id = ""
+        self._creating = False
         self._oom_events: asyncio.Queue[str] = asyncio.Queue()
         self._oom_seen: dict[str, int] = {}
         self._oom_task: asyncio.Task[None] | None = None
@@ -46,12 +47,19 @@ class AgentService:
     async def CreateSandbox(
         self, req: agent_pb2.CreateSandboxRequest, ctx: RequestContext
     ) -> empty_pb2.Empty:
-        if self._sandbox_id:
-            raise StatusError(Code.ALREADY_EXISTS, f"sandbox {self._sandbox_id} already exists")
-        if req.hostname:
-            Path("/proc/sys/kernel/hostname").write_text(req.hostname[:64])
-        for storage in req.storages:
-            self._sandbox_mounts.append(await mount_storage(self._reaper, storage))
+        if self._sandbox_id or self._creating:
+            raise StatusError(Code.ALREADY_EXISTS,
+                              f"sandbox {self._sandbox_id or '(being created)'} already exists")
+        # Set before the first await: a second CreateSandbox arriving while
+        # the mounts are made must be refused, not run alongside.
+        self._creating = True
+        try:
+            if req.hostname:
+                Path("/proc/sys/kernel/hostname").write_text(req.hostname[:64])
+            for storage in req.storages:
+                self._sandbox_mounts.append(await mount_storage(self._reaper, storage))
+        finally:
+            self._creating = False
         self._sandbox_id = req.sandbox_id or "sandbox"
         self._oom_task = asyncio.ensure_future(self._watch_oom())
         log.info("sandbox %s ready", self._sandbox_id)

@@ -29,6 +29,8 @@ def _open(path: str, flags: int) -> int:
         return os.open(path, flags | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         raise FifoError(f"cannot open stdio FIFO {path}: {exc.strerror}") from exc
+    except ValueError as exc:  # a NUL byte in the path
+        raise FifoError(f"cannot open stdio FIFO {path!r}: {exc}") from exc
 
 
 class FifoWriter:
@@ -43,6 +45,9 @@ class FifoWriter:
             await write_all(self._fd, data)
 
     async def close(self) -> None:
+        self.close_now()
+
+    def close_now(self) -> None:
         if self._fd is not None:
             with contextlib.suppress(OSError):
                 os.close(self._fd)
@@ -81,12 +86,15 @@ class ProcessFifos:
 
     def __init__(self, stdin: str, stdout: str, stderr: str) -> None:
         self.stdin = FifoReader(stdin) if stdin else None
+        self.stdout: FifoWriter | None = None
         try:
             self.stdout = FifoWriter(stdout) if stdout else None
             self.stderr = FifoWriter(stderr) if stderr else None
         except BaseException:
             if self.stdin is not None:
                 self.stdin.close()
+            if self.stdout is not None:
+                self.stdout.close_now()
             raise
 
     async def close(self) -> None:
