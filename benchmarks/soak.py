@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from benchmarks.bench_containerd import memory_kib
 from pykata import config
 from pykata.runtime.keys import pod_key
 from pykata.runtime.paths import run_root
@@ -112,13 +113,10 @@ def _fds(pid: int | None) -> int:
 
 
 def _memory(pid: int | None) -> tuple[int, int]:
-    values = {"Rss": 0, "Pss": 0}
-    if pid is not None:
-        for line in _read(f"/proc/{pid}/smaps_rollup").decode().splitlines():
-            key, _, rest = line.partition(":")
-            if key in values:
-                values[key] = int(rest.split()[0])
-    return values["Rss"], values["Pss"]
+    try:
+        return memory_kib(pid) if pid is not None else (0, 0)
+    except (OSError, KeyError):
+        return 0, 0
 
 
 def keeper_shim(peer: PrivateContainerd) -> int | None:
