@@ -275,6 +275,25 @@ def containerd(
         yield peer
     finally:
         peer.stop()
+        _end_orphaned_shims()
+
+
+def _end_orphaned_shims() -> None:
+    """containerd leaves shims running when it stops; a test that failed half-way
+    may have left one (and its VM). End them, so nothing of this session runs on."""
+    import signal
+    import time
+
+    pids = [int(line.split()[0]) for line in shim_processes()]
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 60
+    while shim_processes() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for line in shim_processes():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(line.split()[0]), signal.SIGKILL)
 
 
 @pytest.fixture
