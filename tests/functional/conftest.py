@@ -168,11 +168,16 @@ def leftovers(allowed: set[str] = frozenset()) -> list[str]:  # type: ignore[ass
 _shared_ids: set[str] = set()
 
 
+def unexpected_leftovers() -> list[str]:
+    """What a test left behind: `leftovers`, the session's shared VM excepted."""
+    return leftovers(_shared_ids)
+
+
 @pytest.fixture(autouse=True)
 def no_leftovers(request: pytest.FixtureRequest) -> Iterator[None]:
     """After every test: no QEMU, mount or /run/pykata state of pykata left."""
     yield
-    left = leftovers(_shared_ids)
+    left = unexpected_leftovers()
     assert not left, "pykata left this behind:\n" + "\n".join(left)
 
 

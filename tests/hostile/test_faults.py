@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from pykata.runtime.keys import pod_key
-from tests.functional.conftest import leftovers, qemu_processes, shim_processes
+from tests.functional.conftest import qemu_processes, shim_processes, unexpected_leftovers
 from tests.functional.containerd_peer import IMAGE, NAMESPACE, RUNTIME, PrivateContainerd
 from tests.functional.containerd_tasks import create_task, snapshot_mounts
 from tests.hostile.conftest import privileged_spec, run_spec
@@ -87,8 +87,8 @@ class Pod:
     def clean(self) -> None:
         for container_id in (VICTIM, HELPER):
             self.containerd.remove(container_id)
-        _wait(lambda: not leftovers(), "pykata to clean up after the fault: "
-              + "; ".join(leftovers()))
+        _wait(lambda: not unexpected_leftovers(), "pykata to clean up after the fault: "
+              + "; ".join(unexpected_leftovers()))
 
 
 @pytest.mark.parametrize(("killer", "phase"), CASES)
