@@ -10,7 +10,6 @@ from pathlib import Path
 
 from pykata.agent.channel import listen_vsock, open_serial, read_token
 from pykata.agent.containers import Containers
-from pykata.agent.listener import AuthenticatedListener
 from pykata.agent.reaper import Reaper
 from pykata.agent.service import AgentService, HealthService, build_server
 
@@ -49,6 +48,10 @@ async def serve(params: dict[str, str]) -> None:
     agent = AgentService(reaper, Containers(reaper))
     server = build_server(agent, HealthService())
     if params.get("transport") == "vsock":
+        # Imported here: hmac and hashlib are boot time the serial channel
+        # does not need.
+        from pykata.agent.listener import AuthenticatedListener
+
         listener = AuthenticatedListener(server, read_token())
         accepting = asyncio.ensure_future(listener.serve(listen_vsock()))
         log.info("serving on vsock port 1024")

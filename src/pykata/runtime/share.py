@@ -15,7 +15,6 @@ by [runtime] scratch_size.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import shutil
@@ -131,8 +130,8 @@ class ContainerShare:
             unmount(point)
         if mounts_under(top):
             raise MountError(f"mounts remain under {top}; leaving it in place")
-        for base in (self.paths.share_source, self.paths.scratch_dir / "containers"):
-            _remove_tree(base / (self.rel if base == self.paths.share_source else self.id))
+        for path in (self.paths.share_source / self.rel, self.paths.scratch(self.id)):
+            _remove_tree(path)
         self.created = False
 
 
@@ -142,5 +141,4 @@ def _remove_tree(path: Path) -> None:
     except FileNotFoundError:
         pass
     except OSError as exc:
-        if exc.errno != errno.ENOENT:
-            log.error("removing %s: %s", path, exc.strerror)
+        log.error("removing %s: %s", path, exc.strerror)
