@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 from google.protobuf import empty_pb2
@@ -15,6 +16,15 @@ from pykata.runtime.stdio import StdioRelay
 from pykata.shim.events import EVENTS_SERVICE, NAMESPACE_KEY, EventPublisher, pack
 from pykata.shim.fifo import FifoError, FifoReader, FifoWriter
 from pykata.ttrpc import RequestContext, Server
+
+
+async def _events_server(tmp_path: Path, forward: Any) -> tuple[Server, str]:
+    """A ttRPC events service answering Forward with `forward`, and its address."""
+    server = Server()
+    server.register(EVENTS_SERVICE, "Forward", events_service_pb2.ForwardRequest, forward)
+    address = str(tmp_path / "events.sock")
+    await server.serve_unix(address)
+    return server, address
 
 
 async def test_events_arrive_in_order_with_namespace(tmp_path: Path) -> None:
@@ -28,10 +38,7 @@ async def test_events_arrive_in_order_with_namespace(tmp_path: Path) -> None:
                          ctx.metadata.get(NAMESPACE_KEY, [])))
         return empty_pb2.Empty()
 
-    server = Server()
-    server.register(EVENTS_SERVICE, "Forward", events_service_pb2.ForwardRequest, forward)
-    address = str(tmp_path / "events.sock")
-    await server.serve_unix(address)
+    server, address = await _events_server(tmp_path, forward)
     publisher = EventPublisher(address, "k8s.io")
     try:
         publisher.publish(events_pb2.TaskStart(container_id="c", pid=1))
@@ -61,10 +68,7 @@ async def test_failed_publishes_close_their_connections(tmp_path: Path) -> None:
                      ctx: RequestContext) -> empty_pb2.Empty:
         raise OSError("containerd is busy")
 
-    server = Server()
-    server.register(EVENTS_SERVICE, "Forward", events_service_pb2.ForwardRequest, refuse)
-    address = str(tmp_path / "events.sock")
-    await server.serve_unix(address)
+    server, address = await _events_server(tmp_path, refuse)
     publisher = EventPublisher(address, "ns")
     before = len(os.listdir("/proc/self/fd"))
     try:
@@ -91,10 +95,7 @@ async def test_oom_events_are_coalesced_but_lifecycle_events_never_dropped(
         received.append(req.envelope.topic)
         return empty_pb2.Empty()
 
-    server = Server()
-    server.register(EVENTS_SERVICE, "Forward", events_service_pb2.ForwardRequest, forward)
-    address = str(tmp_path / "events.sock")
-    await server.serve_unix(address)
+    server, address = await _events_server(tmp_path, forward)
     publisher = EventPublisher(address, "ns")
     try:
         publisher.publish(events_pb2.TaskStart(container_id="c", pid=1))
