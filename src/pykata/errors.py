@@ -61,3 +61,12 @@ class ContainerError(PykataError):
 
 class NotFoundError(PykataError):
     """A sandbox, container or process does not exist."""
+
+
+class InvalidStateError(PykataError):
+    """An operation asked of a sandbox, container or process in a state that
+    does not allow it ("container web is running")."""
+
+
+class AlreadyExistsError(PykataError):
+    """A sandbox, container or process of that id exists already."""

@@ -58,11 +58,12 @@ def private_run_root(require_root: None) -> Iterator[Path]:
     user runs on this machine, or what a killed earlier session left, neither
     fail these tests nor get touched by them. Every pykata process the tests
     start (CLI, shims through containerd) inherits PYKATA_RUN_ROOT."""
-    from pykata.cli.cleanup_cmd import alive
+    from pykata.runtime.state import process_alive, process_start_time
 
     if TEST_RUN_ROOTS.is_dir():
         for earlier in TEST_RUN_ROOTS.iterdir():
-            if earlier.name.isdigit() and not alive(int(earlier.name)):
+            if earlier.name.isdigit() and not process_alive(
+                    int(earlier.name), process_start_time(int(earlier.name))):
                 _clear_run_root(earlier)
     root = TEST_RUN_ROOTS / str(os.getpid())
     with pytest.MonkeyPatch.context() as patch:

@@ -8,12 +8,12 @@ whose owning process is gone and removes its mounts and directories.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from pykata.errors import PykataError
 from pykata.runtime.paths import SandboxPaths, run_root
-from pykata.runtime.sandbox import cleanup_host_state
+from pykata.runtime.sandbox import cleanup_host_state, owner_gone, read_sandbox_state
+from pykata.runtime.state import StateFileError
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -22,36 +22,24 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(handler=run)
 
 
-def alive(pid: object) -> bool:
-    """Whether `pid` runs; an exited process nobody reaped yet (a zombie) does not."""
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            # The state follows the command name, which is in parentheses.
-            state = f.read().rpartition(")")[2].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
-
-
 def stale_sandboxes(root: Path | None = None) -> list[SandboxPaths]:
-    """Sandboxes under `root` (pykata's run root) with a state file whose runtime
-    process and QEMU are both gone."""
+    """Sandboxes under `root` (pykata's run root) whose owning process (the
+    runtime, shim or monitor that held the VM) and QEMU are both gone."""
     stale: list[SandboxPaths] = []
     sandboxes = (root or run_root()) / "sandboxes"
     if not sandboxes.is_dir():
         return stale
     for entry in sorted(sandboxes.iterdir()):
-        state_file = entry / "state.json"
-        if not state_file.is_file():
+        paths = SandboxPaths(entry.name, sandboxes.parent)
+        if not paths.state_file.is_file():
             continue
         try:
-            state = json.loads(state_file.read_text())
-        except (OSError, ValueError):
+            state = read_sandbox_state(paths)
+        except StateFileError as exc:
+            print(f"pykata: skipping {entry}: {exc}")
             continue
-        if not alive(state.get("runtime_pid")) and not alive(state.get("qemu_pid")):
-            stale.append(SandboxPaths(entry.name, sandboxes.parent))
+        if owner_gone(state):
+            stale.append(paths)
     return stale
 
 

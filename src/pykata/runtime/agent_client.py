@@ -100,6 +100,18 @@ class AgentClient:
             raise AgentError(f"{method}: the agent sent an invalid reply: "
                              f"{guest_line(str(exc))}") from exc
 
+    async def forward(self, method: str, request: Message, response_type: type[R],
+                      timeout: float | None) -> R:
+        """Pass a request from another host process on to the agent unchanged
+        (the sandbox monitor serves its clients this way). The answer is not
+        checked here: the end client's AgentClient checks it. A refusal comes
+        back as the agent's StatusError, so the end client sees its code."""
+        try:
+            return await self._client.call(AGENT_SERVICE, method, request, response_type,
+                                           timeout=timeout)
+        except ConnectionClosedError as exc:
+            raise StatusError(Code.UNAVAILABLE, f"agent connection lost during {method}") from exc
+
     async def check(self, timeout: float) -> None:
         """Health.Check, waiting up to `timeout` for the agent to come up.
         Running out of time raises AgentError with code DEADLINE_EXCEEDED."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import secrets
@@ -31,6 +30,13 @@ from pykata.runtime.agent_client import AgentClient
 from pykata.runtime.mounts import remove_unmounted
 from pykata.runtime.paths import GUEST_SHARED_DIR, SandboxPaths, private_dir
 from pykata.runtime.share import SandboxShare
+from pykata.runtime.state import (
+    SandboxState,
+    process_alive,
+    process_start_time,
+    read_state,
+    write_state,
+)
 from pykata.ttrpc import Code
 
 log = logging.getLogger(__name__)
@@ -61,10 +67,14 @@ class PhaseTimes:
 
 class Sandbox:
     def __init__(self, sandbox_id: str, config: Config, options: SandboxOptions,
-                 key: str | None = None) -> None:
+                 key: str | None = None, *, front_end: str = "run") -> None:
         """`key` names the sandbox's state on the host (unique per pod: see
-        `paths`); it defaults to the id, which the guest sees."""
+        `paths`); it defaults to the id, which the guest sees. `front_end`
+        ("run", "shim", "oci") is recorded in the saved state."""
         self.id = sandbox_id
+        self.front_end = front_end
+        self.monitor_socket = ""
+        self._created = time.time()
         self.config = config
         self.options = options
         self.paths = SandboxPaths.for_key(key or sandbox_id)
@@ -246,17 +256,38 @@ class Sandbox:
                 self._owns_state = False
 
     def _write_state(self) -> None:
-        state = {
-            "id": self.id,
-            "key": self.paths.key,
-            "qemu_pid": self.vm.pid if self.vm is not None else None,
-            "runtime_pid": os.getpid(),
-            "console_log": str(self.console_log),
-            "created": time.time(),
-        }
-        tmp = self.paths.run_dir / "state.json.tmp"
-        tmp.write_text(json.dumps(state))
-        tmp.rename(self.paths.state_file)
+        write_state(self.paths.state_file, SandboxState(
+            id=self.id,
+            key=self.paths.key,
+            front_end=self.front_end,
+            owner_pid=os.getpid(),
+            owner_start=process_start_time(os.getpid()),
+            console_log=str(self.console_log),
+            created=self._created,
+            qemu_pid=(self.vm.pid or 0) if self.vm is not None else 0,
+            monitor_socket=self.monitor_socket,
+        ))
+
+
+def read_sandbox_state(paths: SandboxPaths) -> SandboxState:
+    return read_state(paths.state_file, SandboxState)
+
+
+def owner_gone(state: SandboxState) -> bool:
+    """Whether the process that held the sandbox's VM, and the VM, are gone."""
+    return (not process_alive(state.owner_pid, state.owner_start)
+            and not _qemu_of(state))
+
+
+def _qemu_of(state: SandboxState) -> bool:
+    """Whether `state.qemu_pid` is still this sandbox's QEMU (by its -name)."""
+    if state.qemu_pid <= 0:
+        return False
+    try:
+        cmdline = Path(f"/proc/{state.qemu_pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return f"pykata-{state.key}\0".encode() in cmdline
 
 
 def cleanup_host_state(paths: SandboxPaths) -> None:

@@ -9,7 +9,6 @@ answers with a DeleteResponse on stdout, exit status 137 (killed).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import sys
@@ -19,7 +18,7 @@ from pykata.errors import PykataError
 from pykata.protocols import shim_pb2
 from pykata.runtime.mounts import unmount_all
 from pykata.runtime.paths import SandboxPaths
-from pykata.runtime.sandbox import cleanup_host_state
+from pykata.runtime.sandbox import cleanup_host_state, read_sandbox_state
 from pykata.shim.cli import ShimFlags
 from pykata.shim.events import now
 from pykata.shim.start import (
@@ -37,10 +36,9 @@ KILLED_STATUS = 128 + signal.SIGKILL
 def _kill_vm(paths: SandboxPaths) -> None:
     """SIGKILL the sandbox's QEMU if it still runs (checked by its command line)."""
     try:
-        state = json.loads(paths.state_file.read_text())
-        pid = int(state["qemu_pid"])
+        pid = read_sandbox_state(paths).qemu_pid
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, PykataError):
         return
     if f"pykata-{paths.key}\0".encode() in cmdline:
         with contextlib.suppress(ProcessLookupError):

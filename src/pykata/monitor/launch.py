@@ -1,0 +1,28 @@
+"""What `create` tells the monitor it forks: one record, no parsing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class Launch:
+    id: str
+    bundle: Path
+    spec: dict[str, Any]
+    rootfs: Path
+    state_dir: Path  # the container's directory under the command line's --root
+    config_path: str | None
+    debug: bool
+    # The container's stdio on the host: (stdin, stdout, stderr) descriptors,
+    # or the slave of a pty for all three when `terminal`.
+    stdio: tuple[int, int, int]
+    terminal: bool
+    owner: str = ""
+    annotations: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def log_file(self) -> Path:
+        return self.state_dir / "monitor.log"

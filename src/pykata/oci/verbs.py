@@ -1,0 +1,793 @@
+"""The verbs of `pykata-oci`, as runc's callers expect them to behave.
+
+The pid contract: `create` forks the monitor, whose pid it writes to
+--pid-file. The monitor holds the VM, relays the container's stdio (the
+descriptors `create` was given, or a pty whose master went to the console
+socket), passes the signals it receives to the container's init, and exits
+with the init's exit status (128+N for a signal). `exec --pid-file` forks a
+relay process that does the same for the exec'd process. Both stay in the
+caller's process tree, so containerd's runc shim and conmon, which wait for
+that pid as subreapers, see the container's exit as the pid's exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import secrets
+import signal
+import sys
+import time
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pykata.errors import InvalidStateError, NotFoundError, PykataError, SpecError
+from pykata.oci.store import Store, monitor_alive
+from pykata.runtime.state import ContainerState
+
+T = TypeVar("T")
+# How long `delete` waits for a monitor to end the VM after Shutdown.
+SHUTDOWN_WAIT = 30.0
+
+
+def dispatch(args: argparse.Namespace, store: Store) -> int:
+    verb = args.verb.replace("-", "_")
+    handler: Callable[[argparse.Namespace, Store], int] = VERBS[verb]
+    return handler(args, store)
+
+
+def _arun(coro: Coroutine[Any, Any, T]) -> T:
+    import asyncio  # not at the top: `state` and `list` never need it
+
+    return asyncio.run(coro)
+
+
+# --- create / start / run -------------------------------------------------
+
+
+def _bundle(args: argparse.Namespace) -> Path:
+    return Path(args.bundle or os.getcwd()).absolute()
+
+
+def _prepare(args: argparse.Namespace, store: Store, *, foreground: bool) -> Any:
+    """Check the bundle and flags, claim the id: everything before a VM boots."""
+    from pykata.monitor.launch import Launch
+    from pykata.runtime.spec import load_bundle
+
+    bundle = _bundle(args)
+    spec, rootfs = load_bundle(bundle)
+    terminal = bool(spec["process"].get("terminal"))
+    if terminal and not args.console_socket and not (foreground and os.isatty(0)):
+        raise SpecError("process.terminal is true but no --console-socket was given",
+                        hint="pass --console-socket, or set process.terminal to false")
+    if args.console_socket and not terminal:
+        raise SpecError("--console-socket was given but process.terminal is false",
+                        hint="set process.terminal to true in config.json")
+    if not rootfs.is_dir():
+        raise SpecError(f"rootfs {rootfs} is not a directory",
+                        hint="root.path in config.json must name the container's root")
+    annotations = spec.get("annotations") or {}
+    if not isinstance(annotations, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in annotations.items()):
+        raise SpecError(f"{bundle / 'config.json'}: annotations must map strings to strings")
+    state_dir = store.claim(args.id)
+    return Launch(
+        id=args.id, bundle=bundle, spec=spec, rootfs=rootfs, state_dir=state_dir,
+        config_path=os.environ.get("PYKATA_CONFIG"), debug=args.debug,
+        stdio=(0, 1, 2), terminal=terminal, annotations=annotations,
+    )
+
+
+def _fork_monitor(launch: Any, console_socket: str) -> int:
+    """Fork the monitor and wait until the container is created (or failed)."""
+    from pykata.monitor.main import run_forked
+    from pykata.runtime import hostio
+
+    slave = -1
+    if launch.terminal and console_socket:
+        master, slave = hostio.open_pty()
+        try:
+            hostio.send_console(console_socket, master)
+        except BaseException:
+            os.close(slave)
+            raise
+        finally:
+            os.close(master)
+        launch.stdio = (slave, slave, slave)
+    else:
+        launch.stdio = tuple(_dup_or_null(fd) for fd in (0, 1, 2))
+    ready_r, ready_w = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(ready_r)
+            code = run_forked(launch, ready_w)
+        finally:
+            os._exit(code)
+    os.close(ready_w)
+    for fd in set(launch.stdio):
+        if fd > 2:
+            os.close(fd)
+    with os.fdopen(ready_r, "rb") as ready:
+        answer = ready.readline()
+    try:
+        message = json.loads(answer) if answer else {"error": "the monitor died while "
+                                                     "creating the container"}
+    except ValueError:
+        message = {"error": f"the monitor sent {answer[:200]!r}"}
+    if not message.get("ok"):
+        # It tears down before it exits: wait, so nothing is left when we report.
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+        raise _monitor_error(message)
+    return pid
+
+
+def _monitor_error(message: dict[str, Any]) -> PykataError:
+    text = str(message.get("error", "creating the container failed"))
+    hint = str(message.get("hint") or "") or None
+    error = PykataError(text, hint=hint)
+    code = _start_failure_status(text)
+    if code is not None:
+        error.exit_code = code
+    return error
+
+
+def _start_failure_status(text: str) -> int | None:
+    """docker's statuses for a process that could not be started."""
+    lowered = text.lower()
+    if "executable file not found" in lowered or "no such file or directory" in lowered:
+        return 127
+    if "permission denied" in lowered:
+        return 126
+    return None
+
+
+def _dup_or_null(fd: int) -> int:
+    try:
+        return os.dup(fd)
+    except OSError:
+        return os.open(os.devnull, os.O_RDWR)
+
+
+def _write_pid_file(path: str, pid: int) -> None:
+    if not path:
+        return
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}")
+    tmp.write_text(str(pid))
+    tmp.rename(target)
+
+
+def create(args: argparse.Namespace, store: Store) -> int:
+    launch = _prepare(args, store, foreground=False)
+    try:
+        pid = _fork_monitor(launch, args.console_socket)
+        _write_pid_file(args.pid_file, pid)
+    except BaseException:
+        store.remove(args.id)
+        raise
+    return 0
+
+
+def start(args: argparse.Namespace, store: Store) -> int:
+    record = store.load(args.id)
+    if record.status != "created":
+        raise InvalidStateError(f"cannot start container {args.id}: it is {record.status}",
+                                hint="only a created container can start")
+    _arun(_simple(record, "Start"))
+    return 0
+
+
+async def _simple(record: ContainerState, method: str) -> None:
+    from pykata.monitor.client import MonitorClient
+
+    client = await MonitorClient.connect(record.monitor_socket, record.id)
+    try:
+        await client.simple(method)
+    finally:
+        await client.close()
+
+
+def run(args: argparse.Namespace, store: Store) -> int:
+    if args.detach:
+        create(args, store)
+        try:
+            start(args, store)
+        except BaseException:
+            _force_delete(store, args.id)
+            raise
+        return 0
+    launch = _prepare(args, store, foreground=True)
+    from pykata.cli.console_io import raw_terminal
+
+    use_tty = launch.terminal and not args.console_socket
+    try:
+        with raw_terminal(0) if use_tty else contextlib.nullcontext():
+            pid = _fork_monitor(launch, args.console_socket)
+            _write_pid_file(args.pid_file, pid)
+            forwarded = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT,
+                         signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH)
+            for sig in forwarded:
+                signal.signal(sig, lambda s, _f: _signal_pid(pid, s))
+            try:
+                start(args, store)
+            except BaseException:
+                _force_delete(store, args.id)
+                raise
+            _, status = os.waitpid(pid, 0)
+            code = os.waitstatus_to_exitcode(status)
+            code = 128 - code if code < 0 else code
+    except BaseException:
+        store.remove(args.id)
+        raise
+    if not args.keep:
+        _delete(store, args.id, force=True)
+    return code
+
+
+def _signal_pid(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+
+
+# --- state / list -----------------------------------------------------------
+
+
+def oci_state(record: ContainerState) -> dict[str, Any]:
+    alive = record.status != "stopped"
+    return {
+        "ociVersion": "1.0.2",
+        "id": record.id,
+        "pid": record.monitor_pid if alive else 0,
+        "status": record.status,
+        "bundle": record.bundle,
+        "rootfs": record.rootfs,
+        "created": record.created,
+        "annotations": record.annotations,
+        "owner": record.owner,
+    }
+
+
+def state(args: argparse.Namespace, store: Store) -> int:
+    from pykata.oci.cli import write_json
+
+    write_json(oci_state(store.load(args.id)))
+    return 0
+
+
+def list_(args: argparse.Namespace, store: Store) -> int:
+    from pykata.oci.cli import write_json
+
+    records = []
+    for cid in store.ids():
+        with contextlib.suppress(PykataError):
+            records.append(store.load(cid))
+    if args.quiet:
+        for record in records:
+            print(record.id)
+    elif args.format == "json":
+        write_json([oci_state(r) for r in records])
+    else:
+        rows = [("ID", "PID", "STATUS", "BUNDLE", "CREATED", "OWNER")]
+        for r in records:
+            s = oci_state(r)
+            rows.append((r.id, str(s["pid"]), r.status, r.bundle, r.created, r.owner or "root"))
+        widths = [max(len(row[i]) for row in rows) for i in range(6)]
+        for row in rows:
+            print("   ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+# --- kill / delete ----------------------------------------------------------
+
+
+def parse_signal(text: str) -> int:
+    name = text.upper()
+    if name.isdigit():
+        number = int(name)
+    else:
+        if not name.startswith("SIG"):
+            name = "SIG" + name
+        try:
+            number = int(signal.Signals[name])
+        except KeyError:
+            raise PykataError(f"unknown signal {text!r}",
+                              hint="use a name (TERM, SIGKILL) or a number") from None
+    if not 0 < number < 65:
+        raise PykataError(f"invalid signal number {number}")
+    return number
+
+
+def kill(args: argparse.Namespace, store: Store) -> int:
+    signum = parse_signal(args.signal)
+    record = store.load(args.id)
+    if record.status == "stopped":
+        raise InvalidStateError(f"container {args.id} is not running",
+                                hint="the container has exited")
+    _arun(_kill(record, signum, args.all))
+    return 0
+
+
+async def _kill(record: ContainerState, signum: int, all_processes: bool) -> None:
+    from pykata.monitor.client import MonitorClient
+    from pykata.protocols import monitor_pb2
+
+    client = await MonitorClient.connect(record.monitor_socket, record.id)
+    try:
+        await client.call("Kill", monitor_pb2.KillRequest(signal=signum, all=all_processes),
+                          _empty())
+    finally:
+        await client.close()
+
+
+def _empty() -> Any:
+    from google.protobuf import empty_pb2
+
+    return empty_pb2.Empty
+
+
+def delete(args: argparse.Namespace, store: Store) -> int:
+    _delete(store, args.id, force=args.force)
+    return 0
+
+
+def _force_delete(store: Store, container_id: str) -> None:
+    with contextlib.suppress(PykataError):
+        _delete(store, container_id, force=True)
+
+
+def _delete(store: Store, container_id: str, *, force: bool) -> None:
+    try:
+        record = store.load(container_id)
+    except NotFoundError:
+        if force:
+            store.remove(container_id)
+            return
+        raise
+    except PykataError:
+        # A record this pykata cannot read (an aborted create): with force, go.
+        if not force:
+            raise
+        store.remove(container_id)
+        return
+    if record.status in ("running", "paused") and not force:
+        raise InvalidStateError(
+            f"cannot delete container {container_id} that is not stopped: {record.status}",
+            hint="stop it first, or use `delete --force`")
+    if monitor_alive(record):
+        with contextlib.suppress(PykataError, OSError):
+            _arun(_simple(record, "Shutdown"))
+        _wait_gone(record, SHUTDOWN_WAIT)
+        if monitor_alive(record):
+            _signal_pid(record.monitor_pid, signal.SIGKILL)
+            _wait_gone(record, 5)
+    _leftovers(record)
+    _poststop(record)
+    store.remove(container_id)
+
+
+def _wait_gone(record: ContainerState, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while monitor_alive(record) and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def _leftovers(record: ContainerState) -> None:
+    """What a monitor killed with SIGKILL could not remove: its VM's mounts
+    and directories (QEMU died with it)."""
+    if not record.sandbox_key or not record.run_root:
+        return
+    from pykata.runtime.paths import SandboxPaths
+    from pykata.runtime.sandbox import cleanup_host_state
+
+    paths = SandboxPaths(record.sandbox_key, Path(record.run_root))
+    if paths.run_dir.exists():
+        cleanup_host_state(paths)
+
+
+def _poststop(record: ContainerState) -> None:
+    """The poststop hooks, on the host, after the container is gone; their
+    failure is only a warning, as the runtime-spec says."""
+    try:
+        spec = json.loads((Path(record.bundle) / "config.json").read_text())
+        hooks = (spec.get("hooks") or {}).get("poststop")
+    except (OSError, ValueError, AttributeError):
+        return
+    if not hooks:
+        return
+    from pykata.runtime.hooks import run_hooks
+
+    state_ = oci_state(record)
+    state_["status"] = "stopped"
+    state_["pid"] = 0
+    try:
+        _arun(run_hooks(hooks, state_, phase="poststop"))
+    except PykataError as exc:
+        print(f"pykata-oci: warning: {exc}", file=sys.stderr)
+
+
+# --- exec -------------------------------------------------------------------
+
+
+def _exec_process(args: argparse.Namespace, record: ContainerState) -> dict[str, Any]:
+    """The process to exec: --process, or the container's own process with
+    the command line's changes (as runc builds it)."""
+    if args.process:
+        try:
+            process = json.loads(Path(args.process).read_text())
+        except OSError as exc:
+            raise SpecError(f"cannot read {args.process}: {exc.strerror}") from exc
+        except ValueError as exc:
+            raise SpecError(f"{args.process} is not valid JSON: {exc}") from exc
+        if not isinstance(process, dict):
+            raise SpecError(f"{args.process}: a process must be a JSON object")
+        if args.tty:
+            process["terminal"] = True
+        return process
+    command = [c for c in args.command if c != "--"] if args.command[:1] == ["--"] else \
+        list(args.command)
+    if not command:
+        raise SpecError("exec needs a command or --process FILE")
+    try:
+        base = json.loads((Path(record.bundle) / "config.json").read_text())["process"]
+    except (OSError, ValueError, KeyError, TypeError):
+        base = {"env": [], "cwd": "/", "user": {"uid": 0, "gid": 0}}
+    process = dict(base)
+    process["args"] = command
+    process["terminal"] = bool(args.tty)
+    process["env"] = [*process.get("env", []), *args.env]
+    if args.cwd:
+        process["cwd"] = args.cwd
+    if args.user:
+        uid, _, gid = args.user.partition(":")
+        try:
+            process["user"] = {"uid": int(uid), "gid": int(gid or 0)}
+        except ValueError:
+            raise SpecError(f"--user {args.user!r} must be UID[:GID]") from None
+    if args.additional_gids:
+        process.setdefault("user", {})["additionalGids"] = [int(g) for g in args.additional_gids]
+    if args.cap:
+        caps = process.setdefault("capabilities", {})
+        for kind in ("bounding", "effective", "permitted"):
+            caps[kind] = sorted({*caps.get(kind, []), *args.cap})
+    if args.no_new_privs:
+        process["noNewPrivileges"] = True
+    return process
+
+
+def exec_(args: argparse.Namespace, store: Store) -> int:
+    record = store.load(args.id)
+    if record.status == "paused" and not args.ignore_paused:
+        raise InvalidStateError(f"cannot exec in paused container {args.id}",
+                                hint="resume it first")
+    if record.status not in ("running", "paused"):
+        raise InvalidStateError(f"cannot exec in container {args.id}: it is {record.status}",
+                                hint="exec needs a running container")
+    process = _exec_process(args, record)
+    terminal = bool(process.get("terminal"))
+    if terminal and not args.console_socket and (args.detach or not os.isatty(0)):
+        raise SpecError("a terminal was asked for but no --console-socket was given",
+                        hint="pass --console-socket, or drop --tty")
+    exec_id = f"exec-{secrets.token_hex(8)}"
+    if args.detach:
+        return _exec_detached(args, record, exec_id, process, terminal)
+    from pykata.cli.console_io import raw_terminal
+    from pykata.oci.relay import relay_exec
+
+    stdio = _exec_stdio(terminal, args.console_socket)
+    with raw_terminal(0) if terminal and not args.console_socket else contextlib.nullcontext():
+        _write_pid_file(args.pid_file, os.getpid())
+        return _arun(relay_exec(record.monitor_socket, record.id, exec_id, process, stdio,
+                                terminal))
+
+
+def _exec_stdio(terminal: bool, console_socket: str) -> tuple[int, int, int]:
+    if terminal and console_socket:
+        from pykata.runtime import hostio
+
+        master, slave = hostio.open_pty()
+        try:
+            hostio.send_console(console_socket, master)
+        except BaseException:
+            os.close(slave)
+            raise
+        finally:
+            os.close(master)
+        return slave, slave, slave
+    return 0, 1, 2
+
+
+def _exec_detached(args: argparse.Namespace, record: ContainerState, exec_id: str,
+                   process: dict[str, Any], terminal: bool) -> int:
+    from pykata.oci.relay import relay_exec
+    from pykata.runtime import hostio
+
+    stdio = _exec_stdio(terminal, args.console_socket)
+    ready_r, ready_w = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(ready_r)
+            os.setsid()
+            if terminal:
+                hostio.make_controlling(stdio[0])
+            null = os.open(os.devnull, os.O_RDWR)
+            # The exec's stdio moves off 0-2, which go to /dev/null: nothing
+            # pykata prints may land in the process's output.
+            stdio = tuple(os.dup(fd) for fd in stdio)  # type: ignore[assignment]
+            for fd in (0, 1, 2):
+                os.dup2(null, fd)
+
+            def started(error: BaseException | None) -> None:
+                message = {"ok": True} if error is None else {"error": str(error)}
+                os.write(ready_w, json.dumps(message).encode() + b"\n")
+                os.close(ready_w)
+
+            code = _arun(relay_exec(record.monitor_socket, record.id, exec_id, process,
+                                          stdio, terminal, on_started=started))
+        except BaseException:
+            code = 1 if code == 1 else code
+        finally:
+            os._exit(code)
+    os.close(ready_w)
+    if stdio[0] > 2:
+        os.close(stdio[0])
+    with os.fdopen(ready_r, "rb") as ready:
+        answer = ready.readline()
+    try:
+        message = json.loads(answer) if answer else {"error": "the exec relay died"}
+    except ValueError:
+        message = {"error": f"the exec relay sent {answer[:200]!r}"}
+    if not message.get("ok"):
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+        raise _monitor_error(message)
+    _write_pid_file(args.pid_file, pid)
+    return 0
+
+
+# --- ps / events / pause / resume / update ----------------------------------
+
+
+def ps(args: argparse.Namespace, store: Store) -> int:
+    record = store.load(args.id)
+    if record.status == "stopped":
+        raise InvalidStateError(f"container {args.id} is not running")
+    response = _arun(_monitor_state(record))
+    if args.format == "json":
+        # The host processes that stand for the container's processes: what a
+        # caller can find in the host's `ps` (docker top does that).
+        from pykata.runtime.state import process_start_time
+
+        pids = [record.monitor_pid, *(p for p in response.exec_pids.values()
+                                      if process_start_time(p))]
+        print(json.dumps(pids))
+        return 0
+    guest = _arun(_guest_pids(record))
+    print("PID (in the VM)")
+    for pid in guest:
+        print(pid)
+    return 0
+
+
+async def _monitor_state(record: ContainerState) -> Any:
+    from pykata.monitor.client import MonitorClient
+
+    client = await MonitorClient.connect(record.monitor_socket, record.id)
+    try:
+        return await client.state()
+    finally:
+        await client.close()
+
+
+async def _guest_pids(record: ContainerState) -> list[int]:
+    from pykata.monitor.client import MonitorClient
+
+    client = await MonitorClient.connect(record.monitor_socket, record.id)
+    try:
+        return await client.agent.list_processes(record.id)
+    finally:
+        await client.close()
+
+
+def _interval(text: str) -> float:
+    units = {"ms": 0.001, "s": 1.0, "m": 60.0}
+    for unit in ("ms", "s", "m"):
+        if text.endswith(unit):
+            try:
+                value = float(text[: -len(unit)]) * units[unit]
+            except ValueError:
+                break
+            if value > 0:
+                return value
+    raise PykataError(f"invalid --interval {text!r}", hint="use a duration such as 5s")
+
+
+def events(args: argparse.Namespace, store: Store) -> int:
+    interval = _interval(args.interval)
+    record = store.load(args.id)
+    if record.status == "stopped":
+        raise InvalidStateError(f"container {args.id} is not running")
+    return _arun(_events(record, once=args.stats, interval=interval))
+
+
+async def _events(record: ContainerState, *, once: bool, interval: float) -> int:
+    import asyncio
+
+    from pykata.monitor.client import MonitorClient
+
+    client = await MonitorClient.connect(record.monitor_socket, record.id)
+    try:
+        while True:
+            try:
+                stats = await client.agent.stats_container(record.id)
+            except PykataError:
+                if once:
+                    raise
+                return 0
+            print(json.dumps({"type": "stats", "id": record.id, "data": stats_json(stats)}),
+                  flush=True)
+            if once:
+                return 0
+            await asyncio.sleep(interval)
+    finally:
+        await client.close()
+
+
+def stats_json(stats: Any) -> dict[str, Any]:
+    """The agent's cgroup statistics in the shape of runc's `events --stats`."""
+    cg = stats.cgroup_stats
+    cpu, mem, pids = cg.cpu_stats, cg.memory_stats, cg.pids_stats
+    return {
+        "cpu": {"usage": {"total": cpu.cpu_usage.total_usage,
+                          "percpu": list(cpu.cpu_usage.percpu_usage),
+                          "kernel": cpu.cpu_usage.usage_in_kernelmode,
+                          "user": cpu.cpu_usage.usage_in_usermode},
+                "throttling": {"periods": cpu.throttling_data.periods,
+                               "throttledPeriods": cpu.throttling_data.throttled_periods,
+                               "throttledTime": cpu.throttling_data.throttled_time}},
+        "memory": {"cache": mem.cache,
+                   "usage": {"usage": mem.usage.usage, "max": mem.usage.max_usage,
+                             "failcnt": mem.usage.failcnt, "limit": mem.usage.limit},
+                   "stats": dict(mem.stats)},
+        "pids": {"current": pids.current, "limit": pids.limit},
+    }
+
+
+def pause(args: argparse.Namespace, store: Store) -> int:
+    record = store.load(args.id)
+    if record.status != "running":
+        raise InvalidStateError(f"cannot pause container {args.id}: it is {record.status}")
+    _arun(_simple(record, "Pause"))
+    return 0
+
+
+def resume(args: argparse.Namespace, store: Store) -> int:
+    record = store.load(args.id)
+    if record.status != "paused":
+        raise InvalidStateError(f"cannot resume container {args.id}: it is {record.status}")
+    _arun(_simple(record, "Resume"))
+    return 0
+
+
+def _bytes(text: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    t = text.strip().lower().removesuffix("b")
+    try:
+        if t and t[-1] in units:
+            return int(float(t[:-1]) * units[t[-1]])
+        return int(t)
+    except ValueError:
+        raise PykataError(f"invalid size {text!r}", hint="use bytes or a k/m/g suffix") from None
+
+
+def update(args: argparse.Namespace, store: Store) -> int:
+    if args.resources:
+        raw = sys.stdin.read() if args.resources == "-" else _read(args.resources)
+        try:
+            resources = json.loads(raw)
+        except ValueError as exc:
+            raise SpecError(f"the resources are not valid JSON: {exc}") from exc
+        if not isinstance(resources, dict):
+            raise SpecError("the resources must be a JSON object (LinuxResources)")
+    else:
+        resources = {}
+    if args.memory:
+        resources.setdefault("memory", {})["limit"] = _bytes(args.memory)
+    if args.memory_swap:
+        resources.setdefault("memory", {})["swap"] = _bytes(args.memory_swap)
+    if args.pids_limit is not None:
+        resources["pids"] = {"limit": args.pids_limit}
+    for flag, key in (("cpu_shares", "shares"), ("cpu_quota", "quota"),
+                      ("cpu_period", "period")):
+        if getattr(args, flag) is not None:
+            resources.setdefault("cpu", {})[key] = getattr(args, flag)
+    if args.cpuset_cpus:
+        resources.setdefault("cpu", {})["cpus"] = args.cpuset_cpus
+    record = store.load(args.id)
+    if record.status == "stopped":
+        raise InvalidStateError(f"container {args.id} is not running")
+    _arun(_update(record, resources))
+    return 0
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError as exc:
+        raise SpecError(f"cannot read {path}: {exc.strerror}") from exc
+
+
+async def _update(record: ContainerState, resources: dict[str, Any]) -> None:
+    from pykata.monitor.client import MonitorClient
+    from pykata.protocols import monitor_pb2
+
+    client = await MonitorClient.connect(record.monitor_socket, record.id)
+    try:
+        await client.call("Update", monitor_pb2.UpdateRequest(
+            resources=json.dumps(resources).encode()), _empty())
+    finally:
+        await client.close()
+
+
+# --- spec / features / unsupported ------------------------------------------
+
+
+def spec(args: argparse.Namespace, store: Store) -> int:
+    from pykata.runtime.spec import default_spec
+
+    target = Path(args.bundle or ".") / "config.json"
+    if target.exists():
+        raise PykataError(f"{target} exists already", hint="remove it first")
+    target.write_text(json.dumps(default_spec(["sh"], terminal=True), indent=2) + "\n")
+    return 0
+
+
+FEATURES: dict[str, Any] = {
+    "ociVersionMin": "1.0.0",
+    "ociVersionMax": "1.0.2",
+    "hooks": ["prestart", "createRuntime", "createContainer", "startContainer",
+              "poststart", "poststop"],
+    "mountOptions": ["ro", "rw", "bind", "rbind", "nosuid", "nodev", "noexec", "private",
+                     "rprivate", "shared", "rshared", "slave", "rslave"],
+    "linux": {
+        "namespaces": ["cgroup", "ipc", "mount", "network", "pid", "uts", "user"],
+        "cgroup": {"v1": True, "v2": True, "systemd": False, "systemdUser": False},
+        "seccomp": {"enabled": True},
+        "apparmor": {"enabled": False},
+        "selinux": {"enabled": False},
+    },
+    "annotations": {
+        "io.katacontainers.pykata.isolation": "vm",
+    },
+}
+
+
+def features(args: argparse.Namespace, store: Store) -> int:
+    from pykata.oci.cli import write_json
+
+    write_json(FEATURES)
+    return 0
+
+
+def unsupported(args: argparse.Namespace, store: Store) -> int:
+    raise PykataError(f"{args.verb} is not supported: a container's state lives in its VM",
+                      hint="pykata cannot checkpoint or restore containers")
+
+
+VERBS: dict[str, Callable[[argparse.Namespace, Store], int]] = {
+    "create": create, "start": start, "run": run, "state": state, "list": list_,
+    "ls": list_, "kill": kill, "delete": delete, "exec": exec_, "ps": ps, "events": events,
+    "pause": pause, "resume": resume, "update": update, "spec": spec, "features": features,
+    "checkpoint": unsupported, "restore": unsupported,
+}
