@@ -26,6 +26,7 @@ from pykata.agent.crun import Crun, wait_pid_file
 from pykata.agent.process import Process, Stdio
 from pykata.agent.reaper import Reaper
 from pykata.agent.storage import mount_storage, unmount
+from pykata.agent.sysctls import write_sysctls
 from pykata.protocols import agent_pb2, oci_pb2
 from pykata.protocols.oci_spec import message_to_json, spec_to_json
 from pykata.ttrpc import Code, StatusError
@@ -130,6 +131,11 @@ class Containers:
         guest_spec.for_guest(
             spec, container.id, sandbox_pid=sandbox_pid, share_pid_ns=req.sandbox_pidns
         )
+        write_sysctls(guest_spec.take_pod_sysctls(spec))
+        if spec.get("hooks"):
+            hooks_log = str(self._crun.hooks_log(container.id))
+            spec.setdefault("annotations", {}).update(
+                {"run.oci.hooks.stdout": hooks_log, "run.oci.hooks.stderr": hooks_log})
         root = spec.get("root", {}).get("path", "")
         if not root or not os.path.isdir(root):
             raise StatusError(
@@ -138,10 +144,12 @@ class Containers:
             )
         _write_json(container.bundle / "config.json", spec)
         terminal = bool(spec["process"].get("terminal"))
+        executable = _executable(spec["process"])
         proc = await self._launch(
             container, container.init_exec_id, terminal,
             lambda stdio, console: self._crun.create(
-                container.id, container.bundle, container.bundle / "init.pid", stdio, console
+                container.id, container.bundle, container.bundle / "init.pid", stdio, console,
+                executable,
             ),
             container.bundle / "init.pid",
         )
@@ -209,7 +217,7 @@ class Containers:
         proc = await self._launch(
             container, exec_id, bool(process.get("terminal")),
             lambda stdio, console: self._crun.exec(
-                container.id, process_file, pid_file, stdio, console
+                container.id, process_file, pid_file, stdio, console, _executable(process)
             ),
             pid_file,
         )
@@ -277,7 +285,7 @@ class Containers:
     async def update(self, container_id: str, resources: oci_pb2.LinuxResources) -> None:
         container = self.get(container_id)
         path = container.bundle / "resources.json"
-        _write_json(path, message_to_json(resources))
+        _write_json(path, guest_spec.guest_resources(message_to_json(resources), container.id))
         await self._crun.update(container_id, path)
 
     async def remove_all(self) -> None:
@@ -299,6 +307,11 @@ def _catches(pid: int, signum: int) -> bool:
     except (OSError, ValueError, IndexError):
         pass
     return True
+
+
+def _executable(process: dict[str, Any]) -> str:
+    args = process.get("args") or [""]
+    return str(args[0])
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 from pathlib import Path
 
 from pykata.agent.reaper import Reaper
@@ -24,6 +25,39 @@ class CrunError(StatusError):
     """crun refused or failed; the message is crun's own."""
 
 
+# How crun 1.8.1 says, at `crun create` or `crun exec`, that the process's
+# executable cannot be run (it looks the executable up before it waits to be
+# started, so these never surface at `crun start`):
+#   executable file `X` not found in $PATH: No such file or directory
+#   open executable: Permission denied           (no x bit)
+#   open executable: Operation not permitted     (a directory)
+# An exec that fails later (a script whose interpreter is missing) fails in the
+# container's process after start: crun prints its error to the process's
+# stderr and the process exits 1, as runc's does.
+_NOT_FOUND = re.compile(r"executable file `.*` not found")
+_CANNOT_EXECUTE = re.compile(r"open executable: ")
+
+
+def launch_error(verb: str, message: str, executable: str) -> CrunError:
+    """The error for a failed `crun create`/`crun exec` that said `message`.
+
+    Code NOT_FOUND when the executable does not exist and PERMISSION_DENIED
+    when it cannot be executed (the host's exit statuses 127 and 126, see
+    pykata.runtime.exit_status), INTERNAL otherwise. crun's wording is kept:
+    docker 20.10 and podman 4.3 read the runtime's message and look for "no
+    such file or directory" (127) and "permission denied" (126), which is
+    therefore added where crun says "Operation not permitted".
+    """
+    text = f"crun {verb}: {message}"
+    if _NOT_FOUND.search(message):
+        return CrunError(Code.NOT_FOUND, text)
+    if _CANNOT_EXECUTE.search(message):
+        if "permission denied" not in message.lower():
+            text += f" (`{executable}` cannot be executed: permission denied)"
+        return CrunError(Code.PERMISSION_DENIED, text)
+    return CrunError(Code.INTERNAL, text)
+
+
 def _base(log_file: Path) -> list[str]:
     return [CRUN, "--root", CRUN_ROOT, f"--log=file:{log_file}", "--log-format=json"]
 
@@ -35,13 +69,26 @@ def last_error(log_file: Path) -> str:
     except OSError:
         return ""
     for line in reversed(lines):
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            return line.strip()
-        if isinstance(entry, dict) and entry.get("msg"):
-            return str(entry["msg"])
+        message = _message(line)
+        if message:
+            return message
     return ""
+
+
+def _message(line: str) -> str:
+    """The text of one log line. crun's container process logs through its
+    parent, which logs the child's JSON line again as its own message: the
+    innermost message is the one that says what went wrong."""
+    text = line.strip()
+    for _ in range(3):
+        try:
+            entry = json.loads(text)
+        except ValueError:
+            return text
+        if not isinstance(entry, dict):
+            return text
+        text = str(entry.get("msg") or "").strip()
+    return text
 
 
 class Crun:
@@ -52,11 +99,24 @@ class Crun:
     def _log(self, container_id: str) -> Path:
         return self._state_dir / container_id / "crun.log"
 
+    def hooks_log(self, container_id: str) -> Path:
+        """Where the container's guest hooks write their output (crun's
+        run.oci.hooks.stdout/stderr annotations): crun's own error names only
+        the hook's path and status, their stderr says why."""
+        return self._state_dir / container_id / "hooks.log"
+
+    def _with_hook_output(self, container_id: str, message: str) -> str:
+        if "hook" not in message:
+            return message
+        tail = _tail(self.hooks_log(container_id))
+        return f"{message}; the hook wrote: {tail}" if tail else message
+
     async def _call(self, container_id: str, *args: str, code: Code = Code.INTERNAL) -> bytes:
         log_file = self._log(container_id)
         result = await run(self._reaper, [*_base(log_file), *args])
         if result.code != 0:
-            raise CrunError(code, self._describe(result, log_file))
+            message = self._with_hook_output(container_id, self._describe(result, log_file))
+            raise CrunError(code, message)
         return result.stdout
 
     @staticmethod
@@ -69,16 +129,19 @@ class Crun:
         container_id: str,
         args: list[str],
         stdio: tuple[int | None, int | None, int | None],
+        executable: str = "",
     ) -> None:
         """Run `crun create` or `crun exec --detach`, which return once the
-        process exists; the process keeps `stdio`, crun exits."""
+        process exists; the process keeps `stdio`, crun exits. `executable`
+        (the process's args[0]) names the program in an error about it."""
         log_file = self._log(container_id)
         argv = [*_base(log_file), *args]
         _pid, done = spawn(self._reaper, argv, stdin=stdio[0], stdout=stdio[1], stderr=stdio[2])
         code = await done
         if code != 0:
             message = last_error(log_file) or f"crun exited with status {code}"
-            raise CrunError(Code.INTERNAL, f"crun {args[0]}: {message}")
+            raise launch_error(
+                args[0], self._with_hook_output(container_id, message), executable)
 
     async def create(
         self,
@@ -87,11 +150,12 @@ class Crun:
         pid_file: Path,
         stdio: tuple[int | None, int | None, int | None],
         console_socket: Path | None = None,
+        executable: str = "",
     ) -> None:
         args = ["create", "--bundle", str(bundle), "--pid-file", str(pid_file)]
         if console_socket is not None:
             args += ["--console-socket", str(console_socket)]
-        await self.launch(container_id, [*args, container_id], stdio)
+        await self.launch(container_id, [*args, container_id], stdio, executable)
 
     async def exec(
         self,
@@ -100,11 +164,12 @@ class Crun:
         pid_file: Path,
         stdio: tuple[int | None, int | None, int | None],
         console_socket: Path | None = None,
+        executable: str = "",
     ) -> None:
         args = ["exec", "--detach", "--process", str(process_file), "--pid-file", str(pid_file)]
         if console_socket is not None:
             args += ["--console-socket", str(console_socket)]
-        await self.launch(container_id, [*args, container_id], stdio)
+        await self.launch(container_id, [*args, container_id], stdio, executable)
 
     async def start(self, container_id: str) -> None:
         await self._call(container_id, "start", container_id)
@@ -129,6 +194,17 @@ class Crun:
         out = await self._call(container_id, "ps", "--format", "json", container_id)
         pids = json.loads(out or b"[]")
         return [int(p) for p in pids]
+
+
+def _tail(path: Path, limit: int = 2000) -> str:
+    """The last `limit` bytes of `path` as one line, or ''."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - limit))
+            data = f.read(limit)
+    except OSError:
+        return ""
+    return " | ".join(data.decode("utf-8", "replace").split("\n")).strip(" |")
 
 
 def read_pid_file(path: Path) -> int:

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pykata.agent.guest_spec import CGROUP_PARENT
+from pykata.agent.guest_spec import CGROUP_PARENT, CGROUP_ROOT
 from pykata.protocols import agent_pb2
 
-CGROUP_ROOT = Path("/sys/fs/cgroup")
 _NO_LIMIT = 0  # proto3 cannot say "max"; 0 means unlimited here.
 
 
