@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from pykata import config as config_mod
 from pykata.cli.console_io import ThreadedReader, ThreadedWriter, raw_terminal, terminal_size
 from pykata.errors import PykataError, SpecError
 from pykata.runtime.container import Container, bind_rootfs, overlay_rootfs
+from pykata.runtime.exit_status import start_failure_status
 from pykata.runtime.mounts import Mount
 from pykata.runtime.oneshot import OneShotIO, OneShotResult, run_container
 from pykata.runtime.sandbox import SandboxOptions
@@ -32,8 +34,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "run",
         help="run a command in a new container, in its own VM",
         description="Run CMD in a new container inside its own VM and exit with its "
-        "exit code (128+N when killed by signal N). Without --rootfs or --bundle "
-        "the built-in busybox image is used.",
+        "exit code (128+N when killed by signal N; 127 when CMD does not exist, 126 "
+        "when it cannot be executed). Without --rootfs or --bundle the built-in "
+        "busybox image is used.",
     )
     src = p.add_mutually_exclusive_group()
     src.add_argument("--rootfs", metavar="DIR", type=Path, help="root filesystem directory")
@@ -116,9 +119,18 @@ def run(args: argparse.Namespace) -> int:
     spec, rootfs, volumes = _spec_and_rootfs(args)
     options = SandboxOptions(vcpus=args.cpus, memory_mib=args.memory)
     interactive = args.interactive or (args.tty and os.isatty(0))
-    with raw_terminal(0) if args.tty and interactive else contextlib.nullcontext():
-        result = asyncio.run(_run(cfg, spec, rootfs, options, interactive, args.tty,
-                                  volumes))
+    try:
+        with raw_terminal(0) if args.tty and interactive else contextlib.nullcontext():
+            result = asyncio.run(_run(cfg, spec, rootfs, options, interactive, args.tty,
+                                      volumes))
+    except PykataError as exc:
+        # A command that cannot run exits as a shell's would (127, 126), as
+        # `docker run` does; any other failure is pykata's own (exit 1).
+        status = start_failure_status(exc)
+        if status is None:
+            raise
+        print(f"pykata: {exc}", file=sys.stderr)
+        return status
     timings = os.environ.get(TIMINGS_ENV)
     if timings:
         _write_timings(Path(timings), entered, result.phases)
