@@ -46,14 +46,16 @@ def launch_error(verb: str, message: str, executable: str) -> CrunError:
     pykata.runtime.exit_status), INTERNAL otherwise. crun's wording is kept:
     docker 20.10 and podman 4.3 read the runtime's message and look for "no
     such file or directory" (127) and "permission denied" (126), which is
-    therefore added where crun says "Operation not permitted".
+    therefore added where crun says "Operation not permitted", with the name
+    of the executable, which crun's words lack.
     """
     text = f"crun {verb}: {message}"
     if _NOT_FOUND.search(message):
         return CrunError(Code.NOT_FOUND, text)
     if _CANNOT_EXECUTE.search(message):
-        if "permission denied" not in message.lower():
-            text += f" (`{executable}` cannot be executed: permission denied)"
+        # crun's words do not say which file; for a directory it says EPERM.
+        said = "permission denied" in message.lower()
+        text += f" (`{executable}` cannot be executed{'' if said else ': permission denied'})"
         return CrunError(Code.PERMISSION_DENIED, text)
     return CrunError(Code.INTERNAL, text)
 
