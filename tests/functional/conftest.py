@@ -159,7 +159,7 @@ def leftovers(allowed: set[str] = frozenset()) -> list[str]:  # type: ignore[ass
                 found.append(f"mount: {point}")
     if root.exists():
         for entry in root.iterdir():
-            if entry.name in ("sandboxes", "shims"):
+            if entry.name in ("sandboxes", "shims", "oci"):
                 found += [f"state: {p}" for p in entry.iterdir() if p.name not in allowed]
             else:
                 found.append(f"state: {entry}")

@@ -77,6 +77,18 @@ class Stdio:
         self.child_fds = (None, None, None)
 
 
+class _OutputProtocol(asyncio.StreamReaderProtocol):
+    """A pty master reads EIO once the last slave closed: that is the end of
+    the output, not an error. Reported as an error, it would also discard
+    what was read but not yet asked for (an exec's output, when the host's
+    first read comes after the process already exited)."""
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if isinstance(exc, OSError) and exc.errno == errno.EIO:
+            exc = None
+        super().connection_lost(exc)
+
+
 class Process:
     def __init__(self, container_id: str, exec_id: str, stdio: Stdio) -> None:
         self.container_id = container_id
@@ -99,7 +111,7 @@ class Process:
             setattr(self.stdio, f"{name}_r", None)
             reader = asyncio.StreamReader(limit=MAX_READ)
             transport, _ = await loop.connect_read_pipe(
-                lambda r=reader: asyncio.StreamReaderProtocol(r),  # type: ignore[misc]
+                lambda r=reader: _OutputProtocol(r),  # type: ignore[misc]
                 os.fdopen(fd, "rb", buffering=0),
             )
             self._readers[name] = reader

@@ -20,6 +20,9 @@ class Launch:
     # or the slave of a pty for all three when `terminal`.
     stdio: tuple[int, int, int]
     terminal: bool
+    # A copy of the pty's master (its original went to the console socket):
+    # see hostio.wait_read. -1 without a pty.
+    pty_master: int = -1
     owner: str = ""
     annotations: dict[str, str] = field(default_factory=dict)
 

@@ -253,6 +253,10 @@ class Monitor:
             await self.relay.close()
         for writer in self._writers:
             await writer.close(2.0)
+        if self.launch.pty_master >= 0:
+            await asyncio.to_thread(hostio.wait_read, self.launch.pty_master, 2.0)
+            os.close(self.launch.pty_master)
+            self.launch.pty_master = -1
         if self.container is not None:
             with contextlib.suppress(PykataError):
                 await self.container.delete()

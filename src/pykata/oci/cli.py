@@ -17,7 +17,7 @@ from typing import Any, NoReturn
 
 from pykata import __version__
 from pykata.errors import PykataError
-from pykata.oci.store import DEFAULT_ROOT, Store
+from pykata.oci.store import Store, default_root
 
 OCI_VERSION = "1.0.2"
 VERSION_TEXT = (f"pykata-oci version {__version__}\ncommit: pykata-{__version__}\n"
@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
         "The runc-compatible command line of pykata: each container runs in its own VM. "
         "docker and podman call it as they call runc."))
     p.add_argument("--version", "-v", action="store_true", help="print the version")
-    p.add_argument("--root", default=DEFAULT_ROOT, help="where container state is kept")
+    p.add_argument("--root", default="",
+                   help="where container state is kept (default /run/pykata/oci)")
     p.add_argument("--log", default="", help="log file (errors go here, not to stderr)")
     p.add_argument("--log-format", default="text", choices=("text", "json"))
     p.add_argument("--debug", action="store_true", help="log debug messages")
@@ -177,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 format="pykata-oci: %(levelname)s: %(name)s: %(message)s")
         from pykata.oci import verbs
 
-        return verbs.dispatch(args, Store(Path(args.root)))
+        return verbs.dispatch(args, Store(Path(args.root) if args.root else default_root()))
     except PykataError as exc:
         out.line("error", str(exc))
         return exc.exit_code

@@ -25,7 +25,7 @@ DRAIN_SECONDS = 10.0
 
 async def relay_exec(socket_path: str, container_id: str, exec_id: str,
                      process: dict[str, Any], stdio: tuple[int, int, int], terminal: bool,
-                     on_started: Any = None) -> int:
+                     on_started: Any = None, pty_master: int = -1) -> int:
     """Start `process` in the container and relay it until it exits; returns
     its exit status. `on_started()` is called once it runs (or with the
     error that stopped it from starting, which is then raised)."""
@@ -84,6 +84,9 @@ async def relay_exec(socket_path: str, container_id: str, exec_id: str,
             await relay.close()
         for writer in writers:
             await writer.close(2.0)
+        if pty_master >= 0:
+            await asyncio.to_thread(hostio.wait_read, pty_master, 2.0)
+            os.close(pty_master)
         await client.close()
 
 

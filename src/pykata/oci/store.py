@@ -15,9 +15,15 @@ from pathlib import Path
 from pykata.errors import AlreadyExistsError, NotFoundError, PykataError
 from pykata.runtime.state import ContainerState, StateFileError, process_alive, read_state
 
-DEFAULT_ROOT = "/run/pykata/oci"
 # runc's rule for container ids.
 _ID = re.compile(r"[\w+.-]+", re.ASCII)
+
+
+def default_root() -> Path:
+    """runc keeps its state in /run/runc; pykata-oci in <pykata's run root>/oci."""
+    from pykata.runtime.paths import run_root
+
+    return run_root() / "oci"
 
 
 def check_id(container_id: str) -> str:

@@ -86,17 +86,16 @@ def _fork_monitor(launch: Any, console_socket: str) -> int:
     from pykata.monitor.main import run_forked
     from pykata.runtime import hostio
 
-    slave = -1
     if launch.terminal and console_socket:
         master, slave = hostio.open_pty()
         try:
-            hostio.send_console(console_socket, master)
+            hostio.send_console(console_socket, master, slave)
         except BaseException:
             os.close(slave)
-            raise
-        finally:
             os.close(master)
+            raise
         launch.stdio = (slave, slave, slave)
+        launch.pty_master = master
     else:
         launch.stdio = tuple(_dup_or_null(fd) for fd in (0, 1, 2))
     ready_r, ready_w = os.pipe()
@@ -111,7 +110,7 @@ def _fork_monitor(launch: Any, console_socket: str) -> int:
         finally:
             os._exit(code)
     os.close(ready_w)
-    for fd in set(launch.stdio):
+    for fd in {*launch.stdio, launch.pty_master}:
         if fd > 2:
             os.close(fd)
     with os.fdopen(ready_r, "rb") as ready:
@@ -481,27 +480,27 @@ def exec_(args: argparse.Namespace, store: Store) -> int:
     from pykata.cli.console_io import raw_terminal
     from pykata.oci.relay import relay_exec
 
-    stdio = _exec_stdio(terminal, args.console_socket)
+    stdio, master = _exec_stdio(terminal, args.console_socket)
     with raw_terminal(0) if terminal and not args.console_socket else contextlib.nullcontext():
         _write_pid_file(args.pid_file, os.getpid())
         return _arun(relay_exec(record.monitor_socket, record.id, exec_id, process, stdio,
-                                terminal))
+                                terminal, pty_master=master))
 
 
-def _exec_stdio(terminal: bool, console_socket: str) -> tuple[int, int, int]:
+def _exec_stdio(terminal: bool, console_socket: str) -> tuple[tuple[int, int, int], int]:
+    """The exec's stdio, and a copy of its pty master (-1 without one)."""
     if terminal and console_socket:
         from pykata.runtime import hostio
 
         master, slave = hostio.open_pty()
         try:
-            hostio.send_console(console_socket, master)
+            hostio.send_console(console_socket, master, slave)
         except BaseException:
             os.close(slave)
-            raise
-        finally:
             os.close(master)
-        return slave, slave, slave
-    return 0, 1, 2
+            raise
+        return (slave, slave, slave), master
+    return (0, 1, 2), -1
 
 
 def _exec_detached(args: argparse.Namespace, record: ContainerState, exec_id: str,
@@ -509,7 +508,7 @@ def _exec_detached(args: argparse.Namespace, record: ContainerState, exec_id: st
     from pykata.oci.relay import relay_exec
     from pykata.runtime import hostio
 
-    stdio = _exec_stdio(terminal, args.console_socket)
+    stdio, master = _exec_stdio(terminal, args.console_socket)
     ready_r, ready_w = os.pipe()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -534,14 +533,16 @@ def _exec_detached(args: argparse.Namespace, record: ContainerState, exec_id: st
                 os.close(ready_w)
 
             code = _arun(relay_exec(record.monitor_socket, record.id, exec_id, process,
-                                          stdio, terminal, on_started=started))
+                                          stdio, terminal, on_started=started,
+                                          pty_master=master))
         except BaseException:
             code = 1 if code == 1 else code
         finally:
             os._exit(code)
     os.close(ready_w)
-    if stdio[0] > 2:
-        os.close(stdio[0])
+    for fd in {stdio[0], master}:
+        if fd > 2:
+            os.close(fd)
     with os.fdopen(ready_r, "rb") as ready:
         answer = ready.readline()
     try:

@@ -18,6 +18,7 @@ import socket
 import struct
 import termios
 import threading
+import time
 import tty
 
 from pykata.errors import PykataError
@@ -109,11 +110,12 @@ def open_pty() -> tuple[int, int]:
     return master, slave
 
 
-def send_console(socket_path: str, master: int) -> None:
+def send_console(socket_path: str, master: int, slave: int) -> None:
     """Send the pty master over the caller's console socket, as runc does:
-    one message carrying the pty's name, the descriptor as SCM_RIGHTS."""
+    one message carrying the terminal's name (/dev/pts/N), the master as
+    SCM_RIGHTS."""
     try:
-        name = os.ttyname(master)
+        name = os.ttyname(slave)
     except OSError:
         name = "/dev/ptmx"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -127,6 +129,24 @@ def send_console(socket_path: str, master: int) -> None:
             hint="pass the path of a unix socket that a process listens on") from None
     finally:
         sock.close()
+
+
+def wait_read(master: int, timeout: float) -> None:
+    """Wait until the caller has read what the container wrote to its pty.
+
+    Linux drops what the master has not read yet when the last slave closes,
+    so a container's last words would be lost if the relay closed at once;
+    the relay keeps a copy of the master to ask how much is left."""
+    deadline = time.monotonic() + timeout
+    buf = array.array("i", [0])
+    while time.monotonic() < deadline:
+        try:
+            fcntl.ioctl(master, termios.FIONREAD, buf, True)
+        except OSError:
+            return
+        if buf[0] == 0:
+            return
+        time.sleep(0.01)
 
 
 def make_controlling(fd: int) -> None:

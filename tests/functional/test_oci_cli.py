@@ -1,0 +1,250 @@
+"""`pykata-oci` driven as runc's users drive it, on real VMs.
+
+Each container boots a VM of its own (3-5 s under TCG), so the tests pack
+several checks into one container where they do not interfere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from pykata import assets
+from pykata.runtime.hostio import set_window_size
+from tests.functional.conftest import qemu_processes, unexpected_leftovers
+from tests.functional.oci_tools import ConsoleReceiver, Oci, Waiter, make_bundle
+
+LOOP = ["sh", "-c", "trap 'echo got-term; exit 5' TERM; while :; do sleep 0.2; done"]
+
+
+@pytest.fixture
+def oci(tmp_path: Path, guest_assets: assets.AssetPaths) -> Oci:
+    return Oci(tmp_path / "root", log=tmp_path / "oci-log.json")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _wait_until(condition: object, what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def _last_error(log: Path) -> dict[str, str]:
+    lines = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    errors = [entry for entry in lines if entry["level"] == "error"]
+    assert errors, f"no error line in {log}: {lines}"
+    return errors[-1]
+
+
+def test_lifecycle_pid_contract_stdio_and_signals(oci: Oci, tmp_path: Path) -> None:
+    """create -> created (the pid lives, a subreaper's child) -> start ->
+    running -> SIGTERM sent to the pid reaches the container -> the pid
+    exits with the container's status, output intact -> delete."""
+    payload = os.urandom(300_000)
+    bundle = make_bundle(tmp_path / "b", ["sh", "-c",
+                         "head -c 300000 | sha256sum; echo to-stderr >&2; " + LOOP[2]])
+    waiter = Waiter(oci, "create", "--bundle", str(bundle), "--pid-file",
+                    str(tmp_path / "pid"), "c1", stdin=payload)
+    created = waiter.wait_created()
+    assert created["rc"] == 0, waiter.finish()
+    pid = created["pid"]
+    state = oci.state("c1")
+    assert state["status"] == "created" and state["pid"] == pid and _alive(pid)
+    assert state["bundle"] == str(bundle) and state["ociVersion"]
+    assert oci("start", "c1").returncode == 0
+    assert oci.state("c1")["status"] == "running"
+    listed = json.loads(oci("list", "--format", "json").out)
+    assert [(c["id"], c["status"]) for c in listed] == [("c1", "running")]
+    assert oci("list", "-q").out.split() == ["c1"]
+    time.sleep(1)
+    os.kill(pid, signal.SIGTERM)  # to the pid itself, as conmon may do
+    ended = waiter.finish()
+    assert ended["status"] == 5, ended
+    assert hashlib.sha256(payload).hexdigest() in ended["stdout"]
+    assert "got-term" in ended["stdout"] and ended["stderr"] == "to-stderr\n"
+    stopped = oci.state("c1")
+    assert stopped["status"] == "stopped" and stopped["pid"] == 0
+    assert oci("delete", "c1").returncode == 0
+    assert oci("state", "c1").returncode == 1
+    assert "does not exist" in _last_error(oci.log)["msg"]  # type: ignore[arg-type]
+
+
+def test_kill_exec_ps_events_pause_update(oci: Oci, tmp_path: Path) -> None:
+    bundle = make_bundle(tmp_path / "b", LOOP)
+    waiter = Waiter(oci, "create", "--bundle", str(bundle), "--pid-file",
+                    str(tmp_path / "pid"), "c2")
+    assert waiter.wait_created()["rc"] == 0
+    try:
+        # Wrong moves, each refused with runc's kind of message and status 1.
+        assert oci("exec", "c2", "true").returncode == 1  # created, not running
+        assert oci("start", "c2").returncode == 0
+        again = oci("start", "c2")
+        assert again.returncode == 1 and "running" in _last_error(oci.log)["msg"]
+        busy = oci("delete", "c2")
+        assert busy.returncode == 1
+        assert "not stopped: running" in _last_error(oci.log)["msg"]
+
+        result = oci("exec", "c2", "sh", "-c", "echo exec-out; echo exec-err >&2; exit 4")
+        assert (result.returncode, result.out, result.err) == (4, "exec-out\n", "exec-err\n")
+        env = oci("exec", "--env", "X=42", "--cwd", "/tmp", "--user", "65534:65534", "c2",
+                  "sh", "-c", "echo $X $(pwd) $(id -u):$(id -g)")
+        assert env.out == "42 /tmp 65534:65534\n", env.err
+        process = tmp_path / "process.json"
+        process.write_text(json.dumps({"args": ["sh", "-c", "exit 9"], "cwd": "/",
+                                       "env": ["PATH=/bin"], "user": {"uid": 0, "gid": 0}}))
+        assert oci("exec", "--process", str(process), "c2").returncode == 9
+
+        # exec --detach --pid-file: the pid stands for the exec'd process.
+        detached = Waiter(oci, "exec", "--detach", "--pid-file", str(tmp_path / "epid"),
+                          "c2", "sh", "-c", "echo detached; sleep 1; exit 6")
+        assert detached.wait_created()["rc"] == 0
+        done = detached.finish()
+        assert done["status"] == 6 and done["stdout"] == "detached\n", done
+
+        table = oci("ps", "c2")
+        assert table.returncode == 0 and len(table.out.split()) >= 4
+        pids = json.loads(oci("ps", "--format", "json", "c2").out)
+        assert pids[0] == oci.state("c2")["pid"]
+        stats = json.loads(oci("events", "--stats", "c2").out)
+        assert stats["type"] == "stats" and stats["data"]["memory"]["usage"]["usage"] > 0
+
+        assert oci("update", "--pids-limit", "77", "c2").returncode == 0
+        # The guest's cgroup of the container took the limit.
+        after = json.loads(oci("events", "--stats", "c2").out)
+        assert after["data"]["pids"]["limit"] == 77, after
+
+        assert oci("pause", "c2").returncode == 0
+        assert oci.state("c2")["status"] == "paused"
+        assert oci("exec", "c2", "true").returncode == 1
+        assert oci("resume", "c2").returncode == 0
+        assert oci.state("c2")["status"] == "running"
+
+        assert oci("kill", "c2", "NOPE").returncode == 1
+        assert oci("kill", "c2", "KILL").returncode == 0
+        ended = waiter.finish()
+        assert ended["status"] == 128 + signal.SIGKILL
+        assert oci("kill", "c2", "9").returncode == 1  # stopped now
+    finally:
+        oci("delete", "--force", "c2")
+    assert oci("list", "-q").out == ""
+
+
+def test_console_socket_and_resize(oci: Oci, tmp_path: Path) -> None:
+    bundle = make_bundle(tmp_path / "b", ["sh"], terminal=True)
+    console = ConsoleReceiver(tmp_path / "console.sock")
+    try:
+        created = oci("create", "--bundle", str(bundle), "--console-socket",
+                      str(console.path), "--pid-file", str(tmp_path / "pid"), "c3")
+        assert created.returncode == 0, created.err
+        master = console.wait()
+        assert console.name.startswith("/dev/pts/")
+        assert oci("start", "c3").returncode == 0
+        set_window_size(master, 33, 111)
+        time.sleep(0.5)
+        os.write(master, b"tty; stty size; echo mark-$((6*7))\n")
+        seen = console.read_until(b"mark-42")
+        assert b"/dev/pts/" in seen and b"33 111" in seen, seen
+        # A terminal exec through another console socket.
+        exec_console = ConsoleReceiver(tmp_path / "exec.sock")
+        proc = subprocess.Popen(oci.argv("exec", "--tty", "--console-socket",
+                                         str(exec_console.path), "c3", "sh", "-c",
+                                         "test -t 0 && echo exec-tty-ok"))
+        exec_console.wait()
+        assert b"exec-tty-ok" in exec_console.read_until(b"exec-tty-ok")
+        assert proc.wait(60) == 0
+        exec_console.close()
+        os.write(master, b"exit 3\n")
+        _wait_until(lambda: oci.state("c3")["status"] == "stopped", "the shell to exit")
+    finally:
+        oci("delete", "--force", "c3")
+        console.close()
+
+
+def test_run_exit_statuses_and_spec_features_version(oci: Oci, tmp_path: Path) -> None:
+    bundle = make_bundle(tmp_path / "b", ["sh", "-c", "exit 0"])
+    config = json.loads((bundle / "config.json").read_text())
+    for args, status in ((["sh", "-c", "exit 7"], 7), (["/no/such/program"], 127),
+                         (["/etc/passwd"], 126),
+                         (["sh", "-c", "sh -c 'kill -USR1 $$'; exit $?"], 128 + 10)):
+        config["process"]["args"] = args
+        (bundle / "config.json").write_text(json.dumps(config))
+        result = oci("run", "--bundle", str(bundle), f"r{status}")
+        assert result.returncode == status, (args, result)
+    assert oci("list", "-q").out == ""
+    spec_dir = tmp_path / "spec"
+    spec_dir.mkdir()
+    assert oci("spec", "--bundle", str(spec_dir)).returncode == 0
+    written = json.loads((spec_dir / "config.json").read_text())
+    assert written["root"]["path"] == "rootfs" and written["process"]["args"]
+    assert oci("spec", "--bundle", str(spec_dir)).returncode == 1  # exists already
+    features = json.loads(oci("features").out)
+    assert "poststop" in features["hooks"]
+    version = oci("--version")
+    assert version.returncode == 0 and "spec: 1.0" in version.out
+
+
+def test_bad_input_is_refused_and_leaves_nothing(oci: Oci, tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = oci("create", "--bundle", str(empty), "x1")
+    assert result.returncode == 1 and "config.json" in _last_error(oci.log)["msg"]
+    wrong = make_bundle(tmp_path / "wrong", ["true"])
+    spec = json.loads((wrong / "config.json").read_text())
+    spec["process"]["args"] = "true"  # a string where a list belongs
+    (wrong / "config.json").write_text(json.dumps(spec))
+    assert oci("create", "--bundle", str(wrong), "x2").returncode == 1
+    assert "process.args" in _last_error(oci.log)["msg"]
+    assert oci("frobnicate", "x").returncode == 1
+    assert oci("create", "--no-such-flag", "x").returncode == 1
+    assert "unrecognized" in _last_error(oci.log)["msg"]
+    assert oci("start", "missing").returncode == 1
+    assert oci("delete", "missing").returncode == 1
+    assert oci("delete", "--force", "missing").returncode == 0
+    tty_bundle = make_bundle(tmp_path / "tty", ["sh"], terminal=True)
+    nobody = oci("create", "--bundle", str(tty_bundle), "--console-socket",
+                 str(tmp_path / "nobody.sock"), "x3")
+    assert nobody.returncode == 1 and "console socket" in _last_error(oci.log)["msg"]
+    no_socket = oci("create", "--bundle", str(tty_bundle), "x4")
+    assert no_socket.returncode == 1 and "console-socket" in _last_error(oci.log)["msg"]
+    assert not list((tmp_path / "root").iterdir())
+    assert not unexpected_leftovers()
+    # An id in use: refused, and the first container is untouched.
+    good = make_bundle(tmp_path / "good", LOOP)
+    assert oci("create", "--bundle", str(good), "x5").returncode == 0
+    try:
+        dup = oci("create", "--bundle", str(good), "x5")
+        assert dup.returncode == 1 and "exists" in _last_error(oci.log)["msg"]
+        assert oci.state("x5")["status"] == "created"
+    finally:
+        assert oci("delete", "x5").returncode == 0  # created: no force needed
+    assert not list((tmp_path / "root").iterdir())
+
+
+def test_monitor_killed_takes_the_vm_and_delete_clears(oci: Oci, tmp_path: Path) -> None:
+    bundle = make_bundle(tmp_path / "b", LOOP)
+    assert oci("create", "--bundle", str(bundle), "--pid-file", str(tmp_path / "pid"),
+               "k1").returncode == 0
+    pid = int((tmp_path / "pid").read_text())
+    assert oci("start", "k1").returncode == 0
+    assert any("pykata-" in line for line in qemu_processes())
+    os.kill(pid, signal.SIGKILL)
+    _wait_until(lambda: not qemu_processes(), "QEMU to die with its monitor")
+    assert oci.state("k1")["status"] == "stopped"
+    assert unexpected_leftovers(), "the killed monitor's mounts should still be there"
+    assert oci("delete", "--force", "k1").returncode == 0
+    assert not unexpected_leftovers()
