@@ -86,6 +86,7 @@ echo "ping_group_range=$(cat /proc/sys/net/ipv4/ping_group_range | tr '\t' ' ')"
 echo "resolv=$(cat /etc/resolv.conf)"
 echo "cgroup=$(cut -d: -f3 /proc/self/cgroup)"
 echo "pids_max=$(cat /sys/fs/cgroup/$(cut -d: -f3 /proc/self/cgroup)/pids.max)"
+echo "mkdir_error=$(mkdir /tmp/newdir 2>&1 | sed 's/.*: //')"
 """ + f"echo {_DONE}\n"
 
 
@@ -93,7 +94,8 @@ def test_process_settings_on_podmans_spec(guest_assets: object, tmp_path: Path) 
     """podman 4.3's config.json (its seccomp profile, rlimits, cgroup mount,
     host netns path, net.* sysctl) with a process that asks for everything:
     a non-root user with extra groups, env, cwd, a terminal, podman's default
-    rlimits, ambient capabilities, no_new_privs, oom_score_adj, hostname,
+    rlimits, ambient capabilities, no_new_privs, seccomp's default errno
+    (ENOSYS for a syscall the profile does not list), oom_score_adj, hostname,
     sysctls in the UTS and the pod's network namespace, a systemd cgroupsPath
     and LSM labels the guest has no use for."""
     spec = _engine_spec("podman-4.3.1-config.json", _PROCESS_SCRIPT)
@@ -118,6 +120,9 @@ def test_process_settings_on_podmans_spec(guest_assets: object, tmp_path: Path) 
     linux["sysctl"].update({"kernel.domainname": "example.org", "net.ipv4.ip_forward": "1"})
     linux["cgroupsPath"] = "machine.slice:libpod-aae2b9cbf847.scope"
     linux["mountLabel"] = "system_u:object_r:container_file_t:s0:c1,c2"
+    # A syscall the profile does not list gets its defaultErrnoRet, ENOSYS.
+    for rule in linux["seccomp"]["syscalls"]:
+        rule["names"] = [n for n in rule["names"] if n not in ("mkdir", "mkdirat")]
     bundle = _bundle(tmp_path, spec)
 
     text, code = run_on_terminal(
@@ -147,6 +152,7 @@ def test_process_settings_on_podmans_spec(guest_assets: object, tmp_path: Path) 
     assert seen["resolv"] == "bound at /etc/resolv.conf"
     assert re.fullmatch(r"/pykata/run-[0-9a-f]+", seen["cgroup"]), seen["cgroup"]
     assert seen["pids_max"] == "2048"
+    assert seen["mkdir_error"] == "Function not implemented"
 
 
 # --- the linux section: mounts, masks, devices, seccomp, cgroups, ... ---------

@@ -65,6 +65,8 @@ def test_podman_spec_for_the_guest() -> None:
     assert guest["process"]["rlimits"][0] == {"type": "RLIMIT_NOFILE", "hard": 1048576,
                                               "soft": 1048576}
     assert guest["linux"]["cgroupsPath"] == "/pykata/c1"
+    # ENOSYS for syscalls the profile does not know: carried to crun.
+    assert guest["linux"]["seccomp"]["defaultErrnoRet"] == 38
 
 
 def test_systemd_cgroup_paths_and_lsm_labels_are_dropped() -> None:

@@ -24,7 +24,7 @@ process.user.umask, mounts[].{uidMappings,gidMappings},
 linux.{timeOffsets,personality}, linux.resources.{rdma,unified},
 linux.resources.memory.{useHierarchy,checkBeforeUpdate},
 linux.resources.cpu.{burst,idle},
-linux.seccomp.{defaultErrnoRet,listenerPath,listenerMetadata},
+linux.seccomp.{listenerPath,listenerMetadata},
 linux.intelRdt.{closID,memBwSchema,enableCMT,enableMBM}, and the
 solaris/windows/vm/zos sections.
 """
@@ -1039,7 +1039,14 @@ class LinuxSeccomp(_message.Message):
     ARCHITECTURES_FIELD_NUMBER: _builtins.int
     FLAGS_FIELD_NUMBER: _builtins.int
     SYSCALLS_FIELD_NUMBER: _builtins.int
+    DEFAULTERRNORET_FIELD_NUMBER: _builtins.int
     DefaultAction: _builtins.str
+    DefaultErrnoRet: _builtins.int
+    """pykata's addition, not in Kata's message (a Kata peer ignores it): the
+    errno of defaultAction SCMP_ACT_ERRNO. podman's default profile sets it
+    to ENOSYS (38) so that programs probing a syscall the profile does not
+    know fall back, as glibc does; without it they would see EPERM.
+    """
     @_builtins.property
     def Architectures(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -1053,12 +1060,15 @@ class LinuxSeccomp(_message.Message):
         Architectures: _abc.Iterable[_builtins.str] | None = ...,
         Flags: _abc.Iterable[_builtins.str] | None = ...,
         Syscalls: _abc.Iterable[Global___LinuxSyscall] | None = ...,
+        DefaultErrnoRet: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["DefaultErrnoRet", b"DefaultErrnoRet", "_DefaultErrnoRet", b"_DefaultErrnoRet"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["Architectures", b"Architectures", "DefaultAction", b"DefaultAction", "Flags", b"Flags", "Syscalls", b"Syscalls"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["Architectures", b"Architectures", "DefaultAction", b"DefaultAction", "DefaultErrnoRet", b"DefaultErrnoRet", "Flags", b"Flags", "Syscalls", b"Syscalls", "_DefaultErrnoRet", b"_DefaultErrnoRet"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__DefaultErrnoRet: _TypeAlias = _typing.Literal["DefaultErrnoRet"]  # noqa: Y015
+    _WhichOneofArgType__DefaultErrnoRet: _TypeAlias = _typing.Literal["_DefaultErrnoRet", b"_DefaultErrnoRet"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__DefaultErrnoRet) -> _WhichOneofReturnType__DefaultErrnoRet | None: ...
 
 Global___LinuxSeccomp: _TypeAlias = LinuxSeccomp  # noqa: Y015
 

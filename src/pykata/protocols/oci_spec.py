@@ -66,8 +66,8 @@ UNSUPPORTED_OCI_KEYS: Final = _words(
     process.commandLine process.user.umask mounts[].uidMappings mounts[].gidMappings
     linux.timeOffsets linux.personality linux.resources.rdma linux.resources.unified
     linux.resources.memory.useHierarchy linux.resources.memory.checkBeforeUpdate
-    linux.resources.cpu.burst linux.resources.cpu.idle linux.seccomp.defaultErrnoRet
-    linux.seccomp.listenerPath linux.seccomp.listenerMetadata linux.intelRdt.closID
+    linux.resources.cpu.burst linux.resources.cpu.idle linux.seccomp.listenerPath
+    linux.seccomp.listenerMetadata linux.intelRdt.closID
     linux.intelRdt.memBwSchema linux.intelRdt.enableCMT linux.intelRdt.enableMBM
     solaris windows vm zos
     """
