@@ -47,7 +47,8 @@ def test_exit_code_comes_back(cli: Cli) -> None:
 
 def test_sigterm_to_run_stops_the_container_with_137(guest_assets: object) -> None:
     """SIGTERM to `pykata run` reaches the container; an init that does not handle
-    it is killed, and the run exits 128+9 like a killed container."""
+    it (PID 1 ignores it) is killed after the grace period, and the run exits
+    128+9 like a killed container."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "pykata.cli.main", "run", "--", "sh", "-c", "echo up; sleep 600"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,

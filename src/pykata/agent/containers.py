@@ -15,7 +15,6 @@ import logging
 import os
 import re
 import shutil
-import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from pykata.ttrpc import Code, StatusError
 log = logging.getLogger(__name__)
 
 STATE_ROOT = Path("/run/pykata/containers")
+CONSOLE_DIR = Path("/run/pykata/consoles")
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}")
 SANDBOX_TYPE_KEY = "io.kubernetes.cri.container-type"
 # How long an exec'd process's output may keep flowing after it exited before
@@ -161,7 +161,9 @@ class Containers:
     ) -> Process:
         """Start a process through crun with fresh stdio; return it running."""
         stdio = Stdio.for_terminal() if terminal else Stdio.pipes()
-        console = ConsoleSocket(container.bundle / f"{exec_id}.console") if terminal else None
+        # Not in the bundle: with 64-character ids (docker's) that path is
+        # longer than a unix socket address may be.
+        console = ConsoleSocket(_console_path()) if terminal else None
         proc = Process(container.id, exec_id, stdio)
         started = time.monotonic()
         try:
@@ -224,17 +226,16 @@ class Containers:
         container.processes[exec_id] = proc
 
     async def signal(self, container_id: str, exec_id: str, signum: int) -> None:
-        container = self.get(container_id)
+        self.get(container_id)
         if not exec_id:
             await self._crun.kill(container_id, signum, all_processes=True)
             return
         proc = self.process(container_id, exec_id)
         if proc.exited.done():
             raise StatusError(Code.NOT_FOUND, f"process {exec_id!r} already exited")
-        if proc is container.init and signum == signal.SIGTERM and not _catches(proc.pid, signum):
-            # A container's init is PID 1 of its namespace: a signal it has no
-            # handler for is ignored, so SIGTERM would never stop it.
-            signum = signal.SIGKILL
+        # Delivered as is, as runc does: an init (PID 1 of its namespace)
+        # ignores a signal it has no handler for, and callers that want it
+        # gone follow up with SIGKILL (docker stop, kubelet, pykata run).
         with contextlib.suppress(ProcessLookupError):
             os.kill(proc.pid, signum)
 
@@ -293,20 +294,13 @@ class Containers:
             await self._discard(container)
 
 
+def _console_path() -> Path:
+    CONSOLE_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return CONSOLE_DIR / f"{os.urandom(8).hex()}.sock"
+
+
 def _mark_stopped(container: Container) -> None:
     container.status = "stopped"
-
-
-def _catches(pid: int, signum: int) -> bool:
-    """Whether `pid` has a handler for `signum` (SigCgt in /proc/<pid>/status)."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("SigCgt:"):
-                    return bool(int(line.split()[1], 16) & (1 << (signum - 1)))
-    except (OSError, ValueError, IndexError):
-        pass
-    return True
 
 
 def _executable(process: dict[str, Any]) -> str:

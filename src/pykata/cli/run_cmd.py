@@ -27,6 +27,8 @@ from pykata.runtime.volumes import Volume, plan_volumes
 # A file to write phase timings to (the benchmark sets it).
 TIMINGS_ENV = "PYKATA_TIMINGS"
 _FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+# After a forwarded signal, how long the container has to exit before SIGKILL.
+STOP_GRACE_SECONDS = 10.0
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -204,6 +206,14 @@ def _resize_later(container: Container) -> None:
 
 def _signal_later(container: Container, sig: int) -> None:
     _spawn(container.kill(sig))
+    # The container's init ignores a signal it has no handler for (it is
+    # PID 1 of its namespace); a user who asked `pykata run` to stop gets
+    # it stopped, as `docker stop` does, after a grace period.
+    asyncio.get_running_loop().call_later(STOP_GRACE_SECONDS, _kill_now, container)
+
+
+def _kill_now(container: Container) -> None:
+    _spawn(container.kill(signal.SIGKILL))
 
 
 async def _quiet(call: Any) -> None:

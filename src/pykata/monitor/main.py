@@ -299,8 +299,12 @@ async def _main(launch: Launch, ready_fd: int) -> int:
 
 
 def _report(ready_fd: int, exc: BaseException) -> None:
+    message: dict[str, object]
     if isinstance(exc, PykataError):
-        message = {"error": exc.message, "hint": exc.hint or "", "kind": type(exc).__name__}
+        from pykata.runtime.exit_status import start_failure_status
+
+        message = {"error": exc.message, "hint": exc.hint or "", "kind": type(exc).__name__,
+                   "status": start_failure_status(exc)}
     elif isinstance(exc, asyncio.CancelledError | KeyboardInterrupt):
         message = {"error": "interrupted while creating the container", "hint": "",
                    "kind": "Interrupted"}

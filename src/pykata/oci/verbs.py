@@ -129,23 +129,21 @@ def _fork_monitor(launch: Any, console_socket: str) -> int:
 
 
 def _monitor_error(message: dict[str, Any]) -> PykataError:
+    """The monitor's report as the error `create` prints. A process that
+    cannot be executed is worded as runc words it, because docker maps those
+    words to its exit statuses: 127 for "executable file not found", 126
+    for "permission denied"."""
     text = str(message.get("error", "creating the container failed"))
     hint = str(message.get("hint") or "") or None
+    status = message.get("status")
+    if status == 127 and "executable file not found" not in text:
+        text += ": executable file not found in $PATH"
+    elif status == 126 and "permission denied" not in text:
+        text += ": permission denied"
     error = PykataError(text, hint=hint)
-    code = _start_failure_status(text)
-    if code is not None:
-        error.exit_code = code
+    if isinstance(status, int) and status in (126, 127):
+        error.exit_code = status
     return error
-
-
-def _start_failure_status(text: str) -> int | None:
-    """docker's statuses for a process that could not be started."""
-    lowered = text.lower()
-    if "executable file not found" in lowered or "no such file or directory" in lowered:
-        return 127
-    if "permission denied" in lowered:
-        return 126
-    return None
 
 
 def _dup_or_null(fd: int) -> int:
