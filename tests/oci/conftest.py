@@ -31,8 +31,10 @@ from tests.oci.podman_peer import PodmanPeer
 
 RUNTIME_VAR = "PYKATA_OCI_RUNTIME"
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "oci"
-# Lowering limits is always allowed; podman's defaults (nofile and nproc far
-# above this machine's hard limits) need CAP_SYS_RESOURCE, which root lacks here.
+# For runc and crun only: the rlimits podman asks for by default (nofile
+# 1048576, nproc 32768) fail here with EPERM in runc's init, as root lacks
+# CAP_SYS_RESOURCE (the machine's hard nofile limit is 20000); lower limits
+# are always allowed. pykata-oci sets rlimits inside its VM and gets the defaults.
 HOST_RUNTIME_ULIMITS = ("nofile=1024:1024", "nproc=4096:4096")
 
 # The shared long-running container of test_docker and test_podman: traps that
