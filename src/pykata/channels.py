@@ -14,3 +14,10 @@ TOKEN_PORT_NAME = "pykata.token"
 TOKEN_SIZE = 32
 # The 9p mount tag of the sandbox's shared directory.
 SHARED_FS_TAG = "kataShared"
+# The agent's ttRPC services.
+AGENT_SERVICE = "grpc.AgentService"
+HEALTH_SERVICE = "grpc.Health"
+# CRI annotations that group containers into pods: the host puts a pod's
+# containers in one VM; the guest shares the sandbox container's namespaces.
+CONTAINER_TYPE_KEY = "io.kubernetes.cri.container-type"
+SANDBOX_ID_KEY = "io.kubernetes.cri.sandbox-id"

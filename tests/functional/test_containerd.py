@@ -13,7 +13,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.functional.conftest import run_on_terminal
+from tests.functional.conftest import qemu_processes, run_on_terminal
 from tests.functional.containerd_peer import IMAGE, NAMESPACE, RUNTIME, PrivateContainerd
 
 
@@ -183,9 +183,8 @@ def _exec(containerd: PrivateContainerd, cid: str, exec_id: str, script: str) ->
 
 
 def _qemu_pids() -> set[str]:
-    out = subprocess.run(["pgrep", "-f", "qemu-system.*-name pykata-"],
-                         capture_output=True, text=True).stdout
-    return set(out.split())
+    """This session's QEMUs (other pykata VMs on the machine are not the test's)."""
+    return {line.split()[0] for line in qemu_processes()}
 
 
 def test_pod_containers_share_one_vm_and_pid_namespace_only_when_asked(

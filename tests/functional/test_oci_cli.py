@@ -18,7 +18,7 @@ import pytest
 
 from pykata import assets
 from pykata.runtime.hostio import set_window_size
-from tests.functional.conftest import qemu_processes, unexpected_leftovers
+from tests.functional.conftest import pykata_cli, qemu_processes, unexpected_leftovers
 from tests.functional.oci_tools import ConsoleReceiver, Oci, Waiter, make_bundle
 
 LOOP = ["sh", "-c", "trap 'echo got-term; exit 5' TERM; while :; do sleep 0.2; done"]
@@ -42,6 +42,12 @@ def _wait_until(condition: object, what: str, timeout: float = 60) -> None:
     while not condition():  # type: ignore[operator]
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.05)
+
+
+def _vm_of(oci: Oci, cid: str) -> list[str]:
+    """The QEMU of one container (other tests' VMs may run beside it)."""
+    key = json.loads((oci.root / cid / "state.json").read_text())["sandbox_key"]
+    return [line for line in qemu_processes() if f"-name pykata-{key} " in line]
 
 
 def _last_error(log: Path) -> dict[str, str]:
@@ -241,10 +247,76 @@ def test_monitor_killed_takes_the_vm_and_delete_clears(oci: Oci, tmp_path: Path)
                "k1").returncode == 0
     pid = int((tmp_path / "pid").read_text())
     assert oci("start", "k1").returncode == 0
-    assert any("pykata-" in line for line in qemu_processes())
+    assert _vm_of(oci, "k1")
     os.kill(pid, signal.SIGKILL)
-    _wait_until(lambda: not qemu_processes(), "QEMU to die with its monitor")
+    _wait_until(lambda: not _vm_of(oci, "k1"), "QEMU to die with its monitor")
     assert oci.state("k1")["status"] == "stopped"
     assert unexpected_leftovers(), "the killed monitor's mounts should still be there"
+    cleaned = pykata_cli("cleanup")
+    assert cleaned.returncode == 0 and "removing sandbox" in cleaned.out, cleaned.out
+    assert not unexpected_leftovers()
     assert oci("delete", "--force", "k1").returncode == 0
+    assert not (tmp_path / "root" / "k1").exists()
+
+
+def test_delete_force_clears_a_killed_monitor(oci: Oci, tmp_path: Path) -> None:
+    bundle = make_bundle(tmp_path / "b", LOOP)
+    assert oci("create", "--bundle", str(bundle), "--pid-file", str(tmp_path / "pid"),
+               "k2").returncode == 0
+    assert _vm_of(oci, "k2")
+    os.kill(int((tmp_path / "pid").read_text()), signal.SIGKILL)
+    _wait_until(lambda: not _vm_of(oci, "k2"), "QEMU to die with its monitor")
+    assert oci("delete", "--force", "k2").returncode == 0
+    assert not unexpected_leftovers()
+
+
+def test_oci_semantics_and_host_hooks(oci: Oci, tmp_path: Path) -> None:
+    """What runc's users check from inside: rlimits, a masked path, a
+    read-only path, the hostname, the user; and the host hooks, each run
+    where the runtime-spec says with the state on stdin."""
+    hooks_out = tmp_path / "hooks"
+    hooks_out.mkdir()
+
+    def hook(name: str) -> dict[str, object]:
+        return {"path": "/bin/sh", "args": ["sh", "-c", f"cat > {hooks_out}/{name}"]}
+
+    script = ("grep 'Max open files' /proc/self/limits; hostname; "
+              "wc -c < /etc/group; "
+              "touch /etc/ro-test 2>/dev/null && echo etc-writable || echo etc-readonly; "
+              "id -u; exit 0")
+    bundle = make_bundle(
+        tmp_path / "b", ["sh", "-c", script], hostname="semantics-host",
+        process={"rlimits": [{"type": "RLIMIT_NOFILE", "soft": 4321, "hard": 5432}],
+                 "user": {"uid": 1000, "gid": 1000}},
+        linux={"maskedPaths": ["/etc/group"], "readonlyPaths": ["/etc"],
+               "namespaces": [{"type": t} for t in ("pid", "ipc", "uts", "mount")]},
+        hooks={"prestart": [hook("prestart")], "createRuntime": [hook("createRuntime")],
+               "poststart": [hook("poststart")], "poststop": [hook("poststop")]})
+    waiter = Waiter(oci, "create", "--bundle", str(bundle), "--pid-file",
+                    str(tmp_path / "pid"), "s1")
+    assert waiter.wait_created()["rc"] == 0
+    created = json.loads((hooks_out / "createRuntime").read_text())
+    assert created["id"] == "s1" and created["bundle"] == str(bundle)
+    assert (hooks_out / "prestart").exists() and not (hooks_out / "poststart").exists()
+    assert oci("start", "s1").returncode == 0
+    ended = waiter.finish()
+    assert ended["status"] == 0, ended
+    lines = ended["stdout"].split("\n")
+    assert lines[0].split()[3:5] == ["4321", "5432"], lines
+    assert lines[1:5] == ["semantics-host", "0", "etc-readonly", "1000"], lines
+    assert json.loads((hooks_out / "poststart").read_text())["status"] == "running"
+    assert not (hooks_out / "poststop").exists()
+    assert oci("delete", "s1").returncode == 0
+    poststop = json.loads((hooks_out / "poststop").read_text())
+    assert poststop["id"] == "s1" and poststop["status"] == "stopped"
+
+
+def test_a_failing_prestart_hook_fails_create_and_leaves_nothing(
+        oci: Oci, tmp_path: Path) -> None:
+    bundle = make_bundle(tmp_path / "b", ["true"], hooks={
+        "prestart": [{"path": "/bin/sh", "args": ["sh", "-c", "echo no-network >&2; exit 3"]}]})
+    assert oci("create", "--bundle", str(bundle), "h1").returncode == 1
+    message = _last_error(oci.log)["msg"]
+    assert "prestart" in message and "no-network" in message, message
+    assert not list((tmp_path / "root").iterdir())
     assert not unexpected_leftovers()

@@ -26,6 +26,7 @@ from pykata.agent.process import Process, Stdio
 from pykata.agent.reaper import Reaper
 from pykata.agent.storage import mount_storage, unmount
 from pykata.agent.sysctls import write_sysctls
+from pykata.channels import CONTAINER_TYPE_KEY
 from pykata.protocols import agent_pb2, oci_pb2
 from pykata.protocols.oci_spec import message_to_json, spec_to_json
 from pykata.ttrpc import Code, StatusError
@@ -35,7 +36,6 @@ log = logging.getLogger(__name__)
 STATE_ROOT = Path("/run/pykata/containers")
 CONSOLE_DIR = Path("/run/pykata/consoles")
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}")
-SANDBOX_TYPE_KEY = "io.kubernetes.cri.container-type"
 # How long an exec'd process's output may keep flowing after it exited before
 # the agent lets go of it (a background child can hold the pipe open forever).
 _EXEC_DRAIN_SECONDS = 10.0
@@ -126,7 +126,7 @@ class Containers:
             container.mounts.append(await mount_storage(self._reaper, storage))
         spec = spec_to_json(req.OCI)
         annotations = spec.get("annotations", {})
-        container.is_sandbox = annotations.get(SANDBOX_TYPE_KEY) == "sandbox"
+        container.is_sandbox = annotations.get(CONTAINER_TYPE_KEY) == "sandbox"
         sandbox_pid = None if container.is_sandbox else self._sandbox_pid()
         guest_spec.for_guest(
             spec, container.id, sandbox_pid=sandbox_pid, share_pid_ns=req.sandbox_pidns

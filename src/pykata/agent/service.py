@@ -19,13 +19,12 @@ from pykata.agent import stats
 from pykata.agent.containers import Containers
 from pykata.agent.reaper import Reaper
 from pykata.agent.storage import mount_storage, unmount
+from pykata.channels import AGENT_SERVICE, HEALTH_SERVICE
 from pykata.protocols import agent_pb2, health_pb2
 from pykata.ttrpc import Code, RequestContext, Server, StatusError
 
 log = logging.getLogger(__name__)
 
-AGENT_SERVICE = "grpc.AgentService"
-HEALTH_SERVICE = "grpc.Health"
 _OOM_POLL_SECONDS = 1.0
 _EMPTY = empty_pb2.Empty()
 

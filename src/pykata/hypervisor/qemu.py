@@ -20,6 +20,13 @@ from pathlib import Path
 
 from pykata.errors import HypervisorError
 from pykata.hypervisor import qemu_args as qa
+from pykata.hypervisor.base import (
+    AgentChannel,
+    Console,
+    Device,
+    EntropySource,
+    SharedDirectory,
+)
 from pykata.hypervisor.capped_log import CappedLog, read_tail
 from pykata.hypervisor.confine import confining_hook
 from pykata.hypervisor.host import host_tsc_khz
@@ -83,6 +90,14 @@ class VmConfig:
         parts.append(self.kernel_params)
         return qa.join_cmdline(parts)
 
+    def devices(self) -> tuple[Device, ...]:
+        """The VM's devices, in the order QEMU gets them."""
+        devices: list[Device] = [Console(self.console_limit), EntropySource(),
+                                 AgentChannel(self.vsock_cid)]
+        if self.shared_dir is not None:
+            devices.append(SharedDirectory(self.shared_dir))
+        return tuple(devices)
+
     def check(self) -> None:
         """Fail early, with the fix, on anything QEMU would fail on later."""
         if not os.access(self.qemu_path, os.X_OK):
@@ -128,16 +143,9 @@ class QemuVM:
             qa.Memory(c.memory_mib),
             qa.KernelBoot(c.kernel, c.initrd, c.kernel_cmdline()),
             qa.QmpFd(qmp_fd),
-            qa.SerialConsoleFd(console_fd),
-            qa.Rng(c.machine_type),
         ]
-        if c.vsock_cid:
-            opts += [qa.VhostVsock(c.vsock_cid, c.machine_type),
-                     qa.TokenPort(agent_fd, c.machine_type)]
-        else:
-            opts.append(qa.VirtioSerialAgent(agent_fd, c.machine_type))
-        if c.shared_dir is not None:
-            opts.append(qa.Share9p(c.shared_dir, c.machine_type))
+        for device in c.devices():
+            opts += _render(device, c.machine_type, agent_fd=agent_fd, console_fd=console_fd)
         return opts
 
     def command(self, qmp_fd: int, agent_fd: int, console_fd: int) -> list[str]:
@@ -262,6 +270,25 @@ class QemuVM:
         if self._token_socket is not None:
             self._token_socket.close()
             self._token_socket = None
+
+
+def _render(device: Device, machine_type: str, *, agent_fd: int, console_fd: int
+            ) -> list[qa.QemuOption]:
+    """QEMU's pieces for one device; descriptors are the ones QEMU inherits."""
+    if isinstance(device, Console):
+        return [qa.SerialConsoleFd(console_fd)]
+    if isinstance(device, EntropySource):
+        return [qa.Rng(machine_type)]
+    if isinstance(device, AgentChannel):
+        if device.vsock_cid:
+            # agent_fd then carries the token port: the agent wants the
+            # token first on every vsock connection.
+            return [qa.VhostVsock(device.vsock_cid, machine_type),
+                    qa.TokenPort(agent_fd, machine_type)]
+        return [qa.VirtioSerialAgent(agent_fd, machine_type)]
+    if isinstance(device, SharedDirectory):
+        return [qa.Share9p(device.path, machine_type, device.tag)]
+    raise HypervisorError(f"QEMU cannot provide a {type(device).__name__}")
 
 
 def _panic_line(path: Path) -> str:

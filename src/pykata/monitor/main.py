@@ -25,7 +25,7 @@ from pykata.monitor.launch import Launch
 from pykata.monitor.service import MonitorService
 from pykata.runtime import hostio
 from pykata.runtime.container import Container, bind_rootfs, spec_readonly_root
-from pykata.runtime.lifecycle import Lifecycle, Status
+from pykata.runtime.lifecycle import OUTPUT_DRAIN_SECONDS, VM_DIED_STATUS, Lifecycle, Status
 from pykata.runtime.sandbox import Sandbox
 from pykata.runtime.state import ContainerState, process_start_time, write_state
 from pykata.runtime.stdio import StdioRelay
@@ -40,8 +40,6 @@ FORWARDED_SIGNALS = (
     signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
     signal.SIGUSR2, signal.SIGALRM, signal.SIGCONT, signal.SIGTSTP,
 )
-# After the init exited, how long its output may still flow in.
-DRAIN_SECONDS = 10.0
 HOST_HOOK_PHASES = ("prestart", "createRuntime", "poststart", "poststop")
 CLONE_NEWNET = 0x40000000
 
@@ -219,11 +217,11 @@ class Monitor:
         shutdown = asyncio.ensure_future(self._shutdown.wait())
         vm = asyncio.ensure_future(self._vm_exit())
         done, _ = await asyncio.wait({wait, shutdown, vm}, return_when=asyncio.FIRST_COMPLETED)
-        code = 128 + signal.SIGKILL
+        code = VM_DIED_STATUS
         if wait in done and wait.exception() is None:
             code = wait.result()
             if self.relay is not None:
-                await self.relay.drain(DRAIN_SECONDS)
+                await self.relay.drain(OUTPUT_DRAIN_SECONDS)
         elif shutdown in done:
             with contextlib.suppress(PykataError, asyncio.TimeoutError):
                 await asyncio.wait_for(self.container.kill(signal.SIGKILL), 5)

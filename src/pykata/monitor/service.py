@@ -19,10 +19,10 @@ from typing import Any
 from google.protobuf import empty_pb2
 from google.protobuf.message import Message
 
+from pykata.channels import AGENT_SERVICE
 from pykata.errors import AgentError, AlreadyExistsError, InvalidStateError, PykataError
 from pykata.protocols import agent_pb2, monitor_pb2
 from pykata.protocols.oci_spec import InvalidSpecError, resources_from_json
-from pykata.runtime.agent_client import AGENT_SERVICE
 from pykata.runtime.container import Container
 from pykata.runtime.lifecycle import Lifecycle, Status
 from pykata.ttrpc import Code, RequestContext, Server, StatusError

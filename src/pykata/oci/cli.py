@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--no-pivot", action="store_true", help="accepted")
         c.add_argument("--no-new-keyring", action="store_true", help="accepted")
         c.add_argument("--preserve-fds", type=int, default=0,
-                       help="accepted; descriptors cannot cross into a VM")
+                       help="only 0: descriptors cannot cross into a VM")
         c.add_argument("id")
 
     create_flags(sub.add_parser("create", help="create a container"))

@@ -18,9 +18,8 @@ from pykata.monitor.client import MonitorClient
 from pykata.monitor.main import FORWARDED_SIGNALS
 from pykata.protocols import monitor_pb2
 from pykata.runtime import hostio
+from pykata.runtime.lifecycle import OUTPUT_DRAIN_SECONDS, VM_DIED_STATUS
 from pykata.runtime.stdio import StdioRelay
-
-DRAIN_SECONDS = 10.0
 
 
 async def relay_exec(socket_path: str, container_id: str, exec_id: str,
@@ -76,8 +75,8 @@ async def relay_exec(socket_path: str, container_id: str, exec_id: str,
             code = await agent.wait_process(container_id, exec_id)
         except PykataError:
             # The monitor (and with it the VM) went away: the process is gone.
-            code = 128 + signal.SIGKILL
-        await relay.drain(DRAIN_SECONDS)
+            code = VM_DIED_STATUS
+        await relay.drain(OUTPUT_DRAIN_SECONDS)
         return code
     finally:
         if relay is not None:

@@ -16,7 +16,6 @@ import argparse
 import contextlib
 import json
 import os
-import secrets
 import signal
 import sys
 import time
@@ -57,6 +56,7 @@ def _prepare(args: argparse.Namespace, store: Store, *, foreground: bool) -> Any
     from pykata.monitor.launch import Launch
     from pykata.runtime.spec import load_bundle
 
+    _refuse_preserved_fds(args)
     bundle = _bundle(args)
     spec, rootfs = load_bundle(bundle)
     terminal = bool(spec["process"].get("terminal"))
@@ -79,6 +79,14 @@ def _prepare(args: argparse.Namespace, store: Store, *, foreground: bool) -> Any
         config_path=os.environ.get("PYKATA_CONFIG"), debug=args.debug,
         stdio=(0, 1, 2), terminal=terminal, annotations=annotations,
     )
+
+
+def _refuse_preserved_fds(args: argparse.Namespace) -> None:
+    if args.preserve_fds > 0:
+        raise PykataError(
+            f"--preserve-fds {args.preserve_fds}: host descriptors cannot be passed into "
+            "a container that runs in a VM",
+            hint="drop --preserve-fds (socket activation does not work with pykata)")
 
 
 def _fork_monitor(launch: Any, console_socket: str) -> int:
@@ -467,12 +475,13 @@ def exec_(args: argparse.Namespace, store: Store) -> int:
     if record.status not in ("running", "paused"):
         raise InvalidStateError(f"cannot exec in container {args.id}: it is {record.status}",
                                 hint="exec needs a running container")
+    _refuse_preserved_fds(args)
     process = _exec_process(args, record)
     terminal = bool(process.get("terminal"))
     if terminal and not args.console_socket and (args.detach or not os.isatty(0)):
         raise SpecError("a terminal was asked for but no --console-socket was given",
                         hint="pass --console-socket, or drop --tty")
-    exec_id = f"exec-{secrets.token_hex(8)}"
+    exec_id = f"exec-{os.urandom(8).hex()}"
     if args.detach:
         return _exec_detached(args, record, exec_id, process, terminal)
     from pykata.cli.console_io import raw_terminal

@@ -21,6 +21,7 @@ from typing import TypeVar
 from google.protobuf import empty_pb2
 from google.protobuf.message import Message
 
+from pykata.channels import AGENT_SERVICE, HEALTH_SERVICE
 from pykata.errors import AgentError
 from pykata.protocols import agent_pb2, health_pb2, oci_pb2
 from pykata.ttrpc import Client, Code, ConnectionClosedError, StatusError, TtrpcError
@@ -28,8 +29,6 @@ from pykata.untrusted import guest_line, guest_text
 
 log = logging.getLogger(__name__)
 
-AGENT_SERVICE = "grpc.AgentService"
-HEALTH_SERVICE = "grpc.Health"
 
 # Seconds per RPC. Long-polling calls (reads, waits, OOM events) have none:
 # they legitimately block until something happens in the guest.

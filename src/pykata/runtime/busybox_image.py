@@ -18,7 +18,7 @@ from pathlib import Path
 from pykata.errors import HostError
 
 BUSYBOX = Path("/bin/busybox")
-_FORMAT = "1"  # bump when the layout below changes
+_FORMAT = "2"  # bump when the layout below changes
 _DIRS = (
     "bin", "sbin", "usr/bin", "usr/sbin", "etc", "root", "tmp", "proc", "sys", "dev", "run",
     "var/tmp", "home",
@@ -66,6 +66,8 @@ def _build(busybox: Path, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".rootfs-", dir=target.parent))
     try:
+        # mkdtemp makes it 0700: every user of the image must reach its root.
+        os.chmod(tmp, 0o755)
         for d in _DIRS:
             (tmp / d).mkdir(parents=True, exist_ok=True)
         os.chmod(tmp / "tmp", 0o1777)

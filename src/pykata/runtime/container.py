@@ -15,6 +15,7 @@ from pykata.protocols.oci_spec import InvalidSpecError, process_from_json, spec_
 from pykata.runtime.agent_client import AgentClient
 from pykata.runtime.mounts import Mount, MountError
 from pykata.runtime.paths import SandboxPaths, check_id
+from pykata.runtime.resources import ContainerRootfs, ContainerVolume
 from pykata.runtime.sandbox import Sandbox
 from pykata.runtime.volumes import Volume, plan_volumes
 
@@ -31,6 +32,7 @@ class Container:
         self.share = sandbox.share.container(self.id)
         self.rootfs = self.share.rootfs
         self.created = False
+        self._rootfs: ContainerRootfs | None = None
 
     @property
     def agent(self) -> AgentClient:
@@ -43,9 +45,8 @@ class Container:
         `readonly` (the spec's root.readonly) holds on the host, all the way down."""
         if not mounts:
             raise SpecError(f"container {self.id}: no rootfs to mount")
-        if not self.share.created:
-            self.share.create()
-        self.share.mount_rootfs(mounts, readonly=readonly)
+        self._rootfs = ContainerRootfs(self.share, mounts, readonly=readonly)
+        self._rootfs.prepare()
 
     def scratch(self) -> Path:
         """Host-only space for the container's writable layer (bounded tmpfs)."""
@@ -63,7 +64,7 @@ class Container:
         (before a boot, against its bundle). The caller's `delete` undoes a
         failed create."""
         guest = copy.deepcopy(spec)
-        guest.setdefault("root", {})["path"] = self.paths.guest_rootfs(self.id)
+        ContainerRootfs.attach_path(guest, self.paths.guest_rootfs(self.id))
         try:
             oci = spec_from_json(guest)
         except InvalidSpecError as exc:
@@ -92,10 +93,11 @@ class Container:
         them as the guest sees them; returns guest path -> host path."""
         shared: dict[str, Path] = {}
         for index, volume in volumes:
-            self.share.add_volume(volume)
-            guest_path = f"{self.paths.guest_volumes(self.id)}/{volume.name}"
-            oci.Mounts[index].source = guest_path
-            shared[guest_path] = volume.source
+            resource = ContainerVolume(self.share, index, volume,
+                                       self.paths.guest_volumes(self.id))
+            resource.prepare()
+            resource.attach(oci.Mounts)
+            shared[resource.guest_path] = resource.source
         if shared:
             log.info("container %s: %d host path(s) shared as volumes", self.id, len(shared))
         return shared
@@ -130,6 +132,7 @@ class Container:
         """Unmount the rootfs and volumes from the share and remove the container's
         directories (only those this container made)."""
         try:
+            # Rootfs and volumes go together: they are all under the share.
             self.share.remove()
         except MountError as exc:
             log.error("container %s: %s", self.id, exc)

@@ -10,8 +10,17 @@ exit status for the OCI command line).
 from __future__ import annotations
 
 import enum
+import signal
 
 from pykata.errors import InvalidStateError
+
+# The exit status every front end reports for a process whose VM died
+# under it (or was stopped with it): what a process killed by SIGKILL gets.
+VM_DIED_STATUS = 128 + signal.SIGKILL
+# After a process exited, how long its output may still flow to the caller
+# before its streams are closed anyway (a background child can hold them
+# open forever).
+OUTPUT_DRAIN_SECONDS = 10.0
 
 
 class Status(enum.Enum):
@@ -65,9 +74,11 @@ class Lifecycle:
             )
 
     def move(self, status: Status) -> None:
-        """Change status; a move `_MOVES` does not allow is a bug or a race,
-        reported as InvalidStateError (stopped is final)."""
-        if status is self.status:
+        """Change status. Stopped is final: a move out of it lost a race with
+        the process's exit (a start answered after the process already
+        ended) and is ignored. Any other move `_MOVES` does not allow is a
+        bug, reported as InvalidStateError."""
+        if status is self.status or self.status is Status.STOPPED:
             return
         if status not in _MOVES[self.status]:
             raise InvalidStateError(

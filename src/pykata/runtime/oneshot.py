@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import logging
 import secrets
-import signal
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from typing import Any
 from pykata.config import Config
 from pykata.errors import AgentError, PykataError
 from pykata.runtime.container import Container, spec_readonly_root
+from pykata.runtime.lifecycle import OUTPUT_DRAIN_SECONDS, VM_DIED_STATUS
 from pykata.runtime.mounts import Mount
 from pykata.runtime.sandbox import Sandbox, SandboxOptions
 from pykata.runtime.stdio import Sink, Source, StdioRelay
@@ -26,8 +26,6 @@ from pykata.runtime.volumes import Volume
 
 log = logging.getLogger(__name__)
 
-# After the container exits, how long its output may still flow in.
-_DRAIN_SECONDS = 30.0
 
 
 @dataclass
@@ -89,7 +87,7 @@ async def run_container(
         if io.on_running is not None:
             await io.on_running(container)
         code = await _wait_or_vm_exit(sandbox, container)
-        await relay.drain(_DRAIN_SECONDS)
+        await relay.drain(OUTPUT_DRAIN_SECONDS)
         if sandbox.share.scratch_full():
             log.warning(
                 "the container's writable layer reached its limit of %d MiB: its writes "
@@ -121,4 +119,4 @@ async def _wait_or_vm_exit(sandbox: Sandbox, container: Container) -> int:
     wait.cancel()
     log.error("the VM of %s stopped before its container exited:\n%s",
               sandbox.id, sandbox.vm.failure_report())
-    return 128 + signal.SIGKILL
+    return VM_DIED_STATUS

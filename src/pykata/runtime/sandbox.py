@@ -19,16 +19,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pykata.channels import SHARED_FS_TAG, TOKEN_SIZE
+from pykata.channels import TOKEN_SIZE
 from pykata.config import Config
 from pykata.errors import AgentError, HypervisorError, PykataError
+from pykata.hypervisor.base import Hypervisor
 from pykata.hypervisor.host import probe_vsock, resolve_accel
 from pykata.hypervisor.qemu import QemuVM, VmConfig
 from pykata.protocols import agent_pb2
 from pykata.runtime import vsock
 from pykata.runtime.agent_client import AgentClient
 from pykata.runtime.mounts import remove_unmounted
-from pykata.runtime.paths import GUEST_SHARED_DIR, SandboxPaths, private_dir
+from pykata.runtime.paths import SandboxPaths, private_dir
+from pykata.runtime.resources import SharedFilesystem
 from pykata.runtime.share import SandboxShare
 from pykata.runtime.state import (
     SandboxState,
@@ -41,9 +43,6 @@ from pykata.ttrpc import Code
 
 log = logging.getLogger(__name__)
 
-# 9p options in the guest: a larger msize moves more per round trip, and
-# cache=mmap lets programs mmap their files shared (needed by some loaders).
-NINEP_OPTIONS = ("trans=virtio", "version=9p2000.L", "msize=524288", "cache=mmap")
 
 
 @dataclass(frozen=True)
@@ -79,7 +78,9 @@ class Sandbox:
         self.options = options
         self.paths = SandboxPaths.for_key(key or sandbox_id)
         self.share = SandboxShare(self.paths, config.runtime.scratch_size)
-        self.vm: QemuVM | None = None
+        self.shared_fs = SharedFilesystem(self.share)
+        self.vm: Hypervisor | None = None
+        self._vm_config_used: VmConfig | None = None
         self.agent: AgentClient | None = None
         self.times = PhaseTimes()
         self._stopped = False
@@ -105,7 +106,7 @@ class Sandbox:
             vcpus=self.options.vcpus or q.default_vcpus,
             memory_mib=self.options.memory_mib or q.default_memory,
             kernel_params=" ".join(p for p in (q.kernel_params, self.options.kernel_params) if p),
-            shared_dir=self.paths.shared_dir,
+            shared_dir=self.shared_fs.share.paths.shared_dir,
             debug=self.config.runtime.enable_debug,
             vsock_cid=vsock.pick_cid() if use_vsock else 0,
             vsock_token=secrets.token_bytes(TOKEN_SIZE) if use_vsock else b"",
@@ -117,7 +118,7 @@ class Sandbox:
         vm_config = self._vm_config()
         self._make_dirs()
         try:
-            self.share.prepare()
+            self.shared_fs.prepare()
             await self._boot(vm_config)
         except BaseException:
             await self._teardown()
@@ -141,18 +142,16 @@ class Sandbox:
 
     async def _boot(self, vm_config: VmConfig) -> None:
         t0 = time.monotonic()
+        self._vm_config_used = vm_config
         self.vm = QemuVM(vm_config)
         await self.vm.start()
         t1 = time.monotonic()
         await self._wait_for_agent()
         assert self.agent is not None
         t2 = time.monotonic()
-        storage = agent_pb2.Storage(
-            driver="9p", source=SHARED_FS_TAG, fstype="9p",
-            options=list(NINEP_OPTIONS), mount_point=GUEST_SHARED_DIR,
-        )
         await self.agent.create_sandbox(agent_pb2.CreateSandboxRequest(
-            hostname=self.options.hostname, storages=[storage], sandbox_id=self.id,
+            hostname=self.options.hostname, storages=[self.shared_fs.guest_storage()],
+            sandbox_id=self.id,
         ))
         self.times = PhaseTimes(t1 - t0, t2 - t1, time.monotonic() - t2)
 
@@ -162,11 +161,12 @@ class Sandbox:
         assert self.vm is not None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        cid = self.vm.config.vsock_cid
+        assert self._vm_config_used is not None
+        cid = self._vm_config_used.vsock_cid
         if cid:
             sock = await vsock.connect(cid, timeout)
             # The agent serves only a connection that opens with the token.
-            await loop.sock_sendall(sock, self.vm.config.vsock_token)
+            await loop.sock_sendall(sock, self._vm_config_used.vsock_token)
         else:
             assert self.vm.agent_socket is not None
             sock = self.vm.agent_socket

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from pykata.errors import PykataError
 from pykata.protocols import shim_pb2
+from pykata.runtime.lifecycle import VM_DIED_STATUS
 from pykata.runtime.mounts import unmount_all
 from pykata.runtime.paths import SandboxPaths
 from pykata.runtime.sandbox import cleanup_host_state, read_sandbox_state
@@ -29,8 +30,6 @@ from pykata.shim.start import (
     sandbox_key,
     socket_path,
 )
-
-KILLED_STATUS = 128 + signal.SIGKILL
 
 
 def _kill_vm(paths: SandboxPaths) -> None:
@@ -66,7 +65,7 @@ def delete(flags: ShimFlags) -> int:
             release_pod_files(path)
     for warning in warnings:
         print(f"pykata shim delete: {warning}", file=sys.stderr)
-    response = shim_pb2.DeleteResponse(pid=0, exit_status=KILLED_STATUS, exited_at=now())
+    response = shim_pb2.DeleteResponse(pid=0, exit_status=VM_DIED_STATUS, exited_at=now())
     sys.stdout.buffer.write(response.SerializeToString())
     sys.stdout.buffer.flush()
     return 0

@@ -20,12 +20,14 @@ from google.protobuf import empty_pb2
 from google.protobuf.message import Message
 
 from pykata import __version__
+from pykata.channels import CONTAINER_TYPE_KEY
 from pykata.config import Config
 from pykata.errors import AgentError, PykataError, SpecError
 from pykata.protocols import events_pb2, mount_pb2, shim_pb2, task_types_pb2
 from pykata.protocols.oci_spec import InvalidSpecError, process_from_json, resources_from_json
 from pykata.runtime.container import Container, bind_rootfs, spec_readonly_root
 from pykata.runtime.keys import pod_key
+from pykata.runtime.lifecycle import VM_DIED_STATUS, Status
 from pykata.runtime.mounts import Mount, mount_beneath, unmount_all
 from pykata.runtime.sandbox import Sandbox
 from pykata.runtime.spec import load_bundle
@@ -33,16 +35,14 @@ from pykata.runtime.volumes import plan_volumes
 from pykata.shim.annotations import sandbox_options
 from pykata.shim.events import EventPublisher
 from pykata.shim.metrics import pack_metrics, to_v2_metrics
-from pykata.shim.start import CONTAINER_TYPE, group_of
+from pykata.shim.start import group_of
 from pykata.shim.status import not_found, precondition, rpc
-from pykata.shim.tasks import CREATED, PAUSED, RUNNING, STOPPED, ShimProcess, Task
+from pykata.shim.tasks import ShimProcess, Task
 from pykata.ttrpc import Code, StatusError
 
 log = logging.getLogger(__name__)
 
 _EMPTY = empty_pb2.Empty()
-# The exit status containerd gets for processes whose VM died under them.
-VM_DIED_STATUS = 137
 # How long CloseIO lets input already in the stdin FIFO flow to the process.
 CLOSE_IO_GRACE = 10.0
 # OOM events from the guest: one TaskOOM per container per interval, and a
@@ -191,8 +191,7 @@ class TaskService:
     @rpc
     async def Start(self, req: shim_pb2.StartRequest, ctx: object) -> shim_pb2.StartResponse:
         proc = self._process(req.id, req.exec_id)
-        if proc.status != CREATED:
-            raise precondition(f"process {proc.label} was already started")
+        proc.lifecycle.require("start")
         task = proc.task
         assert self.sandbox is not None and self.sandbox.agent is not None
         try:
@@ -204,7 +203,7 @@ class TaskService:
                 await task.container.start()
         except AgentError as exc:
             raise await self.sandbox.explain(exc) from exc
-        proc.status = RUNNING
+        proc.lifecycle.move(Status.RUNNING)
         if req.exec_id:
             self._spawn(self._watch_process(proc))
             self.publisher.publish(events_pb2.TaskExecStarted(
@@ -239,9 +238,10 @@ class TaskService:
     @rpc
     async def Kill(self, req: shim_pb2.KillRequest, ctx: object) -> empty_pb2.Empty:
         proc = self._process(req.id, req.exec_id)
-        if proc.status == STOPPED:
+        if proc.lifecycle.stopped:
+            # containerd takes NOT_FOUND as "already exited", which it is.
             raise not_found(f"process {proc.label} (it already exited)")
-        if proc.status == CREATED and req.exec_id:
+        if proc.lifecycle.status is Status.CREATED and req.exec_id:
             raise precondition(f"process {proc.label} was never started")
         await proc.task.container.kill(req.signal, all_processes=req.all,
                                        exec_id=proc.agent_exec_id)
@@ -252,8 +252,7 @@ class TaskService:
     @rpc
     async def Delete(self, req: shim_pb2.DeleteRequest, ctx: object) -> shim_pb2.DeleteResponse:
         proc = self._process(req.id, req.exec_id)
-        if proc.status in (RUNNING, PAUSED):
-            raise precondition(f"process {proc.label} is still running: kill it first")
+        proc.lifecycle.require("delete")
         task = proc.task
         if req.exec_id:
             del task.execs[req.exec_id]
@@ -324,7 +323,7 @@ class TaskService:
                   sandbox.vm.failure_report(), extra={"sandbox": sandbox.id})
         for task in list(self.tasks.values()):
             for proc in task.processes():
-                started = proc.status != CREATED or proc is task.init
+                started = proc.lifecycle.status is not Status.CREATED or proc is task.init
                 if started and not proc.finishing:
                     await self._exited(proc, VM_DIED_STATUS)
 
@@ -361,8 +360,10 @@ class TaskService:
     @rpc
     async def Exec(self, req: shim_pb2.ExecProcessRequest, ctx: object) -> empty_pb2.Empty:
         task = self._task(req.id)
-        if task.init is None or task.init.status not in (RUNNING, PAUSED):
+        if task.init is None:
             raise precondition(f"task {task.id} is not running")
+        if task.init.lifecycle.status is not Status.PAUSED:
+            task.init.lifecycle.require("exec")
         if req.exec_id in task.execs or not req.exec_id:
             raise StatusError(Code.ALREADY_EXISTS, f"process {req.exec_id!r} already exists")
         spec = _json_any(req.spec, "the exec process spec")
@@ -412,18 +413,22 @@ class TaskService:
     @rpc
     async def Pause(self, req: shim_pb2.PauseRequest, ctx: object) -> empty_pb2.Empty:
         task = self._task(req.id)
+        if task.init is not None:
+            task.init.lifecycle.require("pause")
         await task.container.agent.pause_container(task.id)
         if task.init is not None:
-            task.init.status = PAUSED
+            task.init.lifecycle.move(Status.PAUSED)
         self.publisher.publish(events_pb2.TaskPaused(container_id=task.id))
         return _EMPTY
 
     @rpc
     async def Resume(self, req: shim_pb2.ResumeRequest, ctx: object) -> empty_pb2.Empty:
         task = self._task(req.id)
+        if task.init is not None:
+            task.init.lifecycle.require("resume")
         await task.container.agent.resume_container(task.id)
-        if task.init is not None and task.init.status == PAUSED:
-            task.init.status = RUNNING
+        if task.init is not None:
+            task.init.lifecycle.move(Status.RUNNING)
         self.publisher.publish(events_pb2.TaskResumed(container_id=task.id))
         return _EMPTY
 
@@ -468,7 +473,7 @@ def _json_any(value: Any, what: str) -> dict[str, Any]:
 
 def _shares_pid_namespace(spec: dict[str, Any], annotations: dict[str, str]) -> bool:
     """A pod container asks for the pod's PID namespace by naming one (CRI does)."""
-    if annotations.get(CONTAINER_TYPE) != "container":
+    if annotations.get(CONTAINER_TYPE_KEY) != "container":
         return False
     for ns in spec.get("linux", {}).get("namespaces", []):
         if ns.get("type") == "pid" and ns.get("path"):

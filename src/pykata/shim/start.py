@@ -18,11 +18,10 @@ import sys
 import time
 from collections.abc import Iterator
 
+from pykata.channels import CONTAINER_TYPE_KEY, SANDBOX_ID_KEY
 from pykata.runtime.keys import pod_key
 from pykata.shim.cli import ShimFlags
 
-CONTAINER_TYPE = "io.kubernetes.cri.container-type"
-SANDBOX_ID = "io.kubernetes.cri.sandbox-id"
 ADDRESS_FILE = "address"
 
 
@@ -37,8 +36,8 @@ def group_of(bundle: str, task_id: str) -> str:
             annotations = json.load(f).get("annotations") or {}
     except (OSError, ValueError, AttributeError):
         return task_id
-    if annotations.get(CONTAINER_TYPE) in ("container", "sandbox"):
-        sandbox = annotations.get(SANDBOX_ID)
+    if annotations.get(CONTAINER_TYPE_KEY) in ("container", "sandbox"):
+        sandbox = annotations.get(SANDBOX_ID_KEY)
         if isinstance(sandbox, str) and sandbox:
             return sandbox
     return task_id

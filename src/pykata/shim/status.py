@@ -9,10 +9,12 @@ from typing import Any, TypeVar
 
 from pykata.errors import (
     AgentError,
+    AlreadyExistsError,
     AssetsError,
     ConfigError,
     ContainerError,
     HostError,
+    InvalidStateError,
     NotFoundError,
     PykataError,
     SpecError,
@@ -25,6 +27,8 @@ F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 _CODES: list[tuple[type[PykataError], Code]] = [
     (NotFoundError, Code.NOT_FOUND),
+    (InvalidStateError, Code.FAILED_PRECONDITION),
+    (AlreadyExistsError, Code.ALREADY_EXISTS),
     (SpecError, Code.INVALID_ARGUMENT),
     (ConfigError, Code.INVALID_ARGUMENT),
     (AssetsError, Code.FAILED_PRECONDITION),

@@ -18,20 +18,22 @@ from google.protobuf import timestamp_pb2
 from pykata.protocols import shim_pb2, task_types_pb2
 from pykata.runtime.agent_client import AgentClient
 from pykata.runtime.container import Container
+from pykata.runtime.lifecycle import OUTPUT_DRAIN_SECONDS, Lifecycle, Status
 from pykata.runtime.stdio import StdioRelay
 from pykata.shim.events import now
 from pykata.shim.fifo import ProcessFifos
 
 log = logging.getLogger(__name__)
 
-CREATED = task_types_pb2.CREATED
-RUNNING = task_types_pb2.RUNNING
-STOPPED = task_types_pb2.STOPPED
-PAUSED = task_types_pb2.PAUSED
+# containerd's names for the lifecycle's states.
+TASK_STATUS = {
+    Status.CREATING: task_types_pb2.UNKNOWN,
+    Status.CREATED: task_types_pb2.CREATED,
+    Status.RUNNING: task_types_pb2.RUNNING,
+    Status.PAUSED: task_types_pb2.PAUSED,
+    Status.STOPPED: task_types_pb2.STOPPED,
+}
 
-# After a process exits, how long its output may keep arriving before the
-# FIFOs are closed anyway (a background child can hold a pipe open forever).
-DRAIN_SECONDS = 5.0
 
 
 class ShimProcess:
@@ -51,7 +53,7 @@ class ShimProcess:
         self.terminal = terminal
         self.paths = (stdin, stdout, stderr)
         self.spec = spec
-        self.status = CREATED
+        self.lifecycle = Lifecycle("process", self.label, Status.CREATED)
         self.exit_status = 0
         self.exited_at: timestamp_pb2.Timestamp | None = None
         self.exited = asyncio.Event()
@@ -92,12 +94,12 @@ class ShimProcess:
 
     async def _finish(self, code: int) -> None:
         if self.relay is not None:
-            await self.relay.drain(DRAIN_SECONDS)
+            await self.relay.drain(OUTPUT_DRAIN_SECONDS)
             await self.relay.close()
         await self.fifos.close()
         self.exit_status = code
         self.exited_at = now()
-        self.status = STOPPED
+        self.lifecycle.move(Status.STOPPED)
         self.exited.set()
         log.info("process %s exited with status %d", self.label, code,
                  extra={"container": self.task.id, "exec_id": self.exec_id})
@@ -112,7 +114,8 @@ class ShimProcess:
     def state(self, pid: int) -> shim_pb2.StateResponse:
         stdin, stdout, stderr = self.paths
         response = shim_pb2.StateResponse(
-            id=self.task.id, bundle=self.task.bundle, pid=pid, status=self.status,
+            id=self.task.id, bundle=self.task.bundle, pid=pid,
+            status=TASK_STATUS[self.lifecycle.status],
             stdin=stdin, stdout=stdout, stderr=stderr, terminal=self.terminal,
             exit_status=self.exit_status, exec_id=self.exec_id,
         )
