@@ -12,6 +12,7 @@ import errno
 import fcntl
 import os
 import select
+import shlex
 import struct
 import subprocess
 import sys
@@ -23,6 +24,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.functional.conftest import (  # noqa: F401 - pykata's session fixtures
+    guest_assets,
+    leftovers,
+    private_run_root,
+    require_root,
+)
 from tests.oci import docker_peer as docker_mod
 from tests.oci import podman_peer as podman_mod
 from tests.oci.docker_peer import DockerPeer, reap_stale
@@ -57,8 +64,17 @@ def is_pykata(runtime: Path) -> bool:
 
 
 @pytest.fixture(scope="session")
-def oci_runtime() -> Path:
-    """The runtime binary docker and podman are given."""
+def oci_runtime(request: pytest.FixtureRequest) -> Iterator[Path]:
+    """The runtime binary docker and podman are given (pykata's guest assets
+    built first). When the engines are gone, no QEMU, mount or state of pykata
+    may remain."""
+    request.getfixturevalue("guest_assets")
+    yield _runtime_path()
+    left = leftovers()
+    assert not left, "pykata left this behind:\n" + "\n".join(left)
+
+
+def _runtime_path() -> Path:
     override = os.environ.get(RUNTIME_VAR)
     path = Path(override) if override else Path(sys.executable).with_name("pykata-oci")
     if not (path.is_file() and os.access(path, os.X_OK)):
@@ -121,13 +137,23 @@ def docker_peer(oci_runtime: Path, oci_image_archive: Path,
 
 
 @pytest.fixture(scope="session")
-def podman_peer(oci_runtime: Path, oci_image_archive: Path,
-                stale_peers_reaped: list[Path]) -> Iterator[PodmanPeer]:
+def podman_peer(oci_runtime: Path, oci_image_archive: Path, stale_peers_reaped: list[Path],
+                tmp_path_factory: pytest.TempPathFactory) -> Iterator[PodmanPeer]:
     """podman with storage, state and configuration of its own and the runtime
     under test; the busybox image loaded."""
     _require(podman_mod.missing_tools(), "podman")
     ulimits = () if is_pykata(oci_runtime) else HOST_RUNTIME_ULIMITS
-    peer = PodmanPeer(oci_runtime, default_ulimits=ulimits, runtime_env=_runtime_env())
+    runtime = oci_runtime
+    if is_pykata(oci_runtime) and _runtime_env():
+        # podman runs the runtime's start, kill and delete with an environment
+        # of its own, without the session's PYKATA_* settings (conmon's create
+        # has them): a wrapper carries them, as a user moving pykata's state
+        # root for podman would do.
+        runtime = tmp_path_factory.mktemp("podman-runtime") / "pykata-oci"
+        exports = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in _runtime_env().items())
+        runtime.write_text(f"#!/bin/sh\n{exports}exec {shlex.quote(str(oci_runtime))} \"$@\"\n")
+        runtime.chmod(0o755)
+    peer = PodmanPeer(runtime, default_ulimits=ulimits, runtime_env=_runtime_env())
     try:
         peer.load_image(oci_image_archive)
         yield peer
