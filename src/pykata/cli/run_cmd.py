@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from pykata import config as config_mod
-from pykata.cli.console_io import ThreadedReader, ThreadedWriter, raw_terminal, terminal_size
+from pykata.cli.console_io import raw_terminal, terminal_size
 from pykata.errors import PykataError, SpecError
 from pykata.runtime.container import Container, bind_rootfs, overlay_rootfs
 from pykata.runtime.exit_status import start_failure_status
+from pykata.runtime.hostio import FdReader, FdWriter
 from pykata.runtime.mounts import Mount
 from pykata.runtime.oneshot import OneShotIO, OneShotResult, run_container
 from pykata.runtime.sandbox import SandboxOptions
@@ -148,8 +149,8 @@ async def _run(
     cfg: config_mod.Config, spec: dict[str, Any], rootfs: Any, options: SandboxOptions,
     interactive: bool, tty: bool, volumes: list[tuple[int, Volume]],
 ) -> OneShotResult:
-    out, err = ThreadedWriter(1), ThreadedWriter(2)
-    stdin = ThreadedReader(0).read if interactive else None
+    out, err = FdWriter(1), FdWriter(2)
+    stdin = FdReader(0).read if interactive else None
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
     interrupted: list[int] = []

@@ -42,6 +42,9 @@ FORWARDED_SIGNALS = (
 )
 HOST_HOOK_PHASES = ("prestart", "createRuntime", "poststart", "poststop")
 CLONE_NEWNET = 0x40000000
+# After the output drained from the guest, how long the caller may take to
+# read the rest of it from the container's stdio.
+WRITE_OUT_SECONDS = 60.0
 
 
 def monitor_socket(sandbox: Sandbox) -> Path:
@@ -250,7 +253,8 @@ class Monitor:
         if self.relay is not None:
             await self.relay.close()
         for writer in self._writers:
-            await writer.close(2.0)
+            # A reader that stopped reading must not hold the VM forever.
+            await writer.close(WRITE_OUT_SECONDS)
         if self.launch.pty_master >= 0:
             await asyncio.to_thread(hostio.wait_read, self.launch.pty_master, 2.0)
             os.close(self.launch.pty_master)

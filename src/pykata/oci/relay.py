@@ -15,7 +15,7 @@ from google.protobuf import empty_pb2
 
 from pykata.errors import PykataError
 from pykata.monitor.client import MonitorClient
-from pykata.monitor.main import FORWARDED_SIGNALS
+from pykata.monitor.main import FORWARDED_SIGNALS, WRITE_OUT_SECONDS
 from pykata.protocols import monitor_pb2
 from pykata.runtime import hostio
 from pykata.runtime.lifecycle import OUTPUT_DRAIN_SECONDS, VM_DIED_STATUS
@@ -82,7 +82,7 @@ async def relay_exec(socket_path: str, container_id: str, exec_id: str,
         if relay is not None:
             await relay.close()
         for writer in writers:
-            await writer.close(2.0)
+            await writer.close(WRITE_OUT_SECONDS)
         if pty_master >= 0:
             await asyncio.to_thread(hostio.wait_read, pty_master, 2.0)
             os.close(pty_master)

@@ -92,20 +92,35 @@ def _refuse_preserved_fds(args: argparse.Namespace) -> None:
 def _fork_monitor(launch: Any, console_socket: str) -> int:
     """Fork the monitor and wait until the container is created (or failed)."""
     from pykata.monitor.main import run_forked
-    from pykata.runtime import hostio
 
     if launch.terminal and console_socket:
-        master, slave = hostio.open_pty()
-        try:
-            hostio.send_console(console_socket, master, slave)
-        except BaseException:
-            os.close(slave)
-            os.close(master)
-            raise
-        launch.stdio = (slave, slave, slave)
-        launch.pty_master = master
+        launch.stdio, launch.pty_master = _console_stdio(console_socket)
     else:
         launch.stdio = tuple(_dup_or_null(fd) for fd in (0, 1, 2))
+    return _fork_and_wait(lambda ready_w: run_forked(launch, ready_w),
+                          {*launch.stdio, launch.pty_master}, "the monitor")
+
+
+def _console_stdio(console_socket: str) -> tuple[tuple[int, int, int], int]:
+    """A pty whose master went to the console socket: the slave as stdio, and
+    a copy of the master (see hostio.wait_read)."""
+    from pykata.runtime import hostio
+
+    master, slave = hostio.open_pty()
+    try:
+        hostio.send_console(console_socket, master, slave)
+    except BaseException:
+        os.close(slave)
+        os.close(master)
+        raise
+    return (slave, slave, slave), master
+
+
+def _fork_and_wait(body: Callable[[int], int], handed_over: set[int], what: str) -> int:
+    """Fork a child that runs `body(ready_fd)` and exits with its result;
+    wait for its one-line JSON report ({"ok": true} or an error). The
+    descriptors in `handed_over` are the child's from then on. Returns the
+    child's pid; a failure is raised once the child has cleaned up and exited."""
     ready_r, ready_w = os.pipe()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -114,20 +129,19 @@ def _fork_monitor(launch: Any, console_socket: str) -> int:
         code = 1
         try:
             os.close(ready_r)
-            code = run_forked(launch, ready_w)
+            code = body(ready_w)
         finally:
             os._exit(code)
     os.close(ready_w)
-    for fd in {*launch.stdio, launch.pty_master}:
+    for fd in handed_over:
         if fd > 2:
             os.close(fd)
     with os.fdopen(ready_r, "rb") as ready:
         answer = ready.readline()
     try:
-        message = json.loads(answer) if answer else {"error": "the monitor died while "
-                                                     "creating the container"}
+        message = json.loads(answer) if answer else {"error": f"{what} died while starting"}
     except ValueError:
-        message = {"error": f"the monitor sent {answer[:200]!r}"}
+        message = {"error": f"{what} sent {answer[:200]!r}"}
     if not message.get("ok"):
         # It tears down before it exits: wait, so nothing is left when we report.
         with contextlib.suppress(ChildProcessError):
@@ -497,16 +511,7 @@ def exec_(args: argparse.Namespace, store: Store) -> int:
 def _exec_stdio(terminal: bool, console_socket: str) -> tuple[tuple[int, int, int], int]:
     """The exec's stdio, and a copy of its pty master (-1 without one)."""
     if terminal and console_socket:
-        from pykata.runtime import hostio
-
-        master, slave = hostio.open_pty()
-        try:
-            hostio.send_console(console_socket, master, slave)
-        except BaseException:
-            os.close(slave)
-            os.close(master)
-            raise
-        return (slave, slave, slave), master
+        return _console_stdio(console_socket)
     return (0, 1, 2), -1
 
 
@@ -516,50 +521,35 @@ def _exec_detached(args: argparse.Namespace, record: ContainerState, exec_id: st
     from pykata.runtime import hostio
 
     stdio, master = _exec_stdio(terminal, args.console_socket)
-    ready_r, ready_w = os.pipe()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:
-        code = 1
+
+    def relay(ready_w: int) -> int:
+        os.setsid()
+        if terminal:
+            hostio.make_controlling(stdio[0])
+        # The exec's stdio moves off 0-2, which go to /dev/null: nothing
+        # pykata prints may land in the process's output.
+        moved = (os.dup(stdio[0]), os.dup(stdio[1]), os.dup(stdio[2]))
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+
+        reported: list[bool] = []
+
+        def started(error: BaseException | None) -> None:
+            message = {"ok": True} if error is None else {"error": str(error)}
+            os.write(ready_w, json.dumps(message).encode() + b"\n")
+            os.close(ready_w)
+            reported.append(True)
+
         try:
-            os.close(ready_r)
-            os.setsid()
-            if terminal:
-                hostio.make_controlling(stdio[0])
-            null = os.open(os.devnull, os.O_RDWR)
-            # The exec's stdio moves off 0-2, which go to /dev/null: nothing
-            # pykata prints may land in the process's output.
-            stdio = tuple(os.dup(fd) for fd in stdio)  # type: ignore[assignment]
-            for fd in (0, 1, 2):
-                os.dup2(null, fd)
+            return _arun(relay_exec(record.monitor_socket, record.id, exec_id, process,
+                                    moved, terminal, on_started=started, pty_master=master))
+        except BaseException as exc:
+            if not reported:
+                started(exc)
+            return 1
 
-            def started(error: BaseException | None) -> None:
-                message = {"ok": True} if error is None else {"error": str(error)}
-                os.write(ready_w, json.dumps(message).encode() + b"\n")
-                os.close(ready_w)
-
-            code = _arun(relay_exec(record.monitor_socket, record.id, exec_id, process,
-                                          stdio, terminal, on_started=started,
-                                          pty_master=master))
-        except BaseException:
-            code = 1 if code == 1 else code
-        finally:
-            os._exit(code)
-    os.close(ready_w)
-    for fd in {stdio[0], master}:
-        if fd > 2:
-            os.close(fd)
-    with os.fdopen(ready_r, "rb") as ready:
-        answer = ready.readline()
-    try:
-        message = json.loads(answer) if answer else {"error": "the exec relay died"}
-    except ValueError:
-        message = {"error": f"the exec relay sent {answer[:200]!r}"}
-    if not message.get("ok"):
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, 0)
-        raise _monitor_error(message)
+    pid = _fork_and_wait(relay, {stdio[0], master}, "the exec relay")
     _write_pid_file(args.pid_file, pid)
     return 0
 

@@ -96,7 +96,8 @@ class FdWriter:
             except queue.Full:
                 continue
 
-    async def close(self, timeout: float = 10.0) -> None:
+    async def close(self, timeout: float | None = None) -> None:
+        """Write out what is queued (for at most `timeout` seconds), then stop."""
         await asyncio.to_thread(self._put, None)
         await asyncio.to_thread(self._done.wait, timeout)
 
