@@ -320,3 +320,24 @@ def test_a_failing_prestart_hook_fails_create_and_leaves_nothing(
     assert "prestart" in message and "no-network" in message, message
     assert not list((tmp_path / "root").iterdir())
     assert not unexpected_leftovers()
+
+
+def test_a_monitor_killed_during_create_leaves_nothing(oci: Oci, tmp_path: Path) -> None:
+    bundle = make_bundle(tmp_path / "b", LOOP)
+    create = subprocess.Popen(oci.argv("create", "--bundle", str(bundle), "m1"),
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+
+    def monitor() -> int:
+        try:
+            children = Path(f"/proc/{create.pid}/task/{create.pid}/children").read_text()
+        except OSError:
+            return 0
+        return int(children.split()[0]) if children.split() else 0
+
+    _wait_until(lambda: monitor() and qemu_processes(), "the monitor to boot its VM")
+    os.kill(monitor(), signal.SIGKILL)
+    assert create.wait(60) == 1
+    assert "died" in _last_error(oci.log)["msg"]
+    assert not (tmp_path / "root" / "m1").exists()
+    assert not unexpected_leftovers()

@@ -135,12 +135,14 @@ class Monitor:
             launch.id, self.config, options, key=sandbox_key(launch.state_dir, launch.id),
             front_end="oci")
         sandbox.monitor_socket = str(monitor_socket(sandbox))
+        # Before the VM boots: a prestart hook sets up the network namespace
+        # the VM's devices are made from (docker's libnetwork-setkey).
+        await self._run_host_hooks("prestart")
+        await self._run_host_hooks("createRuntime")
         await sandbox.start()
         self.container = container = Container(sandbox, launch.id)
         self.service = MonitorService(container, self.lifecycle, self.save,
                                       self._poststart, self._shutdown.set)
-        await self._run_host_hooks("prestart")
-        await self._run_host_hooks("createRuntime")
         from pykata.runtime.volumes import plan_volumes
 
         spec = guest_spec(launch.spec)

@@ -136,8 +136,15 @@ def _fork_and_wait(body: Callable[[int], int], handed_over: set[int], what: str)
     for fd in handed_over:
         if fd > 2:
             os.close(fd)
-    with os.fdopen(ready_r, "rb") as ready:
-        answer = ready.readline()
+    try:
+        with os.fdopen(ready_r, "rb") as ready:
+            answer = ready.readline()
+    except BaseException:
+        # Interrupted while the child starts: it must not go on alone.
+        _signal_pid(pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+        raise
     try:
         message = json.loads(answer) if answer else {"error": f"{what} died while starting"}
     except ValueError:
@@ -190,9 +197,23 @@ def create(args: argparse.Namespace, store: Store) -> int:
         pid = _fork_monitor(launch, args.console_socket)
         _write_pid_file(args.pid_file, pid)
     except BaseException:
-        store.remove(args.id)
+        _discard(store, launch)
         raise
     return 0
+
+
+def _discard(store: Store, launch: Any) -> None:
+    """Undo a create that failed: a monitor that died without its teardown
+    (SIGKILL) leaves its VM's mounts and directories."""
+    from pykata.monitor.main import sandbox_key
+    from pykata.runtime.paths import SandboxPaths, run_root
+    from pykata.runtime.sandbox import cleanup_host_state
+
+    paths = SandboxPaths(sandbox_key(launch.state_dir, launch.id), run_root())
+    if paths.run_dir.exists():
+        with contextlib.suppress(PykataError):
+            cleanup_host_state(paths)
+    store.remove(launch.id)
 
 
 def start(args: argparse.Namespace, store: Store) -> int:
@@ -244,7 +265,7 @@ def run(args: argparse.Namespace, store: Store) -> int:
             code = os.waitstatus_to_exitcode(status)
             code = 128 - code if code < 0 else code
     except BaseException:
-        store.remove(args.id)
+        _discard(store, launch)
         raise
     if not args.keep:
         _delete(store, args.id, force=True)

@@ -1,0 +1,122 @@
+"""pykata-oci's parsing and wording, without a VM."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+from pathlib import Path
+
+import pytest
+
+from pykata.errors import AlreadyExistsError, NotFoundError, PykataError
+from pykata.oci import cli, verbs
+from pykata.oci.store import Store, check_id
+from pykata.runtime.state import ContainerState, write_state
+
+
+@pytest.mark.parametrize(("text", "number"), [
+    ("TERM", signal.SIGTERM), ("SIGKILL", signal.SIGKILL), ("9", 9), ("usr1", signal.SIGUSR1),
+])
+def test_signals_by_name_or_number(text: str, number: int) -> None:
+    assert verbs.parse_signal(text) == number
+
+
+@pytest.mark.parametrize("text", ["NOPE", "0", "65", "-1"])
+def test_bad_signals_are_refused(text: str) -> None:
+    with pytest.raises(PykataError):
+        verbs.parse_signal(text)
+
+
+def test_durations_and_sizes() -> None:
+    assert verbs._interval("5s") == 5.0
+    assert verbs._interval("250ms") == 0.25
+    with pytest.raises(PykataError, match="interval"):
+        verbs._interval("soon")
+    assert verbs._bytes("64m") == 64 << 20 and verbs._bytes("1024") == 1024
+    with pytest.raises(PykataError, match="size"):
+        verbs._bytes("lots")
+
+
+@pytest.mark.parametrize("bad", ["", ".", "..", "a/b", "a b", "x" * 1025])
+def test_container_ids_as_runc_takes_them(bad: str) -> None:
+    assert check_id("abc-1.2_3+4") == "abc-1.2_3+4"
+    with pytest.raises(PykataError):
+        check_id(bad)
+
+
+def test_store_claims_an_id_once_and_reads_a_dead_monitor_as_stopped(tmp_path: Path) -> None:
+    store = Store(tmp_path / "root")
+    path = store.claim("c1")
+    with pytest.raises(AlreadyExistsError):
+        store.claim("c1")
+    with pytest.raises(NotFoundError):
+        store.load("c2")
+    write_state(path / "state.json", ContainerState(
+        id="c1", bundle="/b", status="running", sandbox_key="k", run_root="/r",
+        created="now", owner="", rootfs="/b/rootfs", monitor_pid=1, monitor_start=1))
+    assert store.load("c1").status == "stopped"  # pid 1 did not start at tick 1
+    assert verbs.oci_state(store.load("c1"))["pid"] == 0
+    store.remove("c1")
+    assert store.ids() == []
+
+
+def _exec_args(**values: object) -> argparse.Namespace:
+    defaults: dict[str, object] = {
+        "process": "", "tty": False, "env": [], "cwd": "", "user": "", "additional_gids": [],
+        "cap": [], "no_new_privs": False, "command": []}
+    defaults.update(values)
+    return argparse.Namespace(**defaults)
+
+
+def test_exec_builds_on_the_containers_process(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"process": {
+        "args": ["init"], "env": ["PATH=/bin", "A=1"], "cwd": "/srv",
+        "user": {"uid": 0, "gid": 0}, "capabilities": {"bounding": ["CAP_KILL"]}}}))
+    record = ContainerState(id="c", bundle=str(tmp_path), status="running", sandbox_key="k",
+                            run_root="/r", created="", owner="", rootfs="")
+    process = verbs._exec_process(_exec_args(
+        command=["sh", "-c", "id"], env=["B=2"], user="1000:1001", additional_gids=["5"],
+        cap=["CAP_NET_RAW"], tty=True), record)
+    assert process["args"] == ["sh", "-c", "id"] and process["terminal"] is True
+    assert process["env"] == ["PATH=/bin", "A=1", "B=2"] and process["cwd"] == "/srv"
+    assert process["user"] == {"uid": 1000, "gid": 1001, "additionalGids": [5]}
+    assert process["capabilities"]["bounding"] == ["CAP_KILL", "CAP_NET_RAW"]
+    with pytest.raises(PykataError, match="command"):
+        verbs._exec_process(_exec_args(), record)
+    with pytest.raises(PykataError, match="UID"):
+        verbs._exec_process(_exec_args(command=["id"], user="root"), record)
+
+
+def test_not_executable_is_worded_as_docker_reads_it() -> None:
+    missing = verbs._monitor_error({"error": "crun create: executable file `x` not found in "
+                                             "$PATH: No such file or directory", "status": 127})
+    assert missing.exit_code == 127 and "executable file not found" in str(missing)
+    denied = verbs._monitor_error({"error": "open executable: Permission denied",
+                                   "status": 126})
+    assert denied.exit_code == 126 and "permission denied" in str(denied)
+    other = verbs._monitor_error({"error": "no space", "status": None})
+    assert other.exit_code == 1 and str(other) == "no space"
+
+
+def test_errors_go_to_the_log_as_json_lines(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                            ) -> None:
+    log = tmp_path / "log.json"
+    code = cli.main(["--root", str(tmp_path / "root"), "--log", str(log), "--log-format",
+                     "json", "state", "missing"])
+    assert code == 1
+    entry = json.loads(log.read_text().splitlines()[-1])
+    assert entry["level"] == "error" and "missing does not exist" in entry["msg"]
+    assert entry["time"].endswith("Z")
+    assert capsys.readouterr().err == ""  # stderr may be the container's: nothing there
+    assert cli.main(["--log", str(log), "--log-format", "json", "frobnicate"]) == 1
+    assert "invalid choice" in json.loads(log.read_text().splitlines()[-1])["msg"]
+    assert cli.main(["--root", str(tmp_path / "root"), "state", "missing"]) == 1
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_version_and_features(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["--version"]) == 0
+    assert "spec: 1.0.2" in capsys.readouterr().out
+    assert cli.main(["features"]) == 0
+    assert "poststop" in json.loads(capsys.readouterr().out)["hooks"]
