@@ -13,7 +13,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.functional.conftest import qemu_processes, run_on_terminal
+from tests.functional.conftest import qemu_processes, run_on_terminal, shim_processes
 from tests.functional.containerd_peer import IMAGE, NAMESPACE, RUNTIME, PrivateContainerd
 
 
@@ -255,8 +255,7 @@ def test_dead_shim_is_cleaned_up_by_delete(containerd: PrivateContainerd) -> Non
     assert started.returncode == 0, started.err
     try:
         with containerd.events() as events:
-            shim = subprocess.run(["pgrep", "-f", "pykata[.]shim .* serve"],
-                                  capture_output=True, text=True).stdout.split()
+            shim = [line.split()[0] for line in shim_processes()]
             assert len(shim) == 1
             os.kill(int(shim[0]), signal.SIGKILL)
             exit_line = events.wait_for("/tasks/exit", cid)
@@ -290,3 +289,40 @@ def test_bind_mounts_from_the_host_reach_the_container(
     assert result.out == "42\ntouch=1\n"
     assert (data / "out").read_text() == "from-guest\n"
     assert sorted(p.name for p in config.iterdir()) == ["setting"]
+
+
+def test_another_process_reaches_the_pods_sandbox_through_its_monitor(
+    containerd: PrivateContainerd,
+) -> None:
+    """The pod's VM is held by its monitor, not the shim: any pykata process
+    reaches the sandbox at <sandbox dir>/monitor.sock, with the agent's own
+    calls (passed through) and the monitor's State."""
+    import asyncio
+
+    from pykata.monitor.client import MonitorClient
+    from pykata.runtime.keys import pod_key
+    from pykata.runtime.paths import SandboxPaths
+    from pykata.runtime.sandbox import read_sandbox_state
+
+    cid = "reachme"
+    started = containerd.ctr("run", "-d", "--runtime", RUNTIME, IMAGE, cid, "sleep", "600")
+    assert started.returncode == 0, started.err
+    try:
+        paths = SandboxPaths.for_key(pod_key(str(containerd.socket), NAMESPACE, cid))
+        state = read_sandbox_state(paths)
+        assert state.front_end == "shim" and state.monitor_socket
+
+        async def probe() -> tuple[list[int], str, int]:
+            client = await MonitorClient.connect(state.monitor_socket, cid)
+            try:
+                pids = await client.agent.list_processes(cid)
+                monitor = await client.state()
+                return pids, monitor.status, monitor.pid
+            finally:
+                await client.close()
+
+        pids, status, qemu_pid = asyncio.run(probe())
+        assert pids and status == "running" and qemu_pid == state.qemu_pid
+        assert {line.split()[0] for line in qemu_processes()} >= {str(qemu_pid)}
+    finally:
+        containerd.remove(cid)

@@ -1,4 +1,5 @@
-"""SIGKILL of QEMU, of the shim and of the agent in the guest, in each phase of
+"""SIGKILL of QEMU, of the pod monitor (which holds the VM for the shim), of the
+shim and of the agent in the guest, in each phase of
 a task's life: the exit reaches containerd, delete succeeds, nothing leaks.
 
 The victim is a member of a pod whose sandbox container is privileged and
@@ -31,7 +32,7 @@ MEMBER = {"io.kubernetes.cri.container-type": "container", "io.kubernetes.cri.sa
 VICTIM = "fault-victim"
 HELPER = "fault-helper"
 
-CASES = [(killer, phase) for killer in ("qemu", "shim", "agent")
+CASES = [(killer, phase) for killer in ("qemu", "monitor", "shim", "agent")
          for phase in ("booting", "created", "running", "exec", "deleting")
          if not (killer == "agent" and phase == "booting")]
 
@@ -59,6 +60,14 @@ class Pod:
                 return int(line.split()[0])
         return None
 
+    def monitor_pid(self) -> int | None:
+        out = subprocess.run(["pgrep", "-a", "-f", "pykata[.]monitor[.]pod"],
+                             capture_output=True, text=True).stdout
+        for line in out.splitlines():
+            if f"--key {self.key} " in line:
+                return int(line.split()[0])
+        return None
+
     def shim_pid(self) -> int | None:
         for line in shim_processes():
             if f"{self.key}.sock" in line:
@@ -77,7 +86,8 @@ class Pod:
                 "task", "exec", "--exec-id", f"kill-{time.monotonic_ns()}", HELPER,
                 "sh", "-c", "kill -9 $(pidof python3)"), capture_output=True, timeout=60)
             return
-        pid = self.qemu_pid() if killer == "qemu" else self.shim_pid()
+        pid = {"qemu": self.qemu_pid, "monitor": self.monitor_pid,
+               "shim": self.shim_pid}[killer]()
         assert pid is not None, f"no {killer} process for the pod"
         os.kill(pid, signal.SIGKILL)
 

@@ -203,3 +203,19 @@ def confining_hook(parent_pid: int) -> Callable[[], None]:
             fail(b"seccomp")
 
     return hook
+
+
+def dies_with_parent_hook(parent_pid: int) -> Callable[[], None]:
+    """A pre-exec hook for a helper that must not outlive `parent_pid` (the
+    pod monitor, whose death takes the VM): PDEATHSIG, checked as above."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    prctl = libc.prctl
+    prctl.restype = ctypes.c_int
+    ulong = ctypes.c_ulong
+
+    def hook() -> None:
+        prctl(PR_SET_PDEATHSIG, ulong(signal.SIGKILL), ulong(0), ulong(0), ulong(0))
+        if os.getppid() != parent_pid:
+            os._exit(1)
+
+    return hook

@@ -215,21 +215,7 @@ class QemuVM:
         self._logs = [stderr, guest]
 
     def failure_report(self, lines: int = 15) -> str:
-        """QEMU's stderr and the end of the guest console, for error messages
-        (guest text escaped: a hostile guest writes its console)."""
-        parts = []
-        stderr = _tail(self.config.stderr_log, lines)
-        if stderr:
-            parts.append(f"QEMU said:\n{stderr}")
-        console = _tail(self.config.console_log, lines)
-        panic = _panic_line(self.config.console_log)
-        if panic and panic not in console:
-            parts.append(f"the guest kernel panicked: {panic}")
-        parts.append(
-            f"last console lines ({self.config.console_log}):\n{console}"
-            if console else "the guest console is empty"
-        )
-        return "\n".join(parts)
+        return failure_report(self.config.stderr_log, self.config.console_log, lines)
 
     async def wait(self) -> int:
         """Wait until QEMU exits; return its exit status."""
@@ -289,6 +275,25 @@ def _render(device: Device, machine_type: str, *, agent_fd: int, console_fd: int
     if isinstance(device, SharedDirectory):
         return [qa.Share9p(device.path, machine_type, device.tag)]
     raise HypervisorError(f"QEMU cannot provide a {type(device).__name__}")
+
+
+def failure_report(stderr_log: Path, console_log: Path, lines: int = 15) -> str:
+    """QEMU's stderr and the end of the guest console, for error messages
+    (guest text escaped: a hostile guest writes its console). Read from the
+    files, so a process other than QEMU's parent can report too."""
+    parts = []
+    stderr = _tail(stderr_log, lines)
+    if stderr:
+        parts.append(f"QEMU said:\n{stderr}")
+    console = _tail(console_log, lines)
+    panic = _panic_line(console_log)
+    if panic and panic not in console:
+        parts.append(f"the guest kernel panicked: {panic}")
+    parts.append(
+        f"last console lines ({console_log}):\n{console}"
+        if console else "the guest console is empty"
+    )
+    return "\n".join(parts)
 
 
 def _panic_line(path: Path) -> str:

@@ -1,7 +1,7 @@
 """`pykata-oci`: runc's verbs and flags, over pykata's monitor.
 
 Verbs import what they need when they run: `state` (which podman calls
-often) reads one file and imports nothing heavy.
+often) reads one file and needs neither asyncio nor protobuf.
 """
 
 from __future__ import annotations

@@ -108,8 +108,13 @@ class AgentClient:
         try:
             return await self._client.call(AGENT_SERVICE, method, request, response_type,
                                            timeout=timeout)
+        except StatusError:
+            raise
         except ConnectionClosedError as exc:
             raise StatusError(Code.UNAVAILABLE, f"agent connection lost during {method}") from exc
+        except TtrpcError as exc:
+            raise StatusError(Code.DATA_LOSS, f"the agent sent an invalid reply: "
+                                              f"{guest_line(str(exc))}") from exc
 
     async def check(self, timeout: float) -> None:
         """Health.Check, waiting up to `timeout` for the agent to come up.

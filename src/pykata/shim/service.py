@@ -28,6 +28,7 @@ from pykata.protocols.oci_spec import InvalidSpecError, process_from_json, resou
 from pykata.runtime.container import Container, bind_rootfs, spec_readonly_root
 from pykata.runtime.keys import pod_key
 from pykata.runtime.lifecycle import VM_DIED_STATUS, Status
+from pykata.runtime.monitored import MonitoredSandbox
 from pykata.runtime.mounts import Mount, mount_beneath, unmount_all
 from pykata.runtime.sandbox import Sandbox
 from pykata.runtime.spec import load_bundle
@@ -134,8 +135,8 @@ class TaskService:
             volumes = plan_volumes(spec.get("mounts") or [], Path(req.bundle))
             if self.sandbox is None:
                 group = group_of(req.bundle, req.id)
-                self.sandbox = Sandbox(group, self.config, options,
-                                       key=pod_key(*self._pod, group))
+                self.sandbox = MonitoredSandbox(group, self.config, options,
+                                                key=pod_key(*self._pod, group))
                 booted_here = True
             task = Task(Container(self.sandbox, req.id), req.bundle)
             task.init = ShimProcess(task, "", terminal=req.terminal, stdin=stdio[0],

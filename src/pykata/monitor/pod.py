@@ -1,0 +1,171 @@
+"""The pod monitor: the process that holds a pod's VM for the shim.
+
+`python -m pykata.monitor.pod` boots the sandbox (VM, agent, share) and
+serves its control socket (`monitor.sock` in the sandbox's state directory):
+every agent call the shim makes passes through it unchanged, and
+`pykata.monitor.v1.Monitor/Shutdown` ends the sandbox. It dies with its
+parent, the shim (PDEATHSIG), and the VM dies with it, so a killed shim
+still takes its pod's VM along, as containerd expects.
+
+It reports on the descriptor named by --ready: one JSON line,
+{"ok": true, "qemu_pid": N} or {"error": ..., "hint": ...}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+from typing import Any
+
+from google.protobuf import empty_pb2
+from google.protobuf.message import Message
+
+from pykata.channels import AGENT_SERVICE
+from pykata.errors import PykataError
+from pykata.monitor.service import MONITOR_SERVICE
+from pykata.protocols import agent_pb2, monitor_pb2
+from pykata.runtime.sandbox import Sandbox, SandboxOptions
+from pykata.ttrpc import Code, RequestContext, Server, StatusError
+
+log = logging.getLogger(__name__)
+_EMPTY = empty_pb2.Empty()
+
+# Every agent call a shim makes, with its reply type. CreateSandbox and
+# DestroySandbox are the monitor's own.
+POD_FORWARDED: dict[str, tuple[type[Message], type[Message]]] = {
+    "GetGuestDetails": (agent_pb2.GuestDetailsRequest, agent_pb2.GuestDetailsResponse),
+    "CreateContainer": (agent_pb2.CreateContainerRequest, empty_pb2.Empty),
+    "StartContainer": (agent_pb2.StartContainerRequest, empty_pb2.Empty),
+    "RemoveContainer": (agent_pb2.RemoveContainerRequest, empty_pb2.Empty),
+    "PauseContainer": (agent_pb2.PauseContainerRequest, empty_pb2.Empty),
+    "ResumeContainer": (agent_pb2.ResumeContainerRequest, empty_pb2.Empty),
+    "UpdateContainer": (agent_pb2.UpdateContainerRequest, empty_pb2.Empty),
+    "StatsContainer": (agent_pb2.StatsContainerRequest, agent_pb2.StatsContainerResponse),
+    "ListProcesses": (agent_pb2.ListProcessesRequest, agent_pb2.ListProcessesResponse),
+    "ExecProcess": (agent_pb2.ExecProcessRequest, empty_pb2.Empty),
+    "SignalProcess": (agent_pb2.SignalProcessRequest, empty_pb2.Empty),
+    "WaitProcess": (agent_pb2.WaitProcessRequest, agent_pb2.WaitProcessResponse),
+    "WriteStdin": (agent_pb2.WriteStreamRequest, agent_pb2.WriteStreamResponse),
+    "ReadStdout": (agent_pb2.ReadStreamRequest, agent_pb2.ReadStreamResponse),
+    "ReadStderr": (agent_pb2.ReadStreamRequest, agent_pb2.ReadStreamResponse),
+    "CloseStdin": (agent_pb2.CloseStdinRequest, empty_pb2.Empty),
+    "TtyWinResize": (agent_pb2.TtyWinResizeRequest, empty_pb2.Empty),
+    "GetOOMEvent": (agent_pb2.GetOOMEventRequest, agent_pb2.OOMEvent),
+}
+
+
+class PodMonitor:
+    def __init__(self, sandbox: Sandbox) -> None:
+        self.sandbox = sandbox
+        self.shutdown = asyncio.Event()
+
+    def register(self, server: Server) -> None:
+        for method, (request_type, response_type) in POD_FORWARDED.items():
+            server.register(AGENT_SERVICE, method, request_type,
+                            self._forwarder(method, response_type))
+        server.register(MONITOR_SERVICE, "State", empty_pb2.Empty, self._state)
+        server.register(MONITOR_SERVICE, "Shutdown", empty_pb2.Empty, self._shutdown)
+
+    def _forwarder(self, method: str, response_type: type[Message]) -> Any:
+        async def forward(request: Any, ctx: RequestContext) -> Message:
+            agent = self.sandbox.agent
+            if agent is None:
+                raise StatusError(Code.UNAVAILABLE, "the sandbox has no agent")
+            return await agent.forward(method, request, response_type, ctx.time_remaining())
+        return forward
+
+    async def _state(self, req: empty_pb2.Empty, ctx: RequestContext
+                     ) -> monitor_pb2.StateResponse:
+        vm = self.sandbox.vm
+        running = vm is not None and vm.running
+        return monitor_pb2.StateResponse(id=self.sandbox.id,
+                                         status="running" if running else "stopped",
+                                         pid=(vm.pid or 0) if vm else 0)
+
+    async def _shutdown(self, req: empty_pb2.Empty, ctx: RequestContext) -> empty_pb2.Empty:
+        self.shutdown.set()
+        return _EMPTY
+
+
+async def _serve(args: argparse.Namespace, ready_fd: int) -> int:
+    from pykata import config as config_mod
+
+    config = config_mod.load(args.config or None)
+    options = SandboxOptions(**json.loads(args.options))
+    sandbox = Sandbox(args.id, config, options, key=args.key, front_end="shim")
+    socket_path = sandbox.paths.run_dir / "monitor.sock"
+    sandbox.monitor_socket = str(socket_path)
+    monitor = PodMonitor(sandbox)
+    server = Server()
+    monitor.register(server)
+    try:
+        try:
+            await sandbox.start()
+            await server.serve_unix(socket_path)
+            os.chmod(socket_path, 0o600)
+        except BaseException as exc:
+            _report(ready_fd, exc)
+            raise
+        assert sandbox.vm is not None
+        os.write(ready_fd, json.dumps({"ok": True, "qemu_pid": sandbox.vm.pid}).encode()
+                 + b"\n")
+        os.close(ready_fd)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, monitor.shutdown.set)
+        vm_exit = asyncio.ensure_future(sandbox.vm.wait())
+        ended = asyncio.ensure_future(monitor.shutdown.wait())
+        await asyncio.wait({vm_exit, ended}, return_when=asyncio.FIRST_COMPLETED)
+        for task in (vm_exit, ended):
+            task.cancel()
+        return 0
+    finally:
+        await server.aclose()
+        with contextlib.suppress(OSError):
+            socket_path.unlink()
+        await sandbox.stop()
+
+
+def _report(ready_fd: int, exc: BaseException) -> None:
+    message: dict[str, object]
+    if isinstance(exc, PykataError):
+        message = {"error": exc.message, "hint": exc.hint or "", "kind": type(exc).__name__}
+    elif isinstance(exc, asyncio.CancelledError | KeyboardInterrupt):
+        message = {"error": "interrupted while booting the sandbox", "hint": ""}
+    else:
+        log.exception("pod monitor failed")
+        message = {"error": f"internal error: {exc!r}", "hint": ""}
+    with contextlib.suppress(OSError):
+        os.write(ready_fd, json.dumps(message).encode() + b"\n")
+        os.close(ready_fd)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="pykata-pod-monitor")
+    p.add_argument("--id", required=True)
+    p.add_argument("--key", required=True)
+    p.add_argument("--options", required=True, help="SandboxOptions as JSON")
+    p.add_argument("--config", default="")
+    p.add_argument("--ready", type=int, required=True)
+    p.add_argument("--debug", action="store_true")
+    args = p.parse_args(argv)
+    # One line per record on stderr, which the shim relays into its own log.
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("asyncio", "qemu"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if args.debug else logging.WARNING)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    try:
+        return asyncio.run(_serve(args, args.ready))
+    except BaseException:
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""A sandbox whose VM a pod monitor holds (`pykata.monitor.pod`).
+
+The shim uses this in place of an in-process Sandbox: the same paths and
+share (the shim mounts its containers' rootfs and volumes in the share
+itself), but the VM and the agent connection live in the monitor, and the
+agent calls go through the monitor's control socket. So any other pykata
+process reaches the pod's sandbox at `<sandbox dir>/monitor.sock`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import socket
+import sys
+import time
+
+from google.protobuf import empty_pb2
+
+from pykata.errors import HypervisorError, PykataError
+from pykata.hypervisor.confine import dies_with_parent_hook
+from pykata.hypervisor.qemu import failure_report
+from pykata.monitor.service import MONITOR_SERVICE
+from pykata.runtime.agent_client import AgentClient
+from pykata.runtime.sandbox import PhaseTimes, Sandbox, cleanup_host_state
+from pykata.ttrpc import Client
+
+monitor_log = logging.getLogger("pykata.monitor.pod")
+_LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}
+# How long the monitor has to end its VM after Shutdown before it is killed.
+_SHUTDOWN_SECONDS = 40.0
+
+
+class MonitorProcess:
+    """The monitor as the shim sees it: what the sandbox needs of a VM."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, qemu_pid: int, sandbox: Sandbox
+                 ) -> None:
+        self._proc = proc
+        self._qemu_pid = qemu_pid
+        self._paths = sandbox.paths
+        self.agent_socket: socket.socket | None = None
+
+    @property
+    def pid(self) -> int | None:
+        """QEMU's pid: what containerd is told is the task's pid."""
+        return self._qemu_pid
+
+    @property
+    def monitor_pid(self) -> int:
+        return self._proc.pid
+
+    @property
+    def running(self) -> bool:
+        return self._proc.returncode is None
+
+    async def start(self) -> None:
+        raise HypervisorError("a monitored VM is started by its monitor")
+
+    async def wait(self) -> int:
+        return await self._proc.wait()
+
+    async def stop(self, grace: float = _SHUTDOWN_SECONDS) -> None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._proc.wait(), grace)
+        await self.kill()
+
+    async def kill(self) -> None:
+        if self._proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self._proc.kill()
+            await self._proc.wait()
+
+    def failure_report(self, lines: int = 15) -> str:
+        run_dir = self._paths.run_dir
+        return failure_report(run_dir / "qemu.stderr", run_dir / "console.log", lines)
+
+
+class MonitoredSandbox(Sandbox):
+    async def start(self) -> None:
+        """Start the pod monitor and connect to its socket; nothing is left
+        if it fails (the monitor undoes its own start before it reports)."""
+        started = time.monotonic()
+        ready_r, ready_w = os.pipe()
+        argv = [sys.executable, "-m", "pykata.monitor.pod", "--id", self.id,
+                "--key", self.paths.key, "--ready", str(ready_w),
+                "--options", json.dumps(dataclasses.asdict(self.options))]
+        if self.config.source:
+            argv += ["--config", self.config.source]
+        if self.config.runtime.enable_debug:
+            argv.append("--debug")
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE, pass_fds=(ready_w,),
+                preexec_fn=dies_with_parent_hook(os.getpid()))
+        finally:
+            os.close(ready_w)
+        assert proc.stderr is not None
+        self._log_relay = asyncio.ensure_future(_relay_log(proc.stderr))
+        try:
+            answer = await asyncio.to_thread(_read_line, ready_r)
+        except BaseException:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+            raise
+        message = _decode(answer)
+        if not message.get("ok"):
+            await proc.wait()
+            # A monitor killed before its teardown leaves the host state.
+            cleanup_host_state(self.paths)
+            raise HypervisorError(str(message.get("error", "the pod monitor failed")),
+                                  hint=str(message.get("hint") or "") or None)
+        qemu_pid = message.get("qemu_pid")
+        self.vm = MonitorProcess(proc, qemu_pid if isinstance(qemu_pid, int) else 0, self)
+        self._owns_state = True
+        self.monitor_socket = str(self.paths.run_dir / "monitor.sock")
+        client = await Client.connect_unix(self.monitor_socket)
+        self.agent = AgentClient(client)
+        self._monitor_client = client
+        self.times = PhaseTimes(vm_launch=time.monotonic() - started)
+
+    async def stop(self) -> None:
+        """Ask the monitor to end the sandbox (it destroys it in the guest,
+        stops the VM and removes the host state), then make sure."""
+        if self._stopped:
+            return
+        if isinstance(self.vm, MonitorProcess) and self.vm.running:
+            with contextlib.suppress(PykataError, OSError, asyncio.TimeoutError):
+                await asyncio.wait_for(self._monitor_client.call(
+                    MONITOR_SERVICE, "Shutdown", empty_pb2.Empty(), empty_pb2.Empty), 10)
+        await self._teardown()
+
+
+    async def kill(self) -> None:
+        """End at once: the monitor, and with it the VM."""
+        if isinstance(self.vm, MonitorProcess):
+            await self.vm.kill()
+        await self._teardown()
+
+
+async def _relay_log(stream: asyncio.StreamReader) -> None:
+    """The monitor's log lines ("LEVEL logger: message") into this process's
+    log, so they reach containerd's log with the shim's own."""
+    while True:
+        try:
+            line = await stream.readline()
+        except (ValueError, asyncio.LimitOverrunError):
+            continue
+        if not line:
+            return
+        text = line.decode("utf-8", "replace").rstrip()
+        level, _, rest = text.partition(" ")
+        monitor_log.log(logging.getLevelName(level) if level in _LEVELS else logging.INFO,
+                        "%s", rest[:4096] if level in _LEVELS else text[:4096])
+
+
+def _read_line(fd: int) -> bytes:
+    with os.fdopen(fd, "rb") as ready:
+        return ready.readline()
+
+
+def _decode(answer: bytes) -> dict[str, object]:
+    if not answer:
+        return {"error": "the pod monitor died while booting the sandbox"}
+    try:
+        message = json.loads(answer)
+    except ValueError:
+        return {"error": f"the pod monitor sent {answer[:200]!r}"}
+    return message if isinstance(message, dict) else {"error": "the pod monitor sent garbage"}
