@@ -2,8 +2,9 @@
 
 Starts a private containerd 1.6 (like the functional tests), imports the
 busybox test image, then alternates pykata and runc runs so both see the same
-machine. Also reports the memory of the shim server (RSS and PSS from
-/proc/<pid>/smaps_rollup) and of its QEMU for an idle pod.
+machine. Also reports the memory of the shim server, of the pod monitor
+holding the VM (RSS and PSS from /proc/<pid>/smaps_rollup) and of its QEMU
+for an idle pod.
 
     .venv/bin/python -m benchmarks.bench_containerd [--runs 10]   (from the repository root)
 """
@@ -54,9 +55,12 @@ def idle_pod_memory(peer: PrivateContainerd) -> dict[str, tuple[int, int]]:
         key = pod_key(str(peer.socket), NAMESPACE, cid)
         shim = subprocess.run(["pgrep", "-f", f"pykata[.]shim .*{key}"], capture_output=True,
                               text=True).stdout.split()
+        monitor = subprocess.run(["pgrep", "-f", f"pykata[.]monitor[.]pod .*--key {key} "],
+                                 capture_output=True, text=True).stdout.split()
         qemu = subprocess.run(["pgrep", "-f", f"qemu-system.*-name pykata-{key} "],
                               capture_output=True, text=True).stdout.split()
-        return {"shim": memory_kib(int(shim[0])), "qemu": memory_kib(int(qemu[0]))}
+        return {"shim": memory_kib(int(shim[0])), "monitor": memory_kib(int(monitor[0])),
+                "qemu": memory_kib(int(qemu[0]))}
     finally:
         peer.remove(cid)
 
@@ -90,7 +94,7 @@ def main() -> int:
     print(f"  pykata / runc = {ratio:.1f}x")
     print("\nidle pod (sleep 600), memory:")
     for name, (rss, pss) in memory.items():
-        print(f"  {name:<5} RSS {rss / 1024:6.1f} MiB   PSS {pss / 1024:6.1f} MiB")
+        print(f"  {name:<7} RSS {rss / 1024:6.1f} MiB   PSS {pss / 1024:6.1f} MiB")
     return 0
 
 
