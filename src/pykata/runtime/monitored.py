@@ -85,6 +85,9 @@ class MonitoredSandbox(Sandbox):
         """Start the pod monitor and connect to its socket; nothing is left
         if it fails (the monitor undoes its own start before it reports)."""
         started = time.monotonic()
+        # What the monitor would refuse (no QEMU, no guest assets) is refused
+        # here, before a process starts for it.
+        dataclasses.replace(self._vm_config(), shared_dir=None).check()
         ready_r, ready_w = os.pipe()
         argv = [sys.executable, "-m", "pykata.monitor.pod", "--id", self.id,
                 "--key", self.paths.key, "--ready", str(ready_w),
@@ -103,7 +106,7 @@ class MonitoredSandbox(Sandbox):
         assert proc.stderr is not None
         self._log_relay = asyncio.ensure_future(_relay_log(proc.stderr))
         try:
-            answer = await asyncio.to_thread(_read_line, ready_r)
+            answer = await _read_line(ready_r)
         except BaseException:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
@@ -160,9 +163,16 @@ async def _relay_log(stream: asyncio.StreamReader) -> None:
                         "%s", rest[:4096] if level in _LEVELS else text[:4096])
 
 
-def _read_line(fd: int) -> bytes:
-    with os.fdopen(fd, "rb") as ready:
-        return ready.readline()
+async def _read_line(fd: int) -> bytes:
+    """One line from the monitor's report pipe, read on the event loop."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    transport, _ = await loop.connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb", buffering=0))
+    try:
+        return await reader.readline()
+    finally:
+        transport.close()
 
 
 def _decode(answer: bytes) -> dict[str, object]:
