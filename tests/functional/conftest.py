@@ -48,7 +48,7 @@ def _clear_run_root(root: Path) -> None:
         for socket in (root / "shims").glob("*"):
             socket.unlink()
     # rmdir, never rmtree: a directory still holding a mount must stay.
-    for directory in (root / "sandboxes", root / "shims", root):
+    for directory in (root / "sandboxes", root / "shims", root / "oci", root):
         with contextlib.suppress(OSError):
             directory.rmdir()
 
