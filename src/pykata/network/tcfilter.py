@@ -1,0 +1,185 @@
+"""The tcfilter model: each interface of a pod's network namespace is joined
+to a tap in the same namespace, traffic redirected both ways by tc.
+
+For an interface (a veth CNI made, say) the host creates a tap in the pod's
+namespace with the interface's MTU, adds an ingress qdisc to both, and a u32
+match-all filter with `mirred egress redirect` from each to the other. QEMU
+gets the tap as a descriptor; the guest's NIC gets the interface's MAC, so
+the pod's address and MAC are the guest's.
+
+The tap is not persistent: it lives as long as a descriptor to it is open
+(QEMU's), so a VM that dies takes its taps along. `detach` removes the
+qdiscs (and with them the filters) from the pod's interfaces.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import fcntl
+import os
+import struct
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pykata.errors import HostError, PykataError
+
+TUNSETIFF = 0x400454CA
+IFF_TAP = 0x0002
+IFF_NO_PI = 0x1000
+IFF_VNET_HDR = 0x4000
+CLONE_NEWNET = 0x40000000
+ETH_P_ALL = 0x0003
+INGRESS = "ffff:"
+# Kinds of interface the VM can mirror: what CNI plugins put in a pod.
+MIRRORED_KINDS = frozenset({"veth", "macvlan", "macvtap", "ipvlan", "tap", "tun", ""})
+
+
+class NetworkError(PykataError):
+    """A pod's network namespace cannot be mirrored into its VM."""
+
+
+@dataclass(frozen=True)
+class Address:
+    address: str
+    prefix_len: int
+    family: int
+
+
+@dataclass
+class Endpoint:
+    """One pod interface and the tap that stands for it."""
+
+    name: str
+    index: int
+    mac: str
+    mtu: int
+    addresses: list[Address] = field(default_factory=list)
+    tap_name: str = ""
+    tap_index: int = 0
+    tap_fd: int = -1
+
+
+def _netns(path: Path) -> Any:
+    from pyroute2 import NetNS
+
+    if not path.exists():
+        raise NetworkError(f"network namespace {path} does not exist",
+                           hint="pass the path of a namespace (e.g. /run/netns/NAME)")
+    return NetNS(str(path))
+
+
+def scan(path: Path) -> list[Endpoint]:
+    """The interfaces of the namespace at `path` the VM mirrors: every one
+    with an address, loopback excepted. An interface of a kind the VM cannot
+    mirror (a bridge, a vxlan, ...) is refused, naming it."""
+    ns = _netns(path)
+    try:
+        addresses: dict[int, list[Address]] = {}
+        for msg in ns.get_addr():
+            addresses.setdefault(msg["index"], []).append(
+                Address(msg.get_attr("IFA_ADDRESS"), msg["prefixlen"], msg["family"]))
+        found = []
+        for link in ns.get_links():
+            name = link.get_attr("IFLA_IFNAME")
+            index = link["index"]
+            if name == "lo" or index not in addresses:
+                continue
+            info = link.get_attr("IFLA_LINKINFO")
+            kind = (info.get_attr("IFLA_INFO_KIND") if info else "") or ""
+            if kind not in MIRRORED_KINDS:
+                raise NetworkError(
+                    f"interface {name} in {path} is a {kind}, which pykata cannot mirror "
+                    "into a VM", hint="give the pod veth, macvlan or ipvlan interfaces")
+            found.append(Endpoint(name, index, link.get_attr("IFLA_ADDRESS"),
+                                  link.get_attr("IFLA_MTU"), addresses[index]))
+        return found
+    finally:
+        ns.close()
+
+
+def open_tap(path: Path, name: str) -> int:
+    """Create tap `name` in the namespace at `path` and return its descriptor
+    (for QEMU's `-netdev tap,fd=N`). Done on a thread of its own, which
+    alone enters the namespace: a tap belongs to the namespace its opener
+    is in."""
+    result: list[int | BaseException] = []
+
+    def work() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        try:
+            ns_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if libc.setns(ns_fd, CLONE_NEWNET) != 0:
+                    err = ctypes.get_errno()
+                    raise HostError(f"cannot enter {path}: {os.strerror(err)}")
+            finally:
+                os.close(ns_fd)
+            fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+            try:
+                fcntl.ioctl(fd, TUNSETIFF, struct.pack(
+                    "16sH", name.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR))
+            except OSError:
+                os.close(fd)
+                raise
+            result.append(fd)
+        except BaseException as exc:
+            result.append(exc)
+
+    # The thread ends in the pod's namespace; it is never reused.
+    thread = threading.Thread(target=work, name=f"tap-{name}")
+    thread.start()
+    thread.join()
+    outcome = result[0] if result else HostError("opening the tap failed")
+    if isinstance(outcome, BaseException):
+        if isinstance(outcome, OSError):
+            raise NetworkError(f"cannot create tap {name} in {path}: {outcome.strerror}",
+                               hint="the host needs /dev/net/tun") from outcome
+        raise outcome
+    return outcome
+
+
+def attach(path: Path, endpoints: list[Endpoint]) -> None:
+    """Give each endpoint its tap and the redirects both ways; on failure,
+    undo what was done (taps close, qdiscs go)."""
+    try:
+        for i, endpoint in enumerate(endpoints):
+            endpoint.tap_name = f"tap{i}_pykata"
+            endpoint.tap_fd = open_tap(path, endpoint.tap_name)
+        ns = _netns(path)
+        try:
+            for endpoint in endpoints:
+                endpoint.tap_index = ns.link_lookup(ifname=endpoint.tap_name)[0]
+                ns.link("set", index=endpoint.tap_index, mtu=endpoint.mtu, state="up")
+                for source, target in ((endpoint.index, endpoint.tap_index),
+                                       (endpoint.tap_index, endpoint.index)):
+                    ns.tc("add", "ingress", source, INGRESS)
+                    ns.tc("add-filter", "u32", source, parent=INGRESS, protocol=ETH_P_ALL,
+                          target=0x10001, keys=["0x0/0x0+0"],
+                          action=[{"kind": "mirred", "direction": "egress",
+                                   "action": "redirect", "ifindex": target}])
+        finally:
+            ns.close()
+    except BaseException:
+        detach(path, endpoints)
+        raise
+
+
+def detach(path: Path, endpoints: list[Endpoint]) -> None:
+    """Remove the pod interfaces' ingress qdiscs (their filters go with them)
+    and close the taps (which removes them). Safe to repeat."""
+    if path.exists():
+        ns = _netns(path)
+        try:
+            for endpoint in endpoints:
+                # Already gone (never added, or the interface left) is fine.
+                with contextlib.suppress(Exception):
+                    ns.tc("del", "ingress", endpoint.index, INGRESS)
+        finally:
+            ns.close()
+    for endpoint in endpoints:
+        if endpoint.tap_fd >= 0:
+            os.close(endpoint.tap_fd)
+            endpoint.tap_fd = -1

@@ -1,0 +1,98 @@
+"""The tcfilter model on real namespaces: a pod namespace with a veth whose
+peer sits in a second test-made namespace. Traffic stays inside the two."""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import struct
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pykata.network import tcfilter
+
+VNET_HDR = 10  # sizeof(struct virtio_net_hdr): every tap read and write starts with one
+POD_IP, PEER_IP = "10.231.0.2", "10.231.0.1"
+
+
+def _ip(*args: str) -> str:
+    return subprocess.run(["ip", *args], check=True, capture_output=True, text=True).stdout
+
+
+@pytest.fixture
+def pod_netns() -> Iterator[Path]:
+    pod, peer = f"pykata-pod-{os.getpid()}", f"pykata-peer-{os.getpid()}"
+    _ip("netns", "add", pod)
+    _ip("netns", "add", peer)
+    try:
+        _ip("-n", pod, "link", "add", "eth0", "mtu", "1400", "type", "veth",
+            "peer", "name", "eth0p", "netns", peer)
+        _ip("-n", pod, "addr", "add", f"{POD_IP}/24", "dev", "eth0")
+        _ip("-n", peer, "addr", "add", f"{PEER_IP}/24", "dev", "eth0p")
+        for ns, dev in ((pod, "eth0"), (peer, "eth0p"), (pod, "lo"), (peer, "lo")):
+            _ip("-n", ns, "link", "set", dev, "up")
+        yield Path("/run/netns") / pod
+    finally:
+        _ip("netns", "del", pod)
+        _ip("netns", "del", peer)
+
+
+def _arp_request(src_mac: bytes) -> bytes:
+    """An ARP who-has PEER_IP tell POD_IP, from the pod's MAC."""
+    arp = struct.pack("!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, 1, src_mac,
+                      socket.inet_aton(POD_IP), b"\0" * 6, socket.inet_aton(PEER_IP))
+    return b"\xff" * 6 + src_mac + b"\x08\x06" + arp
+
+
+def _is_arp_reply(frame: bytes) -> bool:
+    return frame[12:14] == b"\x08\x06" and frame[20:22] == b"\x00\x02"
+
+
+def _read_until_arp_reply(fd: int, seconds: float) -> list[bytes]:
+    frames: list[bytes] = []
+    while not any(_is_arp_reply(f) for f in frames):
+        ready, _, _ = select.select([fd], [], [], seconds)
+        if not ready:
+            break
+        frames.append(os.read(fd, 65536)[VNET_HDR:])
+    return frames
+
+
+def test_a_pods_interface_is_joined_to_a_tap_both_ways(pod_netns: Path) -> None:
+    (endpoint,) = tcfilter.scan(pod_netns)
+    assert endpoint.name == "eth0" and endpoint.mtu == 1400
+    assert POD_IP in [a.address for a in endpoint.addresses]  # (and its IPv6 link-local)
+    tcfilter.attach(pod_netns, [endpoint])
+    try:
+        ns = pod_netns.name
+        tap = _ip("-n", ns, "-d", "link", "show", endpoint.tap_name)
+        assert "mtu 1400" in tap and "tun type tap" in tap
+        assert "mirred" in subprocess.run(["tc", "-n", ns, "filter", "show", "dev", "eth0",
+                                           "ingress"], capture_output=True, text=True).stdout
+        # Tap -> interface -> peer, and the peer's answer: interface -> tap.
+        mac = bytes.fromhex(endpoint.mac.replace(":", ""))
+        os.write(endpoint.tap_fd, b"\0" * VNET_HDR + _arp_request(mac))
+        frames = _read_until_arp_reply(endpoint.tap_fd, 5)
+        replies = [f for f in frames if _is_arp_reply(f)]
+        assert replies, f"no ARP reply came back through the tap: {frames!r}"
+        assert replies[0][:6] == mac  # addressed to the pod's MAC, which the guest gets
+    finally:
+        tcfilter.detach(pod_netns, [endpoint])
+    links = _ip("-n", pod_netns.name, "link", "show")
+    assert "tap0_pykata" not in links  # closing the descriptor removed the tap
+    qdiscs = subprocess.run(["tc", "-n", pod_netns.name, "qdisc", "show", "dev", "eth0"],
+                            capture_output=True, text=True).stdout
+    assert "ingress" not in qdiscs
+
+
+def test_namespaces_it_cannot_mirror_are_refused(pod_netns: Path) -> None:
+    with pytest.raises(tcfilter.NetworkError, match="does not exist"):
+        tcfilter.scan(Path("/run/netns/pykata-no-such-namespace"))
+    _ip("-n", pod_netns.name, "link", "add", "br0", "type", "bridge")
+    _ip("-n", pod_netns.name, "addr", "add", "10.232.0.1/24", "dev", "br0")
+    with pytest.raises(tcfilter.NetworkError, match=r"br0 .* is a bridge"):
+        tcfilter.scan(pod_netns)
