@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from pykata.network import tcfilter
+from tests.functional.conftest import Cli
 
 VNET_HDR = 10  # sizeof(struct virtio_net_hdr): every tap read and write starts with one
 POD_IP, PEER_IP = "10.231.0.2", "10.231.0.1"
@@ -96,3 +97,23 @@ def test_namespaces_it_cannot_mirror_are_refused(pod_netns: Path) -> None:
     _ip("-n", pod_netns.name, "addr", "add", "10.232.0.1/24", "dev", "br0")
     with pytest.raises(tcfilter.NetworkError, match=r"br0 .* is a bridge"):
         tcfilter.scan(pod_netns)
+
+
+def test_the_vm_gets_a_nic_with_the_pods_mac_and_leaves_nothing(
+        pod_netns: Path, cli: Cli) -> None:
+    (endpoint,) = tcfilter.scan(pod_netns)
+    result = cli("run", "--netns", str(pod_netns), "--",
+                 "sh", "-c", "cat /sys/class/net/*/address; cat /sys/class/net/*/mtu")
+    assert result.returncode == 0, result.err
+    assert endpoint.mac in result.out.split(), result.out
+    assert "1400" in result.out.split()
+    ns = pod_netns.name
+    assert "tap0_pykata" not in _ip("-n", ns, "link", "show")
+    qdiscs = subprocess.run(["tc", "-n", ns, "qdisc", "show", "dev", "eth0"],
+                            capture_output=True, text=True).stdout
+    assert "ingress" not in qdiscs
+
+
+def test_a_missing_namespace_is_refused_before_a_vm_boots(cli: Cli) -> None:
+    result = cli("run", "--netns", "/run/netns/pykata-no-such-namespace", "--", "true")
+    assert result.returncode == 1 and "does not exist" in result.err, result.err

@@ -54,6 +54,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--volume", "-v", metavar="HOST:CONTAINER[:ro]", action="append",
                    default=[], type=_volume,
                    help="share a host directory or file into the container (repeatable)")
+    p.add_argument("--netns", metavar="PATH", default="",
+                   help="a network namespace whose interfaces the VM takes over "
+                        "(the guest's addresses are not set up yet)")
     p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD...", help="command to run")
     p.set_defaults(handler=run)
 
@@ -120,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
 
         cfg = replace(cfg, runtime=replace(cfg.runtime, enable_debug=True))
     spec, rootfs, volumes = _spec_and_rootfs(args)
-    options = SandboxOptions(vcpus=args.cpus, memory_mib=args.memory)
+    options = SandboxOptions(vcpus=args.cpus, memory_mib=args.memory, netns=args.netns)
     interactive = args.interactive or (args.tty and os.isatty(0))
     try:
         with raw_terminal(0) if args.tty and interactive else contextlib.nullcontext():

@@ -40,11 +40,21 @@ class Console:
 
 
 @dataclass(frozen=True)
+class NetworkInterface:
+    """A virtio NIC on a tap the host opened (`tap_fd`, inherited by the
+    hypervisor); the guest's NIC gets `mac`, the pod interface's own."""
+
+    tap_fd: int
+    mac: str
+    mtu: int = 1500
+
+
+@dataclass(frozen=True)
 class EntropySource:
     """A virtio RNG: the guest's getrandom() must not block at boot."""
 
 
-Device = AgentChannel | SharedDirectory | Console | EntropySource
+Device = AgentChannel | SharedDirectory | Console | EntropySource | NetworkInterface
 
 
 class Hypervisor(Protocol):

@@ -25,6 +25,7 @@ from pykata.hypervisor.base import (
     Console,
     Device,
     EntropySource,
+    NetworkInterface,
     SharedDirectory,
 )
 from pykata.hypervisor.capped_log import CappedLog, read_tail
@@ -61,6 +62,8 @@ class VmConfig:
     vsock_token: bytes = field(default=b"", repr=False)
     # Bytes of guest console kept on the host (and a quarter of it for QEMU's stderr).
     console_limit: int = 1 << 20
+    # NICs on taps the caller opened (tcfilter): their descriptors go to QEMU.
+    network: tuple[NetworkInterface, ...] = ()
 
     @property
     def console_log(self) -> Path:
@@ -96,6 +99,7 @@ class VmConfig:
                                  AgentChannel(self.vsock_cid)]
         if self.shared_dir is not None:
             devices.append(SharedDirectory(self.shared_dir))
+        devices.extend(self.network)
         return tuple(devices)
 
     def check(self) -> None:
@@ -144,7 +148,13 @@ class QemuVM:
             qa.KernelBoot(c.kernel, c.initrd, c.kernel_cmdline()),
             qa.QmpFd(qmp_fd),
         ]
+        nics = 0
         for device in c.devices():
+            if isinstance(device, NetworkInterface):
+                opts.append(qa.TapNic(nics, device.tap_fd, device.mac, device.mtu,
+                                      c.machine_type))
+                nics += 1
+                continue
             opts += _render(device, c.machine_type, agent_fd=agent_fd, console_fd=console_fd)
         return opts
 
@@ -195,7 +205,8 @@ class QemuVM:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,
-                pass_fds=(qmp_fd, agent_fd, console_fd),
+                pass_fds=(qmp_fd, agent_fd, console_fd,
+                          *(nic.tap_fd for nic in self.config.network)),
                 start_new_session=True,
                 preexec_fn=confining_hook(os.getpid()),
             )

@@ -196,6 +196,27 @@ class Share9p:
 
 
 @dataclass(frozen=True)
+class TapNic:
+    """A virtio-net NIC on an already-open tap (`fd`). No vhost: these hosts
+    have no /dev/vhost-net, and QEMU's own datapath works everywhere."""
+
+    index: int
+    fd: int
+    mac: str
+    mtu: int
+    machine_type: str
+
+    def args(self) -> list[str]:
+        bus = _bus_suffix(self.machine_type)
+        # host_mtu: the guest's driver takes the pod interface's MTU itself.
+        return [
+            "-netdev", f"tap,id=net{self.index},fd={self.fd},vhost=off",
+            "-device", f"virtio-net-{bus},netdev=net{self.index},mac={self.mac},"
+                       f"host_mtu={self.mtu}",
+        ]
+
+
+@dataclass(frozen=True)
 class Rng:
     """A virtio entropy source: the guest's getrandom() must not block at boot."""
 

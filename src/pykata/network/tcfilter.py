@@ -167,6 +167,14 @@ def attach(path: Path, endpoints: list[Endpoint]) -> None:
         raise
 
 
+def close_taps(endpoints: list[Endpoint]) -> None:
+    """Close this process's descriptors of the taps (once QEMU has its own)."""
+    for endpoint in endpoints:
+        if endpoint.tap_fd >= 0:
+            os.close(endpoint.tap_fd)
+            endpoint.tap_fd = -1
+
+
 def detach(path: Path, endpoints: list[Endpoint]) -> None:
     """Remove the pod interfaces' ingress qdiscs (their filters go with them)
     and close the taps (which removes them). Safe to repeat."""
@@ -179,7 +187,4 @@ def detach(path: Path, endpoints: list[Endpoint]) -> None:
                     ns.tc("del", "ingress", endpoint.index, INGRESS)
         finally:
             ns.close()
-    for endpoint in endpoints:
-        if endpoint.tap_fd >= 0:
-            os.close(endpoint.tap_fd)
-            endpoint.tap_fd = -1
+    close_taps(endpoints)

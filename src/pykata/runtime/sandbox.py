@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import secrets
@@ -22,9 +23,10 @@ from pathlib import Path
 from pykata.channels import TOKEN_SIZE
 from pykata.config import Config
 from pykata.errors import AgentError, HypervisorError, PykataError
-from pykata.hypervisor.base import Hypervisor
+from pykata.hypervisor.base import Hypervisor, NetworkInterface
 from pykata.hypervisor.host import probe_vsock, resolve_accel
 from pykata.hypervisor.qemu import QemuVM, VmConfig
+from pykata.network import tcfilter
 from pykata.protocols import agent_pb2
 from pykata.runtime import vsock
 from pykata.runtime.agent_client import AgentClient
@@ -53,6 +55,9 @@ class SandboxOptions:
     memory_mib: int | None = None
     hostname: str = "pykata"
     kernel_params: str = ""
+    # A network namespace whose interfaces the VM mirrors (tcfilter); "" for
+    # loopback only.
+    netns: str = ""
 
 
 @dataclass
@@ -85,6 +90,7 @@ class Sandbox:
         self.times = PhaseTimes()
         self._stopped = False
         self._owns_state = False
+        self._endpoints: list[tcfilter.Endpoint] = []
 
     @property
     def console_log(self) -> Path:
@@ -116,13 +122,25 @@ class Sandbox:
     async def start(self) -> None:
         """Boot the VM and bring its agent up; undo everything if any step fails."""
         vm_config = self._vm_config()
+        if self.options.netns:
+            # Refused before anything is made: a namespace the VM cannot mirror.
+            # pyroute2 runs an event loop of its own: on a thread, not this one.
+            self._endpoints = await asyncio.to_thread(tcfilter.scan, Path(self.options.netns))
         self._make_dirs()
         try:
             self.shared_fs.prepare()
+            if self._endpoints:
+                await asyncio.to_thread(tcfilter.attach, Path(self.options.netns),
+                                        self._endpoints)
+                vm_config = dataclasses.replace(vm_config, network=tuple(
+                    NetworkInterface(e.tap_fd, e.mac, e.mtu) for e in self._endpoints))
             await self._boot(vm_config)
         except BaseException:
             await self._teardown()
             raise
+        finally:
+            # QEMU holds its own copies now: a tap lives exactly as long as it.
+            tcfilter.close_taps(self._endpoints)
         self._write_state()
 
     def _make_dirs(self) -> None:
@@ -249,6 +267,10 @@ class Sandbox:
             if self.vm is not None:
                 await self.vm.stop()
         finally:
+            if self._endpoints:
+                await asyncio.to_thread(tcfilter.detach, Path(self.options.netns),
+                                        self._endpoints)
+                self._endpoints = []
             # Host state goes even if stopping the VM failed: nothing mounted
             # for a sandbox outlives it.
             if self._owns_state:
