@@ -8,6 +8,7 @@ import select
 import socket
 import struct
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -117,3 +118,28 @@ def test_the_vm_gets_a_nic_with_the_pods_mac_and_leaves_nothing(
 def test_a_missing_namespace_is_refused_before_a_vm_boots(cli: Cli) -> None:
     result = cli("run", "--netns", "/run/netns/pykata-no-such-namespace", "--", "true")
     assert result.returncode == 1 and "does not exist" in result.err, result.err
+
+
+def test_a_container_reaches_a_server_beside_the_pod(pod_netns: Path, cli: Cli) -> None:
+    """The guest takes the pod's address and routes: a container in the VM
+    talks TCP to a server in the peer namespace (the test made both)."""
+    peer = pod_netns.name.replace("pykata-pod-", "pykata-peer-")
+    server = subprocess.Popen(
+        ["ip", "netns", "exec", peer, sys.executable, "-c",
+         "import socket\n"
+         "s = socket.create_server(('" + PEER_IP + "', 8080))\n"
+         "c, a = s.accept()\n"
+         "c.sendall(('hello ' + a[0] + '\\n').encode())\n"
+         "c.close()\n"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        result = cli("run", "--netns", str(pod_netns), "--", "sh", "-c",
+                     f"ip -4 addr show eth0; ip route; nc {PEER_IP} 8080 </dev/null")
+        assert result.returncode == 0, result.err
+        assert f"inet {POD_IP}/24" in result.out, result.out
+        assert f"hello {POD_IP}" in result.out, result.out  # the peer saw the pod's address
+        assert server.wait(30) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()

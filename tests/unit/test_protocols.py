@@ -107,7 +107,17 @@ def test_service_methods() -> None:
         "WaitProcess", "ListProcesses", "UpdateContainer", "StatsContainer", "PauseContainer",
         "ResumeContainer", "WriteStdin", "ReadStdout", "ReadStderr", "CloseStdin",
         "TtyWinResize", "CreateSandbox", "DestroySandbox", "GetGuestDetails", "GetOOMEvent",
+        "UpdateInterface", "UpdateRoutes", "ListInterfaces", "ListRoutes", "AddARPNeighbors",
     }  # fmt: skip
+    assert agent["UpdateInterface"] == ("UpdateInterfaceRequest", "Interface")
+    assert agent["UpdateRoutes"] == ("UpdateRoutesRequest", "Routes")
+    # Kata's field numbers: the wire carries these, not the names.
+    iface = agent_pb2.Interface.DESCRIPTOR.fields_by_name
+    assert [iface[n].number for n in ("device", "name", "IPAddresses", "mtu", "hwAddr")] == [
+        1, 2, 3, 4, 5]
+    route = agent_pb2.Route.DESCRIPTOR.fields_by_name
+    assert [route[n].number for n in ("dest", "gateway", "device", "source", "scope")] == [
+        1, 2, 3, 4, 5]
     assert agent["ReadStderr"] == ("ReadStreamRequest", "ReadStreamResponse")
     assert agent["CreateContainer"] == ("CreateContainerRequest", "Empty")
     assert agent["GetOOMEvent"] == ("GetOOMEventRequest", "OOMEvent")

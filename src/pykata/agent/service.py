@@ -89,6 +89,44 @@ class AgentService:
         )
         return agent_pb2.GuestDetailsResponse(agent_details=details)
 
+    # --- network ----------------------------------------------------------
+
+    async def UpdateInterface(
+        self, req: agent_pb2.UpdateInterfaceRequest, ctx: RequestContext
+    ) -> agent_pb2.Interface:
+        from pykata.agent import network
+
+        return await network.update_interface(self._reaper, req.interface)
+
+    async def UpdateRoutes(
+        self, req: agent_pb2.UpdateRoutesRequest, ctx: RequestContext
+    ) -> agent_pb2.Routes:
+        from pykata.agent import network
+
+        return await network.update_routes(self._reaper, req.routes)
+
+    async def AddARPNeighbors(
+        self, req: agent_pb2.AddARPNeighborsRequest, ctx: RequestContext
+    ) -> empty_pb2.Empty:
+        from pykata.agent import network
+
+        await network.add_neighbors(self._reaper, req.neighbors)
+        return empty_pb2.Empty()
+
+    async def ListInterfaces(
+        self, req: agent_pb2.ListInterfacesRequest, ctx: RequestContext
+    ) -> agent_pb2.Interfaces:
+        from pykata.agent import network
+
+        return network.list_interfaces()
+
+    async def ListRoutes(
+        self, req: agent_pb2.ListRoutesRequest, ctx: RequestContext
+    ) -> agent_pb2.Routes:
+        from pykata.agent import network
+
+        return await network.list_routes(self._reaper)
+
     # --- containers -------------------------------------------------------
 
     async def CreateContainer(
@@ -254,6 +292,11 @@ _AGENT_REQUESTS = {
     "CloseStdin": agent_pb2.CloseStdinRequest,
     "TtyWinResize": agent_pb2.TtyWinResizeRequest,
     "GetOOMEvent": agent_pb2.GetOOMEventRequest,
+    "UpdateInterface": agent_pb2.UpdateInterfaceRequest,
+    "UpdateRoutes": agent_pb2.UpdateRoutesRequest,
+    "AddARPNeighbors": agent_pb2.AddARPNeighborsRequest,
+    "ListInterfaces": agent_pb2.ListInterfacesRequest,
+    "ListRoutes": agent_pb2.ListRoutesRequest,
 }
 
 

@@ -57,6 +57,11 @@ POD_FORWARDED: dict[str, tuple[type[Message], type[Message]]] = {
     "CloseStdin": (agent_pb2.CloseStdinRequest, empty_pb2.Empty),
     "TtyWinResize": (agent_pb2.TtyWinResizeRequest, empty_pb2.Empty),
     "GetOOMEvent": (agent_pb2.GetOOMEventRequest, agent_pb2.OOMEvent),
+    "UpdateInterface": (agent_pb2.UpdateInterfaceRequest, agent_pb2.Interface),
+    "UpdateRoutes": (agent_pb2.UpdateRoutesRequest, agent_pb2.Routes),
+    "AddARPNeighbors": (agent_pb2.AddARPNeighborsRequest, empty_pb2.Empty),
+    "ListInterfaces": (agent_pb2.ListInterfacesRequest, agent_pb2.Interfaces),
+    "ListRoutes": (agent_pb2.ListRoutesRequest, agent_pb2.Routes),
 }
 
 

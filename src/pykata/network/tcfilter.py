@@ -188,3 +188,39 @@ def detach(path: Path, endpoints: list[Endpoint]) -> None:
         finally:
             ns.close()
     close_taps(endpoints)
+
+
+@dataclass(frozen=True)
+class RouteInfo:
+    dest: str  # "" for the default route
+    gateway: str
+    device: str
+    source: str
+    scope: int
+    family: int
+
+
+def scan_routes(path: Path, endpoints: list[Endpoint]) -> list[RouteInfo]:
+    """The main table's routes through the mirrored interfaces, for the guest."""
+    import socket
+
+    names = {e.index: e.name for e in endpoints}
+    ns = _netns(path)
+    try:
+        found = []
+        for family in (socket.AF_INET, socket.AF_INET6):
+            for msg in ns.get_routes(family=family, table=254):
+                oif = msg.get_attr("RTA_OIF")
+                if oif not in names:
+                    continue
+                dst = msg.get_attr("RTA_DST")
+                if family == socket.AF_INET6 and dst and dst.startswith("fe80"):
+                    continue  # the guest's kernel makes its own link-local routes
+                found.append(RouteInfo(
+                    dest=f"{dst}/{msg['dst_len']}" if dst else "",
+                    gateway=msg.get_attr("RTA_GATEWAY") or "",
+                    device=names[oif], source=msg.get_attr("RTA_PREFSRC") or "",
+                    scope=msg["scope"], family=family))
+        return found
+    finally:
+        ns.close()

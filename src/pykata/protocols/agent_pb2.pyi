@@ -51,6 +51,24 @@ OnRootMismatch: FSGroupChangePolicy.ValueType  # 1
 """Only when the volume root's group differs."""
 Global___FSGroupChangePolicy: _TypeAlias = FSGroupChangePolicy  # noqa: Y015
 
+class _IPFamily:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _IPFamilyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_IPFamily.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    v4: _IPFamily.ValueType  # 0
+    v6: _IPFamily.ValueType  # 1
+
+class IPFamily(_IPFamily, metaclass=_IPFamilyEnumTypeWrapper):
+    """Networking. Kata keeps the four basic messages in its "types" package; the
+    package does not reach the wire, the field numbers below do.
+    """
+
+v4: IPFamily.ValueType  # 0
+v6: IPFamily.ValueType  # 1
+Global___IPFamily: _TypeAlias = IPFamily  # noqa: Y015
+
 @_typing.final
 class CreateContainerRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -1343,3 +1361,291 @@ class OOMEvent(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___OOMEvent: _TypeAlias = OOMEvent  # noqa: Y015
+
+@_typing.final
+class IPAddress(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FAMILY_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    MASK_FIELD_NUMBER: _builtins.int
+    family: Global___IPFamily.ValueType
+    address: _builtins.str
+    mask: _builtins.str
+    """The prefix length, as text ("24")."""
+    def __init__(
+        self,
+        *,
+        family: Global___IPFamily.ValueType = ...,
+        address: _builtins.str = ...,
+        mask: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "family", b"family", "mask", b"mask"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IPAddress: _TypeAlias = IPAddress  # noqa: Y015
+
+@_typing.final
+class Interface(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    IPADDRESSES_FIELD_NUMBER: _builtins.int
+    MTU_FIELD_NUMBER: _builtins.int
+    HWADDR_FIELD_NUMBER: _builtins.int
+    DEVICEPATH_FIELD_NUMBER: _builtins.int
+    TYPE_FIELD_NUMBER: _builtins.int
+    RAW_FLAGS_FIELD_NUMBER: _builtins.int
+    device: _builtins.str
+    name: _builtins.str
+    mtu: _builtins.int
+    hwAddr: _builtins.str
+    """The MAC: how the guest finds the NIC the host made for this interface."""
+    devicePath: _builtins.str
+    type: _builtins.str
+    raw_flags: _builtins.int
+    @_builtins.property
+    def IPAddresses(self) -> _containers.RepeatedCompositeFieldContainer[Global___IPAddress]: ...
+    def __init__(
+        self,
+        *,
+        device: _builtins.str = ...,
+        name: _builtins.str = ...,
+        IPAddresses: _abc.Iterable[Global___IPAddress] | None = ...,
+        mtu: _builtins.int = ...,
+        hwAddr: _builtins.str = ...,
+        devicePath: _builtins.str = ...,
+        type: _builtins.str = ...,
+        raw_flags: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["IPAddresses", b"IPAddresses", "device", b"device", "devicePath", b"devicePath", "hwAddr", b"hwAddr", "mtu", b"mtu", "name", b"name", "raw_flags", b"raw_flags", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Interface: _TypeAlias = Interface  # noqa: Y015
+
+@_typing.final
+class Route(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEST_FIELD_NUMBER: _builtins.int
+    GATEWAY_FIELD_NUMBER: _builtins.int
+    DEVICE_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    SCOPE_FIELD_NUMBER: _builtins.int
+    FAMILY_FIELD_NUMBER: _builtins.int
+    FLAGS_FIELD_NUMBER: _builtins.int
+    dest: _builtins.str
+    """Empty for the default route."""
+    gateway: _builtins.str
+    device: _builtins.str
+    source: _builtins.str
+    scope: _builtins.int
+    family: Global___IPFamily.ValueType
+    flags: _builtins.int
+    def __init__(
+        self,
+        *,
+        dest: _builtins.str = ...,
+        gateway: _builtins.str = ...,
+        device: _builtins.str = ...,
+        source: _builtins.str = ...,
+        scope: _builtins.int = ...,
+        family: Global___IPFamily.ValueType = ...,
+        flags: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dest", b"dest", "device", b"device", "family", b"family", "flags", b"flags", "gateway", b"gateway", "scope", b"scope", "source", b"source"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Route: _TypeAlias = Route  # noqa: Y015
+
+@_typing.final
+class ARPNeighbor(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOIPADDRESS_FIELD_NUMBER: _builtins.int
+    DEVICE_FIELD_NUMBER: _builtins.int
+    LLADDR_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    FLAGS_FIELD_NUMBER: _builtins.int
+    device: _builtins.str
+    lladdr: _builtins.str
+    state: _builtins.int
+    flags: _builtins.int
+    @_builtins.property
+    def toIPAddress(self) -> Global___IPAddress: ...
+    def __init__(
+        self,
+        *,
+        toIPAddress: Global___IPAddress | None = ...,
+        device: _builtins.str = ...,
+        lladdr: _builtins.str = ...,
+        state: _builtins.int = ...,
+        flags: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["toIPAddress", b"toIPAddress"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "flags", b"flags", "lladdr", b"lladdr", "state", b"state", "toIPAddress", b"toIPAddress"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ARPNeighbor: _TypeAlias = ARPNeighbor  # noqa: Y015
+
+@_typing.final
+class Interfaces(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INTERFACES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def Interfaces(self) -> _containers.RepeatedCompositeFieldContainer[Global___Interface]: ...
+    def __init__(
+        self,
+        *,
+        Interfaces: _abc.Iterable[Global___Interface] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["Interfaces", b"Interfaces"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Interfaces: _TypeAlias = Interfaces  # noqa: Y015
+
+@_typing.final
+class Routes(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUTES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def Routes(self) -> _containers.RepeatedCompositeFieldContainer[Global___Route]: ...
+    def __init__(
+        self,
+        *,
+        Routes: _abc.Iterable[Global___Route] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["Routes", b"Routes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Routes: _TypeAlias = Routes  # noqa: Y015
+
+@_typing.final
+class UpdateInterfaceRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INTERFACE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def interface(self) -> Global___Interface: ...
+    def __init__(
+        self,
+        *,
+        interface: Global___Interface | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["interface", b"interface"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["interface", b"interface"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateInterfaceRequest: _TypeAlias = UpdateInterfaceRequest  # noqa: Y015
+
+@_typing.final
+class UpdateRoutesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUTES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def routes(self) -> Global___Routes: ...
+    def __init__(
+        self,
+        *,
+        routes: Global___Routes | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["routes", b"routes"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["routes", b"routes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateRoutesRequest: _TypeAlias = UpdateRoutesRequest  # noqa: Y015
+
+@_typing.final
+class ListInterfacesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListInterfacesRequest: _TypeAlias = ListInterfacesRequest  # noqa: Y015
+
+@_typing.final
+class ListRoutesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListRoutesRequest: _TypeAlias = ListRoutesRequest  # noqa: Y015
+
+@_typing.final
+class ARPNeighbors(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ARPNEIGHBORS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def ARPNeighbors(self) -> _containers.RepeatedCompositeFieldContainer[Global___ARPNeighbor]: ...
+    def __init__(
+        self,
+        *,
+        ARPNeighbors: _abc.Iterable[Global___ARPNeighbor] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ARPNeighbors", b"ARPNeighbors"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ARPNeighbors: _TypeAlias = ARPNeighbors  # noqa: Y015
+
+@_typing.final
+class AddARPNeighborsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NEIGHBORS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def neighbors(self) -> Global___ARPNeighbors: ...
+    def __init__(
+        self,
+        *,
+        neighbors: Global___ARPNeighbors | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["neighbors", b"neighbors"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["neighbors", b"neighbors"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AddARPNeighborsRequest: _TypeAlias = AddARPNeighborsRequest  # noqa: Y015

@@ -49,6 +49,9 @@ _TIMEOUTS = {
     "StatsContainer": 30.0,
     "ListProcesses": 30.0,
     "GetGuestDetails": 30.0,
+    "UpdateInterface": 30.0,
+    "UpdateRoutes": 30.0,
+    "AddARPNeighbors": 30.0,
 }
 
 R = TypeVar("R", bound=Message)
@@ -224,6 +227,19 @@ class AgentClient:
                 or not all(type(p) is int and 0 < p <= MAX_PID for p in pids)):
             raise AgentError("the agent sent an unreadable process list")
         return pids
+
+    async def update_interface(self, iface: agent_pb2.Interface) -> None:
+        await self._call("UpdateInterface", agent_pb2.UpdateInterfaceRequest(interface=iface),
+                         agent_pb2.Interface)
+
+    async def update_routes(self, routes: list[agent_pb2.Route]) -> None:
+        req = agent_pb2.UpdateRoutesRequest(routes=agent_pb2.Routes(Routes=routes))
+        await self._call("UpdateRoutes", req, agent_pb2.Routes)
+
+    async def add_arp_neighbors(self, neighbors: list[agent_pb2.ARPNeighbor]) -> None:
+        req = agent_pb2.AddARPNeighborsRequest(
+            neighbors=agent_pb2.ARPNeighbors(ARPNeighbors=neighbors))
+        await self._call("AddARPNeighbors", req, empty_pb2.Empty)
 
     async def get_oom_event(self) -> str:
         """The next container the guest reports out of memory (a long poll)."""

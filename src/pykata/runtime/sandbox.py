@@ -171,7 +171,29 @@ class Sandbox:
             hostname=self.options.hostname, storages=[self.shared_fs.guest_storage()],
             sandbox_id=self.id,
         ))
+        if self._endpoints:
+            await self._configure_guest_network()
         self.times = PhaseTimes(t1 - t0, t2 - t1, time.monotonic() - t2)
+
+    async def _configure_guest_network(self) -> None:
+        """Give the guest the pod's addresses, MTU and routes, on the NICs
+        that carry the pod interfaces' MACs."""
+        import socket
+
+        assert self.agent is not None
+        for e in self._endpoints:
+            await self.agent.update_interface(agent_pb2.Interface(
+                name=e.name, hwAddr=e.mac, mtu=e.mtu, IPAddresses=[
+                    agent_pb2.IPAddress(
+                        family=agent_pb2.v6 if a.family == socket.AF_INET6 else agent_pb2.v4,
+                        address=a.address, mask=str(a.prefix_len))
+                    for a in e.addresses if not a.address.startswith("fe80")]))
+        routes = await asyncio.to_thread(tcfilter.scan_routes, Path(self.options.netns),
+                                         self._endpoints)
+        await self.agent.update_routes([agent_pb2.Route(
+            dest=r.dest, gateway=r.gateway, device=r.device, source=r.source, scope=r.scope,
+            family=agent_pb2.v6 if r.family == socket.AF_INET6 else agent_pb2.v4)
+            for r in routes])
 
     async def _dial(self, timeout: float) -> None:
         """Connect to the agent (vsock) or take the channel QEMU holds, then
