@@ -20,9 +20,10 @@ import fcntl
 import os
 import struct
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pykata.errors import HostError, PykataError
 
@@ -34,6 +35,7 @@ CLONE_NEWNET = 0x40000000
 ETH_P_ALL = 0x0003
 INGRESS = "ffff:"
 # Kinds of interface the VM can mirror: what CNI plugins put in a pod.
+T = TypeVar("T")
 MIRRORED_KINDS = frozenset({"veth", "macvlan", "macvtap", "ipvlan", "tap", "tun", ""})
 
 
@@ -62,21 +64,61 @@ class Endpoint:
     tap_fd: int = -1
 
 
-def _netns(path: Path) -> Any:
-    from pyroute2 import NetNS
+def _in_netns(path: Path, work: Callable[[Any], T]) -> T:
+    """`work(ipr)` with a netlink socket of the namespace at `path`.
 
+    A thread of its own enters the namespace (a namespace is per thread) and
+    opens the socket there. Not pyroute2's NetNS: it forks a helper, and a
+    forked child of a process with asyncio signal handlers writes the
+    signals it gets into the parent's wake-up descriptor, so the parent sees
+    a SIGTERM nobody sent it."""
     if not path.exists():
         raise NetworkError(f"network namespace {path} does not exist",
                            hint="pass the path of a namespace (e.g. /run/netns/NAME)")
-    return NetNS(str(path))
+    result: list[Any] = []
+
+    def run() -> None:
+        from pyroute2 import IPRoute
+
+        try:
+            _enter(path)
+            ipr = IPRoute()
+            try:
+                result.append((True, work(ipr)))
+            finally:
+                ipr.close()
+        except BaseException as exc:
+            result.append((False, exc))
+
+    # The thread ends in the pod's namespace; it is never reused.
+    thread = threading.Thread(target=run, name="netns")
+    thread.start()
+    thread.join()
+    if not result:
+        raise HostError(f"working in {path} failed")
+    ok, value = result[0]
+    if not ok:
+        raise value
+    return value  # type: ignore[no-any-return]
+
+
+def _enter(path: Path) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    ns_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if libc.setns(ns_fd, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise HostError(f"cannot enter {path}: {os.strerror(err)}")
+    finally:
+        os.close(ns_fd)
 
 
 def scan(path: Path) -> list[Endpoint]:
     """The interfaces of the namespace at `path` the VM mirrors: every one
     with an address, loopback excepted. An interface of a kind the VM cannot
     mirror (a bridge, a vxlan, ...) is refused, naming it."""
-    ns = _netns(path)
-    try:
+
+    def work(ns: Any) -> list[Endpoint]:
         addresses: dict[int, list[Address]] = {}
         for msg in ns.get_addr():
             addresses.setdefault(msg["index"], []).append(
@@ -96,8 +138,8 @@ def scan(path: Path) -> list[Endpoint]:
             found.append(Endpoint(name, index, link.get_attr("IFLA_ADDRESS"),
                                   link.get_attr("IFLA_MTU"), addresses[index]))
         return found
-    finally:
-        ns.close()
+
+    return _in_netns(path, work)
 
 
 def open_tap(path: Path, name: str) -> int:
@@ -108,15 +150,8 @@ def open_tap(path: Path, name: str) -> int:
     result: list[int | BaseException] = []
 
     def work() -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
         try:
-            ns_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                if libc.setns(ns_fd, CLONE_NEWNET) != 0:
-                    err = ctypes.get_errno()
-                    raise HostError(f"cannot enter {path}: {os.strerror(err)}")
-            finally:
-                os.close(ns_fd)
+            _enter(path)
             fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
             try:
                 fcntl.ioctl(fd, TUNSETIFF, struct.pack(
@@ -148,8 +183,8 @@ def attach(path: Path, endpoints: list[Endpoint]) -> None:
         for i, endpoint in enumerate(endpoints):
             endpoint.tap_name = f"tap{i}_pykata"
             endpoint.tap_fd = open_tap(path, endpoint.tap_name)
-        ns = _netns(path)
-        try:
+
+        def work(ns: Any) -> None:
             for endpoint in endpoints:
                 endpoint.tap_index = ns.link_lookup(ifname=endpoint.tap_name)[0]
                 ns.link("set", index=endpoint.tap_index, mtu=endpoint.mtu, state="up")
@@ -160,8 +195,8 @@ def attach(path: Path, endpoints: list[Endpoint]) -> None:
                           target=0x10001, keys=["0x0/0x0+0"],
                           action=[{"kind": "mirred", "direction": "egress",
                                    "action": "redirect", "ifindex": target}])
-        finally:
-            ns.close()
+
+        _in_netns(path, work)
     except BaseException:
         detach(path, endpoints)
         raise
@@ -178,15 +213,14 @@ def close_taps(endpoints: list[Endpoint]) -> None:
 def detach(path: Path, endpoints: list[Endpoint]) -> None:
     """Remove the pod interfaces' ingress qdiscs (their filters go with them)
     and close the taps (which removes them). Safe to repeat."""
+    def work(ns: Any) -> None:
+        for endpoint in endpoints:
+            # Already gone (never added, or the interface left) is fine.
+            with contextlib.suppress(Exception):
+                ns.tc("del", "ingress", endpoint.index, INGRESS)
+
     if path.exists():
-        ns = _netns(path)
-        try:
-            for endpoint in endpoints:
-                # Already gone (never added, or the interface left) is fine.
-                with contextlib.suppress(Exception):
-                    ns.tc("del", "ingress", endpoint.index, INGRESS)
-        finally:
-            ns.close()
+        _in_netns(path, work)
     close_taps(endpoints)
 
 
@@ -205,8 +239,8 @@ def scan_routes(path: Path, endpoints: list[Endpoint]) -> list[RouteInfo]:
     import socket
 
     names = {e.index: e.name for e in endpoints}
-    ns = _netns(path)
-    try:
+
+    def work(ns: Any) -> list[RouteInfo]:
         found = []
         for family in (socket.AF_INET, socket.AF_INET6):
             for msg in ns.get_routes(family=family, table=254):
@@ -222,5 +256,5 @@ def scan_routes(path: Path, endpoints: list[Endpoint]) -> list[RouteInfo]:
                     device=names[oif], source=msg.get_attr("RTA_PREFSRC") or "",
                     scope=msg["scope"], family=family))
         return found
-    finally:
-        ns.close()
+
+    return _in_netns(path, work)
