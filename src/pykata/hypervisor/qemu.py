@@ -104,11 +104,7 @@ class VmConfig:
 
     def check(self) -> None:
         """Fail early, with the fix, on anything QEMU would fail on later."""
-        if not os.access(self.qemu_path, os.X_OK):
-            raise HypervisorError(
-                f"QEMU not found at {self.qemu_path}",
-                hint="install qemu-system-x86 or set [hypervisor.qemu] path",
-            )
+        check_qemu(self.qemu_path)
         for what, path in (("guest kernel", self.kernel), ("guest initrd", self.initrd)):
             if not path.is_file():
                 raise HypervisorError(
@@ -286,6 +282,14 @@ def _render(device: Device, machine_type: str, *, agent_fd: int, console_fd: int
     if isinstance(device, SharedDirectory):
         return [qa.Share9p(device.path, machine_type, device.tag)]
     raise HypervisorError(f"QEMU cannot provide a {type(device).__name__}")
+
+
+def check_qemu(path: str) -> None:
+    if not os.access(path, os.X_OK):
+        raise HypervisorError(
+            f"QEMU not found at {path}",
+            hint="install qemu-system-x86 or set [hypervisor.qemu] path",
+        )
 
 
 def failure_report(stderr_log: Path, console_log: Path, lines: int = 15) -> str:

@@ -25,9 +25,10 @@ from pykata.monitor.launch import Launch
 from pykata.monitor.service import MonitorService
 from pykata.runtime import hostio
 from pykata.runtime.container import Container, bind_rootfs, spec_readonly_root
+from pykata.runtime.hooks import run_hooks, spec_hooks, strip_host_hooks
 from pykata.runtime.lifecycle import OUTPUT_DRAIN_SECONDS, VM_DIED_STATUS, Lifecycle, Status
 from pykata.runtime.sandbox import Sandbox
-from pykata.runtime.state import ContainerState, process_start_time, write_state
+from pykata.runtime.state import ContainerState, process_start_time, rfc3339, write_state
 from pykata.runtime.stdio import StdioRelay
 from pykata.ttrpc import Server
 
@@ -40,7 +41,6 @@ FORWARDED_SIGNALS = (
     signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
     signal.SIGUSR2, signal.SIGALRM, signal.SIGCONT, signal.SIGTSTP,
 )
-HOST_HOOK_PHASES = ("prestart", "createRuntime", "poststart", "poststop")
 CLONE_NEWNET = 0x40000000
 # After the output drained from the guest, how long the caller may take to
 # read the rest of it from the container's stdio.
@@ -90,7 +90,7 @@ class Monitor:
         self._writers: list[hostio.FdWriter] = []
         self._shutdown = asyncio.Event()
         self._pending: set[asyncio.Task[Any]] = set()
-        self.created = _rfc3339(time.time())
+        self.created = rfc3339(time.time())
 
     # --- state ----------------------------------------------------------
 
@@ -110,7 +110,7 @@ class Monitor:
             monitor_start=process_start_time(os.getpid()),
             monitor_socket=sandbox.monitor_socket if sandbox else "",
             exit_status=self.service.exit_status if self.service else -1,
-            exited_at=_rfc3339(time.time()) if self.lifecycle.stopped else "",
+            exited_at=rfc3339(time.time()) if self.lifecycle.stopped else "",
         ))
 
     def oci_state(self) -> dict[str, Any]:
@@ -145,7 +145,7 @@ class Monitor:
                                       self._poststart, self._shutdown.set)
         from pykata.runtime.volumes import plan_volumes
 
-        spec = guest_spec(launch.spec)
+        spec = strip_host_hooks(launch.spec)
         volumes = plan_volumes(spec.get("mounts") or [], launch.bundle)
         container.share_rootfs(bind_rootfs(launch.rootfs), readonly=spec_readonly_root(spec))
         try:
@@ -174,11 +174,9 @@ class Monitor:
                          terminal=self.launch.terminal)
 
     async def _run_host_hooks(self, phase: str) -> None:
-        hooks = (self.launch.spec.get("hooks") or {}).get(phase)
+        hooks = spec_hooks(self.launch.spec, phase)
         if not hooks:
             return
-        from pykata.runtime.hooks import run_hooks
-
         state = self.oci_state()
         if phase == "prestart" or phase == "createRuntime":
             state["status"] = "creating"
@@ -268,23 +266,9 @@ class Monitor:
             await self.sandbox.stop()
 
 
-def guest_spec(spec: dict[str, Any]) -> dict[str, Any]:
-    """The spec without the hooks that run on the host."""
-    out = dict(spec)
-    hooks = out.get("hooks")
-    if isinstance(hooks, dict):
-        out["hooks"] = {k: v for k, v in hooks.items() if k not in HOST_HOOK_PHASES}
-    return out
-
-
 async def _quiet(call: Any) -> None:
     with contextlib.suppress(PykataError):
         await call
-
-
-def _rfc3339(t: float) -> str:
-    frac = f"{t % 1:.9f}"[1:]
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + frac + "Z"
 
 
 async def _main(launch: Launch, ready_fd: int) -> int:

@@ -28,41 +28,16 @@ from google.protobuf.message import Message
 
 from pykata.channels import AGENT_SERVICE
 from pykata.errors import PykataError
-from pykata.monitor.service import MONITOR_SERVICE
-from pykata.protocols import agent_pb2, monitor_pb2
+from pykata.monitor.service import AGENT_CALLS, MONITOR_SERVICE
+from pykata.protocols import monitor_pb2
 from pykata.runtime.sandbox import Sandbox, SandboxOptions
 from pykata.ttrpc import Code, RequestContext, Server, StatusError
 
 log = logging.getLogger(__name__)
 _EMPTY = empty_pb2.Empty()
 
-# Every agent call a shim makes, with its reply type. CreateSandbox and
-# DestroySandbox are the monitor's own.
-POD_FORWARDED: dict[str, tuple[type[Message], type[Message]]] = {
-    "GetGuestDetails": (agent_pb2.GuestDetailsRequest, agent_pb2.GuestDetailsResponse),
-    "CreateContainer": (agent_pb2.CreateContainerRequest, empty_pb2.Empty),
-    "StartContainer": (agent_pb2.StartContainerRequest, empty_pb2.Empty),
-    "RemoveContainer": (agent_pb2.RemoveContainerRequest, empty_pb2.Empty),
-    "PauseContainer": (agent_pb2.PauseContainerRequest, empty_pb2.Empty),
-    "ResumeContainer": (agent_pb2.ResumeContainerRequest, empty_pb2.Empty),
-    "UpdateContainer": (agent_pb2.UpdateContainerRequest, empty_pb2.Empty),
-    "StatsContainer": (agent_pb2.StatsContainerRequest, agent_pb2.StatsContainerResponse),
-    "ListProcesses": (agent_pb2.ListProcessesRequest, agent_pb2.ListProcessesResponse),
-    "ExecProcess": (agent_pb2.ExecProcessRequest, empty_pb2.Empty),
-    "SignalProcess": (agent_pb2.SignalProcessRequest, empty_pb2.Empty),
-    "WaitProcess": (agent_pb2.WaitProcessRequest, agent_pb2.WaitProcessResponse),
-    "WriteStdin": (agent_pb2.WriteStreamRequest, agent_pb2.WriteStreamResponse),
-    "ReadStdout": (agent_pb2.ReadStreamRequest, agent_pb2.ReadStreamResponse),
-    "ReadStderr": (agent_pb2.ReadStreamRequest, agent_pb2.ReadStreamResponse),
-    "CloseStdin": (agent_pb2.CloseStdinRequest, empty_pb2.Empty),
-    "TtyWinResize": (agent_pb2.TtyWinResizeRequest, empty_pb2.Empty),
-    "GetOOMEvent": (agent_pb2.GetOOMEventRequest, agent_pb2.OOMEvent),
-    "UpdateInterface": (agent_pb2.UpdateInterfaceRequest, agent_pb2.Interface),
-    "UpdateRoutes": (agent_pb2.UpdateRoutesRequest, agent_pb2.Routes),
-    "AddARPNeighbors": (agent_pb2.AddARPNeighborsRequest, empty_pb2.Empty),
-    "ListInterfaces": (agent_pb2.ListInterfacesRequest, agent_pb2.Interfaces),
-    "ListRoutes": (agent_pb2.ListRoutesRequest, agent_pb2.Routes),
-}
+# The shim makes every agent call through its pod's monitor.
+POD_FORWARDED = AGENT_CALLS
 
 
 class PodMonitor:

@@ -32,18 +32,39 @@ log = logging.getLogger(__name__)
 MONITOR_SERVICE = "pykata.monitor.v1.Monitor"
 _EMPTY = empty_pb2.Empty()
 
-# Agent calls a client of the monitor may make, with their reply types.
-FORWARDED: dict[str, tuple[type[Message], type[Message]]] = {
+# Every agent call a client of a monitor may make, with its request and reply
+# types. CreateSandbox and DestroySandbox are the monitor's own.
+AGENT_CALLS: dict[str, tuple[type[Message], type[Message]]] = {
+    "GetGuestDetails": (agent_pb2.GuestDetailsRequest, agent_pb2.GuestDetailsResponse),
+    "CreateContainer": (agent_pb2.CreateContainerRequest, empty_pb2.Empty),
+    "StartContainer": (agent_pb2.StartContainerRequest, empty_pb2.Empty),
+    "RemoveContainer": (agent_pb2.RemoveContainerRequest, empty_pb2.Empty),
+    "PauseContainer": (agent_pb2.PauseContainerRequest, empty_pb2.Empty),
+    "ResumeContainer": (agent_pb2.ResumeContainerRequest, empty_pb2.Empty),
+    "UpdateContainer": (agent_pb2.UpdateContainerRequest, empty_pb2.Empty),
+    "StatsContainer": (agent_pb2.StatsContainerRequest, agent_pb2.StatsContainerResponse),
+    "ListProcesses": (agent_pb2.ListProcessesRequest, agent_pb2.ListProcessesResponse),
+    "ExecProcess": (agent_pb2.ExecProcessRequest, empty_pb2.Empty),
+    "SignalProcess": (agent_pb2.SignalProcessRequest, empty_pb2.Empty),
+    "WaitProcess": (agent_pb2.WaitProcessRequest, agent_pb2.WaitProcessResponse),
+    "WriteStdin": (agent_pb2.WriteStreamRequest, agent_pb2.WriteStreamResponse),
     "ReadStdout": (agent_pb2.ReadStreamRequest, agent_pb2.ReadStreamResponse),
     "ReadStderr": (agent_pb2.ReadStreamRequest, agent_pb2.ReadStreamResponse),
-    "WriteStdin": (agent_pb2.WriteStreamRequest, agent_pb2.WriteStreamResponse),
     "CloseStdin": (agent_pb2.CloseStdinRequest, empty_pb2.Empty),
     "TtyWinResize": (agent_pb2.TtyWinResizeRequest, empty_pb2.Empty),
-    "WaitProcess": (agent_pb2.WaitProcessRequest, agent_pb2.WaitProcessResponse),
-    "SignalProcess": (agent_pb2.SignalProcessRequest, empty_pb2.Empty),
-    "ListProcesses": (agent_pb2.ListProcessesRequest, agent_pb2.ListProcessesResponse),
-    "StatsContainer": (agent_pb2.StatsContainerRequest, agent_pb2.StatsContainerResponse),
+    "GetOOMEvent": (agent_pb2.GetOOMEventRequest, agent_pb2.OOMEvent),
+    "UpdateInterface": (agent_pb2.UpdateInterfaceRequest, agent_pb2.Interface),
+    "UpdateRoutes": (agent_pb2.UpdateRoutesRequest, agent_pb2.Routes),
+    "AddARPNeighbors": (agent_pb2.AddARPNeighborsRequest, empty_pb2.Empty),
+    "ListInterfaces": (agent_pb2.ListInterfacesRequest, agent_pb2.Interfaces),
+    "ListRoutes": (agent_pb2.ListRoutesRequest, agent_pb2.Routes),
 }
+# What an OCI container's monitor passes on: its container's stdio, waits,
+# signals to exec'd processes, process lists and statistics; the lifecycle
+# goes through the Monitor service.
+FORWARDED = {name: AGENT_CALLS[name] for name in (
+    "ReadStdout", "ReadStderr", "WriteStdin", "CloseStdin", "TtyWinResize", "WaitProcess",
+    "SignalProcess", "ListProcesses", "StatsContainer")}
 
 
 def status_error(exc: PykataError) -> StatusError:

@@ -148,17 +148,15 @@ class Output:
         if not self.log:
             print(f"pykata-oci: {message}", file=sys.stderr)
             return
-        now = _rfc3339(time.time())
+        from pykata.runtime.state import rfc3339
+
+        now = rfc3339(time.time())
         if self.json:
             text = json.dumps({"level": level, "msg": message, "time": now})
         else:
             text = f'time="{now}" level={level} msg={json.dumps(message)}'
         with open(self.log, "a") as f:
             f.write(text + "\n")
-
-
-def _rfc3339(t: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f"{t % 1:.9f}"[1:] + "Z"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -435,14 +435,15 @@ def _leftovers(record: ContainerState) -> None:
 def _poststop(record: ContainerState) -> None:
     """The poststop hooks, on the host, after the container is gone; their
     failure is only a warning, as the runtime-spec says."""
+    from pykata.runtime.hooks import run_hooks, spec_hooks
+
     try:
         spec = json.loads((Path(record.bundle) / "config.json").read_text())
-        hooks = (spec.get("hooks") or {}).get("poststop")
-    except (OSError, ValueError, AttributeError):
+        hooks = spec_hooks(spec, "poststop")
+    except (OSError, ValueError, AttributeError, PykataError):
         return
     if not hooks:
         return
-    from pykata.runtime.hooks import run_hooks
 
     state_ = oci_state(record)
     state_["status"] = "stopped"

@@ -21,9 +21,10 @@ import time
 
 from google.protobuf import empty_pb2
 
+from pykata import errors
 from pykata.errors import HypervisorError, PykataError
 from pykata.hypervisor.confine import dies_with_parent_hook
-from pykata.hypervisor.qemu import failure_report
+from pykata.hypervisor.qemu import check_qemu, failure_report
 from pykata.monitor.service import MONITOR_SERVICE
 from pykata.runtime.agent_client import AgentClient
 from pykata.runtime.sandbox import PhaseTimes, Sandbox, cleanup_host_state
@@ -85,9 +86,9 @@ class MonitoredSandbox(Sandbox):
         """Start the pod monitor and connect to its socket; nothing is left
         if it fails (the monitor undoes its own start before it reports)."""
         started = time.monotonic()
-        # What the monitor would refuse (no QEMU, no guest assets) is refused
-        # here, before a process starts for it.
-        dataclasses.replace(self._vm_config(), shared_dir=None).check()
+        # A host without QEMU is refused before a process starts for it; the
+        # monitor checks the rest (guest assets) once, where it boots.
+        check_qemu(self.config.qemu.path)
         ready_r, ready_w = os.pipe()
         argv = [sys.executable, "-m", "pykata.monitor.pod", "--id", self.id,
                 "--key", self.paths.key, "--ready", str(ready_w),
@@ -117,8 +118,12 @@ class MonitoredSandbox(Sandbox):
             await proc.wait()
             # A monitor killed before its teardown leaves the host state.
             cleanup_host_state(self.paths)
-            raise HypervisorError(str(message.get("error", "the pod monitor failed")),
-                                  hint=str(message.get("hint") or "") or None)
+            # The monitor's error keeps its kind: front ends map kinds to codes.
+            kind = getattr(errors, str(message.get("kind", "")), HypervisorError)
+            if not (isinstance(kind, type) and issubclass(kind, PykataError)):
+                kind = HypervisorError
+            raise kind(str(message.get("error", "the pod monitor failed")),
+                       hint=str(message.get("hint") or "") or None)
         qemu_pid = message.get("qemu_pid")
         self.vm = MonitorProcess(proc, qemu_pid if isinstance(qemu_pid, int) else 0, self)
         self._owns_state = True

@@ -320,10 +320,10 @@ def read_sandbox_state(paths: SandboxPaths) -> SandboxState:
 def owner_gone(state: SandboxState) -> bool:
     """Whether the process that held the sandbox's VM, and the VM, are gone."""
     return (not process_alive(state.owner_pid, state.owner_start)
-            and not _qemu_of(state))
+            and not qemu_running(state))
 
 
-def _qemu_of(state: SandboxState) -> bool:
+def qemu_running(state: SandboxState) -> bool:
     """Whether `state.qemu_pid` is still this sandbox's QEMU (by its -name)."""
     if state.qemu_pid <= 0:
         return False

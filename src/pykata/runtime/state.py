@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 import types
 import typing
 from dataclasses import dataclass, field
@@ -145,20 +146,29 @@ def _is(value: Any, hint: Any) -> bool:
     return isinstance(value, hint)
 
 
+def rfc3339(t: float) -> str:
+    """A wall-clock time as runc's state and logs print it (nanoseconds, UTC)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f"{t % 1:.9f}"[1:] + "Z"
+
+
+def _stat(pid: int) -> list[bytes]:
+    """The fields of /proc/<pid>/stat after the command name ([] if gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return []
+    # The command name may hold spaces and parentheses: fields follow the last ')'.
+    return stat[stat.rfind(b")") + 2:].split()
+
+
 def process_start_time(pid: int) -> int:
     """When `pid` started (clock ticks since boot), 0 if it does not exist.
 
     With the pid it names one process for good: a pid reused after the
     owner died has another start time."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return 0
-    # The command name may hold spaces and parentheses: fields follow the last ')'.
-    fields = stat[stat.rfind(b")") + 2:].split()
-    try:
-        return int(fields[19])
+        return int(_stat(pid)[19])
     except (IndexError, ValueError):
         return 0
 
@@ -168,12 +178,8 @@ def process_alive(pid: int, start: int) -> bool:
     counts as gone: it runs nothing)."""
     if pid <= 0 or start <= 0:
         return False
-    if process_start_time(pid) != start:
-        return False
+    fields = _stat(pid)  # one read: podman asks `state` often
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
+        return int(fields[19]) == start and fields[0] not in (b"Z", b"X")
+    except (IndexError, ValueError):
         return False
-    state = stat[stat.rfind(b")") + 2:][:1]
-    return state not in (b"Z", b"X")

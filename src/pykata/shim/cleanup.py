@@ -19,7 +19,7 @@ from pykata.protocols import shim_pb2
 from pykata.runtime.lifecycle import VM_DIED_STATUS
 from pykata.runtime.mounts import unmount_all
 from pykata.runtime.paths import SandboxPaths
-from pykata.runtime.sandbox import cleanup_host_state, read_sandbox_state
+from pykata.runtime.sandbox import cleanup_host_state, qemu_running, read_sandbox_state
 from pykata.shim.cli import ShimFlags
 from pykata.shim.events import now
 from pykata.shim.start import (
@@ -35,13 +35,12 @@ from pykata.shim.start import (
 def _kill_vm(paths: SandboxPaths) -> None:
     """SIGKILL the sandbox's QEMU if it still runs (checked by its command line)."""
     try:
-        pid = read_sandbox_state(paths).qemu_pid
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except (OSError, PykataError):
+        state = read_sandbox_state(paths)
+    except PykataError:
         return
-    if f"pykata-{paths.key}\0".encode() in cmdline:
+    if qemu_running(state):
         with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+            os.kill(state.qemu_pid, signal.SIGKILL)
 
 
 def delete(flags: ShimFlags) -> int:
