@@ -119,7 +119,12 @@ class PrivateContainerd:
                         input=input, timeout=timeout)
 
     def task_status(self, container_id: str) -> str:
-        for line in self.ctr("task", "ls").out.splitlines()[1:]:
+        """The task's status, "" when containerd has no such task. A failed
+        listing (a dead shim's task can make it fail) is not an absence."""
+        listing = self.ctr("task", "ls")
+        if listing.returncode != 0:
+            return "UNLISTED"
+        for line in listing.out.splitlines()[1:]:
             fields = line.split()
             if fields and fields[0] == container_id:
                 return fields[-1]
@@ -133,6 +138,11 @@ class PrivateContainerd:
                 time.monotonic() < deadline:
             time.sleep(0.2)
         self.ctr("task", "delete", container_id)
+        # containerd forgets a dead shim's task only once its own clean-up
+        # (the shim's `delete`) has run; a new task of the same id must wait.
+        deadline = time.monotonic() + 60
+        while self.task_status(container_id) != "" and time.monotonic() < deadline:
+            time.sleep(0.2)
         self.ctr("container", "rm", container_id)
 
     @contextlib.contextmanager
