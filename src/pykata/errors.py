@@ -35,6 +35,10 @@ class HostError(PykataError):
     """The host lacks something pykata needs (a tool, a device, privileges)."""
 
 
+class NetworkError(PykataError):
+    """A pod's network namespace cannot be mirrored into its VM."""
+
+
 class SpecError(PykataError):
     """An OCI bundle or its config.json is invalid."""
 

@@ -23,6 +23,7 @@ from pykata import assets, config
 from pykata.runtime.paths import run_root
 from pykata.runtime.sandbox import Sandbox, SandboxOptions
 from tests.functional.containerd_peer import PrivateContainerd
+from tests.functional.netns_tools import network_leftovers
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 
@@ -146,8 +147,9 @@ def shim_processes() -> list[str]:
 
 
 def leftovers(allowed: set[str] = frozenset()) -> list[str]:  # type: ignore[assignment]
-    """QEMU and shim processes, mounts and state directories pykata left behind."""
-    found = []
+    """QEMU and shim processes, mounts, state directories, taps and tc
+    redirects (in test-made namespaces) pykata left behind."""
+    found = network_leftovers()
     for line in qemu_processes():
         if not any(f"pykata-{sid} " in line + " " for sid in allowed):
             found.append(f"process: {line}")

@@ -8,7 +8,6 @@ import select
 import socket
 import struct
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,31 +15,16 @@ import pytest
 
 from pykata.network import tcfilter
 from tests.functional.conftest import Cli
+from tests.functional.netns_tools import PEER_IP, POD_IP, greeting_server, pod_and_peer
+from tests.functional.netns_tools import ip as _ip
 
 VNET_HDR = 10  # sizeof(struct virtio_net_hdr): every tap read and write starts with one
-POD_IP, PEER_IP = "10.231.0.2", "10.231.0.1"
-
-
-def _ip(*args: str) -> str:
-    return subprocess.run(["ip", *args], check=True, capture_output=True, text=True).stdout
 
 
 @pytest.fixture
 def pod_netns() -> Iterator[Path]:
-    pod, peer = f"pykata-pod-{os.getpid()}", f"pykata-peer-{os.getpid()}"
-    _ip("netns", "add", pod)
-    _ip("netns", "add", peer)
-    try:
-        _ip("-n", pod, "link", "add", "eth0", "mtu", "1400", "type", "veth",
-            "peer", "name", "eth0p", "netns", peer)
-        _ip("-n", pod, "addr", "add", f"{POD_IP}/24", "dev", "eth0")
-        _ip("-n", peer, "addr", "add", f"{PEER_IP}/24", "dev", "eth0p")
-        for ns, dev in ((pod, "eth0"), (peer, "eth0p"), (pod, "lo"), (peer, "lo")):
-            _ip("-n", ns, "link", "set", dev, "up")
-        yield Path("/run/netns") / pod
-    finally:
-        _ip("netns", "del", pod)
-        _ip("netns", "del", peer)
+    with pod_and_peer() as made:
+        yield made.path
 
 
 def _arp_request(src_mac: bytes) -> bytes:
@@ -124,22 +108,10 @@ def test_a_container_reaches_a_server_beside_the_pod(pod_netns: Path, cli: Cli) 
     """The guest takes the pod's address and routes: a container in the VM
     talks TCP to a server in the peer namespace (the test made both)."""
     peer = pod_netns.name.replace("pykata-pod-", "pykata-peer-")
-    server = subprocess.Popen(
-        ["ip", "netns", "exec", peer, sys.executable, "-c",
-         "import socket\n"
-         "s = socket.create_server(('" + PEER_IP + "', 8080))\n"
-         "c, a = s.accept()\n"
-         "c.sendall(('hello ' + a[0] + '\\n').encode())\n"
-         "c.close()\n"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
+    with greeting_server(peer) as server:
         result = cli("run", "--netns", str(pod_netns), "--", "sh", "-c",
                      f"ip -4 addr show eth0; ip route; nc {PEER_IP} 8080 </dev/null")
         assert result.returncode == 0, result.err
         assert f"inet {POD_IP}/24" in result.out, result.out
         assert f"hello {POD_IP}" in result.out, result.out  # the peer saw the pod's address
         assert server.wait(30) == 0
-    finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait()

@@ -68,12 +68,22 @@ class RuntimeConfig:
     scratch_size: int = 1024
     # KiB of the guest console kept on the host (the oldest half is dropped).
     console_log_size: int = 1024
+    # How a pod's network namespace reaches its VM: "tcfilter" mirrors each
+    # interface onto a tap with tc redirects; "none" gives the VM loopback only.
+    internetworking_model: str = "tcfilter"
 
     def validate(self, where: str) -> None:
+        if self.internetworking_model not in INTERNETWORKING_MODELS:
+            raise ConfigError(
+                f"{where}: internetworking_model = {self.internetworking_model!r} is not "
+                f"one pykata knows", hint="use \"tcfilter\" or \"none\"")
         if not 16 <= self.console_log_size <= 1024 * 1024:
             raise ConfigError(f"{where}: console_log_size must be between 16 and 1048576 (KiB)")
         if not 16 <= self.scratch_size <= 1024 * 1024:
             raise ConfigError(f"{where}: scratch_size must be between 16 and 1048576 (MiB)")
+
+
+INTERNETWORKING_MODELS = ("tcfilter", "none")
 
 
 @dataclass(frozen=True)

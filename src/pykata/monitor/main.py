@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -28,6 +29,7 @@ from pykata.runtime.container import Container, bind_rootfs, spec_readonly_root
 from pykata.runtime.hooks import run_hooks, spec_hooks, strip_host_hooks
 from pykata.runtime.lifecycle import OUTPUT_DRAIN_SECONDS, VM_DIED_STATUS, Lifecycle, Status
 from pykata.runtime.sandbox import Sandbox
+from pykata.runtime.spec import network_namespace_path
 from pykata.runtime.state import ContainerState, process_start_time, rfc3339, write_state
 from pykata.runtime.stdio import StdioRelay
 from pykata.ttrpc import Server
@@ -57,15 +59,29 @@ def sandbox_key(state_dir: Path, container_id: str) -> str:
     return pod_key("oci", str(state_dir.parent), container_id)
 
 
+def wants_own_network(spec: dict[str, Any]) -> bool:
+    """Whether the spec asks for a new network namespace (one without a path)."""
+    namespaces = (spec.get("linux") or {}).get("namespaces") or []
+    return any(isinstance(n, dict) and n.get("type") == "network" and not n.get("path")
+               for n in namespaces)
+
+
+def container_netns(spec: dict[str, Any]) -> str:
+    """The namespace whose interfaces the container's VM mirrors: the one the
+    spec names (podman's), or the monitor's own (docker's, set up by its
+    prestart hook); "" for a container without a network namespace."""
+    path = network_namespace_path(spec)
+    if path:
+        return path
+    return f"/proc/{os.getpid()}/ns/net" if wants_own_network(spec) else ""
+
+
 def isolate_network(spec: dict[str, Any]) -> None:
     """A container that asks for a network namespace of its own gets one on
     the host too, with the monitor (and so QEMU) in it: callers' hooks that
     set up the container's network (docker's libnetwork-setkey) find it at
     /proc/<pid>/ns/net and must not touch the host's."""
-    namespaces = (spec.get("linux") or {}).get("namespaces") or []
-    wants = any(isinstance(n, dict) and n.get("type") == "network" and not n.get("path")
-                for n in namespaces)
-    if not wants:
+    if not wants_own_network(spec):
         return
     import ctypes
 
@@ -130,7 +146,8 @@ class Monitor:
         from pykata.shim.annotations import sandbox_options
 
         launch = self.launch
-        options = sandbox_options(launch.annotations, self.config)
+        options = dataclasses.replace(sandbox_options(launch.annotations, self.config),
+                                      netns=container_netns(launch.spec))
         self.sandbox = sandbox = Sandbox(
             launch.id, self.config, options, key=sandbox_key(launch.state_dir, launch.id),
             front_end="oci")

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pykata.errors import HostError, PykataError
+from pykata.errors import HostError, NetworkError
 
 TUNSETIFF = 0x400454CA
 IFF_TAP = 0x0002
@@ -37,10 +37,6 @@ INGRESS = "ffff:"
 # Kinds of interface the VM can mirror: what CNI plugins put in a pod.
 T = TypeVar("T")
 MIRRORED_KINDS = frozenset({"veth", "macvlan", "macvtap", "ipvlan", "tap", "tun", ""})
-
-
-class NetworkError(PykataError):
-    """A pod's network namespace cannot be mirrored into its VM."""
 
 
 @dataclass(frozen=True)
@@ -222,6 +218,22 @@ def detach(path: Path, endpoints: list[Endpoint]) -> None:
     if path.exists():
         _in_netns(path, work)
     close_taps(endpoints)
+
+
+def detach_recorded(path: Path, mirrored: dict[str, int]) -> None:
+    """`detach` for a sandbox whose owner died: the interfaces as its state
+    recorded them (name: index). One whose index now has another name is
+    not pykata's and is left alone."""
+    def work(ns: Any) -> None:
+        for name, index in mirrored.items():
+            links = ns.link_lookup(ifname=name)
+            if index not in links:
+                continue
+            with contextlib.suppress(Exception):
+                ns.tc("del", "ingress", index, INGRESS)
+
+    if path.exists():
+        _in_netns(path, work)
 
 
 @dataclass(frozen=True)

@@ -91,6 +91,10 @@ class Sandbox:
         self._stopped = False
         self._owns_state = False
         self._endpoints: list[tcfilter.Endpoint] = []
+        # The namespace mirrored into the VM: options.netns, unless the
+        # configuration's internetworking_model is "none".
+        self._netns = (options.netns if config.runtime.internetworking_model == "tcfilter"
+                       else "")
 
     @property
     def console_log(self) -> Path:
@@ -122,16 +126,18 @@ class Sandbox:
     async def start(self) -> None:
         """Boot the VM and bring its agent up; undo everything if any step fails."""
         vm_config = self._vm_config()
-        if self.options.netns:
+        if self._netns:
             # Refused before anything is made: a namespace the VM cannot mirror.
-            # pyroute2 runs an event loop of its own: on a thread, not this one.
-            self._endpoints = await asyncio.to_thread(tcfilter.scan, Path(self.options.netns))
+            # Netlink work runs on threads that enter the namespace.
+            self._endpoints = await asyncio.to_thread(tcfilter.scan, Path(self._netns))
         self._make_dirs()
         try:
             self.shared_fs.prepare()
             if self._endpoints:
-                await asyncio.to_thread(tcfilter.attach, Path(self.options.netns),
-                                        self._endpoints)
+                await asyncio.to_thread(tcfilter.attach, Path(self._netns), self._endpoints)
+                # Recorded before the boot: an owner that dies now leaves
+                # redirects `pykata cleanup` must find.
+                self._write_state()
                 vm_config = dataclasses.replace(vm_config, network=tuple(
                     NetworkInterface(e.tap_fd, e.mac, e.mtu) for e in self._endpoints))
             await self._boot(vm_config)
@@ -188,7 +194,7 @@ class Sandbox:
                         family=agent_pb2.v6 if a.family == socket.AF_INET6 else agent_pb2.v4,
                         address=a.address, mask=str(a.prefix_len))
                     for a in e.addresses if not a.address.startswith("fe80")]))
-        routes = await asyncio.to_thread(tcfilter.scan_routes, Path(self.options.netns),
+        routes = await asyncio.to_thread(tcfilter.scan_routes, Path(self._netns),
                                          self._endpoints)
         await self.agent.update_routes([agent_pb2.Route(
             dest=r.dest, gateway=r.gateway, device=r.device, source=r.source, scope=r.scope,
@@ -290,9 +296,10 @@ class Sandbox:
                 await self.vm.stop()
         finally:
             if self._endpoints:
-                await asyncio.to_thread(tcfilter.detach, Path(self.options.netns),
-                                        self._endpoints)
+                await asyncio.to_thread(tcfilter.detach, Path(self._netns), self._endpoints)
                 self._endpoints = []
+                if self._owns_state:
+                    self._write_state()
             # Host state goes even if stopping the VM failed: nothing mounted
             # for a sandbox outlives it.
             if self._owns_state:
@@ -310,6 +317,8 @@ class Sandbox:
             created=self._created,
             qemu_pid=(self.vm.pid or 0) if self.vm is not None else 0,
             monitor_socket=self.monitor_socket,
+            netns=self._netns if self._endpoints else "",
+            mirrored={e.name: e.index for e in self._endpoints},
         ))
 
 
@@ -337,8 +346,17 @@ def qemu_running(state: SandboxState) -> bool:
 def cleanup_host_state(paths: SandboxPaths) -> None:
     """Unmount everything under the sandbox's directory and remove it.
 
-    Safe to repeat, and usable on a sandbox whose owner died (`shim delete`).
+    Safe to repeat, and usable on a sandbox whose owner died (`shim delete`):
+    the tc redirects it recorded on its pod's interfaces go too (its taps
+    went with its QEMU).
     """
+    with contextlib.suppress(PykataError):
+        state = read_sandbox_state(paths)
+        if state.netns and state.mirrored:
+            try:
+                tcfilter.detach_recorded(Path(state.netns), state.mirrored)
+            except PykataError as exc:
+                log.error("sandbox %s: %s", paths.key, exc)
     try:
         remove_unmounted(paths.run_dir, lazy=True)
     except PykataError as exc:

@@ -46,6 +46,10 @@ class SandboxState:
     created: float
     qemu_pid: int = 0
     monitor_socket: str = ""
+    # The pod network namespace whose interfaces (name: index) carry pykata's
+    # tc redirects: what `pykata cleanup` removes once the owner is gone.
+    netns: str = ""
+    mirrored: dict[str, int] = field(default_factory=dict)
     version: int = STATE_VERSION
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -31,11 +32,12 @@ from pykata.runtime.lifecycle import VM_DIED_STATUS, Status
 from pykata.runtime.monitored import MonitoredSandbox
 from pykata.runtime.mounts import Mount, mount_beneath, unmount_all
 from pykata.runtime.sandbox import Sandbox
-from pykata.runtime.spec import load_bundle
+from pykata.runtime.spec import load_bundle, network_namespace_path
 from pykata.runtime.volumes import plan_volumes
 from pykata.shim.annotations import sandbox_options
 from pykata.shim.events import EventPublisher
 from pykata.shim.metrics import pack_metrics, to_v2_metrics
+from pykata.shim.options import pod_config
 from pykata.shim.start import group_of
 from pykata.shim.status import not_found, precondition, rpc
 from pykata.shim.tasks import ShimProcess, Task
@@ -104,6 +106,8 @@ class TaskService:
             if req.id in self.tasks:
                 raise StatusError(Code.ALREADY_EXISTS, f"task {req.id} already exists")
             spec, root = load_bundle(Path(req.bundle))
+            if self.sandbox is None:
+                self.config = pod_config(req.options, self.config)
             annotations = spec.get("annotations") or {}
             options = sandbox_options(annotations, self.config)
             proc_stdio = (req.stdin, req.stdout, req.stderr)
@@ -135,6 +139,9 @@ class TaskService:
             volumes = plan_volumes(spec.get("mounts") or [], Path(req.bundle))
             if self.sandbox is None:
                 group = group_of(req.bundle, req.id)
+                # The first task's network namespace (CRI's pod namespace,
+                # `ctr run --with-ns network:PATH`) serves the whole pod.
+                options = dataclasses.replace(options, netns=network_namespace_path(spec))
                 self.sandbox = MonitoredSandbox(group, self.config, options,
                                                 key=pod_key(*self._pod, group))
                 booted_here = True

@@ -15,6 +15,7 @@ from pykata.errors import (
     ContainerError,
     HostError,
     InvalidStateError,
+    NetworkError,
     NotFoundError,
     PykataError,
     SpecError,
@@ -33,6 +34,7 @@ _CODES: list[tuple[type[PykataError], Code]] = [
     (ConfigError, Code.INVALID_ARGUMENT),
     (AssetsError, Code.FAILED_PRECONDITION),
     (HostError, Code.FAILED_PRECONDITION),
+    (NetworkError, Code.FAILED_PRECONDITION),
     (ContainerError, Code.FAILED_PRECONDITION),
 ]
 

@@ -1,0 +1,151 @@
+"""A pod's network namespace reaches its VM through every front end: the
+shim (`ctr run --with-ns network:PATH`, as CRI gives the sandbox container a
+path) and `pykata run --netns`; what cannot be mirrored is refused before a
+VM boots, and what a dead owner left is cleaned up. Namespaces, addresses
+and servers are all the test's own (tests.functional.netns_tools)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from pykata.runtime.paths import run_root
+from tests.functional.conftest import Cli, qemu_processes, shim_processes
+from tests.functional.containerd_peer import IMAGE, RUNTIME, PrivateContainerd
+from tests.functional.netns_tools import (
+    PEER_IP,
+    POD_IP,
+    PodNetns,
+    greeting_server,
+    ip,
+    network_leftovers,
+    pod_and_peer,
+    tc,
+)
+
+
+@pytest.fixture
+def netns() -> Iterator[PodNetns]:
+    with pod_and_peer() as made:
+        yield made
+
+
+def _wait(condition: Callable[[], object], what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def _ingress(netns: PodNetns) -> str:
+    return tc("-n", netns.pod, "qdisc", "show", "dev", "eth0")
+
+
+def test_ctr_with_a_network_namespace_reaches_a_server_beside_the_pod(
+        containerd: PrivateContainerd, netns: PodNetns) -> None:
+    with greeting_server(netns.peer) as server:
+        result = containerd.run(
+            "net-with-ns", "sh", "-c",
+            f"ip -4 addr show eth0; ip route; nc {PEER_IP} 8080 </dev/null",
+            extra=("--with-ns", f"network:{netns.path}"))
+        assert result.returncode == 0, result.err
+        assert f"inet {POD_IP}/24" in result.out, result.out
+        assert f"hello {POD_IP}" in result.out, result.out
+        assert server.wait(30) == 0
+    assert "ingress" not in _ingress(netns)
+
+
+def test_a_missing_namespace_is_refused_by_the_shim(containerd: PrivateContainerd) -> None:
+    missing = "/run/netns/pykata-no-such-namespace"
+    result = containerd.run("net-missing", "true", extra=("--with-ns", f"network:{missing}"))
+    assert result.returncode != 0
+    assert f"network namespace {missing} does not exist" in result.err, result.err
+    assert not qemu_processes()
+    containerd.remove("net-missing")
+
+
+def test_an_interface_it_cannot_mirror_is_refused_by_the_shim(
+        containerd: PrivateContainerd, netns: PodNetns) -> None:
+    ip("-n", netns.pod, "link", "add", "vx0", "type", "vxlan", "id", "42", "dstport", "4789")
+    ip("-n", netns.pod, "addr", "add", "10.233.0.1/24", "dev", "vx0")
+    result = containerd.run("net-vxlan", "true", extra=("--with-ns", f"network:{netns.path}"))
+    assert result.returncode != 0
+    assert "interface vx0" in result.err and "is a vxlan" in result.err, result.err
+    assert not qemu_processes()
+    assert "ingress" not in _ingress(netns)
+    containerd.remove("net-vxlan")
+
+
+def test_a_tap_that_cannot_be_created_fails_the_start_and_leaves_nothing(
+        containerd: PrivateContainerd, netns: PodNetns) -> None:
+    # An interface of the tap's name, but not a tap: creating the tap fails.
+    ip("-n", netns.pod, "link", "add", "tap0_pykata", "type", "veth", "peer", "name", "notap0")
+    result = containerd.run("net-notap", "true", extra=("--with-ns", f"network:{netns.path}"))
+    assert result.returncode != 0
+    assert "cannot create tap tap0_pykata" in result.err, result.err
+    assert not qemu_processes()
+    assert "ingress" not in _ingress(netns)
+    ip("-n", netns.pod, "link", "del", "tap0_pykata")
+    containerd.remove("net-notap")
+
+
+def test_internetworking_model_none_gives_loopback_only(
+        containerd: PrivateContainerd, netns: PodNetns,
+        shim_config: Callable[[str], None]) -> None:
+    text = containerd.pykata_config.read_text()
+    assert 'internetworking_model = "tcfilter"' in text
+    shim_config(text.replace('internetworking_model = "tcfilter"',
+                             'internetworking_model = "none"'))
+    result = containerd.run("net-none", "ls", "/sys/class/net",
+                            extra=("--with-ns", f"network:{netns.path}"))
+    assert result.returncode == 0, result.err
+    # The guest kernel's own tunnel device (sit0) aside, no NIC: only loopback.
+    assert set(result.out.split()) - {"sit0"} == {"lo"}, result.out
+    assert "ingress" not in _ingress(netns)
+
+
+def test_a_killed_shims_redirects_are_removed(
+        containerd: PrivateContainerd, netns: PodNetns) -> None:
+    """SIGKILL the shim: QEMU (and with it the tap) dies; containerd's
+    clean-up of the dead shim removes the redirect on the pod's interface."""
+    started = containerd.ctr("run", "-d", "--runtime", RUNTIME, "--with-ns",
+                             f"network:{netns.path}", IMAGE, "net-killed", "sleep", "600")
+    assert started.returncode == 0, started.err
+    assert "ingress" in _ingress(netns)
+    (shim,) = shim_processes()
+    os.kill(int(shim.split()[0]), signal.SIGKILL)
+    _wait(lambda: containerd.task_status("net-killed") in ("STOPPED", ""), "the task to end")
+    containerd.remove("net-killed")
+    _wait(lambda: not network_leftovers(), "the redirects to go: " + "; ".join(
+        network_leftovers()))
+
+
+def test_pykata_cleanup_removes_a_killed_runs_redirects(cli: Cli, netns: PodNetns) -> None:
+    """`pykata run --netns` killed with SIGKILL leaves its redirect and state;
+    `pykata cleanup` removes both."""
+    env = {**os.environ, "PYKATA_RUN_ROOT": str(run_root())}
+    proc = subprocess.Popen([sys.executable, "-m", "pykata.cli.main", "run", "--netns", str(netns.path),
+                             "--", "sleep", "600"], env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        _wait(lambda: qemu_processes() and "ingress" in _ingress(netns)
+              and any((run_root() / "sandboxes").glob("*/state.json")), "the VM", 120)
+        time.sleep(1)
+        proc.kill()
+        proc.wait()
+        _wait(lambda: not qemu_processes(), "QEMU to die with its owner")
+        assert "ingress" in _ingress(netns)  # left behind, until cleanup
+        result = cli("cleanup")
+        assert result.returncode == 0, result.err
+        assert "removing sandbox" in result.out, result.out
+        assert "ingress" not in _ingress(netns)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
