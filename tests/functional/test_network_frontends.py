@@ -130,8 +130,9 @@ def test_pykata_cleanup_removes_a_killed_runs_redirects(cli: Cli, netns: PodNetn
     """`pykata run --netns` killed with SIGKILL leaves its redirect and state;
     `pykata cleanup` removes both."""
     env = {**os.environ, "PYKATA_RUN_ROOT": str(run_root())}
-    proc = subprocess.Popen([sys.executable, "-m", "pykata.cli.main", "run", "--netns", str(netns.path),
-                             "--", "sleep", "600"], env=env, stdin=subprocess.DEVNULL,
+    argv = [sys.executable, "-m", "pykata.cli.main", "run", "--netns", str(netns.path),
+            "--", "sleep", "600"]
+    proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         _wait(lambda: qemu_processes() and "ingress" in _ingress(netns)
@@ -149,3 +150,23 @@ def test_pykata_cleanup_removes_a_killed_runs_redirects(cli: Cli, netns: PodNetn
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_the_guest_gets_the_pods_permanent_neighbours_and_its_gateways(
+        cli: Cli, netns: PodNetns) -> None:
+    """A permanent entry of the pod namespace, and the gateway's MAC the
+    namespace has learnt, become permanent neighbours in the guest."""
+    ip("-n", netns.pod, "route", "add", "default", "via", PEER_IP)
+    ip("-n", netns.pod, "neigh", "add", "10.231.0.9", "lladdr", "02:00:00:00:00:09",
+       "dev", "eth0", "nud", "permanent")
+    learnt = subprocess.run(["ip", "netns", "exec", netns.pod, "busybox", "ping", "-c1",
+                             "-W5", PEER_IP], capture_output=True, text=True)
+    assert learnt.returncode == 0, learnt.stdout + learnt.stderr
+    peer_mac = ip("-n", netns.peer, "-o", "link", "show", "eth0p").split("link/ether ")[1][:17]
+    result = cli("run", "--netns", str(netns.path), "--", "ip", "neigh", "show")
+    assert result.returncode == 0, result.err
+    entries = {line.split()[0]: line.split() for line in result.out.lower().splitlines()}
+    for address, mac in (("10.231.0.9", "02:00:00:00:00:09"), (PEER_IP, peer_mac)):
+        entry = entries.get(address, [])
+        assert entry[1:5] == ["dev", "eth0", "lladdr", mac], result.out
+        assert entry[-1] == "permanent", result.out

@@ -29,7 +29,7 @@ from pykata.runtime.container import Container, bind_rootfs, spec_readonly_root
 from pykata.runtime.hooks import run_hooks, spec_hooks, strip_host_hooks
 from pykata.runtime.lifecycle import OUTPUT_DRAIN_SECONDS, VM_DIED_STATUS, Lifecycle, Status
 from pykata.runtime.sandbox import Sandbox
-from pykata.runtime.spec import network_namespace_path
+from pykata.runtime.spec import network_namespace_path, spec_hostname
 from pykata.runtime.state import ContainerState, process_start_time, rfc3339, write_state
 from pykata.runtime.stdio import StdioRelay
 from pykata.ttrpc import Server
@@ -146,8 +146,9 @@ class Monitor:
         from pykata.shim.annotations import sandbox_options
 
         launch = self.launch
-        options = dataclasses.replace(sandbox_options(launch.annotations, self.config),
-                                      netns=container_netns(launch.spec))
+        options = sandbox_options(launch.annotations, self.config)
+        options = dataclasses.replace(options, netns=container_netns(launch.spec),
+                                      hostname=spec_hostname(launch.spec, options.hostname))
         self.sandbox = sandbox = Sandbox(
             launch.id, self.config, options, key=sandbox_key(launch.state_dir, launch.id),
             front_end="oci")

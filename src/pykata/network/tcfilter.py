@@ -270,3 +270,45 @@ def scan_routes(path: Path, endpoints: list[Endpoint]) -> list[RouteInfo]:
         return found
 
     return _in_netns(path, work)
+
+
+NUD_PERMANENT = 0x80
+NUD_NOARP = 0x40
+NUD_FAILED = 0x20
+NUD_INCOMPLETE = 0x01
+
+
+@dataclass(frozen=True)
+class NeighborInfo:
+    address: str
+    mac: str
+    device: str
+    family: int
+
+
+def scan_neighbors(path: Path, endpoints: list[Endpoint],
+                   gateways: set[str]) -> list[NeighborInfo]:
+    """The neighbours the guest is given as permanent entries: the pod
+    namespace's permanent ones (a CNI plugin may set them so the pod never
+    has to ask), and the gateways' when the namespace already knows their MAC."""
+    import socket
+
+    names = {e.index: e.name for e in endpoints}
+
+    def work(ns: Any) -> list[NeighborInfo]:
+        found = []
+        for family in (socket.AF_INET, socket.AF_INET6):
+            for msg in ns.get_neighbours(family=family):
+                device = names.get(msg["ifindex"])
+                address = msg.get_attr("NDA_DST")
+                mac = msg.get_attr("NDA_LLADDR")
+                if device is None or not address or not mac:
+                    continue
+                state = msg["state"]
+                if state & (NUD_FAILED | NUD_INCOMPLETE | NUD_NOARP):
+                    continue
+                if state & NUD_PERMANENT or address in gateways:
+                    found.append(NeighborInfo(address, mac, device, family))
+        return found
+
+    return _in_netns(path, work)

@@ -200,6 +200,16 @@ class Sandbox:
             dest=r.dest, gateway=r.gateway, device=r.device, source=r.source, scope=r.scope,
             family=agent_pb2.v6 if r.family == socket.AF_INET6 else agent_pb2.v4)
             for r in routes])
+        neighbors = await asyncio.to_thread(
+            tcfilter.scan_neighbors, Path(self._netns), self._endpoints,
+            {r.gateway for r in routes if r.gateway})
+        if neighbors:
+            await self.agent.add_arp_neighbors([agent_pb2.ARPNeighbor(
+                toIPAddress=agent_pb2.IPAddress(
+                    family=agent_pb2.v6 if n.family == socket.AF_INET6 else agent_pb2.v4,
+                    address=n.address),
+                device=n.device, lladdr=n.mac, state=tcfilter.NUD_PERMANENT)
+                for n in neighbors])
 
     async def _dial(self, timeout: float) -> None:
         """Connect to the agent (vsock) or take the channel QEMU holds, then

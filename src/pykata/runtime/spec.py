@@ -129,3 +129,10 @@ def network_namespace_path(spec: dict[str, Any]) -> str:
             path = entry.get("path")
             return path if isinstance(path, str) else ""
     return ""
+
+
+def spec_hostname(spec: dict[str, Any], default: str) -> str:
+    """The hostname the spec gives (CRI's pod hostname, docker's container
+    id), for the VM: the guest's containers share its UTS namespace."""
+    hostname = spec.get("hostname")
+    return hostname if isinstance(hostname, str) and hostname else default

@@ -32,7 +32,7 @@ from pykata.runtime.lifecycle import VM_DIED_STATUS, Status
 from pykata.runtime.monitored import MonitoredSandbox
 from pykata.runtime.mounts import Mount, mount_beneath, unmount_all
 from pykata.runtime.sandbox import Sandbox
-from pykata.runtime.spec import load_bundle, network_namespace_path
+from pykata.runtime.spec import load_bundle, network_namespace_path, spec_hostname
 from pykata.runtime.volumes import plan_volumes
 from pykata.shim.annotations import sandbox_options
 from pykata.shim.events import EventPublisher
@@ -141,7 +141,8 @@ class TaskService:
                 group = group_of(req.bundle, req.id)
                 # The first task's network namespace (CRI's pod namespace,
                 # `ctr run --with-ns network:PATH`) serves the whole pod.
-                options = dataclasses.replace(options, netns=network_namespace_path(spec))
+                options = dataclasses.replace(options, netns=network_namespace_path(spec),
+                                              hostname=spec_hostname(spec, options.hostname))
                 self.sandbox = MonitoredSandbox(group, self.config, options,
                                                 key=pod_key(*self._pod, group))
                 booted_here = True
