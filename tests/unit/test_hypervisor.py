@@ -88,10 +88,11 @@ def test_shared_fs_choice() -> None:
 def test_nics_on_taps_the_caller_opened(tmp_path: Path) -> None:
     from pykata.hypervisor.base import NetworkInterface
 
-    nics = (NetworkInterface(21, "02:00:00:00:00:01", 1400),
+    nics = (NetworkInterface(21, "02:00:00:00:00:01", 1400, vhost_fd=23),
             NetworkInterface(22, "02:00:00:00:00:02", 9000))
     cmd = " ".join(QemuVM(_vm(tmp_path, network=nics)).command(7, 9, 11))
-    assert "-netdev tap,id=net0,fd=21,vhost=off" in cmd
+    # With an open /dev/vhost-net the kernel carries the NIC's traffic.
+    assert "-netdev tap,id=net0,fd=21,vhost=on,vhostfd=23" in cmd
     assert "virtio-net-device,netdev=net0,mac=02:00:00:00:00:01,host_mtu=1400" in cmd
     assert "-netdev tap,id=net1,fd=22,vhost=off" in cmd
     assert "mac=02:00:00:00:00:02,host_mtu=9000" in cmd

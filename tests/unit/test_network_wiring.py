@@ -84,3 +84,18 @@ def test_the_mirrored_interfaces_are_kept_in_the_sandbox_state(tmp_path: Path) -
                          mirrored={"eth0": 2, "net1": 5})
     write_state(tmp_path / "state.json", state)
     assert read_state(tmp_path / "state.json", SandboxState) == state
+
+
+def test_vhost_net_is_opened_only_where_it_exists(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from pykata.network import tcfilter
+
+    endpoint = tcfilter.Endpoint("eth0", 2, "02:00:00:00:00:01", 1500)
+    monkeypatch.setattr(tcfilter, "VHOST_NET", tmp_path / "vhost-net")
+    tcfilter.open_vhost([endpoint])
+    assert endpoint.vhost_fd == -1  # this machine's case: QEMU's datapath
+    (tmp_path / "vhost-net").write_bytes(b"")  # a stand-in file, to see it opened
+    tcfilter.open_vhost([endpoint])
+    assert endpoint.vhost_fd >= 0
+    tcfilter.close_taps([endpoint])
+    assert endpoint.vhost_fd == -1

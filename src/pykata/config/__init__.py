@@ -40,6 +40,9 @@ class QemuConfig:
     default_memory: int = 512
     shared_fs: str = "auto"
     enable_annotations: tuple[str, ...] = ()
+    # The NICs' datapath: vhost-net in the host kernel where /dev/vhost-net
+    # exists, unless disabled; QEMU's own otherwise.
+    disable_vhost_net: bool = False
 
     def validate(self, where: str) -> None:
         _choice(where, "machine_type", self.machine_type, MACHINE_CHOICES)

@@ -47,6 +47,8 @@ class NetworkInterface:
     tap_fd: int
     mac: str
     mtu: int = 1500
+    # An open /dev/vhost-net for the NIC's kernel datapath; -1 for QEMU's.
+    vhost_fd: int = -1
 
 
 @dataclass(frozen=True)

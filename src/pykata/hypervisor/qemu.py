@@ -148,7 +148,7 @@ class QemuVM:
         for device in c.devices():
             if isinstance(device, NetworkInterface):
                 opts.append(qa.TapNic(nics, device.tap_fd, device.mac, device.mtu,
-                                      c.machine_type))
+                                      c.machine_type, device.vhost_fd))
                 nics += 1
                 continue
             opts += _render(device, c.machine_type, agent_fd=agent_fd, console_fd=console_fd)
@@ -202,7 +202,8 @@ class QemuVM:
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,
                 pass_fds=(qmp_fd, agent_fd, console_fd,
-                          *(nic.tap_fd for nic in self.config.network)),
+                          *(nic.tap_fd for nic in self.config.network),
+                          *(nic.vhost_fd for nic in self.config.network if nic.vhost_fd >= 0)),
                 start_new_session=True,
                 preexec_fn=confining_hook(os.getpid()),
             )

@@ -197,20 +197,22 @@ class Share9p:
 
 @dataclass(frozen=True)
 class TapNic:
-    """A virtio-net NIC on an already-open tap (`fd`). No vhost: these hosts
-    have no /dev/vhost-net, and QEMU's own datapath works everywhere."""
+    """A virtio-net NIC on an already-open tap (`fd`), with the kernel's
+    vhost-net datapath when given an open /dev/vhost-net (`vhost_fd`)."""
 
     index: int
     fd: int
     mac: str
     mtu: int
     machine_type: str
+    vhost_fd: int = -1
 
     def args(self) -> list[str]:
         bus = _bus_suffix(self.machine_type)
+        vhost = f"vhost=on,vhostfd={self.vhost_fd}" if self.vhost_fd >= 0 else "vhost=off"
         # host_mtu: the guest's driver takes the pod interface's MTU itself.
         return [
-            "-netdev", f"tap,id=net{self.index},fd={self.fd},vhost=off",
+            "-netdev", f"tap,id=net{self.index},fd={self.fd},{vhost}",
             "-device", f"virtio-net-{bus},netdev=net{self.index},mac={self.mac},"
                        f"host_mtu={self.mtu}",
         ]

@@ -58,6 +58,7 @@ class Endpoint:
     tap_name: str = ""
     tap_index: int = 0
     tap_fd: int = -1
+    vhost_fd: int = -1
 
 
 def _in_netns(path: Path, work: Callable[[Any], T]) -> T:
@@ -198,12 +199,32 @@ def attach(path: Path, endpoints: list[Endpoint]) -> None:
         raise
 
 
-def close_taps(endpoints: list[Endpoint]) -> None:
-    """Close this process's descriptors of the taps (once QEMU has its own)."""
+VHOST_NET = Path("/dev/vhost-net")
+
+
+def open_vhost(endpoints: list[Endpoint]) -> None:
+    """An open /dev/vhost-net per endpoint, for the kernel's datapath; none
+    (QEMU's datapath) on a host without it."""
+    if not VHOST_NET.exists():
+        return
     for endpoint in endpoints:
-        if endpoint.tap_fd >= 0:
-            os.close(endpoint.tap_fd)
-            endpoint.tap_fd = -1
+        try:
+            endpoint.vhost_fd = os.open(VHOST_NET, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as exc:
+            raise NetworkError(f"cannot open {VHOST_NET}: {exc.strerror}",
+                               hint="set disable_vhost_net = true in [hypervisor.qemu]"
+                               ) from exc
+
+
+def close_taps(endpoints: list[Endpoint]) -> None:
+    """Close this process's descriptors of the taps and vhost devices (once
+    QEMU has its own)."""
+    for endpoint in endpoints:
+        for name in ("tap_fd", "vhost_fd"):
+            fd = getattr(endpoint, name)
+            if fd >= 0:
+                os.close(fd)
+                setattr(endpoint, name, -1)
 
 
 def detach(path: Path, endpoints: list[Endpoint]) -> None:

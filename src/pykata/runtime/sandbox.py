@@ -135,11 +135,14 @@ class Sandbox:
             self.shared_fs.prepare()
             if self._endpoints:
                 await asyncio.to_thread(tcfilter.attach, Path(self._netns), self._endpoints)
+                if not self.config.qemu.disable_vhost_net:
+                    tcfilter.open_vhost(self._endpoints)
                 # Recorded before the boot: an owner that dies now leaves
                 # redirects `pykata cleanup` must find.
                 self._write_state()
                 vm_config = dataclasses.replace(vm_config, network=tuple(
-                    NetworkInterface(e.tap_fd, e.mac, e.mtu) for e in self._endpoints))
+                    NetworkInterface(e.tap_fd, e.mac, e.mtu, e.vhost_fd)
+                    for e in self._endpoints))
             await self._boot(vm_config)
         except BaseException:
             await self._teardown()
