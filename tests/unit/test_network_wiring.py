@@ -99,3 +99,14 @@ def test_vhost_net_is_opened_only_where_it_exists(tmp_path: Path,
     assert endpoint.vhost_fd >= 0
     tcfilter.close_taps([endpoint])
     assert endpoint.vhost_fd == -1
+
+
+def test_check_says_what_networking_pykata_will_use() -> None:
+    from pykata.cli.check_cmd import _networking
+
+    item = _networking(config_mod.Config())
+    assert item.value == "tcfilter" and item.ok
+    assert ("vhost-net datapath" if Path("/dev/vhost-net").exists()
+            else "/dev/vhost-net does not exist") in item.detail
+    none = config_mod.parse({"runtime": {"internetworking_model": "none"}}, "t.toml")
+    assert _networking(none).value == "none"

@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from pykata import config as config_mod
 from pykata.errors import PykataError
@@ -50,6 +51,24 @@ def _assets() -> list[CheckItem]:
     ]
 
 
+def _networking(cfg: config_mod.Config) -> CheckItem:
+    """What a pod's network needs: /dev/net/tun for the taps; vhost-net is a
+    faster datapath when present."""
+    model = cfg.runtime.internetworking_model
+    if model == "none":
+        return CheckItem("networking", "none", "internetworking_model = \"none\": loopback only")
+    if not Path("/dev/net/tun").exists():
+        return CheckItem("networking", "unavailable",
+                         "/dev/net/tun does not exist (load the tun module)", False)
+    if cfg.qemu.disable_vhost_net:
+        datapath = "QEMU datapath (disable_vhost_net)"
+    elif Path("/dev/vhost-net").exists():
+        datapath = "vhost-net datapath"
+    else:
+        datapath = "QEMU datapath: /dev/vhost-net does not exist (no vhost_net module)"
+    return CheckItem("networking", model, f"taps on /dev/net/tun, {datapath}")
+
+
 def gather(cfg: config_mod.Config) -> list[CheckItem]:
     accel = resolve_accel(cfg.qemu.accel)
     vsock = probe_vsock()
@@ -60,6 +79,7 @@ def gather(cfg: config_mod.Config) -> list[CheckItem]:
         CheckItem("shared filesystem", share.value, share.reason, share.value != "unsupported"),
         _qemu(cfg.qemu.path),
         CheckItem("machine type", cfg.qemu.machine_type, "from [hypervisor.qemu] machine_type"),
+        _networking(cfg),
         *_assets(),
         CheckItem("root", "yes" if os.geteuid() == 0 else "no",
                   "pykata mounts and starts VMs as root", os.geteuid() == 0),
