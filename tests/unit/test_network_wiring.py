@@ -110,3 +110,15 @@ def test_check_says_what_networking_pykata_will_use() -> None:
             else "/dev/vhost-net does not exist") in item.detail
     none = config_mod.parse({"runtime": {"internetworking_model": "none"}}, "t.toml")
     assert _networking(none).value == "none"
+
+
+def test_an_empty_run_root_is_the_default_and_a_relative_one_refused(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from pykata.errors import PykataError
+    from pykata.runtime.paths import DEFAULT_RUN_ROOT, run_root
+
+    monkeypatch.setenv("PYKATA_RUN_ROOT", "")
+    assert run_root() == Path(DEFAULT_RUN_ROOT)
+    monkeypatch.setenv("PYKATA_RUN_ROOT", "relative/dir")
+    with pytest.raises(PykataError, match="not an absolute path"):
+        run_root()

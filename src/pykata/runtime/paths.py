@@ -33,8 +33,15 @@ _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 
 def run_root() -> Path:
-    """The root of pykata's runtime state (tests may move it with PYKATA_RUN_ROOT)."""
-    return Path(os.environ.get("PYKATA_RUN_ROOT", DEFAULT_RUN_ROOT))
+    """The root of pykata's runtime state (tests may move it with PYKATA_RUN_ROOT).
+
+    An empty PYKATA_RUN_ROOT is unset; a relative one is refused: pykata
+    would make the current directory private (0700) and fill it."""
+    value = os.environ.get("PYKATA_RUN_ROOT") or str(DEFAULT_RUN_ROOT)
+    if not os.path.isabs(value):
+        raise PykataError(f"PYKATA_RUN_ROOT={value!r} is not an absolute path",
+                          hint=f"give an absolute path, or unset it for {DEFAULT_RUN_ROOT}")
+    return Path(value)
 
 
 def check_id(kind: str, value: str) -> str:
