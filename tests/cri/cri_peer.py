@@ -72,6 +72,7 @@ HOSTS = f"""\
 {GATEWAY}\t{GATEWAY_NAME} cri-gateway
 """
 PAUSE_SOURCE = Path(__file__).with_name("pause.c")
+CNI_CACHE = Path("/var/lib/cni")  # libcni's cache: the peer binds a directory of its own here
 
 _CONFIG = """\
 version = 2
@@ -269,9 +270,13 @@ class CriPeer:
         self.logs = self.base / "logs"  # the pods' log directories
         self.pykata_config = self.base / "pykata.toml"
         self.pykata_config.write_text(pykata_config_text)
+        # A mount point is needed for libcni's cache; one the peer had to make
+        # goes again with the peer.
+        self.made_cni_cache = not CNI_CACHE.exists()
         (self.base / "owner.json").write_text(json.dumps({
             "pid": os.getpid(), "start": process_start_time(os.getpid()),
-            "netns": self.netns, "run_root": os.environ.get("PYKATA_RUN_ROOT", "")}))
+            "netns": self.netns, "run_root": os.environ.get("PYKATA_RUN_ROOT", ""),
+            "made_cni_cache": self.made_cni_cache}))
         self.proc: subprocess.Popen[bytes] | None = None
         self._ns_mounts_at_stop: list[str] = []
 
@@ -288,6 +293,7 @@ class CriPeer:
         (base / "cni" / "net.d" / "10-pykata-cri.conflist").write_text(
             json.dumps(cni_conflist(base), indent=2))
         (base / "hosts").write_text(HOSTS)
+        CNI_CACHE.mkdir(parents=True, exist_ok=True)
         config = base / "config.toml"
         config.write_text(_CONFIG.format(base=base, socket=self.socket,
                                          pause_image=PAUSE_IMAGE,
@@ -299,7 +305,7 @@ class CriPeer:
             "# `ip netns exec` hid, libcni's cache and the pods' hosts file, containerd.",
             "set -eu",
             *cgroup_mount_script(),
-            f"mount --bind '{base}/cni/cache' /var/lib/cni",
+            f"mount --bind '{base}/cni/cache' '{CNI_CACHE}'",
             f"mount --bind '{base}/hosts' /etc/hosts",
             f"exec containerd --config '{config}'",
             "",
@@ -405,7 +411,7 @@ class CriPeer:
                 shutil.copyfile(self.log, keep_logs / "containerd.log")
             with contextlib.suppress(OSError):
                 shutil.copytree(self.logs, keep_logs / "pods", dirs_exist_ok=True)
-        clear(self.base, self.tag, self.netns)
+        clear(self.base, self.tag, self.netns, self.made_cni_cache)
 
     def leftovers(self) -> list[str]:
         """After stop: what of the peer is still on the machine."""
@@ -415,13 +421,16 @@ class CriPeer:
         found += [f"cgroup: {c}" for c in cgroup_dirs(self.tag)]
         if netns_exists(self.netns):
             found.append(f"network namespace {self.netns}")
+        if self.made_cni_cache and CNI_CACHE.exists():
+            found.append(f"directory {CNI_CACHE} (made by the peer)")
         if self.base.exists():
             found.append(f"directory {self.base}")
         return found
 
 
-def clear(base: Path, tag: str, netns: str) -> None:
-    """End a peer's processes and remove its namespace, cgroups, mounts and directory."""
+def clear(base: Path, tag: str, netns: str, made_cni_cache: bool = False) -> None:
+    """End a peer's processes and remove its namespace, cgroups, mounts and
+    directory (and libcni's cache directory, if the peer made it)."""
     kill_processes(base, tag)
     if netns_exists(netns):
         for pid in _ip("netns", "pids", netns, check=False).stdout.split():
@@ -432,6 +441,9 @@ def clear(base: Path, tag: str, netns: str) -> None:
     unmount_under(base)
     if not mounts_under(base):
         shutil.rmtree(base, ignore_errors=True)
+    if made_cni_cache:
+        with contextlib.suppress(OSError):  # not empty, or in use by another peer
+            CNI_CACHE.rmdir()
 
 
 def reap_stale(parent: Path = Path("/tmp")) -> list[dict[str, object]]:
@@ -445,6 +457,7 @@ def reap_stale(parent: Path = Path("/tmp")) -> list[dict[str, object]]:
         except (OSError, ValueError, KeyError, TypeError):
             continue
         if not alive:
-            clear(base, base.name, str(owner.get("netns", base.name)))
+            clear(base, base.name, str(owner.get("netns", base.name)),
+                  bool(owner.get("made_cni_cache")))
             reaped.append(owner)
     return reaped

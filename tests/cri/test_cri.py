@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import pytest
 
 from pykata.protocols import cri_pb2 as cri
+from pykata.runtime.busybox_image import BUSYBOX
 from tests.cri.client import CriClient, CriError
 from tests.cri.conftest import IDLE, Pod, PodFactory, is_not_found, wait_state
 from tests.cri.cri_peer import GATEWAY, GATEWAY_NAME, SUBNET, CriPeer
@@ -30,10 +31,10 @@ SERVER = ["sh", "-c", "mkdir -p /tmp/www && echo \"$GREETING\" > /tmp/www/index.
           f"exec httpd -f -p {SERVER_PORT} -h /tmp/www"]
 
 
-def wget(url: str, seconds: int = 10) -> list[str]:
+def wget(url: str, seconds: int = 10, busybox: str = "") -> list[str]:
     """busybox wget of url within a time limit (its own -T crashes in Debian's
-    busybox 1.35)."""
-    return ["timeout", str(seconds), "wget", "-q", "-O-", url]
+    busybox 1.35); outside the image, `busybox` names the binary."""
+    return ["timeout", str(seconds), *([busybox] if busybox else []), "wget", "-q", "-O-", url]
 
 
 def shown(result: cri.ExecSyncResponse) -> str:
@@ -186,7 +187,8 @@ def test_pods_reach_each_other_by_ip(pods: PodPair) -> None:
 def test_host_port_reaches_the_pod(pods: PodPair, cri_peer: CriPeer) -> None:
     """portmap forwards the host port of the node (the peer's namespace, on
     the bridge's address) to the pod."""
-    result = cri_peer.in_netns(*wget(f"http://{GATEWAY}:{HOST_PORT}/"), timeout=30)
+    result = cri_peer.in_netns(*wget(f"http://{GATEWAY}:{HOST_PORT}/", busybox=str(BUSYBOX)),
+                               timeout=30)
     assert (result.returncode, result.stdout.strip()) == (0, GREETING), \
         f"exit code {result.returncode}, stderr {result.stderr!r}"
 
