@@ -7,7 +7,7 @@ the server, never hang.
 
 Nothing an input does can reach the machine: crun is a fake that fails every
 call, storage mounts are fakes, the containers' state root and the hostname
-file are in the work directory, the tripwires refuse any process, and the
+file are in the work directory, loopback is left alone, the tripwires refuse any process, and the
 process is nobody by then.
 """
 
@@ -34,6 +34,7 @@ from fuzz._server import (
     request_record,
 )
 from pykata.agent import containers as containers_mod
+from pykata.agent import network as network_mod
 from pykata.agent import service as service_mod
 from pykata.agent import storage as storage_mod
 from pykata.agent.containers import Containers
@@ -108,6 +109,8 @@ class AgentTarget(Target):
             replace(module, "mount_storage", _fake_mount_storage)
             replace(module, "unmount", _fake_unmount)
         replace(service_mod, "Path", redirected_path)
+        # The worker's own loopback is the machine's: never touched.
+        replace(network_mod, "loopback_up", lambda: None)
 
     async def one_input(self, data: bytes) -> None:
         reaper = Reaper()  # never installed: no SIGCHLD handler, nothing to reap

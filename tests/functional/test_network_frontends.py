@@ -170,3 +170,10 @@ def test_the_guest_gets_the_pods_permanent_neighbours_and_its_gateways(
         entry = entries.get(address, [])
         assert entry[1:5] == ["dev", "eth0", "lladdr", mac], result.out
         assert entry[-1] == "permanent", result.out
+
+
+def test_the_guests_loopback_is_up(cli: Cli) -> None:
+    """A pod's containers share the VM's loopback: it is up, with 127.0.0.1."""
+    result = cli("run", "--", "sh", "-c", "ip addr show lo; ping -c1 -W5 127.0.0.1")
+    assert result.returncode == 0, result.err + result.out
+    assert "inet 127.0.0.1/8" in result.out and "1 packets received" in result.out, result.out

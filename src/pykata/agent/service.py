@@ -55,6 +55,11 @@ class AgentService:
         try:
             if req.hostname:
                 Path("/proc/sys/kernel/hostname").write_text(req.hostname[:64])
+            # The pod's containers share the VM's network namespace: its
+            # loopback is theirs (a pod's containers talk over 127.0.0.1).
+            from pykata.agent import network
+
+            network.loopback_up()
             for storage in req.storages:
                 self._sandbox_mounts.append(await mount_storage(self._reaper, storage))
         finally:

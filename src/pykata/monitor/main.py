@@ -28,6 +28,7 @@ from pykata.runtime import hostio
 from pykata.runtime.container import Container, bind_rootfs, spec_readonly_root
 from pykata.runtime.hooks import run_hooks, spec_hooks, strip_host_hooks
 from pykata.runtime.lifecycle import OUTPUT_DRAIN_SECONDS, VM_DIED_STATUS, Lifecycle, Status
+from pykata.runtime.mount_points import spec_mount_points
 from pykata.runtime.sandbox import Sandbox
 from pykata.runtime.spec import network_namespace_path, spec_hostname
 from pykata.runtime.state import ContainerState, process_start_time, rfc3339, write_state
@@ -165,7 +166,8 @@ class Monitor:
 
         spec = strip_host_hooks(launch.spec)
         volumes = plan_volumes(spec.get("mounts") or [], launch.bundle)
-        container.share_rootfs(bind_rootfs(launch.rootfs), readonly=spec_readonly_root(spec))
+        container.share_rootfs(bind_rootfs(launch.rootfs), readonly=spec_readonly_root(spec),
+                              mount_points=spec_mount_points(spec))
         try:
             await container.create(spec, volumes=volumes)
         except PykataError as exc:

@@ -13,6 +13,7 @@ from pykata.errors import AgentError, PykataError, SpecError
 from pykata.protocols import agent_pb2, oci_pb2
 from pykata.protocols.oci_spec import InvalidSpecError, process_from_json, spec_from_json
 from pykata.runtime.agent_client import AgentClient
+from pykata.runtime.mount_points import MountPoint, make_mount_points
 from pykata.runtime.mounts import Mount, MountError
 from pykata.runtime.paths import SandboxPaths, check_id
 from pykata.runtime.resources import ContainerRootfs, ContainerVolume
@@ -40,11 +41,17 @@ class Container:
             raise PykataError(f"sandbox {self.sandbox.id} is not running")
         return self.sandbox.agent
 
-    def share_rootfs(self, mounts: Sequence[Mount], *, readonly: bool = False) -> None:
+    def share_rootfs(self, mounts: Sequence[Mount], *, readonly: bool = False,
+                     mount_points: Sequence[MountPoint] = ()) -> None:
         """Mount the container's rootfs where the guest sees it (9p share);
-        `readonly` (the spec's root.readonly) holds on the host, all the way down."""
+        `readonly` (the spec's root.readonly) holds on the host, all the way
+        down, so the `mount_points` it lacks are made in it first."""
         if not mounts:
             raise SpecError(f"container {self.id}: no rootfs to mount")
+        if readonly:
+            for m in mounts:
+                if m.is_bind:
+                    make_mount_points(Path(m.source), mount_points)
         self._rootfs = ContainerRootfs(self.share, mounts, readonly=readonly)
         self._rootfs.prepare()
 

@@ -19,6 +19,7 @@ from pykata.config import Config
 from pykata.errors import AgentError, PykataError
 from pykata.runtime.container import Container, spec_readonly_root
 from pykata.runtime.lifecycle import OUTPUT_DRAIN_SECONDS, VM_DIED_STATUS
+from pykata.runtime.mount_points import spec_mount_points
 from pykata.runtime.mounts import Mount
 from pykata.runtime.sandbox import Sandbox, SandboxOptions
 from pykata.runtime.stdio import Sink, Source, StdioRelay
@@ -73,7 +74,8 @@ async def run_container(
     relay: StdioRelay | None = None
     try:
         t1 = time.monotonic()
-        container.share_rootfs(rootfs(container), readonly=spec_readonly_root(spec))
+        container.share_rootfs(rootfs(container), readonly=spec_readonly_root(spec),
+                              mount_points=spec_mount_points(spec))
         try:
             await container.create(spec, volumes=volumes)
             assert sandbox.agent is not None

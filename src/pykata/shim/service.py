@@ -30,6 +30,7 @@ from pykata.runtime.container import Container, bind_rootfs, spec_readonly_root
 from pykata.runtime.keys import pod_key
 from pykata.runtime.lifecycle import VM_DIED_STATUS, Status
 from pykata.runtime.monitored import MonitoredSandbox
+from pykata.runtime.mount_points import spec_mount_points
 from pykata.runtime.mounts import Mount, mount_beneath, unmount_all
 from pykata.runtime.sandbox import Sandbox
 from pykata.runtime.spec import load_bundle, network_namespace_path, spec_hostname
@@ -155,7 +156,8 @@ class TaskService:
                 self._spawn(self._watch_vm(self.sandbox))
                 self._spawn(self._watch_oom(self.sandbox))
             task.container.share_rootfs(bind_rootfs(bundle_rootfs if req.rootfs else root),
-                                        readonly=spec_readonly_root(spec))
+                                        readonly=spec_readonly_root(spec),
+                                        mount_points=spec_mount_points(spec))
             share_pid = _shares_pid_namespace(spec, annotations)
             spec.setdefault("process", {})["terminal"] = req.terminal
             try:
