@@ -131,6 +131,11 @@ class DockerPeer:
             "--log-level", "debug",
         ]
 
+    def daemon_argv(self, argv: list[str]) -> list[str]:
+        """How containerd, then dockerd, is started: as is (a subclass may
+        wrap it, to run the daemons in namespaces of their own)."""
+        return argv
+
     def start(self, timeout: float = 90) -> None:
         # 20.10 has no flag for its libtrust key; without this it writes
         # /etc/docker/key.json.
@@ -147,13 +152,14 @@ class DockerPeer:
         shim_env = {**daemon_env, "TMPDIR": str(self.base / "tmp"), **self.runtime_env}
         with open(self.containerd_log, "wb") as log:
             self.containerd = subprocess.Popen(
-                ["containerd", "--config", str(config)], stdin=subprocess.DEVNULL,
-                stdout=log, stderr=log, env=shim_env)
+                self.daemon_argv(["containerd", "--config", str(config)]),
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=shim_env)
         self._wait(lambda: self.containerd_socket.is_socket(), self.containerd, timeout,
                    f"containerd did not start; see {self.containerd_log}")
         with open(self.log, "wb") as log:
-            self.dockerd = subprocess.Popen(self.dockerd_argv(), stdin=subprocess.DEVNULL,
-                                            stdout=log, stderr=log, env=daemon_env)
+            self.dockerd = subprocess.Popen(self.daemon_argv(self.dockerd_argv()),
+                                            stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                            env=daemon_env)
         self._wait(lambda: self.docker("info", timeout=30).returncode == 0, self.dockerd,
                    timeout, f"dockerd did not answer `docker info`; see {self.log}")
         server = self.docker("version", "--format", "{{.Server.Version}}").stdout.decode()
@@ -314,15 +320,16 @@ def _unescape(field: str) -> str:
     return field.encode().decode("unicode_escape") if "\\" in field else field
 
 
-def _mountinfo() -> list[list[str]]:
-    with open("/proc/self/mountinfo") as f:
+def _mountinfo(pid: str = "self") -> list[list[str]]:
+    with open(f"/proc/{pid}/mountinfo") as f:
         return [[_unescape(x) for x in line.split()] for line in f]
 
 
-def mounts_under(base: Path) -> list[str]:
-    """Mount points at or below base, in mount order (duplicates kept)."""
+def mounts_under(base: Path, pid: str = "self") -> list[str]:
+    """Mount points at or below base, in mount order (duplicates kept), as
+    process pid sees them (its mount namespace)."""
     prefix = str(base).rstrip("/")
-    return [f[4] for f in _mountinfo() if f[4] == prefix or f[4].startswith(prefix + "/")]
+    return [f[4] for f in _mountinfo(pid) if f[4] == prefix or f[4].startswith(prefix + "/")]
 
 
 def unmount_under(base: Path) -> None:
