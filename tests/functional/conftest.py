@@ -172,6 +172,12 @@ def leftovers(allowed: set[str] = frozenset()) -> list[str]:  # type: ignore[ass
 _shared_ids: set[str] = set()
 
 
+def started_qemu_processes() -> list[str]:
+    """`qemu_processes` less the session's shared VM: the ones tests start."""
+    return [line for line in qemu_processes()
+            if not any(f"pykata-{sid} " in line + " " for sid in _shared_ids)]
+
+
 def unexpected_leftovers() -> list[str]:
     """What a test left behind: `leftovers`, the session's shared VM excepted."""
     return leftovers(_shared_ids)

@@ -16,7 +16,8 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from pykata.runtime.paths import run_root
-from tests.functional.conftest import Cli, qemu_processes, shim_processes
+from tests.functional.conftest import Cli, shim_processes
+from tests.functional.conftest import started_qemu_processes as qemu_processes
 from tests.functional.containerd_peer import IMAGE, RUNTIME, PrivateContainerd
 from tests.functional.netns_tools import (
     PEER_IP,
@@ -136,7 +137,7 @@ def test_pykata_cleanup_removes_a_killed_runs_redirects(cli: Cli, netns: PodNetn
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         _wait(lambda: qemu_processes() and "ingress" in _ingress(netns)
-              and any((run_root() / "sandboxes").glob("*/state.json")), "the VM", 120)
+              and any((run_root() / "sandboxes").glob("run-*/state.json")), "the VM", 120)
         time.sleep(1)
         proc.kill()
         proc.wait()
@@ -150,6 +151,7 @@ def test_pykata_cleanup_removes_a_killed_runs_redirects(cli: Cli, netns: PodNetn
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        cli("cleanup")  # whatever happened above: nothing left for the next test
 
 
 def test_the_guest_gets_the_pods_permanent_neighbours_and_its_gateways(
