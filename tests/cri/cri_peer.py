@@ -60,6 +60,7 @@ NAMESPACE = "k8s.io"  # the containerd namespace of the CRI plugin
 BUSYBOX_IMAGE = "docker.io/pykata/busybox:test"
 PAUSE_IMAGE = "docker.io/pykata/pause:test"
 RUNTIME_HANDLERS = ("runc", "pykata")
+SMALL_MEMORY = 256  # MiB, the pykata-small handler's VM size
 SUBNET = "10.88.77.0/24"
 GATEWAY = "10.88.77.1"  # the bridge's address, in the peer's network namespace
 BRIDGE = "pkcri0"
@@ -112,6 +113,11 @@ disabled_plugins = [
       pod_annotations = ["io.katacontainers.*"]
       [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.pykata.options]
         ConfigPath = "{pykata_config}"
+    # A second pykata handler whose ConfigPath names a configuration of its own.
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.pykata-small]
+      runtime_type = "io.containerd.pykata.v2"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.pykata-small.options]
+        ConfigPath = "{base}/pykata-small.toml"
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "/usr/lib/cni"
     conf_dir = "{base}/cni/net.d"
@@ -270,6 +276,11 @@ class CriPeer:
         self.logs = self.base / "logs"  # the pods' log directories
         self.pykata_config = self.base / "pykata.toml"
         self.pykata_config.write_text(pykata_config_text)
+        # The pykata-small handler's: VMs of SMALL_MEMORY MiB.
+        small = pykata_config_text.replace("default_memory = 512",
+                                           f"default_memory = {SMALL_MEMORY}")
+        assert small != pykata_config_text, "the default configuration has no default_memory"
+        (self.base / "pykata-small.toml").write_text(small)
         # A mount point is needed for libcni's cache; one the peer had to make
         # goes again with the peer.
         self.made_cni_cache = not CNI_CACHE.exists()

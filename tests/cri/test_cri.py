@@ -19,7 +19,7 @@ from pykata.protocols import cri_pb2 as cri
 from pykata.runtime.busybox_image import BUSYBOX
 from tests.cri.client import CriClient, CriError
 from tests.cri.conftest import IDLE, Pod, PodFactory, is_not_found, wait_state
-from tests.cri.cri_peer import GATEWAY, GATEWAY_NAME, SUBNET, CriPeer
+from tests.cri.cri_peer import GATEWAY, GATEWAY_NAME, SMALL_MEMORY, SUBNET, CriPeer
 
 SERVER_PORT = 8080
 HOST_PORT = 18080
@@ -255,3 +255,14 @@ def test_pykata_pod_is_one_vm(pods: PodPair, handler: str) -> None:
     with open("/proc/sys/kernel/random/boot_id") as f:
         host = f.read().strip()
     assert len(ids) == 1 and host not in ids, (ids, host)
+
+
+def test_a_handlers_config_path_chooses_pykatas_configuration(make_pod: PodFactory) -> None:
+    """containerd passes the handler's options (runtimeoptions.v1.Options) with
+    each task; the shim boots the pod with the configuration ConfigPath names."""
+    pod = make_pod("small", "pykata-small")
+    try:
+        (vm,) = pod.qemu()
+        assert f" -m {SMALL_MEMORY}M " in vm + " ", vm
+    finally:
+        pod.remove()
