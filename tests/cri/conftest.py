@@ -34,6 +34,7 @@ from tests.functional.conftest import (  # noqa: F401 - pykata's session fixture
     qemu_processes,
     require_root,
     unexpected_leftovers,
+    without_shared_sandboxes,
 )
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "cri"
@@ -42,7 +43,7 @@ POD_NAMESPACE = "pykata-cri-test"  # the Kubernetes namespace in the pods' metad
 IDLE = ["sh", "-c", "trap 'exit 0' TERM; while :; do sleep 1; done"]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def cri_peer(request: pytest.FixtureRequest) -> Iterator[CriPeer]:
     """containerd with the CRI plugin in a network namespace of its own, the
     pause and busybox images imported. On the way out: every pod removed, and
@@ -88,20 +89,21 @@ def _drain(peer: CriPeer) -> list[str]:
     while unexpected_leftovers() and time.monotonic() < deadline:
         time.sleep(0.2)
     problems += [f"mount in containerd's namespace: {m}"
-                 for m in peer.namespace_mounts(peer.base, run_root())]
+                 for m in without_shared_sandboxes(
+                     peer.namespace_mounts(peer.base, run_root()))]
     problems += [f"pod network namespace: {p}" for p in peer.pod_netns()]
     problems += unexpected_leftovers()
     return problems
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def cri_client(cri_peer: CriPeer) -> Iterator[CriClient]:
     with CriClient(cri_peer.socket) as client:
         client.wait_ready()
         yield client
 
 
-@pytest.fixture(scope="session", params=RUNTIME_HANDLERS)
+@pytest.fixture(scope="package", params=RUNTIME_HANDLERS)
 def handler(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
@@ -229,7 +231,7 @@ def wait_state(client: CriClient, container_id: str, state: cri.ContainerState.V
 PodFactory = Callable[..., Pod]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def make_pod(cri_peer: CriPeer, cri_client: CriClient) -> Iterator[PodFactory]:
     """Run a pod with a handler; the pods still there at the end are removed."""
     made: list[Pod] = []

@@ -61,7 +61,7 @@ class PodPair:
     b: Pod
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def pods(handler: str, make_pod: PodFactory) -> Iterator[PodPair]:
     a = make_pod("pod-a", handler, hostname="pod-a", dns=DNS,
                  port_mappings=[(HOST_PORT, SERVER_PORT)])

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from pykata.runtime.paths import run_root
+from tests.functional.conftest import without_shared_sandboxes
 from tests.functional.netns_tools import (
     NETNS_DIR,
     PEER_IP,
@@ -97,7 +98,8 @@ def test_leaves_nothing(bridged_docker: NetnsDockerPeer) -> Iterator[None]:
     left = [f"container {c}" for c in containers]
     left += vm_leftovers() + bridged_docker.leftovers()
     # pykata's mounts in the daemons' mount namespace (not visible from here)
-    left += [f"mount {m}" for m in bridged_docker.inner_mounts(run_root())]
+    left += [f"mount {m}" for m in without_shared_sandboxes(
+        bridged_docker.inner_mounts(run_root()))]
     assert not left, f"left behind: {left}"
 
 
