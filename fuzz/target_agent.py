@@ -5,16 +5,17 @@ The real `pykata.ttrpc.Server` with the real `AgentService` and `HealthService`
 sends (see `fuzz._server`). The agent must answer or drop, never raise out of
 the server, never hang.
 
-Nothing an input does can reach the machine: crun is a fake that fails every
-call, storage mounts are fakes, the containers' state root and the hostname
-file are in the work directory, loopback is left alone, the tripwires refuse any process, and the
-process is nobody by then.
+Nothing an input does can reach the machine: crun and `ip` are fakes that fail
+every call, storage mounts and neighbour entries are fakes, the containers'
+state root and the hostname file are in the work directory, the tripwires
+refuse any process, and the process is nobody by then.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import pathlib
 import shutil
@@ -41,6 +42,7 @@ from pykata.agent.containers import Containers
 from pykata.agent.crun import Crun
 from pykata.agent.reaper import Reaper
 from pykata.agent.service import AgentService, HealthService, build_server
+from pykata.agent.spawn import CommandResult
 from pykata.protocols import agent_pb2, health_pb2, oci_pb2
 from pykata.protocols.oci_spec import process_from_json, resources_from_json, spec_from_json
 from pykata.runtime.spec import default_spec
@@ -65,6 +67,15 @@ class _FailingCrun:
             raise StatusError(Code.INTERNAL, f"crun {name}: not available while fuzzing")
 
         return fail
+
+
+async def _failing_ip(reaper: Reaper, argv: Any, **kwargs: object) -> CommandResult:
+    await asyncio.sleep(0)
+    return CommandResult(tuple(argv), 1, b"", b"ip: not available while fuzzing")
+
+
+def _refused_neighbor(*args: object) -> None:
+    raise PermissionError(errno.EPERM, "not while fuzzing")
 
 
 async def _fake_mount_storage(reaper: Reaper, storage: agent_pb2.Storage) -> Path:
@@ -109,8 +120,11 @@ class AgentTarget(Target):
             replace(module, "mount_storage", _fake_mount_storage)
             replace(module, "unmount", _fake_unmount)
         replace(service_mod, "Path", redirected_path)
-        # The worker's own loopback is the machine's: never touched.
+        # The worker's network is the machine's: never touched. `ip` fails as
+        # it would when it refuses; neighbours are refused as to nobody.
         replace(network_mod, "loopback_up", lambda: None)
+        replace(network_mod, "run", _failing_ip)
+        replace(network_mod, "replace_neighbor", _refused_neighbor)
 
     async def one_input(self, data: bytes) -> None:
         reaper = Reaper()  # never installed: no SIGCHLD handler, nothing to reap
