@@ -35,6 +35,16 @@ PHASES = [
     ("whole command", "whole"),
 ]
 
+# The guest's own marks (GetBootProfile), in order.
+GUEST_STEPS = [
+    ("kernel started to /init", "guest_init_started"),
+    ("/init's mounts, interpreter started", "guest_python_started"),
+    ("interpreter up (agent's first line)", "guest_agent_started"),
+    ("agent's imports done", "guest_agent_imported"),
+    ("agent serving its channel", "guest_agent_listening"),
+    ("host's first request", "guest_first_request"),
+]
+
 
 def floor_boot(qemu: str, paths: assets.AssetPaths, accel: str, memory: int) -> float:
     """Seconds for QEMU to boot the kernel+initrd to an init that reboots at once."""
@@ -84,6 +94,9 @@ def main() -> int:
             phases = pykata_run(Path(tmp) / f"t{i}.json")
             for _, key in PHASES:
                 samples[key].append(phases.get(key, 0.0))
+            for _, key in GUEST_STEPS:
+                if key in phases:
+                    samples.setdefault(key, []).append(phases[key])
             print(f"run {i + 1}/{args.runs}: whole {phases['whole']:.2f} s, "
                   f"floor {floors[-1]:.2f} s", file=sys.stderr)
     print(f"\npykata run -- true, built-in busybox image, accel={accel}, "
@@ -93,6 +106,15 @@ def main() -> int:
         values = samples[key]
         print(f"  {label:<{width}}  {statistics.median(values):6.3f} s"
               f"   ({min(values):.3f}-{max(values):.3f})")
+    guest = [(label, key) for label, key in GUEST_STEPS if samples.get(key)]
+    if guest:
+        print("\n  in the guest (its clock, 0 = its kernel's start; medians):")
+        guest_width = max(len(label) for label, _ in guest)
+        previous = 0.0
+        for label, key in guest:
+            at = statistics.median(samples[key])
+            print(f"    {label:<{guest_width}}  at {at:6.3f} s   (+{at - previous:.3f})")
+            previous = at
     floor = statistics.median(floors)
     print(f"\n  {'floor: bare QEMU boot to /init':<{width}}  {floor:6.3f} s"
           f"   ({min(floors):.3f}-{max(floors):.3f})")

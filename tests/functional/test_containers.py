@@ -169,3 +169,14 @@ async def test_read_only_volume_is_read_only_all_the_way_down(
     finally:
         unmount(below)
     assert not (tmp_path / "top").exists()
+
+
+async def test_the_guest_reports_where_its_boot_went(shared_sandbox: Sandbox) -> None:
+    """GetBootProfile: each step of the guest's boot, in order, on its clock."""
+    assert shared_sandbox.agent is not None
+    steps = await shared_sandbox.agent.boot_profile()
+    order = ["init_started", "python_started", "agent_started", "agent_imported",
+             "agent_listening", "first_request"]
+    assert list(steps) == order, steps
+    times = [steps[step] for step in order]
+    assert times == sorted(times) and 0 < times[0] < 60, steps

@@ -108,6 +108,7 @@ def test_service_methods() -> None:
         "ResumeContainer", "WriteStdin", "ReadStdout", "ReadStderr", "CloseStdin",
         "TtyWinResize", "CreateSandbox", "DestroySandbox", "GetGuestDetails", "GetOOMEvent",
         "UpdateInterface", "UpdateRoutes", "ListInterfaces", "ListRoutes", "AddARPNeighbors",
+        "GetBootProfile",
     }  # fmt: skip
     assert agent["UpdateInterface"] == ("UpdateInterfaceRequest", "Interface")
     assert agent["UpdateRoutes"] == ("UpdateRoutesRequest", "Routes")

@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from pykata.agent import boot_profile
 from pykata.agent.channel import listen_vsock, open_serial, read_token
 from pykata.agent.containers import Containers
 from pykata.agent.reaper import Reaper
@@ -54,11 +55,13 @@ async def serve(params: dict[str, str]) -> None:
 
         listener = AuthenticatedListener(server, read_token())
         accepting = asyncio.ensure_future(listener.serve(listen_vsock()))
+        boot_profile.mark("agent_listening")
         log.info("serving on vsock port 1024")
         await agent.destroyed.wait()
         accepting.cancel()
     else:
         reader, writer = await open_serial()
+        boot_profile.mark("agent_listening")
         log.info("serving on virtio-serial")
         if log.isEnabledFor(logging.DEBUG):
             log.debug("serving at guest uptime %s s", _uptime())
@@ -83,6 +86,7 @@ def _uptime() -> str:
 
 
 def main() -> None:
+    boot_profile.mark("agent_imported")
     params = kernel_params()
     setup_logging(params.get("debug") == "1")
     if log.isEnabledFor(logging.DEBUG):

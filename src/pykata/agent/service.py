@@ -15,7 +15,7 @@ from pathlib import Path
 from google.protobuf import empty_pb2
 
 from pykata import __version__
-from pykata.agent import stats
+from pykata.agent import boot_profile, stats
 from pykata.agent.containers import Containers
 from pykata.agent.reaper import Reaper
 from pykata.agent.storage import mount_storage, unmount
@@ -81,6 +81,11 @@ class AgentService:
         os.sync()
         self.destroyed.set()
         return _EMPTY
+
+    async def GetBootProfile(
+        self, req: agent_pb2.BootProfileRequest, ctx: RequestContext
+    ) -> agent_pb2.BootProfile:
+        return agent_pb2.BootProfile(**boot_profile.marks())
 
     async def GetGuestDetails(
         self, req: agent_pb2.GuestDetailsRequest, ctx: RequestContext
@@ -268,6 +273,7 @@ class HealthService:
     async def Check(
         self, req: health_pb2.CheckRequest, ctx: RequestContext
     ) -> health_pb2.HealthCheckResponse:
+        boot_profile.mark("first_request")
         return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
 
     async def Version(
@@ -280,6 +286,7 @@ _AGENT_REQUESTS = {
     "CreateSandbox": agent_pb2.CreateSandboxRequest,
     "DestroySandbox": agent_pb2.DestroySandboxRequest,
     "GetGuestDetails": agent_pb2.GuestDetailsRequest,
+    "GetBootProfile": agent_pb2.BootProfileRequest,
     "CreateContainer": agent_pb2.CreateContainerRequest,
     "StartContainer": agent_pb2.StartContainerRequest,
     "RemoveContainer": agent_pb2.RemoveContainerRequest,

@@ -180,7 +180,8 @@ async def _run(
     io = OneShotIO(stdout=out.write, stderr=None if tty else err.write, stdin=stdin,
                    on_running=on_running)
     try:
-        result = await run_container(cfg, spec, rootfs, io, options, volumes=volumes)
+        result = await run_container(cfg, spec, rootfs, io, options, volumes=volumes,
+                                     profile_boot=bool(os.environ.get(TIMINGS_ENV)))
     except asyncio.CancelledError:
         if not interrupted:
             raise

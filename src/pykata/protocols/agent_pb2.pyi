@@ -1649,3 +1649,63 @@ class AddARPNeighborsRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AddARPNeighborsRequest: _TypeAlias = AddARPNeighborsRequest  # noqa: Y015
+
+@_typing.final
+class BootProfileRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BootProfileRequest: _TypeAlias = BootProfileRequest  # noqa: Y015
+
+@_typing.final
+class BootProfile(_message.Message):
+    """Seconds of the guest's CLOCK_BOOTTIME (0 is the guest kernel's start) at
+    each step from the kernel to the agent's first answer; 0 for a step not
+    recorded.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INIT_STARTED_FIELD_NUMBER: _builtins.int
+    PYTHON_STARTED_FIELD_NUMBER: _builtins.int
+    AGENT_STARTED_FIELD_NUMBER: _builtins.int
+    AGENT_IMPORTED_FIELD_NUMBER: _builtins.int
+    AGENT_LISTENING_FIELD_NUMBER: _builtins.int
+    FIRST_REQUEST_FIELD_NUMBER: _builtins.int
+    init_started: _builtins.float
+    """/init began: the kernel's part ends here."""
+    python_started: _builtins.float
+    """/init had mounted what the agent needs and started the interpreter."""
+    agent_started: _builtins.float
+    """The agent's first line ran: the interpreter is up."""
+    agent_imported: _builtins.float
+    """The agent's modules are imported."""
+    agent_listening: _builtins.float
+    """The agent channel is open and served."""
+    first_request: _builtins.float
+    """The host's first request (its health check) arrived."""
+    def __init__(
+        self,
+        *,
+        init_started: _builtins.float = ...,
+        python_started: _builtins.float = ...,
+        agent_started: _builtins.float = ...,
+        agent_imported: _builtins.float = ...,
+        agent_listening: _builtins.float = ...,
+        first_request: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_imported", b"agent_imported", "agent_listening", b"agent_listening", "agent_started", b"agent_started", "first_request", b"first_request", "init_started", b"init_started", "python_started", b"python_started"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BootProfile: _TypeAlias = BootProfile  # noqa: Y015

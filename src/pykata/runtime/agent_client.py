@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import re
 import socket
 from typing import TypeVar
@@ -49,12 +50,27 @@ _TIMEOUTS = {
     "StatsContainer": 30.0,
     "ListProcesses": 30.0,
     "GetGuestDetails": 30.0,
+    "GetBootProfile": 10.0,
     "UpdateInterface": 30.0,
     "UpdateRoutes": 30.0,
     "AddARPNeighbors": 30.0,
 }
 
 R = TypeVar("R", bound=Message)
+
+# The longest a guest's boot step may claim to have taken (GetBootProfile).
+MAX_BOOT_SECONDS = 3600.0
+
+
+def boot_steps(reply: agent_pb2.BootProfile) -> dict[str, float]:
+    """The steps of a guest's BootProfile that can be times of a boot."""
+    steps = {}
+    for field in agent_pb2.BootProfile.DESCRIPTOR.fields:
+        value = getattr(reply, field.name)
+        if math.isfinite(value) and 0 < value <= MAX_BOOT_SECONDS:
+            steps[field.name] = float(value)
+    return steps
+
 
 # An exit status the agent reports outside a shell's 0..255 becomes this.
 INVALID_EXIT_STATUS = 255
@@ -135,6 +151,13 @@ class AgentClient:
         return await self._call(
             "GetGuestDetails", agent_pb2.GuestDetailsRequest(), agent_pb2.GuestDetailsResponse
         )
+
+    async def boot_profile(self) -> dict[str, float]:
+        """The guest's boot steps (GetBootProfile), in seconds since its
+        kernel started. Guest values: one that is not a time of a boot
+        (negative, not finite, over an hour) is left out."""
+        return boot_steps(await self._call("GetBootProfile", agent_pb2.BootProfileRequest(),
+                                           agent_pb2.BootProfile))
 
     async def create_container(self, req: agent_pb2.CreateContainerRequest) -> None:
         await self._call("CreateContainer", req, empty_pb2.Empty)

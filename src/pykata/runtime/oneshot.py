@@ -56,8 +56,10 @@ async def run_container(
     options: SandboxOptions | None = None,
     sandbox_id: str | None = None,
     volumes: Sequence[tuple[int, Volume]] | None = None,
+    profile_boot: bool = False,
 ) -> OneShotResult:
     """Boot a sandbox, run `spec` in it, stream its stdio, tear everything down.
+    With `profile_boot`, the phases include the guest's boot steps (guest_*).
 
     `rootfs` is called with the container to get the mounts of its rootfs (it
     may use the container's scratch directory, e.g. for an overlay). `volumes`
@@ -70,6 +72,10 @@ async def run_container(
     phases["vm_launch"] = sandbox.times.vm_launch
     phases["vm_boot_to_agent"] = sandbox.times.agent_ready
     phases["sandbox_create"] = sandbox.times.sandbox_create
+    if profile_boot and sandbox.agent is not None:
+        # The guest's own steps, on its clock: 0 is its kernel's start.
+        for step, seconds in (await sandbox.agent.boot_profile()).items():
+            phases[f"guest_{step}"] = seconds
     container = Container(sandbox, sandbox.id)
     relay: StdioRelay | None = None
     try:
