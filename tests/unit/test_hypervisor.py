@@ -96,3 +96,10 @@ def test_nics_on_taps_the_caller_opened(tmp_path: Path) -> None:
     assert "virtio-net-device,netdev=net0,mac=02:00:00:00:00:01,host_mtu=1400" in cmd
     assert "-netdev tap,id=net1,fd=22,vhost=off" in cmd
     assert "mac=02:00:00:00:00:02,host_mtu=9000" in cmd
+
+
+def test_every_vm_reports_its_free_pages(tmp_path: Path) -> None:
+    """A never-inflating balloon with free page reporting: pages the guest
+    frees (its unpacked initrd's image) stop costing the host memory."""
+    cmd = " ".join(QemuVM(_vm(tmp_path)).command(7, 9, 11))
+    assert "-device virtio-balloon-device,free-page-reporting=on" in cmd

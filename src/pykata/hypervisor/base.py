@@ -56,7 +56,15 @@ class EntropySource:
     """A virtio RNG: the guest's getrandom() must not block at boot."""
 
 
-Device = AgentChannel | SharedDirectory | Console | EntropySource | NetworkInterface
+@dataclass(frozen=True)
+class FreePageReporting:
+    """A virtio balloon that never inflates: the guest reports the pages it
+    frees, and the host drops them from the VM's memory (they cost nothing
+    until the guest touches them again)."""
+
+
+Device = (AgentChannel | SharedDirectory | Console | EntropySource | NetworkInterface
+          | FreePageReporting)
 
 
 class Hypervisor(Protocol):

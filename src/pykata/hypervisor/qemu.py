@@ -25,6 +25,7 @@ from pykata.hypervisor.base import (
     Console,
     Device,
     EntropySource,
+    FreePageReporting,
     NetworkInterface,
     SharedDirectory,
 )
@@ -100,6 +101,7 @@ class VmConfig:
         if self.shared_dir is not None:
             devices.append(SharedDirectory(self.shared_dir))
         devices.extend(self.network)
+        devices.append(FreePageReporting())
         return tuple(devices)
 
     def check(self) -> None:
@@ -273,6 +275,8 @@ def _render(device: Device, machine_type: str, *, agent_fd: int, console_fd: int
         return [qa.SerialConsoleFd(console_fd)]
     if isinstance(device, EntropySource):
         return [qa.Rng(machine_type)]
+    if isinstance(device, FreePageReporting):
+        return [qa.FreePageBalloon(machine_type)]
     if isinstance(device, AgentChannel):
         if device.vsock_cid:
             # agent_fd then carries the token port: the agent wants the

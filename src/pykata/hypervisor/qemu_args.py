@@ -228,6 +228,18 @@ class Rng:
         return ["-device", f"virtio-rng-{_bus_suffix(self.machine_type)}"]
 
 
+@dataclass(frozen=True)
+class FreePageBalloon:
+    """virtio-balloon with free page reporting on: the guest's freed pages
+    are discarded from QEMU's memory (madvise DONTNEED)."""
+
+    machine_type: str
+
+    def args(self) -> list[str]:
+        return ["-device",
+                f"virtio-balloon-{_bus_suffix(self.machine_type)},free-page-reporting=on"]
+
+
 def render(options: Iterable[QemuOption]) -> list[str]:
     out: list[str] = []
     for option in options:
