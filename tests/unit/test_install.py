@@ -17,21 +17,18 @@ import pytest
 
 from pykata import config
 from pykata.cli import install_cmd
-from pykata.cli.install_cmd import (
+from pykata.cli.install_cmd import Settings, plan_install, plan_uninstall, runtimeclass_manifest
+from pykata.cli.main import main
+from pykata.errors import ConfigError, PykataError
+from pykata.install.containerd_config import (
     BACKUP_SUFFIX,
     CRI_PLUGIN,
     Records,
-    Settings,
     edit_config,
     find_block,
-    plan_install,
-    plan_uninstall,
     remove_block,
     runtime_tables,
-    runtimeclass_manifest,
 )
-from pykata.cli.main import main
-from pykata.errors import ConfigError, PykataError
 
 REPO = Path(__file__).resolve().parents[2]
 PYKATA_CONFIG = "/etc/pykata/configuration.toml"

@@ -1,0 +1,1 @@
+"""Putting pykata on a node: containerd's configuration."""
