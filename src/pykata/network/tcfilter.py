@@ -18,6 +18,7 @@ import contextlib
 import ctypes
 import fcntl
 import os
+import socket
 import struct
 import threading
 from collections.abc import Callable
@@ -139,60 +140,43 @@ def scan(path: Path) -> list[Endpoint]:
     return _in_netns(path, work)
 
 
-def open_tap(path: Path, name: str) -> int:
-    """Create tap `name` in the namespace at `path` and return its descriptor
-    (for QEMU's `-netdev tap,fd=N`). Done on a thread of its own, which
-    alone enters the namespace: a tap belongs to the namespace its opener
-    is in."""
-    result: list[int | BaseException] = []
-
-    def work() -> None:
-        try:
-            _enter(path)
-            fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
-            try:
-                fcntl.ioctl(fd, TUNSETIFF, struct.pack(
-                    "16sH", name.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR))
-            except OSError:
-                os.close(fd)
-                raise
-            result.append(fd)
-        except BaseException as exc:
-            result.append(exc)
-
-    # The thread ends in the pod's namespace; it is never reused.
-    thread = threading.Thread(target=work, name=f"tap-{name}")
-    thread.start()
-    thread.join()
-    outcome = result[0] if result else HostError("opening the tap failed")
-    if isinstance(outcome, BaseException):
-        if isinstance(outcome, OSError):
-            raise NetworkError(f"cannot create tap {name} in {path}: {outcome.strerror}",
-                               hint="the host needs /dev/net/tun") from outcome
-        raise outcome
-    return outcome
+def _open_tap(name: str) -> int:
+    """Create tap `name` and return its descriptor (for QEMU's `-netdev
+    tap,fd=N`). A tap belongs to the namespace of the thread that opens it:
+    called on the thread `_in_netns` moved into the pod's namespace."""
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack(
+            "16sH", name.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR))
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
 
 
 def attach(path: Path, endpoints: list[Endpoint]) -> None:
-    """Give each endpoint its tap and the redirects both ways; on failure,
-    undo what was done (taps close, qdiscs go)."""
-    try:
+    """Give each endpoint its tap and the redirects both ways, in one visit
+    of the namespace; on failure, undo what was done (taps close, qdiscs go)."""
+    def work(ns: Any) -> None:
         for i, endpoint in enumerate(endpoints):
             endpoint.tap_name = f"tap{i}_pykata"
-            endpoint.tap_fd = open_tap(path, endpoint.tap_name)
+            try:
+                endpoint.tap_fd = _open_tap(endpoint.tap_name)
+            except OSError as exc:
+                raise NetworkError(f"cannot create tap {endpoint.tap_name} in {path}: "
+                                   f"{exc.strerror}", hint="the host needs /dev/net/tun") from exc
+        for endpoint in endpoints:
+            endpoint.tap_index = ns.link_lookup(ifname=endpoint.tap_name)[0]
+            ns.link("set", index=endpoint.tap_index, mtu=endpoint.mtu, state="up")
+            for source, target in ((endpoint.index, endpoint.tap_index),
+                                   (endpoint.tap_index, endpoint.index)):
+                ns.tc("add", "ingress", source, INGRESS)
+                ns.tc("add-filter", "u32", source, parent=INGRESS, protocol=ETH_P_ALL,
+                      target=0x10001, keys=["0x0/0x0+0"],
+                      action=[{"kind": "mirred", "direction": "egress",
+                               "action": "redirect", "ifindex": target}])
 
-        def work(ns: Any) -> None:
-            for endpoint in endpoints:
-                endpoint.tap_index = ns.link_lookup(ifname=endpoint.tap_name)[0]
-                ns.link("set", index=endpoint.tap_index, mtu=endpoint.mtu, state="up")
-                for source, target in ((endpoint.index, endpoint.tap_index),
-                                       (endpoint.tap_index, endpoint.index)):
-                    ns.tc("add", "ingress", source, INGRESS)
-                    ns.tc("add-filter", "u32", source, parent=INGRESS, protocol=ETH_P_ALL,
-                          target=0x10001, keys=["0x0/0x0+0"],
-                          action=[{"kind": "mirred", "direction": "egress",
-                                   "action": "redirect", "ifindex": target}])
-
+    try:
         _in_netns(path, work)
     except BaseException:
         detach(path, endpoints)
@@ -230,25 +214,20 @@ def close_taps(endpoints: list[Endpoint]) -> None:
 def detach(path: Path, endpoints: list[Endpoint]) -> None:
     """Remove the pod interfaces' ingress qdiscs (their filters go with them)
     and close the taps (which removes them). Safe to repeat."""
-    def work(ns: Any) -> None:
-        for endpoint in endpoints:
-            # Already gone (never added, or the interface left) is fine.
-            with contextlib.suppress(Exception):
-                ns.tc("del", "ingress", endpoint.index, INGRESS)
-
-    if path.exists():
-        _in_netns(path, work)
-    close_taps(endpoints)
+    try:
+        detach_recorded(path, {e.name: e.index for e in endpoints})
+    finally:
+        close_taps(endpoints)
 
 
 def detach_recorded(path: Path, mirrored: dict[str, int]) -> None:
-    """`detach` for a sandbox whose owner died: the interfaces as its state
-    recorded them (name: index). One whose index now has another name is
-    not pykata's and is left alone."""
+    """Remove the ingress qdiscs of the interfaces `mirrored` names (name:
+    index), as a live sandbox knows them or a dead one's state recorded them.
+    One whose index now has another name is not pykata's and is left alone;
+    a qdisc already gone (never added, or the interface left) is fine."""
     def work(ns: Any) -> None:
         for name, index in mirrored.items():
-            links = ns.link_lookup(ifname=name)
-            if index not in links:
+            if index not in ns.link_lookup(ifname=name):
                 continue
             with contextlib.suppress(Exception):
                 ns.tc("del", "ingress", index, INGRESS)
@@ -267,30 +246,23 @@ class RouteInfo:
     family: int
 
 
-def scan_routes(path: Path, endpoints: list[Endpoint]) -> list[RouteInfo]:
-    """The main table's routes through the mirrored interfaces, for the guest."""
-    import socket
-
-    names = {e.index: e.name for e in endpoints}
-
-    def work(ns: Any) -> list[RouteInfo]:
-        found = []
-        for family in (socket.AF_INET, socket.AF_INET6):
-            for msg in ns.get_routes(family=family, table=254):
-                oif = msg.get_attr("RTA_OIF")
-                if oif not in names:
-                    continue
-                dst = msg.get_attr("RTA_DST")
-                if family == socket.AF_INET6 and dst and dst.startswith("fe80"):
-                    continue  # the guest's kernel makes its own link-local routes
-                found.append(RouteInfo(
-                    dest=f"{dst}/{msg['dst_len']}" if dst else "",
-                    gateway=msg.get_attr("RTA_GATEWAY") or "",
-                    device=names[oif], source=msg.get_attr("RTA_PREFSRC") or "",
-                    scope=msg["scope"], family=family))
-        return found
-
-    return _in_netns(path, work)
+def _routes(ns: Any, names: dict[int, str]) -> list[RouteInfo]:
+    """The main table's routes through the mirrored interfaces (index: name)."""
+    found = []
+    for family in (socket.AF_INET, socket.AF_INET6):
+        for msg in ns.get_routes(family=family, table=254):
+            oif = msg.get_attr("RTA_OIF")
+            if oif not in names:
+                continue
+            dst = msg.get_attr("RTA_DST")
+            if family == socket.AF_INET6 and dst and dst.startswith("fe80"):
+                continue  # the guest's kernel makes its own link-local routes
+            found.append(RouteInfo(
+                dest=f"{dst}/{msg['dst_len']}" if dst else "",
+                gateway=msg.get_attr("RTA_GATEWAY") or "",
+                device=names[oif], source=msg.get_attr("RTA_PREFSRC") or "",
+                scope=msg["scope"], family=family))
+    return found
 
 
 NUD_PERMANENT = 0x80
@@ -307,29 +279,35 @@ class NeighborInfo:
     family: int
 
 
-def scan_neighbors(path: Path, endpoints: list[Endpoint],
-                   gateways: set[str]) -> list[NeighborInfo]:
+def _neighbors(ns: Any, names: dict[int, str], gateways: set[str]) -> list[NeighborInfo]:
     """The neighbours the guest is given as permanent entries: the pod
     namespace's permanent ones (a CNI plugin may set them so the pod never
     has to ask), and the gateways' when the namespace already knows their MAC."""
-    import socket
+    found = []
+    for family in (socket.AF_INET, socket.AF_INET6):
+        for msg in ns.get_neighbours(family=family):
+            device = names.get(msg["ifindex"])
+            address = msg.get_attr("NDA_DST")
+            mac = msg.get_attr("NDA_LLADDR")
+            if device is None or not address or not mac:
+                continue
+            state = msg["state"]
+            if state & (NUD_FAILED | NUD_INCOMPLETE | NUD_NOARP):
+                continue
+            if state & NUD_PERMANENT or address in gateways:
+                found.append(NeighborInfo(address, mac, device, family))
+    return found
 
+
+def scan_routes_and_neighbors(path: Path, endpoints: list[Endpoint]
+                              ) -> tuple[list[RouteInfo], list[NeighborInfo]]:
+    """What the guest is told besides its addresses, in one visit of the
+    namespace: the routes through the mirrored interfaces, and the neighbours
+    (see `_neighbors`) on them."""
     names = {e.index: e.name for e in endpoints}
 
-    def work(ns: Any) -> list[NeighborInfo]:
-        found = []
-        for family in (socket.AF_INET, socket.AF_INET6):
-            for msg in ns.get_neighbours(family=family):
-                device = names.get(msg["ifindex"])
-                address = msg.get_attr("NDA_DST")
-                mac = msg.get_attr("NDA_LLADDR")
-                if device is None or not address or not mac:
-                    continue
-                state = msg["state"]
-                if state & (NUD_FAILED | NUD_INCOMPLETE | NUD_NOARP):
-                    continue
-                if state & NUD_PERMANENT or address in gateways:
-                    found.append(NeighborInfo(address, mac, device, family))
-        return found
+    def work(ns: Any) -> tuple[list[RouteInfo], list[NeighborInfo]]:
+        routes = _routes(ns, names)
+        return routes, _neighbors(ns, names, {r.gateway for r in routes if r.gateway})
 
     return _in_netns(path, work)

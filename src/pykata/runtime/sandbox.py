@@ -16,6 +16,7 @@ import dataclasses
 import logging
 import os
 import secrets
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -185,32 +186,23 @@ class Sandbox:
         self.times = PhaseTimes(t1 - t0, t2 - t1, time.monotonic() - t2)
 
     async def _configure_guest_network(self) -> None:
-        """Give the guest the pod's addresses, MTU and routes, on the NICs
-        that carry the pod interfaces' MACs."""
-        import socket
-
+        """Give the guest the pod's addresses, MTU, routes and neighbours, on
+        the NICs that carry the pod interfaces' MACs."""
         assert self.agent is not None
         for e in self._endpoints:
             await self.agent.update_interface(agent_pb2.Interface(
                 name=e.name, hwAddr=e.mac, mtu=e.mtu, IPAddresses=[
-                    agent_pb2.IPAddress(
-                        family=agent_pb2.v6 if a.family == socket.AF_INET6 else agent_pb2.v4,
-                        address=a.address, mask=str(a.prefix_len))
+                    agent_pb2.IPAddress(family=_family(a.family), address=a.address,
+                                        mask=str(a.prefix_len))
                     for a in e.addresses if not a.address.startswith("fe80")]))
-        routes = await asyncio.to_thread(tcfilter.scan_routes, Path(self._netns),
-                                         self._endpoints)
+        routes, neighbors = await asyncio.to_thread(
+            tcfilter.scan_routes_and_neighbors, Path(self._netns), self._endpoints)
         await self.agent.update_routes([agent_pb2.Route(
             dest=r.dest, gateway=r.gateway, device=r.device, source=r.source, scope=r.scope,
-            family=agent_pb2.v6 if r.family == socket.AF_INET6 else agent_pb2.v4)
-            for r in routes])
-        neighbors = await asyncio.to_thread(
-            tcfilter.scan_neighbors, Path(self._netns), self._endpoints,
-            {r.gateway for r in routes if r.gateway})
+            family=_family(r.family)) for r in routes])
         if neighbors:
             await self.agent.add_arp_neighbors([agent_pb2.ARPNeighbor(
-                toIPAddress=agent_pb2.IPAddress(
-                    family=agent_pb2.v6 if n.family == socket.AF_INET6 else agent_pb2.v4,
-                    address=n.address),
+                toIPAddress=agent_pb2.IPAddress(family=_family(n.family), address=n.address),
                 device=n.device, lladdr=n.mac, state=tcfilter.NUD_PERMANENT)
                 for n in neighbors])
 
@@ -308,16 +300,14 @@ class Sandbox:
             if self.vm is not None:
                 await self.vm.stop()
         finally:
-            if self._endpoints:
-                await asyncio.to_thread(tcfilter.detach, Path(self._netns), self._endpoints)
-                self._endpoints = []
-                if self._owns_state:
-                    self._write_state()
             # Host state goes even if stopping the VM failed: nothing mounted
-            # for a sandbox outlives it.
+            # for a sandbox outlives it. The redirects go by the state's record
+            # of them, as for a dead owner's (written right after the attach).
             if self._owns_state:
+                # Not awaited: a cancelled teardown must still remove it all.
                 cleanup_host_state(self.paths)
                 self._owns_state = False
+            self._endpoints = []
 
     def _write_state(self) -> None:
         write_state(self.paths.state_file, SandboxState(
@@ -374,6 +364,11 @@ def cleanup_host_state(paths: SandboxPaths) -> None:
         remove_unmounted(paths.run_dir, lazy=True)
     except PykataError as exc:
         log.error("sandbox %s: %s", paths.key, exc)
+
+
+def _family(family: int) -> agent_pb2.IPFamily.ValueType:
+    """The agent API's address family for a socket one."""
+    return agent_pb2.v6 if family == socket.AF_INET6 else agent_pb2.v4
 
 
 def _guest_assets(kernel: str, initrd: str) -> tuple[Path, Path]:
