@@ -35,6 +35,7 @@ from fuzz._server import (
     request_record,
 )
 from pykata.agent import containers as containers_mod
+from pykata.agent import loopback as loopback_mod
 from pykata.agent import network as network_mod
 from pykata.agent import service as service_mod
 from pykata.agent import storage as storage_mod
@@ -122,7 +123,7 @@ class AgentTarget(Target):
         replace(service_mod, "Path", redirected_path)
         # The worker's network is the machine's: never touched. `ip` fails as
         # it would when it refuses; neighbours are refused as to nobody.
-        replace(network_mod, "loopback_up", lambda: None)
+        replace(loopback_mod, "up", lambda: None)
         replace(network_mod, "run", _failing_ip)
         replace(network_mod, "replace_neighbor", _refused_neighbor)
 

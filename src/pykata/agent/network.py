@@ -67,19 +67,6 @@ async def _ip(reaper: Reaper, *args: str) -> None:
         raise StatusError(Code.INTERNAL, f"ip {' '.join(args)}: {result.error_text()}")
 
 
-SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
-
-
-def loopback_up() -> None:
-    """`ip link set lo up`, by ioctl: no process to start at boot."""
-    import fcntl
-
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        request = struct.pack("16sH", b"lo", 0)
-        (flags,) = struct.unpack_from("H", fcntl.ioctl(sock, SIOCGIFFLAGS, request), 16)
-        fcntl.ioctl(sock, SIOCSIFFLAGS, struct.pack("16sH", b"lo", flags | IFF_UP))
-
-
 async def update_interface(reaper: Reaper, iface: agent_pb2.Interface) -> agent_pb2.Interface:
     current = link_by_mac(iface.hwAddr)
     name = _check_name(iface.name or current)

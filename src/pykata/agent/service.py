@@ -15,7 +15,7 @@ from pathlib import Path
 from google.protobuf import empty_pb2
 
 from pykata import __version__
-from pykata.agent import boot_profile, stats
+from pykata.agent import boot_profile, loopback, stats
 from pykata.agent.containers import Containers
 from pykata.agent.reaper import Reaper
 from pykata.agent.storage import mount_storage, unmount
@@ -55,11 +55,7 @@ class AgentService:
         try:
             if req.hostname:
                 Path("/proc/sys/kernel/hostname").write_text(req.hostname[:64])
-            # The pod's containers share the VM's network namespace: its
-            # loopback is theirs (a pod's containers talk over 127.0.0.1).
-            from pykata.agent import network
-
-            network.loopback_up()
+            loopback.up()
             for storage in req.storages:
                 self._sandbox_mounts.append(await mount_storage(self._reaper, storage))
         finally:
