@@ -55,8 +55,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    default=[], type=_volume,
                    help="share a host directory or file into the container (repeatable)")
     p.add_argument("--netns", metavar="PATH", default="",
-                   help="a network namespace whose interfaces the VM takes over "
-                        "(the guest's addresses are not set up yet)")
+                   help="a network namespace whose interfaces, addresses and routes "
+                        "the VM takes over (tcfilter)")
     p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD...", help="command to run")
     p.set_defaults(handler=run)
 

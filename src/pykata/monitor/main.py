@@ -30,7 +30,7 @@ from pykata.runtime.hooks import run_hooks, spec_hooks, strip_host_hooks
 from pykata.runtime.lifecycle import OUTPUT_DRAIN_SECONDS, VM_DIED_STATUS, Lifecycle, Status
 from pykata.runtime.mount_points import spec_mount_points
 from pykata.runtime.sandbox import Sandbox
-from pykata.runtime.spec import network_namespace_path, spec_hostname
+from pykata.runtime.spec import network_namespace, network_namespace_path, spec_hostname
 from pykata.runtime.state import ContainerState, process_start_time, rfc3339, write_state
 from pykata.runtime.stdio import StdioRelay
 from pykata.ttrpc import Server
@@ -62,9 +62,8 @@ def sandbox_key(state_dir: Path, container_id: str) -> str:
 
 def wants_own_network(spec: dict[str, Any]) -> bool:
     """Whether the spec asks for a new network namespace (one without a path)."""
-    namespaces = (spec.get("linux") or {}).get("namespaces") or []
-    return any(isinstance(n, dict) and n.get("type") == "network" and not n.get("path")
-               for n in namespaces)
+    entry = network_namespace(spec)
+    return entry is not None and not entry.get("path")
 
 
 def container_netns(spec: dict[str, Any]) -> str:

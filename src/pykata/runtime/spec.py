@@ -119,16 +119,21 @@ def default_spec(
     }
 
 
-def network_namespace_path(spec: dict[str, Any]) -> str:
-    """The path of the network namespace the spec joins ("" when it names
-    none): CRI's pod namespace, podman's, `ctr run --with-ns network:PATH`."""
+def network_namespace(spec: dict[str, Any]) -> dict[str, Any] | None:
+    """The spec's network namespace entry, None when it has none."""
     linux = spec.get("linux")
     namespaces = linux.get("namespaces") if isinstance(linux, dict) else None
     for entry in namespaces if isinstance(namespaces, list) else []:
         if isinstance(entry, dict) and entry.get("type") == "network":
-            path = entry.get("path")
-            return path if isinstance(path, str) else ""
-    return ""
+            return entry
+    return None
+
+
+def network_namespace_path(spec: dict[str, Any]) -> str:
+    """The path of the network namespace the spec joins ("" when it names
+    none): CRI's pod namespace, podman's, `ctr run --with-ns network:PATH`."""
+    path = (network_namespace(spec) or {}).get("path")
+    return path if isinstance(path, str) else ""
 
 
 def spec_hostname(spec: dict[str, Any], default: str) -> str:
