@@ -103,3 +103,19 @@ def test_every_vm_reports_its_free_pages(tmp_path: Path) -> None:
     frees (its unpacked initrd's image) stop costing the host memory."""
     cmd = " ".join(QemuVM(_vm(tmp_path)).command(7, 9, 11))
     assert "-device virtio-balloon-device,free-page-reporting=on" in cmd
+
+
+def test_template_memory_shared_and_a_clone_private_and_incoming(tmp_path: Path) -> None:
+    """A template VM's RAM is its file, mapped shared; a clone maps the same
+    file private and waits for its device state."""
+    memory = tmp_path / "mem,ory"
+    template = " ".join(QemuVM(_vm(tmp_path, memory_path=memory)).command(7, 9, 11))
+    assert f"memory-backend-file,id=pykata-ram,size=512M,mem-path={tmp_path}/mem,,ory," \
+           "share=on" in template
+    assert "memory-backend=pykata-ram" in template and "-incoming" not in template
+    clone = QemuVM(_vm(tmp_path, memory_path=memory, memory_shared=False, incoming=True))
+    cmd = clone.command(7, 9, 11)
+    assert "share=off" in " ".join(cmd)
+    assert cmd[cmd.index("-incoming") + 1] == "defer"
+    plain = " ".join(QemuVM(_vm(tmp_path)).command(7, 9, 11))
+    assert "memory-backend" not in plain and "-incoming" not in plain

@@ -108,8 +108,12 @@ def test_service_methods() -> None:
         "ResumeContainer", "WriteStdin", "ReadStdout", "ReadStderr", "CloseStdin",
         "TtyWinResize", "CreateSandbox", "DestroySandbox", "GetGuestDetails", "GetOOMEvent",
         "UpdateInterface", "UpdateRoutes", "ListInterfaces", "ListRoutes", "AddARPNeighbors",
-        "GetBootProfile",
+        "GetBootProfile", "ReseedRandomDev", "SetGuestDateTime",
     }  # fmt: skip
+    # Kata's field numbers for the calls that make a template's clone its own.
+    assert agent_pb2.ReseedRandomDevRequest.DESCRIPTOR.fields_by_name["data"].number == 2
+    when = agent_pb2.SetGuestDateTimeRequest.DESCRIPTOR.fields_by_name
+    assert (when["Sec"].number, when["Usec"].number) == (1, 2)
     assert agent["UpdateInterface"] == ("UpdateInterfaceRequest", "Interface")
     assert agent["UpdateRoutes"] == ("UpdateRoutesRequest", "Routes")
     # Kata's field numbers: the wire carries these, not the names.

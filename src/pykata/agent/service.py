@@ -15,7 +15,7 @@ from pathlib import Path
 from google.protobuf import empty_pb2
 
 from pykata import __version__
-from pykata.agent import boot_profile, loopback, stats
+from pykata.agent import boot_profile, clone, loopback, stats
 from pykata.agent.containers import Containers
 from pykata.agent.reaper import Reaper
 from pykata.agent.storage import mount_storage, unmount
@@ -82,6 +82,28 @@ class AgentService:
         self, req: agent_pb2.BootProfileRequest, ctx: RequestContext
     ) -> agent_pb2.BootProfile:
         return agent_pb2.BootProfile(**boot_profile.marks())
+
+    async def ReseedRandomDev(
+        self, req: agent_pb2.ReseedRandomDevRequest, ctx: RequestContext
+    ) -> empty_pb2.Empty:
+        try:
+            clone.reseed(req.data)
+        except ValueError as exc:
+            raise StatusError(Code.INVALID_ARGUMENT, str(exc)) from None
+        except OSError as exc:
+            raise StatusError(Code.INTERNAL, f"cannot reseed the guest's RNG: {exc}") from None
+        return _EMPTY
+
+    async def SetGuestDateTime(
+        self, req: agent_pb2.SetGuestDateTimeRequest, ctx: RequestContext
+    ) -> empty_pb2.Empty:
+        try:
+            clone.set_wall_clock(req.Sec, req.Usec)
+        except ValueError as exc:
+            raise StatusError(Code.INVALID_ARGUMENT, str(exc)) from None
+        except OSError as exc:
+            raise StatusError(Code.INTERNAL, f"cannot set the guest's clock: {exc}") from None
+        return _EMPTY
 
     async def GetGuestDetails(
         self, req: agent_pb2.GuestDetailsRequest, ctx: RequestContext
@@ -283,6 +305,8 @@ _AGENT_REQUESTS = {
     "DestroySandbox": agent_pb2.DestroySandboxRequest,
     "GetGuestDetails": agent_pb2.GuestDetailsRequest,
     "GetBootProfile": agent_pb2.BootProfileRequest,
+    "ReseedRandomDev": agent_pb2.ReseedRandomDevRequest,
+    "SetGuestDateTime": agent_pb2.SetGuestDateTimeRequest,
     "CreateContainer": agent_pb2.CreateContainerRequest,
     "StartContainer": agent_pb2.StartContainerRequest,
     "RemoveContainer": agent_pb2.RemoveContainerRequest,

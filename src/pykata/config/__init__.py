@@ -21,7 +21,7 @@ from pykata.errors import ConfigError
 SYSTEM_CONFIG = Path("/etc/pykata/configuration.toml")
 DEFAULT_CONFIG = Path(__file__).with_name("configuration.toml")
 
-_Section = TypeVar("_Section", "QemuConfig", "AgentConfig", "RuntimeConfig")
+_Section = TypeVar("_Section", "QemuConfig", "AgentConfig", "RuntimeConfig", "FactoryConfig")
 
 SHARED_FS_CHOICES = ("auto", "virtio-9p", "virtio-fs")
 ACCEL_CHOICES = ("auto", "kvm", "tcg")
@@ -90,10 +90,25 @@ INTERNETWORKING_MODELS = ("tcfilter", "none")
 
 
 @dataclass(frozen=True)
+class FactoryConfig:
+    # Start VMs by restoring a template VM saved at agent-ready, its memory
+    # shared copy-on-write between pods (see the README on what that shares).
+    enable_template: bool = False
+    # Where templates live; "" is <run root>/template.
+    template_path: str = ""
+
+    def validate(self, where: str) -> None:
+        if self.template_path and not os.path.isabs(self.template_path):
+            raise ConfigError(f"{where}: template_path must be an absolute path, not "
+                              f"{self.template_path!r}")
+
+
+@dataclass(frozen=True)
 class Config:
     qemu: QemuConfig = field(default_factory=QemuConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    factory: FactoryConfig = field(default_factory=FactoryConfig)
     source: str = str(DEFAULT_CONFIG)
 
     def to_dict(self) -> dict[str, Any]:
@@ -102,6 +117,7 @@ class Config:
             "hypervisor": {"qemu": _plain(dataclasses.asdict(self.qemu))},
             "agent": _plain(dataclasses.asdict(self.agent)),
             "runtime": _plain(dataclasses.asdict(self.runtime)),
+            "factory": _plain(dataclasses.asdict(self.factory)),
         }
 
 
@@ -133,13 +149,14 @@ def load(explicit: str | os.PathLike[str] | None = None) -> Config:
 
 def parse(data: dict[str, Any], source: str) -> Config:
     """Validate an already-decoded configuration table."""
-    _no_unknown(source, "", data, {"hypervisor", "agent", "runtime"})
+    _no_unknown(source, "", data, {"hypervisor", "agent", "runtime", "factory"})
     hypervisor = _table(source, "hypervisor", data.get("hypervisor", {}))
     _no_unknown(source, "hypervisor.", hypervisor, {"qemu"})
     qemu = _section(QemuConfig, source, "hypervisor.qemu", hypervisor.get("qemu", {}))
     agent = _section(AgentConfig, source, "agent", data.get("agent", {}))
     runtime = _section(RuntimeConfig, source, "runtime", data.get("runtime", {}))
-    return Config(qemu=qemu, agent=agent, runtime=runtime, source=source)
+    factory = _section(FactoryConfig, source, "factory", data.get("factory", {}))
+    return Config(qemu=qemu, agent=agent, runtime=runtime, factory=factory, source=source)
 
 
 def _section(cls: type[_Section], source: str, name: str, raw: object) -> _Section:

@@ -17,8 +17,10 @@ import signal
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pykata.errors import HypervisorError
+from pykata.hypervisor import migration
 from pykata.hypervisor import qemu_args as qa
 from pykata.hypervisor.base import (
     AgentChannel,
@@ -65,6 +67,11 @@ class VmConfig:
     console_limit: int = 1 << 20
     # NICs on taps the caller opened (tcfilter): their descriptors go to QEMU.
     network: tuple[NetworkInterface, ...] = ()
+    # Guest RAM in this file (templates), mapped shared or private; else anonymous.
+    memory_path: Path | None = None
+    memory_shared: bool = True
+    # Start paused, to be restored from a saved state (QemuVM.restore_state).
+    incoming: bool = False
 
     @property
     def console_log(self) -> Path:
@@ -140,9 +147,9 @@ class QemuVM:
         c = self.config
         opts: list[qa.QemuOption] = [
             qa.Basics(name=f"pykata-{c.name}"),
-            qa.Machine(c.machine_type, c.accel),
+            qa.Machine(c.machine_type, c.accel, ram_backend=c.memory_path is not None),
             qa.Cpu(c.vcpus, c.accel),
-            qa.Memory(c.memory_mib),
+            qa.Memory(c.memory_mib, c.memory_path, c.memory_shared),
             qa.KernelBoot(c.kernel, c.initrd, c.kernel_cmdline()),
             qa.QmpFd(qmp_fd),
         ]
@@ -154,6 +161,8 @@ class QemuVM:
                 nics += 1
                 continue
             opts += _render(device, c.machine_type, agent_fd=agent_fd, console_fd=console_fd)
+        if c.incoming:
+            opts.append(qa.Incoming())
         return opts
 
     def command(self, qmp_fd: int, agent_fd: int, console_fd: int) -> list[str]:
@@ -223,6 +232,27 @@ class QemuVM:
         guest = CappedLog(self.config.console_log, limit)
         guest.start(reader)
         self._logs = [stderr, guest]
+
+    async def save_state(self, state_file: Path, timeout: float = 60.0) -> None:
+        """Pause the VM and save its device state (its RAM stays in its
+        memory file): the VM can only be stopped afterwards."""
+        await self._migration(migration.save_state, state_file, timeout)
+
+    async def restore_state(self, state_file: Path, timeout: float = 60.0) -> None:
+        """Resume a VM started with `incoming` from a saved state."""
+        await self._migration(migration.restore_state, state_file, timeout)
+
+    async def _migration(self, step: Any, state_file: Path, timeout: float) -> None:
+        if self._qmp is None:
+            raise HypervisorError("the VM is not running")
+        try:
+            await step(self._qmp, state_file, timeout)
+        except HypervisorError as exc:
+            raise HypervisorError(f"{exc.message}\n{self.failure_report()}") from exc
+        except (OSError, EOFError) as exc:
+            raise HypervisorError(f"QEMU failed: {exc}\n{self.failure_report()}") from exc
+        except Exception as exc:  # qemu.qmp's ExecuteError and connection errors
+            raise HypervisorError(f"QEMU refused: {exc}\n{self.failure_report()}") from exc
 
     def failure_report(self, lines: int = 15) -> str:
         return failure_report(self.config.stderr_log, self.config.console_log, lines)

@@ -25,10 +25,16 @@ def _escape(value: str) -> str:
     return value.replace(",", ",,")
 
 
+# The id of the guest RAM's backend object, when it is a file (templates).
+RAM_BACKEND_ID = "pykata-ram"
+
+
 @dataclass(frozen=True)
 class Machine:
     machine_type: str
     accel: str
+    # The guest RAM is the object RAM_BACKEND_ID (see Memory.path).
+    ram_backend: bool = False
 
     def args(self) -> list[str]:
         if self.machine_type == "microvm":
@@ -40,6 +46,8 @@ class Machine:
             opts = "microvm,acpi=off,pit=on,pic=on,rtc=on,isa-serial=on"
         else:
             opts = self.machine_type
+        if self.ram_backend:
+            opts += f",memory-backend={RAM_BACKEND_ID}"
         return ["-machine", f"{opts},accel={self.accel}"]
 
 
@@ -55,10 +63,31 @@ class Cpu:
 
 @dataclass(frozen=True)
 class Memory:
+    """Guest RAM: anonymous memory, or a file (`path`). A template VM maps its
+    file shared, so the guest's pages end up in it; a clone maps the
+    template's file private: it reads the template's pages from the page
+    cache, shared with every other clone, and a page it writes becomes its
+    own copy."""
+
     mib: int
+    path: Path | None = None
+    shared: bool = True
 
     def args(self) -> list[str]:
-        return ["-m", f"{self.mib}M"]
+        out = ["-m", f"{self.mib}M"]
+        if self.path is not None:
+            share = "on" if self.shared else "off"
+            out += ["-object", f"memory-backend-file,id={RAM_BACKEND_ID},size={self.mib}M,"
+                               f"mem-path={_escape(str(self.path))},share={share}"]
+        return out
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """Start paused, waiting for device state over QMP (migrate-incoming)."""
+
+    def args(self) -> list[str]:
+        return ["-incoming", "defer"]
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,10 @@ class QmpConnection:
     async def execute(self, command: str, **arguments: object) -> object:
         return await self._client.execute(command, arguments or None)
 
+    def send_fd(self, fd: int) -> None:
+        """Pass `fd` to QEMU (SCM_RIGHTS); the next `getfd` names it."""
+        self._client.send_fd_scm(fd)
+
     async def close(self) -> None:
         with contextlib.suppress(Exception):
             await self._client.disconnect()

@@ -1651,6 +1651,53 @@ class AddARPNeighborsRequest(_message.Message):
 Global___AddARPNeighborsRequest: _TypeAlias = AddARPNeighborsRequest  # noqa: Y015
 
 @_typing.final
+class ReseedRandomDevRequest(_message.Message):
+    """Host entropy the guest mixes into its pool before forcing its generator to
+    reseed.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATA_FIELD_NUMBER: _builtins.int
+    data: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        data: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReseedRandomDevRequest: _TypeAlias = ReseedRandomDevRequest  # noqa: Y015
+
+@_typing.final
+class SetGuestDateTimeRequest(_message.Message):
+    """The host's wall-clock time: seconds since the Epoch and microseconds."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEC_FIELD_NUMBER: _builtins.int
+    USEC_FIELD_NUMBER: _builtins.int
+    Sec: _builtins.int
+    Usec: _builtins.int
+    def __init__(
+        self,
+        *,
+        Sec: _builtins.int = ...,
+        Usec: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["Sec", b"Sec", "Usec", b"Usec"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetGuestDateTimeRequest: _TypeAlias = SetGuestDateTimeRequest  # noqa: Y015
+
+@_typing.final
 class BootProfileRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

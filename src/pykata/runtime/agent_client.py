@@ -51,6 +51,8 @@ _TIMEOUTS = {
     "ListProcesses": 30.0,
     "GetGuestDetails": 30.0,
     "GetBootProfile": 10.0,
+    "ReseedRandomDev": 10.0,
+    "SetGuestDateTime": 10.0,
     "UpdateInterface": 30.0,
     "UpdateRoutes": 30.0,
     "AddARPNeighbors": 30.0,
@@ -88,9 +90,16 @@ class AgentClient:
         self._client = client
 
     @classmethod
-    async def over_socket(cls, sock: socket.socket) -> AgentClient:
+    async def over_socket(cls, sock: socket.socket, *, first_stream_id: int = 1
+                          ) -> AgentClient:
+        """`first_stream_id`: above every id the agent has seen on this
+        channel (a VM restored from a template remembers the template's)."""
         reader, writer = await asyncio.open_connection(sock=sock)
-        return cls(Client(reader, writer))
+        return cls(Client(reader, writer, first_stream_id=first_stream_id))
+
+    @property
+    def next_stream_id(self) -> int:
+        return self._client.next_stream_id
 
     @property
     def closed(self) -> bool:
@@ -158,6 +167,16 @@ class AgentClient:
         (negative, not finite, over an hour) is left out."""
         return boot_steps(await self._call("GetBootProfile", agent_pb2.BootProfileRequest(),
                                            agent_pb2.BootProfile))
+
+    async def reseed_random(self, data: bytes) -> None:
+        await self._call("ReseedRandomDev", agent_pb2.ReseedRandomDevRequest(data=data),
+                         empty_pb2.Empty)
+
+    async def set_guest_time(self, now_ns: int) -> None:
+        sec, nsec = divmod(now_ns, 1_000_000_000)
+        await self._call("SetGuestDateTime",
+                         agent_pb2.SetGuestDateTimeRequest(Sec=sec, Usec=nsec // 1000),
+                         empty_pb2.Empty)
 
     async def create_container(self, req: agent_pb2.CreateContainerRequest) -> None:
         await self._call("CreateContainer", req, empty_pb2.Empty)

@@ -20,6 +20,7 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pykata.channels import TOKEN_SIZE
 from pykata.config import Config
@@ -43,6 +44,9 @@ from pykata.runtime.state import (
     write_state,
 )
 from pykata.ttrpc import Code
+
+if TYPE_CHECKING:
+    from pykata.factory.template import Template
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +96,9 @@ class Sandbox:
         self._stopped = False
         self._owns_state = False
         self._endpoints: list[tcfilter.Endpoint] = []
+        # How the VM started: "cold" (booted) or "template" (restored).
+        self.boot = ""
+        self._restored_at = 0.0
         # The namespace mirrored into the VM: options.netns, unless the
         # configuration's internetworking_model is "none".
         self._netns = (options.netns if config.runtime.internetworking_model == "tcfilter"
@@ -144,7 +151,7 @@ class Sandbox:
                 vm_config = dataclasses.replace(vm_config, network=tuple(
                     NetworkInterface(e.tap_fd, e.mac, e.mtu, e.vhost_fd)
                     for e in self._endpoints))
-            await self._boot(vm_config)
+            await self._boot(vm_config, await self._template_for(vm_config))
         except BaseException:
             await self._teardown()
             raise
@@ -168,13 +175,51 @@ class Sandbox:
         # tell an abandoned sandbox (owner dead) from one still starting.
         self._write_state()
 
-    async def _boot(self, vm_config: VmConfig) -> None:
+    async def _template_for(self, vm_config: VmConfig) -> Template | None:
+        """The VM template to restore this sandbox's VM from, built now if
+        its shape has none; None (and a log line saying why) for a cold boot."""
+        if not self.config.factory.enable_template:
+            return None
+        from pykata.factory import template as templates
+
+        reason = templates.unclonable(vm_config)
+        if reason:
+            log.info("sandbox %s boots cold: %s", self.id, reason)
+            return None
+        root = templates.template_root(self.config)
+        found, why = templates.find(root, vm_config)
+        if found is not None:
+            return found
+        log.warning("sandbox %s: %s; building one", self.id, why)
+        try:
+            return await templates.build(root, vm_config, self.config.agent.dial_timeout)
+        except templates.TemplateBusy as exc:
+            log.warning("sandbox %s boots cold: %s", self.id, exc)
+        except PykataError as exc:
+            log.warning("sandbox %s boots cold: building a VM template failed: %s",
+                        self.id, exc)
+        return None
+
+    async def _boot(self, vm_config: VmConfig, template: Template | None = None) -> None:
         t0 = time.monotonic()
-        self._vm_config_used = vm_config
-        self.vm = QemuVM(vm_config)
-        await self.vm.start()
-        t1 = time.monotonic()
-        await self._wait_for_agent()
+        if template is not None:
+            try:
+                await self._restore(vm_config, template)
+            except (HypervisorError, AgentError) as exc:
+                log.warning("sandbox %s boots cold: restoring VM template %s failed: %s",
+                            self.id, template.key, exc)
+                await self._drop_vm()
+                template = None
+        if template is None:
+            self._vm_config_used = vm_config
+            self.vm = QemuVM(vm_config)
+            await self.vm.start()
+            t1 = time.monotonic()
+            await self._wait_for_agent()
+            self.boot = "cold"
+        else:
+            t1 = self._restored_at
+            self.boot = "template"
         assert self.agent is not None
         t2 = time.monotonic()
         await self.agent.create_sandbox(agent_pb2.CreateSandboxRequest(
@@ -184,6 +229,31 @@ class Sandbox:
         if self._endpoints:
             await self._configure_guest_network()
         self.times = PhaseTimes(t1 - t0, t2 - t1, time.monotonic() - t2)
+
+    async def _restore(self, vm_config: VmConfig, template: Template) -> None:
+        """Start this sandbox's VM from `template`: its memory mapped private,
+        its device state loaded, then made its own (clock, randomness)."""
+        clone = dataclasses.replace(vm_config, memory_path=template.memory,
+                                    memory_shared=False, incoming=True)
+        self._vm_config_used = clone
+        self.vm = QemuVM(clone)
+        await self.vm.start()
+        await self.vm.restore_state(template.state)
+        self._restored_at = time.monotonic()
+        await self._wait_for_agent(first_stream_id=template.next_stream_id)
+        assert self.agent is not None
+        # Before any container runs: every clone resumed with the same
+        # random pool and a clock stopped at the template's save.
+        await self.agent.set_guest_time(time.time_ns())
+        await self.agent.reseed_random(os.urandom(64))
+
+    async def _drop_vm(self) -> None:
+        if self.agent is not None:
+            await self.agent.close()
+            self.agent = None
+        if self.vm is not None:
+            await self.vm.kill()
+            self.vm = None
 
     async def _configure_guest_network(self) -> None:
         """Give the guest the pod's addresses, MTU, routes and neighbours, on
@@ -206,7 +276,7 @@ class Sandbox:
                 device=n.device, lladdr=n.mac, state=tcfilter.NUD_PERMANENT)
                 for n in neighbors])
 
-    async def _dial(self, timeout: float) -> None:
+    async def _dial(self, timeout: float, first_stream_id: int = 1) -> None:
         """Connect to the agent (vsock) or take the channel QEMU holds, then
         Health.Check until it answers."""
         assert self.vm is not None
@@ -221,14 +291,14 @@ class Sandbox:
         else:
             assert self.vm.agent_socket is not None
             sock = self.vm.agent_socket
-        self.agent = await AgentClient.over_socket(sock)
+        self.agent = await AgentClient.over_socket(sock, first_stream_id=first_stream_id)
         await self.agent.check(max(0.001, deadline - loop.time()))
 
-    async def _wait_for_agent(self) -> None:
+    async def _wait_for_agent(self, first_stream_id: int = 1) -> None:
         """Dial the agent until it answers, QEMU exits, or dial_timeout passes."""
         assert self.vm is not None
         timeout = self.config.agent.dial_timeout
-        check = asyncio.ensure_future(self._dial(timeout))
+        check = asyncio.ensure_future(self._dial(timeout, first_stream_id))
         exited = asyncio.ensure_future(self.vm.wait())
         try:
             done, _ = await asyncio.wait({check, exited}, return_when=asyncio.FIRST_COMPLETED)
@@ -322,6 +392,7 @@ class Sandbox:
             monitor_socket=self.monitor_socket,
             netns=self._netns if self._endpoints else "",
             mirrored={e.name: e.index for e in self._endpoints},
+            boot=self.boot,
         ))
 
 

@@ -50,6 +50,8 @@ class SandboxState:
     # tc redirects: what `pykata cleanup` removes once the owner is gone.
     netns: str = ""
     mirrored: dict[str, int] = field(default_factory=dict)
+    # "cold" (booted) or "template" (restored from a VM template); "" while starting.
+    boot: str = ""
     version: int = STATE_VERSION
 
 

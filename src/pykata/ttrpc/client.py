@@ -54,11 +54,16 @@ class Client:
     to the root cause, and `wait_closed` returns.
     """
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 *, first_stream_id: int = 1) -> None:
+        """`first_stream_id` continues a connection another client began (a
+        server refuses a stream id it has seen): see `next_stream_id`."""
+        if first_stream_id < 1 or first_stream_id % 2 == 0 or first_stream_id > MAX_STREAM_ID:
+            raise ValueError(f"client stream ids are odd and positive, not {first_stream_id}")
         self._frames = FrameStream(reader, writer)
         self._state = ClientState.RUNNING
         self._pending: dict[int, asyncio.Future[bytes]] = {}
-        self._next_stream_id = 1  # client-initiated streams are odd: 1, 3, 5, ...
+        self._next_stream_id = first_stream_id  # client-initiated streams are odd: 1, 3, 5, ...
         self._close_cause: BaseException | None = None
         self._closed = asyncio.Event()
         # Frames nobody waits for (a hostile peer can send them without end):
@@ -74,6 +79,11 @@ class Client:
         """Connect to a ttRPC server listening on the unix socket at ``path``."""
         reader, writer = await asyncio.open_unix_connection(path)
         return cls(reader, writer)
+
+    @property
+    def next_stream_id(self) -> int:
+        """The id the next call will use."""
+        return self._next_stream_id
 
     @property
     def state(self) -> ClientState:

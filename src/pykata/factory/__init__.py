@@ -1,0 +1,1 @@
+"""Fast starts: VM templates (VMs restored from one booted and saved once)."""

@@ -1,0 +1,309 @@
+"""VM templates: a VM booted once to agent-ready and saved, that new VMs are
+restored from.
+
+    <root>/                 0700 (default <run root>/template)
+    <root>/<key>/           one template per VM shape, 0700
+        memory              the template's guest RAM: clones map it private
+        state               its device state (a QEMU migration stream)
+        template.json       what it was made from, and the agent channel's
+                            next ttRPC stream id
+        console.log, qemu.stderr
+    <root>/<key>.lock       held while the template is built
+
+The key is a digest of everything that makes a VM's saved state fit another
+VM: QEMU, kernel and initrd (path and file identity, so a rebuilt asset makes
+a new key), machine type, accelerator, vCPUs, memory, kernel command line and
+the device list. A VM whose shape has no template gets one built; a template
+whose assets changed is never found again and is removed at the next build.
+
+A template is saved before the guest mounts its shared directory (QEMU
+refuses to migrate a mounted 9p export), so every clone mounts its own
+sandbox's export at CreateSandbox. Clones resume with the template's random
+state and clock: the sandbox reseeds and sets both before anything else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import stat
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pykata.config import Config
+from pykata.errors import AgentError, HypervisorError, PykataError
+from pykata.hypervisor.qemu import QemuVM, VmConfig
+from pykata.runtime.agent_client import AgentClient
+from pykata.runtime.paths import private_dir, run_root
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+META = "template.json"
+_KEY = re.compile(r"[0-9a-f]{24}")
+_SAVE_SECONDS = 60.0
+
+
+class TemplateBusy(PykataError):
+    """Another process is building this template right now."""
+
+
+@dataclass(frozen=True)
+class Template:
+    directory: Path
+    key: str
+    next_stream_id: int
+    created: float
+
+    @property
+    def memory(self) -> Path:
+        return self.directory / "memory"
+
+    @property
+    def state(self) -> Path:
+        return self.directory / "state"
+
+
+def template_root(config: Config) -> Path:
+    return Path(config.factory.template_path or run_root() / "template")
+
+
+def unclonable(vm: VmConfig) -> str:
+    """Why a template cannot stand in for this VM ("" when one can)."""
+    if vm.network:
+        return "it has network interfaces, which a template VM cannot have"
+    if vm.vsock_cid:
+        return "its agent channel is vsock (a clone would need its own context id)"
+    if vm.shared_dir is None:
+        return "it has no shared directory"
+    return ""
+
+
+def _file_id(path: str | Path) -> list[Any]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return [str(path), "missing"]
+    return [os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns]
+
+
+def identity(vm: VmConfig) -> dict[str, Any]:
+    """What a VM's saved state depends on."""
+    return {
+        "format": FORMAT,
+        "qemu": _file_id(vm.qemu_path),
+        "kernel": _file_id(vm.kernel),
+        "initrd": _file_id(vm.initrd),
+        "machine_type": vm.machine_type,
+        "accel": vm.accel,
+        "vcpus": vm.vcpus,
+        "memory_mib": vm.memory_mib,
+        "cmdline": vm.kernel_cmdline(),
+        "devices": [type(d).__name__ for d in vm.devices()],
+    }
+
+
+def template_key(ident: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def find(root: Path, vm: VmConfig) -> tuple[Template | None, str]:
+    """The template for `vm`'s shape, or None and why there is none."""
+    ident = identity(vm)
+    key = template_key(ident)
+    directory = root / key
+    for path in (root, directory):
+        untrusted = _not_private(path)
+        if untrusted:
+            return None, untrusted
+    try:
+        meta = json.loads((directory / META).read_text())
+    except FileNotFoundError:
+        return None, f"no VM template for this VM's shape in {root}"
+    except (OSError, ValueError) as exc:
+        return None, f"the VM template in {directory} is unreadable ({exc})"
+    if not isinstance(meta, dict) or meta.get("identity") != ident:
+        return None, f"the VM template in {directory} was made for other settings"
+    stream = meta.get("next_stream_id")
+    if not isinstance(stream, int) or stream < 1 or stream % 2 == 0:
+        return None, f"the VM template in {directory} has no valid stream id"
+    template = Template(directory, key, stream, float(meta.get("created", 0)))
+    for part in (template.memory, template.state):
+        if not part.is_file():
+            return None, f"the VM template in {directory} lacks {part.name}"
+    return template, ""
+
+
+def _not_private(path: Path) -> str:
+    """Why `path` cannot hold a template pykata trusts ("" when it can): a
+    template's state is parsed by every clone's QEMU, so only a directory of
+    ours that nobody else can write may hold one."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return f"no VM template for this VM's shape in {path}"
+    except OSError as exc:
+        return f"cannot read {path}: {exc.strerror}"
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        return (f"{path} is not a directory of uid {os.geteuid()} that only it can write: "
+                "its templates are not used")
+    return ""
+
+
+async def build(root: Path, vm: VmConfig, dial_timeout: float) -> Template:
+    """Boot a template VM for `vm`'s shape to agent-ready and save it.
+    Raises TemplateBusy while another process builds the same one."""
+    ident = identity(vm)
+    key = template_key(ident)
+    private_dir(root)
+    lock_fd = os.open(root / f"{key}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise TemplateBusy(f"the VM template {key} is being built by another "
+                               "process") from None
+        found, _ = find(root, vm)
+        if found is not None:  # built while we waited for the lock
+            return found
+        work = root / f"{key}.new"
+        shutil.rmtree(work, ignore_errors=True)  # a build that died part-way
+        try:
+            template = await _build_in(work, key, ident, vm, dial_timeout)
+            final = root / key
+            shutil.rmtree(final, ignore_errors=True)
+            os.rename(work, final)
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+        prune(root)
+        return dataclasses.replace(template, directory=final)
+    finally:
+        os.close(lock_fd)
+
+
+async def _build_in(work: Path, key: str, ident: dict[str, Any], vm: VmConfig,
+                    dial_timeout: float) -> Template:
+    private_dir(work)
+    (work / "share").mkdir(mode=0o700)
+    template_vm = QemuVM(dataclasses.replace(
+        vm, name=f"template-{key}", run_dir=work, shared_dir=work / "share",
+        memory_path=work / "memory", memory_shared=True, incoming=False))
+    started = time.monotonic()
+    agent: AgentClient | None = None
+    try:
+        await template_vm.start()
+        assert template_vm.agent_socket is not None
+        agent = await AgentClient.over_socket(template_vm.agent_socket)
+        try:
+            await asyncio.wait_for(agent.check(dial_timeout), dial_timeout + 5)
+        except (AgentError, TimeoutError) as exc:
+            raise HypervisorError(
+                f"the template VM's agent did not answer: {exc}\n"
+                f"{template_vm.failure_report()}") from exc
+        next_stream_id = agent.next_stream_id
+        # Saved with the agent channel still connected: the guest never sees
+        # its host side go away, and resumes in every clone mid-read.
+        await template_vm.save_state(work / "state", _SAVE_SECONDS)
+    finally:
+        if agent is not None:
+            await agent.close()
+        await template_vm.stop()
+    created = time.time()
+    meta = {"identity": ident, "next_stream_id": next_stream_id, "created": created,
+            "build_seconds": round(time.monotonic() - started, 3)}
+    tmp = work / f"{META}.tmp"
+    tmp.write_text(json.dumps(meta, indent=1))
+    os.rename(tmp, work / META)
+    log.info("VM template %s built in %.2f s", key, meta["build_seconds"])
+    return Template(work, key, next_stream_id, created)
+
+
+def _stale(meta: Any) -> bool:
+    """Whether a template's QEMU, kernel or initrd has changed since it was made."""
+    if not isinstance(meta, dict) or not isinstance(meta.get("identity"), dict):
+        return True
+    ident = meta["identity"]
+    if ident.get("format") != FORMAT:
+        return True
+    for part in ("qemu", "kernel", "initrd"):
+        recorded = ident.get(part)
+        if not isinstance(recorded, list) or not recorded:
+            return True
+        if _file_id(recorded[0]) != recorded:
+            return True
+    return False
+
+
+@dataclass(frozen=True)
+class TemplateInfo:
+    key: str
+    directory: Path
+    created: float
+    memory_bytes: int  # of the memory file, allocated (it is sparse)
+    stale: bool
+    shape: dict[str, Any]
+
+
+def list_templates(root: Path) -> list[TemplateInfo]:
+    out: list[TemplateInfo] = []
+    if not root.is_dir():
+        return out
+    for entry in sorted(root.iterdir()):
+        if not _KEY.fullmatch(entry.name) or not entry.is_dir():
+            continue
+        try:
+            meta = json.loads((entry / META).read_text())
+        except (OSError, ValueError):
+            meta = None
+        try:
+            used = os.stat(entry / "memory").st_blocks * 512
+        except OSError:
+            used = 0
+        ident = meta.get("identity", {}) if isinstance(meta, dict) else {}
+        shape = {k: ident.get(k) for k in ("vcpus", "memory_mib", "machine_type", "accel")}
+        out.append(TemplateInfo(entry.name, entry, float(meta.get("created", 0))
+                                if isinstance(meta, dict) else 0.0, used, _stale(meta), shape))
+    return out
+
+
+def prune(root: Path) -> list[str]:
+    """Remove templates no VM can use again (their assets changed)."""
+    removed = []
+    for info in list_templates(root):
+        if info.stale:
+            shutil.rmtree(info.directory, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                (root / f"{info.key}.lock").unlink()
+            removed.append(info.key)
+    return removed
+
+
+def destroy(root: Path) -> list[str]:
+    """Remove every template under `root` (and `root` once it is empty)."""
+    removed: list[str] = []
+    if not root.is_dir():
+        return removed
+    for entry in sorted(root.iterdir()):
+        name = entry.name.removesuffix(".lock").removesuffix(".new")
+        if not _KEY.fullmatch(name):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        if entry.name == name:
+            removed.append(name)
+    with contextlib.suppress(OSError):
+        root.rmdir()
+    return removed
