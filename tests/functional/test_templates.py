@@ -21,7 +21,6 @@ from pykata.factory import template as templates
 from pykata.runtime.sandbox import Sandbox, SandboxOptions, read_sandbox_state
 from tests.functional.conftest import qemu_processes, run_in_sandbox
 
-
 CLOCK_LAG = 5.0
 
 
