@@ -10,6 +10,8 @@ import dataclasses
 import json
 import logging
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -19,7 +21,7 @@ import pytest
 from pykata import config
 from pykata.factory import template as templates
 from pykata.runtime.sandbox import Sandbox, SandboxOptions, read_sandbox_state
-from tests.functional.conftest import qemu_processes, run_in_sandbox
+from tests.functional.conftest import Cli, qemu_processes, run_in_sandbox
 
 CLOCK_LAG = 5.0
 
@@ -191,3 +193,59 @@ async def test_a_template_with_metadata_of_other_settings_is_refused(
     await sandbox.stop()
     assert sandbox.boot == "template"
     assert json.loads(meta_file.read_text())["identity"]["vcpus"] == 1
+
+
+def _config_file(tmp_path: Path, template_root: Path) -> Path:
+    path = tmp_path / "pykata.toml"
+    path.write_text(f'[factory]\nenable_template = true\ntemplate_path = "{template_root}"\n')
+    return path
+
+
+def test_factory_command_line_builds_lists_and_destroys(cli: Cli, tmp_path: Path) -> None:
+    root = tmp_path / "templates"
+    conf = str(_config_file(tmp_path, root))
+    off = cli("factory", "init")
+    assert off.returncode != 0 and "VM templates are off" in off.err
+    assert "no templates" in cli("--config", conf, "factory", "status").out
+    built = cli("--config", conf, "factory", "init")
+    assert built.returncode == 0 and "built in" in built.out, built.err
+    status = cli("--config", conf, "factory", "status").out
+    assert "ready" in status and "512 MiB" in status
+    # A start through the command line restores from it.
+    run = cli("--config", conf, "run", "--", "sh", "-c", "echo from-a-clone; exit 4")
+    assert run.returncode == 4 and run.out == "from-a-clone\n", run.err
+    assert "boots cold" not in run.err
+    assert "removed 1 template" in cli("--config", conf, "factory", "destroy").out
+    assert not root.exists()
+
+
+def test_a_builder_killed_part_way_leaves_no_vm_and_cleanup_removes_its_files(
+        cli: Cli, tmp_path: Path) -> None:
+    root = tmp_path / "templates"
+    conf = str(_config_file(tmp_path, root))
+    def template_vms() -> list[str]:
+        out = subprocess.run(["pgrep", "-af", f"mem-path={root}/"], capture_output=True,
+                             text=True).stdout
+        return [line for line in out.splitlines() if "qemu-system" in line]
+
+    builder = subprocess.Popen([sys.executable, "-m", "pykata.cli.main", "--config", conf,
+                                "factory", "init"], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not (list(root.glob("*.new/memory")) and template_vms()):
+            assert time.monotonic() < deadline and builder.poll() is None, "no build began"
+            time.sleep(0.05)
+    finally:
+        builder.kill()
+        builder.wait()
+    # The template VM died with its builder (PDEATHSIG).
+    deadline = time.monotonic() + 10
+    while template_vms() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not template_vms()
+    assert list(root.glob("*.new"))
+    assert "nothing to clean up" in cli("--config", conf, "cleanup", "--dry-run").out
+    cleaned = cli("--config", conf, "cleanup")
+    assert "removed the half-built VM template" in cleaned.out, cleaned.err
+    assert not list(root.glob("*.new"))

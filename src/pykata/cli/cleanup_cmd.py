@@ -2,7 +2,8 @@
 
 A `pykata run` killed with SIGKILL takes its VM with it (QEMU dies with its
 owner), but its mounts and state directory stay. This finds every sandbox
-whose owning process is gone and removes its mounts and directories.
+whose owning process is gone and removes its mounts and directories, and
+every VM template whose builder died before it was saved.
 """
 
 from __future__ import annotations
@@ -53,6 +54,18 @@ def run(args: argparse.Namespace) -> int:
                 cleanup_host_state(paths)
             except PykataError as exc:
                 print(f"pykata: sandbox {paths.key}: {exc}")
-    if not stale:
+    abandoned = [] if args.dry_run else _abandoned_templates(args.config)
+    for key in abandoned:
+        print(f"removed the half-built VM template {key}")
+    if not stale and not abandoned:
         print("nothing to clean up")
     return 0
+
+
+def _abandoned_templates(config_file: str | None) -> list[str]:
+    """Templates whose builder died part-way (`pykata factory init` or a
+    start, killed): their directory and memory file."""
+    from pykata import config as config_mod
+    from pykata.factory import template as templates
+
+    return templates.remove_abandoned(templates.template_root(config_mod.load(config_file)))

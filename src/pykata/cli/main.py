@@ -18,7 +18,15 @@ from pykata.errors import PykataError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pykata.cli import assets_cmd, check_cmd, cleanup_cmd, env_cmd, install_cmd, run_cmd
+    from pykata.cli import (
+        assets_cmd,
+        check_cmd,
+        cleanup_cmd,
+        env_cmd,
+        factory_cmd,
+        install_cmd,
+        run_cmd,
+    )
 
     parser = argparse.ArgumentParser(
         prog="pykata",
@@ -33,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="verb", metavar="COMMAND")
     sub.required = True
-    for module in (run_cmd, check_cmd, env_cmd, assets_cmd, cleanup_cmd, install_cmd):
+    for module in (run_cmd, check_cmd, env_cmd, assets_cmd, cleanup_cmd, install_cmd,
+                   factory_cmd):
         module.register(sub)
     return parser
 

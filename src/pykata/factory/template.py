@@ -289,6 +289,29 @@ def prune(root: Path) -> list[str]:
     return removed
 
 
+def remove_abandoned(root: Path) -> list[str]:
+    """Remove the half-built templates of builders that died (`<key>.new`
+    whose lock nobody holds)."""
+    removed: list[str] = []
+    if not root.is_dir():
+        return removed
+    for work in sorted(root.glob("*.new")):
+        key = work.name.removesuffix(".new")
+        if not _KEY.fullmatch(key):
+            continue
+        fd = os.open(root / f"{key}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # still being built
+            shutil.rmtree(work, ignore_errors=True)
+            removed.append(key)
+        finally:
+            os.close(fd)
+    return removed
+
+
 def destroy(root: Path) -> list[str]:
     """Remove every template under `root` (and `root` once it is empty)."""
     removed: list[str] = []

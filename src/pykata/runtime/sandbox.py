@@ -108,7 +108,8 @@ class Sandbox:
     def console_log(self) -> Path:
         return self.paths.run_dir / "console.log"
 
-    def _vm_config(self) -> VmConfig:
+    def vm_config(self) -> VmConfig:
+        """The VM this sandbox would boot, from its configuration and options."""
         q = self.config.qemu
         kernel, initrd = _guest_assets(q.kernel, q.initrd)
         accel = resolve_accel(q.accel)
@@ -133,7 +134,7 @@ class Sandbox:
 
     async def start(self) -> None:
         """Boot the VM and bring its agent up; undo everything if any step fails."""
-        vm_config = self._vm_config()
+        vm_config = self.vm_config()
         if self._netns:
             # Refused before anything is made: a namespace the VM cannot mirror.
             # Netlink work runs on threads that enter the namespace.
