@@ -1,10 +1,12 @@
 """Benchmark: `ctr run --rm IMAGE ID true` with pykata beside runc, and the shim's memory.
 
 Starts a private containerd 1.6 (like the functional tests), imports the
-busybox test image, then alternates pykata and runc runs so both see the same
-machine. Also reports the memory of the shim server, of the pod monitor
-holding the VM (RSS and PSS from /proc/<pid>/smaps_rollup) and of its QEMU
-for an idle pod.
+busybox test image, then alternates runc, pykata booting cold and pykata
+restoring from a VM template ([factory] enable_template, the shim's
+configuration file switched between runs) so all see the same machine. Also
+reports the memory of the shim server, of the pod monitor holding the VM
+(RSS and PSS from /proc/<pid>/smaps_rollup) and of its QEMU for an idle pod
+booted cold, and for three idle pods at once restored from one template.
 
     .venv/bin/python -m benchmarks.bench_containerd [--runs 10]   (from the repository root)
 """
@@ -12,6 +14,7 @@ for an idle pod.
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import subprocess
 import sys
@@ -99,65 +102,106 @@ class IdlePod:
     guest_view: dict[str, int]
 
 
-def idle_pod_memory(peer: PrivateContainerd) -> IdlePod:
-    cid = "bench-idle"
+def idle_pod_memory(peer: PrivateContainerd, cid: str = "bench-idle") -> IdlePod:
     result = peer.ctr("run", "-d", "--runtime", RUNTIMES["pykata"], IMAGE, cid, "sleep", "600")
     if result.returncode != 0:
         raise SystemExit(f"could not start an idle pod: {result.err}")
     try:
         time.sleep(3)  # let the shim settle after start-up
-        key = pod_key(str(peer.socket), NAMESPACE, cid)
-        shim = subprocess.run(["pgrep", "-f", f"pykata[.]shim .*{key}"], capture_output=True,
-                              text=True).stdout.split()
-        monitor = subprocess.run(["pgrep", "-f", f"pykata[.]monitor[.]pod .*--key {key} "],
-                                 capture_output=True, text=True).stdout.split()
-        qemu = subprocess.run(["pgrep", "-f", f"qemu-system.*-name pykata-{key} "],
-                              capture_output=True, text=True).stdout.split()
-        guest_mib = config.load(peer.pykata_config).qemu.default_memory
-        return IdlePod(
-            {"shim": memory_kib(int(shim[0])), "monitor": memory_kib(int(monitor[0])),
-             "qemu": memory_kib(int(qemu[0]))},
-            qemu_parts_kib(int(qemu[0]), guest_mib), guest_meminfo(peer, cid))
+        return measure_pod(peer, cid)
     finally:
         peer.remove(cid)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=10)
-    args = parser.parse_args()
-    times: dict[str, list[float]] = {name: [] for name in RUNTIMES}
-    with tempfile.TemporaryDirectory(prefix="pykata-bench-") as tmp:
-        cfg_file = Path(tmp) / "pykata.toml"
-        cfg_file.write_text(config.DEFAULT_CONFIG.read_text())
-        peer = PrivateContainerd(Path(tmp), cfg_file)
-        peer.start()
-        try:
-            peer.import_busybox()
-            for i in range(args.runs):
-                for name, runtime in RUNTIMES.items():
-                    times[name].append(timed_run(peer, runtime, f"bench-{name}-{i}"))
-                print(f"run {i + 1}/{args.runs}: pykata {times['pykata'][-1]:.2f} s, "
-                      f"runc {times['runc'][-1]:.3f} s", file=sys.stderr)
-            memory = idle_pod_memory(peer)
-        finally:
-            peer.stop()
-    print(f"\nctr run --rm IMAGE ID true, median of {args.runs} runs (min-max):\n")
-    for name in RUNTIMES:
-        values = times[name]
-        print(f"  {name:<7} {statistics.median(values):7.3f} s   "
-              f"({min(values):.3f}-{max(values):.3f})")
-    ratio = statistics.median(times["pykata"]) / statistics.median(times["runc"])
-    print(f"  pykata / runc = {ratio:.1f}x")
-    print("\nidle pod (sleep 600), memory:")
+def measure_pod(peer: PrivateContainerd, cid: str) -> IdlePod:
+    key = pod_key(str(peer.socket), NAMESPACE, cid)
+    shim = subprocess.run(["pgrep", "-f", f"pykata[.]shim .*{key}"], capture_output=True,
+                          text=True).stdout.split()
+    monitor = subprocess.run(["pgrep", "-f", f"pykata[.]monitor[.]pod .*--key {key} "],
+                             capture_output=True, text=True).stdout.split()
+    qemu = subprocess.run(["pgrep", "-f", f"qemu-system.*-name pykata-{key} "],
+                          capture_output=True, text=True).stdout.split()
+    guest_mib = config.load(peer.pykata_config).qemu.default_memory
+    return IdlePod(
+        {"shim": memory_kib(int(shim[0])), "monitor": memory_kib(int(monitor[0])),
+         "qemu": memory_kib(int(qemu[0]))},
+        qemu_parts_kib(int(qemu[0]), guest_mib), guest_meminfo(peer, cid))
+
+
+def idle_pods_memory(peer: PrivateContainerd, count: int) -> list[IdlePod]:
+    """`count` idle pods running at once, each measured while all run."""
+    cids = [f"bench-many-{i}" for i in range(count)]
+    try:
+        for cid in cids:
+            result = peer.ctr("run", "-d", "--runtime", RUNTIMES["pykata"], IMAGE, cid,
+                              "sleep", "600")
+            if result.returncode != 0:
+                raise SystemExit(f"could not start an idle pod: {result.err}")
+        time.sleep(3)
+        return [measure_pod(peer, cid) for cid in cids]
+    finally:
+        for cid in cids:
+            peer.remove(cid)
+
+
+def print_pod(memory: IdlePod) -> None:
     for name, (rss, pss) in memory.processes.items():
         print(f"  {name:<7} RSS {rss / 1024:6.1f} MiB   PSS {pss / 1024:6.1f} MiB")
+    total = sum(pss for _, pss in memory.processes.values())
+    print(f"  total   PSS {total / 1024:6.1f} MiB")
     print("  qemu's RSS by part:")
     for part, kib in memory.qemu_parts.items():
         print(f"    {part:<44} {kib / 1024:6.1f} MiB")
     print("  the guest's own view:")
     for part, kib in memory.guest_view.items():
         print(f"    {part:<44} {kib / 1024:6.1f} MiB")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=10)
+    args = parser.parse_args()
+    modes = ("runc", "pykata cold", "pykata template")
+    times: dict[str, list[float]] = {name: [] for name in modes}
+    with tempfile.TemporaryDirectory(prefix="pykata-bench-") as tmp:
+        cfg_file = Path(tmp) / "pykata.toml"
+        cold_text = config.DEFAULT_CONFIG.read_text()
+        warm_text = re.sub(r"(?ms)^\[factory\]\s*$.*?(?=^\[|\Z)", "", cold_text) + (
+            f'\n[factory]\nenable_template = true\ntemplate_path = "{tmp}/templates"\n')
+        cfg_file.write_text(cold_text)
+        peer = PrivateContainerd(Path(tmp), cfg_file)
+        peer.start()
+        try:
+            peer.import_busybox()
+            cfg_file.write_text(warm_text)
+            timed_run(peer, RUNTIMES["pykata"], "bench-build")  # builds the template
+            for i in range(args.runs):
+                for mode in modes:
+                    cfg_file.write_text(warm_text if mode.endswith("template") else cold_text)
+                    runtime = RUNTIMES["runc" if mode == "runc" else "pykata"]
+                    times[mode].append(timed_run(peer, runtime, f"bench-{i}-{mode[-4:]}"))
+                print(f"run {i + 1}/{args.runs}: " + ", ".join(
+                    f"{m} {times[m][-1]:.2f} s" for m in modes), file=sys.stderr)
+            cfg_file.write_text(cold_text)
+            memory = idle_pod_memory(peer)
+            cfg_file.write_text(warm_text)
+            warm = idle_pods_memory(peer, 3)
+        finally:
+            peer.stop()
+    print(f"\nctr run --rm IMAGE ID true, median of {args.runs} runs (min-max):\n")
+    runc = statistics.median(times["runc"])
+    for mode in modes:
+        values = times[mode]
+        print(f"  {mode:<16} {statistics.median(values):7.3f} s   "
+              f"({min(values):.3f}-{max(values):.3f})   "
+              f"{statistics.median(values) / runc:5.1f}x runc")
+    print("\nidle pod (sleep 600) booted cold, memory:")
+    print_pod(memory)
+    print("\nthree idle pods at once, restored from one template: the third's memory:")
+    print_pod(warm[-1])
+    totals = [sum(p for _, p in pod.processes.values()) / 1024 for pod in warm]
+    print("  total PSS of each of the three: " + ", ".join(f"{t:.1f}" for t in totals)
+          + " MiB")
     return 0
 
 

@@ -1,0 +1,138 @@
+"""Benchmark: many idle pods at once through containerd, each answering an exec.
+
+Starts a private containerd 1.6 (like the functional tests) and N idle
+busybox pods (`ctr run -d ... sleep`) one after another, restored from a VM
+template ([factory] enable_template) unless --cold. Once all run it records
+the PSS of everything pykata runs for them (shims, pod monitors, QEMUs, from
+/proc/<pid>/smaps_rollup) and the host CPU they use over an idle minute
+(/proc/stat), then execs `echo` in every pod and counts the answers.
+
+    .venv/bin/python -m benchmarks.bench_density [--pods 100] [--cold]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from pykata import config
+from tests.functional.containerd_peer import IMAGE, PrivateContainerd
+
+RUNTIME = "io.containerd.pykata.v2"
+_PYKATA = re.compile(rb"pykata[.](shim|monitor[.]pod)|qemu-system")
+
+
+def pykata_pss_kib(run_root: str) -> dict[str, int]:
+    """PSS (KiB) of every process of this run's pykata, by kind."""
+    totals = {"shims": 0, "pod monitors": 0, "QEMUs": 0}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            environ = Path(f"/proc/{pid}/environ").read_bytes()
+            rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+        except OSError:
+            continue
+        found = _PYKATA.search(cmdline)
+        if not found or (b"qemu" not in found.group() and
+                         f"PYKATA_RUN_ROOT={run_root}".encode() not in environ):
+            continue
+        if b"qemu" in found.group() and f"{run_root}/".encode() not in cmdline:
+            continue
+        pss = next(int(line.split()[1]) for line in rollup.splitlines()
+                   if line.startswith("Pss:"))
+        kind = ("QEMUs" if b"qemu" in found.group() else
+                "shims" if found.group(1) == b"shim" else "pod monitors")
+        totals[kind] += pss
+    return totals
+
+
+def cpu_busy(seconds: float) -> float:
+    """Share of all host CPUs busy over `seconds` (from /proc/stat)."""
+    def sample() -> tuple[int, int]:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+        idle = fields[3] + fields[4]
+        return sum(fields), idle
+    total0, idle0 = sample()
+    time.sleep(seconds)
+    total1, idle1 = sample()
+    return 1.0 - (idle1 - idle0) / max(1, total1 - total0)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pods", type=int, default=100)
+    parser.add_argument("--cold", action="store_true", help="boot every VM cold")
+    parser.add_argument("--idle-seconds", type=float, default=60.0)
+    args = parser.parse_args()
+    idle_before = cpu_busy(10)
+    with tempfile.TemporaryDirectory(prefix="pykata-density-") as tmp:
+        cfg_file = Path(tmp) / "pykata.toml"
+        text = config.DEFAULT_CONFIG.read_text()
+        if not args.cold:
+            text = re.sub(r"(?ms)^\[factory\]\s*$.*?(?=^\[|\Z)", "", text) + (
+                f'\n[factory]\nenable_template = true\ntemplate_path = "{tmp}/templates"\n')
+        cfg_file.write_text(text)
+        # A run root of its own: what it counts is this run's pykata only.
+        run_root = f"{tmp}/run"
+        os.environ["PYKATA_RUN_ROOT"] = run_root
+        peer = PrivateContainerd(Path(tmp), cfg_file)
+        peer.start()
+        cids: list[str] = []
+        starts: list[float] = []
+        try:
+            peer.import_busybox()
+            for i in range(args.pods):
+                cid = f"dense-{i}"
+                began = time.monotonic()
+                result = peer.ctr("run", "-d", "--runtime", RUNTIME, IMAGE, cid,
+                                  "sleep", "36000", timeout=300)
+                if result.returncode != 0:
+                    print(f"pod {i + 1} failed to start: {result.err.strip()}", file=sys.stderr)
+                    break
+                starts.append(time.monotonic() - began)
+                cids.append(cid)
+                if (i + 1) % 10 == 0:
+                    print(f"{i + 1} pods up (last start {starts[-1]:.2f} s)", file=sys.stderr)
+            time.sleep(10)
+            memory = pykata_pss_kib(run_root)
+            busy = cpu_busy(args.idle_seconds)
+            answered = 0
+            exec_times: list[float] = []
+            for cid in cids:
+                began = time.monotonic()
+                result = peer.ctr("task", "exec", "--exec-id", "probe", cid, "echo", "ok",
+                                  timeout=120)
+                exec_times.append(time.monotonic() - began)
+                answered += result.returncode == 0 and result.out.strip() == "ok"
+        finally:
+            for cid in cids:
+                peer.remove(cid)
+            peer.stop()
+    mode = "cold boots" if args.cold else "restored from a VM template"
+    total = sum(memory.values())
+    host_gib = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
+    print(f"\n{len(cids)} of {args.pods} idle pods up at once ({mode}), "
+          f"{os.cpu_count()} CPUs, {host_gib:.0f} GiB:\n")
+    if starts:
+        print(f"  start (ctr run -d)   median {statistics.median(starts):.2f} s, "
+              f"first {starts[0]:.2f} s, last {starts[-1]:.2f} s")
+    for kind, kib in memory.items():
+        print(f"  {kind:<13} PSS {kib / 1024:8.0f} MiB   "
+              f"({kib / 1024 / max(1, len(cids)):.1f} MiB per pod)")
+    print(f"  {'total':<13} PSS {total / 1024:8.0f} MiB   "
+          f"({total / 1024 / max(1, len(cids)):.1f} MiB per pod)")
+    print(f"  host CPU busy while idle: {busy * 100:.1f} % of all CPUs "
+          f"(before the pods: {idle_before * 100:.1f} %)")
+    print(f"  exec answered: {answered} of {len(cids)} "
+          f"(median {statistics.median(exec_times or [0]):.2f} s)")
+    return 0 if answered == len(cids) == args.pods else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
