@@ -13,7 +13,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -22,6 +22,7 @@ from pykata import config
 from pykata.factory import template as templates
 from pykata.runtime.sandbox import Sandbox, SandboxOptions, read_sandbox_state
 from tests.functional.conftest import Cli, qemu_processes, run_in_sandbox
+from tests.functional.containerd_peer import IMAGE, NAMESPACE, RUNTIME, PrivateContainerd
 
 CLOCK_LAG = 5.0
 
@@ -249,3 +250,28 @@ def test_a_builder_killed_part_way_leaves_no_vm_and_cleanup_removes_its_files(
     cleaned = cli("--config", conf, "cleanup")
     assert "removed the half-built VM template" in cleaned.out, cleaned.err
     assert not list(root.glob("*.new"))
+
+
+def test_pods_through_containerd_start_from_the_template(
+        containerd: PrivateContainerd, shim_config: Callable[[str], None],
+        tmp_path: Path) -> None:
+    """The shim's pods restore from the template: stdio and exit code through
+    ctr, and the pod's sandbox records its start."""
+    from pykata.runtime.keys import pod_key
+    from pykata.runtime.paths import SandboxPaths
+
+    shim_config(_config_file(tmp_path, tmp_path / "templates").read_text())
+    first = containerd.run("tpl-first", "sh", "-c", "echo built; exit 5")
+    assert first.returncode == 5 and first.out == "built\n", first.err
+    assert len(templates.list_templates(tmp_path / "templates")) == 1
+    cid = "tpl-second"
+    started = containerd.ctr("run", "-d", "--runtime", RUNTIME, IMAGE, cid, "sleep", "600")
+    assert started.returncode == 0, started.err
+    try:
+        paths = SandboxPaths.for_key(pod_key(str(containerd.socket), NAMESPACE, cid))
+        assert read_sandbox_state(paths).boot == "template"
+        execd = containerd.ctr("task", "exec", "--exec-id", "e1", cid, "sh", "-c",
+                               "echo exec-ok; exit 6")
+        assert execd.returncode == 6 and execd.out == "exec-ok\n", execd.err
+    finally:
+        containerd.remove(cid)
