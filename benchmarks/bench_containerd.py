@@ -1,9 +1,11 @@
 """Benchmark: `ctr run --rm IMAGE ID true` with pykata beside runc, and the shim's memory.
 
 Starts a private containerd 1.6 (like the functional tests), imports the
-busybox test image, then alternates runc, pykata booting cold and pykata
-restoring from a VM template ([factory] enable_template, the shim's
-configuration file switched between runs) so all see the same machine. Also
+busybox test image, then alternates runc, pykata booting cold, pykata
+restoring from a VM template ([factory] enable_template) and pykata taking a
+warm VM from the VM cache (`pykata factory init` with vm_cache_number = 2;
+each such run starts once the cache is full again), the shim's configuration
+file switched between runs, so all see the same machine. Also
 reports the memory of the shim server, of the pod monitor holding the VM
 (RSS and PSS from /proc/<pid>/smaps_rollup) and of its QEMU for an idle pod
 booted cold, and for three idle pods at once restored from one template.
@@ -157,27 +159,64 @@ def print_pod(memory: IdlePod) -> None:
         print(f"    {part:<44} {kib / 1024:6.1f} MiB")
 
 
+def start_cache(cache_file: Path, peer: PrivateContainerd) -> subprocess.Popen[bytes]:
+    """`pykata factory init` serving two warm VMs, in the containerd's run root."""
+    proc = subprocess.Popen([sys.executable, "-m", "pykata.cli.main", "--config",
+                             str(cache_file), "factory", "init"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    wait_for_cache(cache_file)
+    return proc
+
+
+def wait_for_cache(cache_file: Path) -> None:
+    """Until the cache has both its VMs ready again (a run is timed from a
+    full cache, not while it refills)."""
+    import asyncio
+
+    from pykata.factory import cache
+
+    cfg = config.load(cache_file)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if asyncio.run(cache.ask(cfg, "status")).get("ready") == 2:
+                return
+        except Exception:
+            pass
+        time.sleep(0.2)
+    raise SystemExit("the VM cache did not get ready")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=10)
     args = parser.parse_args()
-    modes = ("runc", "pykata cold", "pykata template")
+    modes = ("runc", "pykata cold", "pykata template", "pykata VM cache")
     times: dict[str, list[float]] = {name: [] for name in modes}
     with tempfile.TemporaryDirectory(prefix="pykata-bench-") as tmp:
         cfg_file = Path(tmp) / "pykata.toml"
         cold_text = config.DEFAULT_CONFIG.read_text()
         warm_text = re.sub(r"(?ms)^\[factory\]\s*$.*?(?=^\[|\Z)", "", cold_text) + (
             f'\n[factory]\nenable_template = true\ntemplate_path = "{tmp}/templates"\n')
+        cache_text = warm_text + (f'vm_cache_number = 2\n'
+                                  f'vm_cache_endpoint = "{tmp}/cache.sock"\n')
+        cache_file = Path(tmp) / "cache.toml"
+        cache_file.write_text(cache_text)
         cfg_file.write_text(cold_text)
         peer = PrivateContainerd(Path(tmp), cfg_file)
         peer.start()
+        factory: subprocess.Popen[bytes] | None = None
         try:
             peer.import_busybox()
             cfg_file.write_text(warm_text)
             timed_run(peer, RUNTIMES["pykata"], "bench-build")  # builds the template
+            factory = start_cache(cache_file, peer)
             for i in range(args.runs):
                 for mode in modes:
-                    cfg_file.write_text(warm_text if mode.endswith("template") else cold_text)
+                    cfg_file.write_text({"pykata template": warm_text,
+                                         "pykata VM cache": cache_text}.get(mode, cold_text))
+                    if mode.endswith("cache"):
+                        wait_for_cache(cache_file)
                     runtime = RUNTIMES["runc" if mode == "runc" else "pykata"]
                     times[mode].append(timed_run(peer, runtime, f"bench-{i}-{mode[-4:]}"))
                 print(f"run {i + 1}/{args.runs}: " + ", ".join(
@@ -187,6 +226,9 @@ def main() -> int:
             cfg_file.write_text(warm_text)
             warm = idle_pods_memory(peer, 3)
         finally:
+            if factory is not None:
+                factory.terminate()
+                factory.wait(60)
             peer.stop()
     print(f"\nctr run --rm IMAGE ID true, median of {args.runs} runs (min-max):\n")
     runc = statistics.median(times["runc"])

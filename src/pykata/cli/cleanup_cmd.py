@@ -54,18 +54,24 @@ def run(args: argparse.Namespace) -> int:
                 cleanup_host_state(paths)
             except PykataError as exc:
                 print(f"pykata: sandbox {paths.key}: {exc}")
-    abandoned = [] if args.dry_run else _abandoned_templates(args.config)
-    for key in abandoned:
-        print(f"removed the half-built VM template {key}")
-    if not stale and not abandoned:
+    factory = [] if args.dry_run else _factory_leftovers(args.config)
+    for line in factory:
+        print(line)
+    if not stale and not factory:
         print("nothing to clean up")
     return 0
 
 
-def _abandoned_templates(config_file: str | None) -> list[str]:
-    """Templates whose builder died part-way (`pykata factory init` or a
-    start, killed): their directory and memory file."""
+def _factory_leftovers(config_file: str | None) -> list[str]:
+    """Remove what a killed factory left: templates whose builder died
+    part-way (their directory and memory file), the VM cache's socket."""
     from pykata import config as config_mod
+    from pykata.factory import cache
     from pykata.factory import template as templates
 
-    return templates.remove_abandoned(templates.template_root(config_mod.load(config_file)))
+    cfg = config_mod.load(config_file)
+    done = [f"removed the half-built VM template {key}"
+            for key in templates.remove_abandoned(templates.template_root(cfg))]
+    if cache.remove_stale_endpoint(cfg):
+        done.append(f"removed the socket of a VM cache that is gone ({cache.endpoint(cfg)})")
+    return done

@@ -1,16 +1,20 @@
 """`pykata factory init|status|destroy`: the VM templates new sandboxes are
-restored from ([factory] enable_template).
+restored from ([factory] enable_template) and the VM cache ([factory]
+vm_cache_number).
 
 `init` builds the template for the configuration's default VM shape ahead of
 the first start (a start that finds no template for its shape builds one
-itself); `status` lists the templates and whether their assets still match;
-`destroy` removes them all.
+itself), then, with a VM cache configured, serves it in the foreground until
+SIGTERM or `destroy`; `status` lists the templates (whether their assets
+still match) and the cache's VMs; `destroy` stops the cache and removes the
+templates.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import time
 
 from pykata import config as config_mod
@@ -31,12 +35,24 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def run_init(args: argparse.Namespace) -> int:
+    cfg = config_mod.load(args.config)
+    if not cfg.factory.enable_template and not cfg.factory.vm_cache_number:
+        raise ConfigError(f"neither VM templates nor the VM cache are on in {cfg.source}",
+                          hint="set enable_template = true or vm_cache_number = N in its "
+                               "[factory] section")
+    if cfg.factory.enable_template:
+        _ensure_template(cfg)
+    if cfg.factory.vm_cache_number:
+        from pykata.factory.cache import VmCache
+
+        print(f"VM cache: keeping {cfg.factory.vm_cache_number} VMs ready", flush=True)
+        asyncio.run(VmCache(cfg, cfg.factory.vm_cache_number).serve())
+    return 0
+
+
+def _ensure_template(cfg: config_mod.Config) -> None:
     from pykata.runtime.sandbox import Sandbox, SandboxOptions
 
-    cfg = config_mod.load(args.config)
-    if not cfg.factory.enable_template:
-        raise ConfigError(f"VM templates are off in {cfg.source}",
-                          hint="set enable_template = true in its [factory] section")
     vm = Sandbox("factory-init", cfg, SandboxOptions()).vm_config()
     reason = templates.unclonable(vm)
     if reason:
@@ -44,12 +60,12 @@ def run_init(args: argparse.Namespace) -> int:
     root = templates.template_root(cfg)
     found, _ = templates.find(root, vm)
     if found is not None:
-        print(f"template {found.key} is ready in {found.directory}")
-        return 0
+        print(f"template {found.key} is ready in {found.directory}", flush=True)
+        return
     started = time.monotonic()
     made = asyncio.run(templates.build(root, vm, cfg.agent.dial_timeout))
-    print(f"template {made.key} built in {time.monotonic() - started:.1f} s: {made.directory}")
-    return 0
+    print(f"template {made.key} built in {time.monotonic() - started:.1f} s: {made.directory}",
+          flush=True)
 
 
 def run_status(args: argparse.Namespace) -> int:
@@ -67,11 +83,29 @@ def run_status(args: argparse.Namespace) -> int:
               f"{shape['vcpus']} vCPU {shape['memory_mib']} MiB {shape['machine_type']} "
               f"{shape['accel']}  memory file {info.memory_bytes / 2**20:.0f} MiB  "
               f"made {age / 60:.0f} min ago")
+    if cfg.factory.vm_cache_number:
+        from pykata.errors import PykataError
+        from pykata.factory import cache
+
+        try:
+            answer = asyncio.run(cache.ask(cfg, "status"))
+        except PykataError as exc:
+            print(f"VM cache: not running ({exc})")
+        else:
+            print(f"VM cache: {answer.get('ready')} of {answer.get('target')} VMs ready, "
+                  f"{answer.get('handed_out')} handed out ({cache.endpoint(cfg)})")
     return 0
 
 
 def run_destroy(args: argparse.Namespace) -> int:
     cfg = config_mod.load(args.config)
+    if cfg.factory.vm_cache_number:
+        from pykata.errors import PykataError
+        from pykata.factory import cache
+
+        with contextlib.suppress(PykataError, OSError):
+            asyncio.run(cache.ask(cfg, "shutdown"))
+            print("VM cache: stopping")
     root = templates.template_root(cfg)
     removed = templates.destroy(root)
     print(f"removed {len(removed)} template(s) from {root}")

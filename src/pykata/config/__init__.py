@@ -96,8 +96,18 @@ class FactoryConfig:
     enable_template: bool = False
     # Where templates live; "" is <run root>/template.
     template_path: str = ""
+    # Pod VMs the VM cache (`pykata factory init`) keeps booted for the shim;
+    # 0: no cache. The shim asks the cache only when this is above 0.
+    vm_cache_number: int = 0
+    # The cache's socket; "" is <run root>/factory/cache.sock.
+    vm_cache_endpoint: str = ""
 
     def validate(self, where: str) -> None:
+        if not 0 <= self.vm_cache_number <= 256:
+            raise ConfigError(f"{where}: vm_cache_number must be between 0 and 256")
+        if self.vm_cache_endpoint and not os.path.isabs(self.vm_cache_endpoint):
+            raise ConfigError(f"{where}: vm_cache_endpoint must be an absolute path, not "
+                              f"{self.vm_cache_endpoint!r}")
         if self.template_path and not os.path.isabs(self.template_path):
             raise ConfigError(f"{where}: template_path must be an absolute path, not "
                               f"{self.template_path!r}")

@@ -113,6 +113,14 @@ async def _serve(args: argparse.Namespace, ready_fd: int) -> int:
 
 
 def _report(ready_fd: int, exc: BaseException) -> None:
+    message = error_message(exc)
+    with contextlib.suppress(OSError):
+        os.write(ready_fd, json.dumps(message).encode() + b"\n")
+        os.close(ready_fd)
+
+
+def error_message(exc: BaseException) -> dict[str, object]:
+    """The report of a failed start, as the shim reads it."""
     message: dict[str, object]
     if isinstance(exc, PykataError):
         message = {"error": exc.message, "hint": exc.hint or "", "kind": type(exc).__name__}
@@ -121,18 +129,112 @@ def _report(ready_fd: int, exc: BaseException) -> None:
     else:
         log.exception("pod monitor failed")
         message = {"error": f"internal error: {exc!r}", "hint": ""}
-    with contextlib.suppress(OSError):
-        os.write(ready_fd, json.dumps(message).encode() + b"\n")
-        os.close(ready_fd)
+    return message
+
+
+async def _serve_warm(args: argparse.Namespace) -> int:
+    """A pod monitor kept warm by the VM cache: boot a VM with no pod, report
+    it to the cache over the control socket, and wait. The cache either
+    closes the socket (it is going away: so does this VM) or hands the VM to
+    a shim (an "adopt" message with the shim's pidfd): then this becomes
+    that pod's monitor, and ends when the shim does, as one the shim
+    started would (PDEATHSIG cannot name a process that is not the parent)."""
+    import secrets
+    import socket
+
+    from pykata import config as config_mod
+    from pykata.factory import cache, wire
+
+    control = socket.socket(fileno=args.control)
+    config = config_mod.load(args.config or None)
+    key = f"warm-{secrets.token_hex(8)}"
+    sandbox = Sandbox(key, config, SandboxOptions(), key=key, front_end="factory")
+    monitor = PodMonitor(sandbox)
+    server = Server()
+    monitor.register(server)
+    socket_path = sandbox.paths.run_dir / "monitor.sock"
+    shim_pidfd = -1
+    adopted = False
+    try:
+        try:
+            await sandbox.start(create=False)
+        except BaseException as exc:
+            with contextlib.suppress(OSError):
+                wire.send(control, error_message(exc))
+            raise
+        assert sandbox.vm is not None
+        shape = cache.vm_shape(sandbox.vm_config())
+        wire.send(control, {"ready": True, "shape": shape, "config": cache.config_digest(config),
+                            "qemu_pid": sandbox.vm.pid, "boot": sandbox.boot})
+        assignment = asyncio.ensure_future(wire.recv(control))
+        vm_exit = asyncio.ensure_future(sandbox.vm.wait())
+        await asyncio.wait({assignment, vm_exit}, return_when=asyncio.FIRST_COMPLETED)
+        vm_exit.cancel()
+        if not assignment.done() or assignment.exception() is not None:
+            assignment.cancel()
+            return 0  # the cache went away (or the VM died) before a pod took it
+        message, fds = assignment.result()
+        try:
+            request = cache.parse_adoption(message, fds)
+            shim_pidfd = request.shim_pidfd
+            fds = []
+            wanted = cache.vm_shape(Sandbox(request.id, config, request.options,
+                                            key=request.key).vm_config())
+            if wanted != shape:
+                raise PykataError("the cached VM has another shape than the pod asks for")
+            await sandbox.adopt(request.id, request.key, request.options)
+            socket_path = sandbox.paths.run_dir / "monitor.sock"
+            sandbox.monitor_socket = str(socket_path)
+            sandbox._write_state()
+            await server.serve_unix(socket_path)
+            os.chmod(socket_path, 0o600)
+        except BaseException as exc:
+            wire.close_fds(fds)
+            with contextlib.suppress(OSError):
+                wire.send(control, error_message(exc))
+            raise
+        adopted = True
+        wire.send(control, {"ok": True, "qemu_pid": sandbox.vm.pid})
+        control.close()
+        log.info("sandbox %s: took a VM from the cache (%s)", sandbox.id, sandbox.boot)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, monitor.shutdown.set)
+        shim_gone = asyncio.Event()
+        loop.add_reader(shim_pidfd, shim_gone.set)
+        waits = {asyncio.ensure_future(sandbox.vm.wait()),
+                 asyncio.ensure_future(monitor.shutdown.wait()),
+                 asyncio.ensure_future(shim_gone.wait())}
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for task in waits:
+            task.cancel()
+        if shim_gone.is_set():
+            log.warning("sandbox %s: its shim is gone: ending the sandbox", sandbox.id)
+        return 0
+    finally:
+        await server.aclose()
+        if adopted:
+            with contextlib.suppress(OSError):
+                socket_path.unlink()
+        if shim_pidfd >= 0:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(shim_pidfd)
+            os.close(shim_pidfd)
+        with contextlib.suppress(OSError):
+            control.close()
+        await sandbox.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="pykata-pod-monitor")
-    p.add_argument("--id", required=True)
-    p.add_argument("--key", required=True)
-    p.add_argument("--options", required=True, help="SandboxOptions as JSON")
+    p.add_argument("--id")
+    p.add_argument("--key")
+    p.add_argument("--options", help="SandboxOptions as JSON")
     p.add_argument("--config", default="")
-    p.add_argument("--ready", type=int, required=True)
+    p.add_argument("--ready", type=int)
+    p.add_argument("--warm", action="store_true",
+                   help="boot a VM for the VM cache and wait for a pod (see --control)")
+    p.add_argument("--control", type=int, help="with --warm: the cache's socket")
     p.add_argument("--debug", action="store_true")
     args = p.parse_args(argv)
     # One line per record on stderr, which the shim relays into its own log.
@@ -141,6 +243,18 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("asyncio", "qemu"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if args.debug else logging.WARNING)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    if args.warm:
+        if args.control is None:
+            p.error("--warm needs --control")
+        # Not killed with the cache's terminal or session: the cache ends a
+        # warm VM by closing its socket, and an adopted one is the pod's.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            return asyncio.run(_serve_warm(args))
+        except BaseException:
+            return 1
+    if not (args.id and args.key and args.options and args.ready is not None):
+        p.error("--id, --key, --options and --ready are required")
     try:
         return asyncio.run(_serve(args, args.ready))
     except BaseException:

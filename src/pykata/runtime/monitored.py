@@ -15,6 +15,8 @@ import dataclasses
 import json
 import logging
 import os
+import select
+import signal
 import socket
 import sys
 import time
@@ -81,11 +83,63 @@ class MonitorProcess:
         return failure_report(run_dir / "qemu.stderr", run_dir / "console.log", lines)
 
 
+class CachedMonitor(MonitorProcess):
+    """A monitor the VM cache handed over: not this process's child, so it
+    is watched and signalled through its pidfd (it watches ours, and ends
+    when this process does)."""
+
+    def __init__(self, pidfd: int, monitor_pid: int, qemu_pid: int, sandbox: Sandbox) -> None:
+        self._pidfd = pidfd
+        self._monitor_pid = monitor_pid
+        self._qemu_pid = qemu_pid
+        self._paths = sandbox.paths
+        self.agent_socket = None
+        self._exited = asyncio.Event()
+
+    @property
+    def monitor_pid(self) -> int:
+        return self._monitor_pid
+
+    @property
+    def running(self) -> bool:
+        if self._exited.is_set():
+            return False
+        readable, _, _ = select.select([self._pidfd], [], [], 0)
+        if readable:
+            self._exited.set()
+        return not readable
+
+    async def wait(self) -> int:
+        if self.running:
+            loop = asyncio.get_running_loop()
+            loop.add_reader(self._pidfd, self._exited.set)
+            try:
+                await self._exited.wait()
+            finally:
+                loop.remove_reader(self._pidfd)
+        return 0
+
+    async def stop(self, grace: float = _SHUTDOWN_SECONDS) -> None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.wait(), grace)
+        await self.kill()
+
+    async def kill(self) -> None:
+        if self.running:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+            await self.wait()
+
+
 class MonitoredSandbox(Sandbox):
-    async def start(self) -> None:
-        """Start the pod monitor and connect to its socket; nothing is left
-        if it fails (the monitor undoes its own start before it reports)."""
+    async def start(self, *, create: bool = True) -> None:
+        """Take a VM from the VM cache or start the pod monitor, and connect
+        to its socket; nothing is left if it fails (the monitor undoes its
+        own start before it reports)."""
         started = time.monotonic()
+        if self.config.factory.vm_cache_number > 0 and await self._from_cache():
+            self.times = PhaseTimes(vm_launch=time.monotonic() - started)
+            return
         # A host without QEMU is refused before a process starts for it; the
         # monitor checks the rest (guest assets) once, where it boots.
         check_qemu(self.config.qemu.path)
@@ -126,12 +180,42 @@ class MonitoredSandbox(Sandbox):
                        hint=str(message.get("hint") or "") or None)
         qemu_pid = message.get("qemu_pid")
         self.vm = MonitorProcess(proc, qemu_pid if isinstance(qemu_pid, int) else 0, self)
+        await self._connect_monitor()
+        self.times = PhaseTimes(vm_launch=time.monotonic() - started)
+
+    async def _connect_monitor(self) -> None:
         self._owns_state = True
         self.monitor_socket = str(self.paths.run_dir / "monitor.sock")
         client = await Client.connect_unix(self.monitor_socket)
         self.agent = AgentClient(client)
         self._monitor_client = client
-        self.times = PhaseTimes(vm_launch=time.monotonic() - started)
+
+    async def _from_cache(self) -> bool:
+        """Take a warm VM from the VM cache; False (with a log line saying
+        why) when it has none for this pod, which then boots its own."""
+        from pykata.factory import cache
+
+        if self.options.netns:
+            monitor_log.info("pod %s boots its own VM: cached VMs have no network "
+                             "interfaces", self.id)
+            return False
+        try:
+            shape = cache.vm_shape(self.vm_config())
+            handed = await cache.request_vm(self.config, self.id, self.paths.key,
+                                            self.options, shape)
+        except PykataError as exc:
+            monitor_log.warning("pod %s boots its own VM: %s", self.id, exc)
+            return False
+        self.vm = CachedMonitor(handed.monitor_pidfd, handed.monitor_pid, handed.qemu_pid, self)
+        self.boot = handed.boot
+        self.from_cache = True
+        try:
+            await self._connect_monitor()
+        except BaseException:
+            await self.vm.kill()
+            cleanup_host_state(self.paths)
+            raise
+        return True
 
     async def stop(self) -> None:
         """Ask the monitor to end the sandbox (it destroys it in the guest,

@@ -136,5 +136,21 @@ class SandboxPaths:
         return self.scratch_dir / "containers" / container_id
 
 
+_RENAME_NOREPLACE = 1
+_AT_FDCWD = -100
+
+
+def rename_noreplace(old: Path, new: Path) -> None:
+    """rename(2) that fails with FileExistsError instead of replacing `new`
+    (an empty directory would be replaced silently otherwise)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.renameat2(_AT_FDCWD, os.fsencode(old), _AT_FDCWD, os.fsencode(new),
+                      _RENAME_NOREPLACE) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), str(new))  # EEXIST: FileExistsError
+
+
 def shim_dir(root: Path | None = None) -> Path:
     return (root or run_root()) / "shims"

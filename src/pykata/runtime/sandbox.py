@@ -33,7 +33,7 @@ from pykata.protocols import agent_pb2
 from pykata.runtime import vsock
 from pykata.runtime.agent_client import AgentClient
 from pykata.runtime.mounts import remove_unmounted
-from pykata.runtime.paths import SandboxPaths, private_dir
+from pykata.runtime.paths import SandboxPaths, check_id, private_dir, rename_noreplace
 from pykata.runtime.resources import SharedFilesystem
 from pykata.runtime.share import SandboxShare
 from pykata.runtime.state import (
@@ -96,8 +96,12 @@ class Sandbox:
         self._stopped = False
         self._owns_state = False
         self._endpoints: list[tcfilter.Endpoint] = []
-        # How the VM started: "cold" (booted) or "template" (restored).
+        # How the VM started: "cold" (booted) or "template" (restored), and
+        # whether it was kept warm by the VM cache before this pod took it.
         self.boot = ""
+        self.from_cache = False
+        self._create_in_guest = True
+        self._vm_name = self.paths.key
         self._restored_at = 0.0
         # The namespace mirrored into the VM: options.netns, unless the
         # configuration's internetworking_model is "none".
@@ -132,8 +136,11 @@ class Sandbox:
             console_limit=self.config.runtime.console_log_size * 1024,
         )
 
-    async def start(self) -> None:
-        """Boot the VM and bring its agent up; undo everything if any step fails."""
+    async def start(self, *, create: bool = True) -> None:
+        """Boot the VM and bring its agent up; undo everything if any step fails.
+        With `create` false the guest gets no CreateSandbox: a VM kept warm
+        for a pod not known yet (`adopt`)."""
+        self._create_in_guest = create
         vm_config = self.vm_config()
         if self._netns:
             # Refused before anything is made: a namespace the VM cannot mirror.
@@ -223,13 +230,49 @@ class Sandbox:
             self.boot = "template"
         assert self.agent is not None
         t2 = time.monotonic()
+        if self._create_in_guest:
+            await self._create_sandbox_in_guest()
+        self.times = PhaseTimes(t1 - t0, t2 - t1, time.monotonic() - t2)
+
+    async def _create_sandbox_in_guest(self) -> None:
+        assert self.agent is not None
         await self.agent.create_sandbox(agent_pb2.CreateSandboxRequest(
             hostname=self.options.hostname, storages=[self.shared_fs.guest_storage()],
             sandbox_id=self.id,
         ))
         if self._endpoints:
             await self._configure_guest_network()
-        self.times = PhaseTimes(t1 - t0, t2 - t1, time.monotonic() - t2)
+
+    async def adopt(self, sandbox_id: str, key: str, options: SandboxOptions) -> None:
+        """Make this warm sandbox (started with `create` false) the pod
+        `sandbox_id`: its directory, with the share QEMU exports, moves to
+        the pod's key (a rename: QEMU's export and its open logs follow), and
+        the guest gets its CreateSandbox. The VM must have the shape
+        `options` asks for: the caller checks it."""
+        if self._create_in_guest or self.vm is None:
+            raise PykataError("only a warm sandbox can be adopted")
+        new_paths = SandboxPaths.for_key(key)
+        check_id("sandbox id", sandbox_id)
+        try:
+            rename_noreplace(self.paths.run_dir, new_paths.run_dir)
+        except FileExistsError:
+            raise PykataError(
+                f"sandbox {sandbox_id} already exists ({new_paths.run_dir})",
+                hint="choose another id, or remove the sandbox first") from None
+        self.paths = new_paths
+        self.share = SandboxShare(self.paths, self.config.runtime.scratch_size)
+        self.shared_fs = SharedFilesystem(self.share)
+        if isinstance(self.vm, QemuVM):
+            self.vm.config = dataclasses.replace(self.vm.config, run_dir=new_paths.run_dir)
+        self.id = sandbox_id
+        self.options = options
+        self.front_end = "shim"
+        self.from_cache = True
+        self._create_in_guest = True
+        self._write_state()
+        t0 = time.monotonic()
+        await self._create_sandbox_in_guest()
+        self.times = dataclasses.replace(self.times, sandbox_create=time.monotonic() - t0)
 
     async def _restore(self, vm_config: VmConfig, template: Template) -> None:
         """Start this sandbox's VM from `template`: its memory mapped private,
@@ -394,6 +437,8 @@ class Sandbox:
             netns=self._netns if self._endpoints else "",
             mirrored={e.name: e.index for e in self._endpoints},
             boot=self.boot,
+            from_cache=self.from_cache,
+            vm_name=self._vm_name,
         ))
 
 
@@ -415,7 +460,7 @@ def qemu_running(state: SandboxState) -> bool:
         cmdline = Path(f"/proc/{state.qemu_pid}/cmdline").read_bytes()
     except OSError:
         return False
-    return f"pykata-{state.key}\0".encode() in cmdline
+    return f"pykata-{state.vm_name or state.key}\0".encode() in cmdline
 
 
 def cleanup_host_state(paths: SandboxPaths) -> None:

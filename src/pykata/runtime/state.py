@@ -52,6 +52,10 @@ class SandboxState:
     mirrored: dict[str, int] = field(default_factory=dict)
     # "cold" (booted) or "template" (restored from a VM template); "" while starting.
     boot: str = ""
+    # The VM was kept warm by the VM cache before this sandbox took it.
+    from_cache: bool = False
+    # QEMU's -name is pykata-<vm_name> (a cached VM keeps its warm name).
+    vm_name: str = ""
     version: int = STATE_VERSION
 
 

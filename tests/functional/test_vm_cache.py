@@ -1,0 +1,172 @@
+"""The VM cache on real VMs, through a real containerd: pods take warm VMs
+(restored from a template) and run as pods that booted their own, the cache
+refills after hand-outs, a killed cache leaves no VM or directory behind
+and pods then boot their own, and a cached pod's monitor ends with its shim."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from pykata import config
+from pykata.factory import cache
+from pykata.runtime.keys import pod_key
+from pykata.runtime.paths import SandboxPaths, run_root
+from pykata.runtime.sandbox import read_sandbox_state
+from pykata.runtime.state import SandboxState
+from tests.functional.conftest import Cli, qemu_processes
+from tests.functional.containerd_peer import IMAGE, NAMESPACE, RUNTIME, PrivateContainerd
+
+ConfigWriter = Callable[[str], None]
+
+
+@dataclass
+class RunningCache:
+    proc: subprocess.Popen[bytes]
+    config_file: Path
+    config: config.Config
+
+    def status(self) -> dict[str, object]:
+        return asyncio.run(cache.ask(self.config, "status"))
+
+
+def warm_sandboxes() -> list[str]:
+    sandboxes = run_root() / "sandboxes"
+    return sorted(p.name for p in sandboxes.glob("warm-*")) if sandboxes.is_dir() else []
+
+
+def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+@pytest.fixture
+def vm_cache(tmp_path: Path, guest_assets: object) -> Iterator[RunningCache]:
+    """`pykata factory init` serving two warm VMs from a template, in the
+    foreground as its systemd unit runs it."""
+    conf = tmp_path / "pykata.toml"
+    conf.write_text(config.DEFAULT_CONFIG.read_text().replace(
+        'enable_template = false', 'enable_template = true').replace(
+        'template_path = ""', f'template_path = "{tmp_path}/templates"').replace(
+        'vm_cache_number = 0', 'vm_cache_number = 2').replace(
+        'vm_cache_endpoint = ""', f'vm_cache_endpoint = "{tmp_path}/cache.sock"'))
+    proc = subprocess.Popen([sys.executable, "-m", "pykata.cli.main", "--config", str(conf),
+                             "factory", "init"], stdin=subprocess.DEVNULL)
+    running = RunningCache(proc, conf, config.load(conf))
+
+    def ready() -> bool:
+        assert proc.poll() is None, "the factory exited"
+        try:
+            return running.status().get("ready") == 2
+        except Exception:
+            return False
+
+    try:
+        _wait(ready, 120, "two warm VMs")
+        yield running
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(60)
+        _wait(lambda: not warm_sandboxes(), 30, "the warm VMs to end")
+        subprocess.run([sys.executable, "-m", "pykata.cli.main", "--config", str(conf),
+                        "factory", "destroy"], capture_output=True, check=True)
+
+
+def _state(containerd: PrivateContainerd, cid: str) -> SandboxState:
+    return read_sandbox_state(SandboxPaths.for_key(pod_key(str(containerd.socket), NAMESPACE,
+                                                           cid)))
+
+
+def _idle_pod(containerd: PrivateContainerd, cid: str) -> SandboxState:
+    """Start an idle pod (`ctr run -d`); its sandbox's state."""
+    started = containerd.ctr("run", "-d", "--runtime", RUNTIME, IMAGE, cid, "sleep", "600")
+    assert started.returncode == 0, started.err
+    return _state(containerd, cid)
+
+
+def test_pods_take_cached_vms_and_the_cache_refills(
+        containerd: PrivateContainerd, shim_config: ConfigWriter, vm_cache: RunningCache,
+        tmp_path: Path) -> None:
+    shim_config(vm_cache.config_file.read_text())
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "in").write_text("host file\n")
+    first = containerd.run(
+        "cached-1", "sh", "-c", "cat /data/in; echo written > /data/out; read l; echo got=$l; "
+        "echo err >&2; exit 7", input=b"stdin line\n",
+        extra=("--mount", f"type=bind,src={data},dst=/data,options=rbind:rw"))
+    assert first.returncode == 7, first.err
+    assert first.out == "host file\ngot=stdin line\n" and "err" in first.err
+    assert (data / "out").read_text() == "written\n"
+    cid = "cached-2"
+    state = _idle_pod(containerd, cid)
+    try:
+        assert state.from_cache and state.boot == "template"
+        execd = containerd.ctr("task", "exec", "--exec-id", "e1", cid, "sh", "-c",
+                               "hostname; exit 4")
+        assert execd.returncode == 4, execd.err
+        # Two handed out; the cache starts a replacement for each.
+        _wait(lambda: vm_cache.status() == {**vm_cache.status(), "ready": 2, "handed_out": 2},
+              60, "the cache to refill")
+    finally:
+        containerd.remove(cid)
+
+
+def test_a_killed_cache_leaves_no_vm_and_pods_boot_their_own(
+        containerd: PrivateContainerd, shim_config: ConfigWriter, vm_cache: RunningCache,
+        cli: Cli) -> None:
+    shim_config(vm_cache.config_file.read_text())
+    cid = "before-kill"
+    state = _idle_pod(containerd, cid)
+    try:
+        assert state.from_cache
+        _wait(lambda: len(warm_sandboxes()) == 2, 60, "the refill")
+        vm_cache.proc.kill()
+        vm_cache.proc.wait()
+        # Its warm VMs end, with their directories; the pod it handed out stays.
+        _wait(lambda: not warm_sandboxes(), 30, "the warm VMs to end")
+        pods = {line.split()[0] for line in qemu_processes()}
+        assert len(pods) == 1, qemu_processes()
+        execd = containerd.ctr("task", "exec", "--exec-id", "e1", cid, "echo", "alive")
+        assert execd.returncode == 0 and execd.out == "alive\n", execd.err
+        # A new pod boots its own VM.
+        own = containerd.run("after-kill", "echo", "own vm")
+        assert own.returncode == 0 and own.out == "own vm\n", own.err
+        cleaned = cli("--config", str(vm_cache.config_file), "cleanup")
+        assert "removed the socket of a VM cache that is gone" in cleaned.out
+        assert not Path(vm_cache.config.factory.vm_cache_endpoint).exists()
+    finally:
+        containerd.remove(cid)
+
+
+def test_a_cached_pods_monitor_ends_with_its_shim(
+        containerd: PrivateContainerd, shim_config: ConfigWriter,
+        vm_cache: RunningCache) -> None:
+    shim_config(vm_cache.config_file.read_text())
+    cid = "shim-killed"
+    state = _idle_pod(containerd, cid)
+    try:
+        assert state.from_cache
+        key = state.key
+        shims = subprocess.run(["pgrep", "-f", f"pykata[.]shim .*{key}"], capture_output=True,
+                               text=True).stdout.split()
+        assert shims
+        for pid in shims:
+            os.kill(int(pid), signal.SIGKILL)
+        qemu = str(state.qemu_pid)
+        _wait(lambda: qemu not in {line.split()[0] for line in qemu_processes()}, 30,
+              "the cached pod's VM to end with its shim")
+    finally:
+        containerd.remove(cid)
