@@ -59,7 +59,8 @@ PREFIX = "pykata-cri-"
 NAMESPACE = "k8s.io"  # the containerd namespace of the CRI plugin
 BUSYBOX_IMAGE = "docker.io/pykata/busybox:test"
 PAUSE_IMAGE = "docker.io/pykata/pause:test"
-RUNTIME_HANDLERS = ("runc", "pykata")
+# pykata-template: pykata with VM templates on (pods restored from a template).
+RUNTIME_HANDLERS = ("runc", "pykata", "pykata-template")
 SMALL_MEMORY = 256  # MiB, the pykata-small handler's VM size
 SUBNET = "10.88.77.0/24"
 GATEWAY = "10.88.77.1"  # the bridge's address, in the peer's network namespace
@@ -113,6 +114,10 @@ disabled_plugins = [
       pod_annotations = ["io.katacontainers.*"]
       [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.pykata.options]
         ConfigPath = "{pykata_config}"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.pykata-template]
+      runtime_type = "io.containerd.pykata.v2"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.pykata-template.options]
+        ConfigPath = "{base}/pykata-template.toml"
     # A second pykata handler whose ConfigPath names a configuration of its own.
     [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.pykata-small]
       runtime_type = "io.containerd.pykata.v2"
@@ -281,6 +286,12 @@ class CriPeer:
                                            f"default_memory = {SMALL_MEMORY}")
         assert small != pykata_config_text, "the default configuration has no default_memory"
         (self.base / "pykata-small.toml").write_text(small)
+        # The pykata-template handler's: VM templates on, kept under the peer's base.
+        templated = pykata_config_text.replace(
+            "enable_template = false", "enable_template = true").replace(
+            'template_path = ""', f'template_path = "{self.base}/templates"')
+        assert "enable_template = true" in templated
+        (self.base / "pykata-template.toml").write_text(templated)
         # A mount point is needed for libcni's cache; one the peer had to make
         # goes again with the peer.
         self.made_cni_cache = not CNI_CACHE.exists()

@@ -17,6 +17,8 @@ import pytest
 
 from pykata.protocols import cri_pb2 as cri
 from pykata.runtime.busybox_image import BUSYBOX
+from pykata.runtime.paths import SandboxPaths
+from pykata.runtime.sandbox import read_sandbox_state
 from tests.cri.client import CriClient, CriError
 from tests.cri.conftest import IDLE, Pod, PodFactory, is_not_found, wait_state
 from tests.cri.cri_peer import GATEWAY, GATEWAY_NAME, SMALL_MEMORY, SUBNET, CriPeer
@@ -119,8 +121,10 @@ def test_pod_lifecycle(handler: str, make_pod: PodFactory, cri_client: CriClient
     assert status.runtime_handler == handler
     assert in_subnet(status.network.ip), status.network
     assert status.annotations["pykata.test/pod"] == "lifecycle"
-    if handler == "pykata":
+    if handler.startswith("pykata"):
         assert len(pod.qemu()) == 1, "the pod's VM is not running"
+        boot = read_sandbox_state(SandboxPaths.for_key(pod.key)).boot
+        assert boot == ("template" if handler == "pykata-template" else "cold"), boot
 
     main = pod.start("main", IDLE)
     running = cri_client.container_status(main)
@@ -251,7 +255,7 @@ def test_a_pod_is_one_vm_with_pykata_and_none_with_runc(pods: PodPair, handler: 
     with open("/proc/sys/kernel/random/boot_id") as f:
         host = f.read().strip()
     assert len(ids) == 1, ids
-    if handler == "pykata":
+    if handler.startswith("pykata"):
         assert len(pods.a.qemu()) == 1, pods.a.qemu()
         assert len(pods.b.qemu()) == 1, pods.b.qemu()
         assert host not in ids, (ids, host)

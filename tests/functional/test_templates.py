@@ -206,7 +206,7 @@ def test_factory_command_line_builds_lists_and_destroys(cli: Cli, tmp_path: Path
     root = tmp_path / "templates"
     conf = str(_config_file(tmp_path, root))
     off = cli("factory", "init")
-    assert off.returncode != 0 and "VM templates are off" in off.err
+    assert off.returncode != 0 and "neither VM templates nor the VM cache are on" in off.err
     assert "no templates" in cli("--config", conf, "factory", "status").out
     built = cli("--config", conf, "factory", "init")
     assert built.returncode == 0 and "built in" in built.out, built.err
@@ -275,3 +275,33 @@ def test_pods_through_containerd_start_from_the_template(
         assert execd.returncode == 6 and execd.out == "exec-ok\n", execd.err
     finally:
         containerd.remove(cid)
+
+
+def test_a_pod_with_a_network_starts_from_a_template_with_its_own_mac_and_address(
+        cli: Cli, tmp_path: Path) -> None:
+    """`pykata run --netns` from a template: the clone's NIC is on the pod's
+    tap, with the pod's MAC (not the template's), address and MTU, and
+    reaches a server beside the pod. Two pods of the same shape share the
+    template; the second is restored, not booted."""
+    from pykata.network import tcfilter
+    from tests.functional.netns_tools import PEER_IP, POD_IP, greeting_server, pod_and_peer
+
+    root = tmp_path / "templates"
+    conf = str(_config_file(tmp_path, root))
+    script = ("cat /sys/class/net/eth0/address /sys/class/net/eth0/mtu; "
+              "ip -o -4 addr show dev eth0 | awk '{print $4}'; "
+              f"nc {PEER_IP} 8080")
+    with pod_and_peer("tpl") as ns:
+        (endpoint,) = tcfilter.scan(ns.path)
+        for attempt in ("builds the template", "restores it"):
+            with greeting_server(ns.peer):
+                run = cli("--config", conf, "--debug", "run", "--netns", str(ns.path), "--",
+                          "sh", "-c", script)
+            assert run.returncode == 0, f"{attempt}: {run.err}"
+            lines = run.out.split("\n")
+            assert lines[0] == endpoint.mac and lines[1] == "1400", run.out
+            assert lines[2] == f"{POD_IP}/24", run.out
+            assert lines[3].startswith("hello "), run.out
+            assert "boots cold" not in run.err, run.err
+    [info] = templates.list_templates(root)
+    assert info.directory.is_dir()

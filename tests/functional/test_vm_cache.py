@@ -23,7 +23,7 @@ from pykata.runtime.keys import pod_key
 from pykata.runtime.paths import SandboxPaths, run_root
 from pykata.runtime.sandbox import read_sandbox_state
 from pykata.runtime.state import SandboxState
-from tests.functional.conftest import Cli, qemu_processes
+from tests.functional.conftest import Cli, qemu_processes, started_qemu_processes
 from tests.functional.containerd_peer import IMAGE, NAMESPACE, RUNTIME, PrivateContainerd
 
 ConfigWriter = Callable[[str], None]
@@ -137,8 +137,8 @@ def test_a_killed_cache_leaves_no_vm_and_pods_boot_their_own(
         vm_cache.proc.wait()
         # Its warm VMs end, with their directories; the pod it handed out stays.
         _wait(lambda: not warm_sandboxes(), 30, "the warm VMs to end")
-        pods = {line.split()[0] for line in qemu_processes()}
-        assert len(pods) == 1, qemu_processes()
+        pods = {line.split()[0] for line in started_qemu_processes()}
+        assert pods == {str(state.qemu_pid)}, started_qemu_processes()
         execd = containerd.ctr("task", "exec", "--exec-id", "e1", cid, "echo", "alive")
         assert execd.returncode == 0 and execd.out == "alive\n", execd.err
         # A new pod boots its own VM.

@@ -119,3 +119,12 @@ def test_template_memory_shared_and_a_clone_private_and_incoming(tmp_path: Path)
     assert cmd[cmd.index("-incoming") + 1] == "defer"
     plain = " ".join(QemuVM(_vm(tmp_path)).command(7, 9, 11))
     assert "memory-backend" not in plain and "-incoming" not in plain
+
+
+def test_a_template_nic_has_no_tap() -> None:
+    """A template VM's NIC (no tap yet) is on a hub port of its own; a clone's
+    is on the pod's tap, with the same netdev id."""
+    template = " ".join(qa.TapNic(1, -1, "02:70:6b:74:00:01", 1500, "microvm").args())
+    assert "hubport,id=net1,hubid=1" in template and "fd=" not in template
+    clone = " ".join(qa.TapNic(1, 12, "02:aa:00:00:00:01", 1400, "microvm").args())
+    assert "tap,id=net1,fd=12" in clone and "mac=02:aa:00:00:00:01" in clone

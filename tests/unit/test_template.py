@@ -62,8 +62,17 @@ def test_key_follows_shape_and_assets_not_the_sandbox(tmp_path: Path) -> None:
 def test_vms_a_template_cannot_stand_in_for(tmp_path: Path) -> None:
     vm = _vm(tmp_path)
     assert template.unclonable(vm) == ""
-    assert "network" in template.unclonable(
-        dataclasses.replace(vm, network=(NetworkInterface(5, "02:00:00:00:00:01", 1500),)))
+    # A VM with NICs has a template of its own (as many NICs, on no tap).
+    nic = NetworkInterface(5, "02:00:00:00:00:01", 1500)
+    with_nic = dataclasses.replace(vm, network=(nic,))
+    assert template.unclonable(with_nic) == ""
+    keys = {template.template_key(template.identity(v)) for v in
+            (vm, with_nic, dataclasses.replace(vm, network=(nic, nic)))}
+    assert len(keys) == 3
+    # ... but not which tap or MAC: every pod of the shape shares it.
+    assert template.template_key(template.identity(dataclasses.replace(
+        vm, network=(NetworkInterface(9, "02:00:00:00:00:07", 1400),)))) == \
+        template.template_key(template.identity(with_nic))
     assert "vsock" in template.unclonable(dataclasses.replace(vm, vsock_cid=7))
     assert "shared" in template.unclonable(dataclasses.replace(vm, shared_dir=None))
 

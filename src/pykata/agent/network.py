@@ -67,13 +67,31 @@ async def _ip(reaper: Reaper, *args: str) -> None:
         raise StatusError(Code.INTERNAL, f"ip {' '.join(args)}: {result.error_text()}")
 
 
+def _link_for(iface: agent_pb2.Interface) -> tuple[str, bool]:
+    """The link to configure, and whether its MAC must become the request's:
+    the link with that MAC, else the one the request names as `device` (a
+    VM restored from a template has the template's MACs)."""
+    try:
+        return link_by_mac(iface.hwAddr), False
+    except StatusError as exc:
+        if exc.code != Code.NOT_FOUND or not iface.device:
+            raise
+    device = _check_name(iface.device)
+    if not (SYS_NET / device).is_dir():
+        raise StatusError(Code.NOT_FOUND, f"no interface with MAC {iface.hwAddr.lower()} "
+                                          f"or named {device} in the guest")
+    return device, True
+
+
 async def update_interface(reaper: Reaper, iface: agent_pb2.Interface) -> agent_pb2.Interface:
-    current = link_by_mac(iface.hwAddr)
+    current, set_mac = _link_for(iface)
     name = _check_name(iface.name or current)
     addresses = [_address(a) for a in iface.IPAddresses]
     if not 0 <= iface.mtu <= 65535:
         raise _invalid(f"invalid MTU {iface.mtu}")
     await _ip(reaper, "link", "set", "dev", current, "down")
+    if set_mac:
+        await _ip(reaper, "link", "set", "dev", current, "address", iface.hwAddr.lower())
     if name != current:
         await _ip(reaper, "link", "set", "dev", current, "name", name)
     if iface.mtu:

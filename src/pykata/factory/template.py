@@ -18,7 +18,10 @@ whose assets changed is never found again and is removed at the next build.
 
 A template is saved before the guest mounts its shared directory (QEMU
 refuses to migrate a mounted 9p export), so every clone mounts its own
-sandbox's export at CreateSandbox. Clones resume with the template's random
+sandbox's export at CreateSandbox. A template has as many NICs as its
+shape's VMs, on no tap and with MACs of its own (`template_mac`): a clone's
+QEMU puts them on the pod's taps, and the sandbox gives each guest link the
+pod interface's MAC. Clones resume with the template's random
 state and clock: the sandbox reseeds and sets both before anything else.
 """
 
@@ -42,6 +45,7 @@ from typing import Any
 
 from pykata.config import Config
 from pykata.errors import AgentError, HypervisorError, PykataError
+from pykata.hypervisor.base import NetworkInterface
 from pykata.hypervisor.qemu import QemuVM, VmConfig
 from pykata.runtime.agent_client import AgentClient
 from pykata.runtime.paths import private_dir, run_root
@@ -78,10 +82,14 @@ def template_root(config: Config) -> Path:
     return Path(config.factory.template_path or run_root() / "template")
 
 
+def template_mac(index: int) -> str:
+    """The MAC of a template VM's NIC `index`: every clone starts with it,
+    and the sandbox gives the guest's link the pod's MAC."""
+    return f"02:70:6b:74:00:{index:02x}"
+
+
 def unclonable(vm: VmConfig) -> str:
     """Why a template cannot stand in for this VM ("" when one can)."""
-    if vm.network:
-        return "it has network interfaces, which a template VM cannot have"
     if vm.vsock_cid:
         return "its agent channel is vsock (a clone would need its own context id)"
     if vm.shared_dir is None:
@@ -196,9 +204,12 @@ async def _build_in(work: Path, key: str, ident: dict[str, Any], vm: VmConfig,
                     dial_timeout: float) -> Template:
     private_dir(work)
     (work / "share").mkdir(mode=0o700)
+    # As many NICs as the VM has, on no tap, with the template's MACs.
+    nics = tuple(NetworkInterface(-1, template_mac(i), nic.mtu)
+                 for i, nic in enumerate(vm.network))
     template_vm = QemuVM(dataclasses.replace(
         vm, name=f"template-{key}", run_dir=work, shared_dir=work / "share",
-        memory_path=work / "memory", memory_shared=True, incoming=False))
+        memory_path=work / "memory", memory_shared=True, incoming=False, network=nics))
     started = time.monotonic()
     agent: AgentClient | None = None
     try:

@@ -213,7 +213,7 @@ class QemuVM:
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,
                 pass_fds=(qmp_fd, agent_fd, console_fd,
-                          *(nic.tap_fd for nic in self.config.network),
+                          *(nic.tap_fd for nic in self.config.network if nic.tap_fd >= 0),
                           *(nic.vhost_fd for nic in self.config.network if nic.vhost_fd >= 0)),
                 start_new_session=True,
                 preexec_fn=confining_hook(os.getpid()),

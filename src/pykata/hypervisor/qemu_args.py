@@ -239,9 +239,12 @@ class TapNic:
     def args(self) -> list[str]:
         bus = _bus_suffix(self.machine_type)
         vhost = f"vhost=on,vhostfd={self.vhost_fd}" if self.vhost_fd >= 0 else "vhost=off"
+        # No tap (fd -1): a template VM's NIC, on a hub port nothing else is on.
+        backend = (f"tap,id=net{self.index},fd={self.fd},{vhost}" if self.fd >= 0
+                   else f"hubport,id=net{self.index},hubid={self.index}")
         # host_mtu: the guest's driver takes the pod interface's MTU itself.
         return [
-            "-netdev", f"tap,id=net{self.index},fd={self.fd},{vhost}",
+            "-netdev", backend,
             "-device", f"virtio-net-{bus},netdev=net{self.index},mac={self.mac},"
                        f"host_mtu={self.mtu}",
         ]

@@ -56,6 +56,7 @@ _TIMEOUTS = {
     "UpdateInterface": 30.0,
     "UpdateRoutes": 30.0,
     "AddARPNeighbors": 30.0,
+    "ListInterfaces": 30.0,
 }
 
 R = TypeVar("R", bound=Message)
@@ -79,6 +80,9 @@ INVALID_EXIT_STATUS = 255
 MAX_PROCESSES = 65536
 MAX_PID = 4194304  # the kernel's PID_MAX_LIMIT
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}")
+MAX_INTERFACES = 256
+_MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
+_IFNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,14}")
 
 
 class StreamEnd(Exception):
@@ -273,6 +277,18 @@ class AgentClient:
     async def update_interface(self, iface: agent_pb2.Interface) -> None:
         await self._call("UpdateInterface", agent_pb2.UpdateInterfaceRequest(interface=iface),
                          agent_pb2.Interface)
+
+    async def interface_names_by_mac(self) -> dict[str, str]:
+        """The guest's interfaces (ListInterfaces): MAC to name, for the
+        names and MACs that are well-formed (guest values)."""
+        reply = await self._call("ListInterfaces", agent_pb2.ListInterfacesRequest(),
+                                 agent_pb2.Interfaces)
+        out: dict[str, str] = {}
+        for iface in reply.Interfaces[:MAX_INTERFACES]:
+            mac, name = iface.hwAddr.lower(), iface.name
+            if _MAC.fullmatch(mac) and _IFNAME.fullmatch(name):
+                out[mac] = name
+        return out
 
     async def update_routes(self, routes: list[agent_pb2.Route]) -> None:
         req = agent_pb2.UpdateRoutesRequest(routes=agent_pb2.Routes(Routes=routes))

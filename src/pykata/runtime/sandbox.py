@@ -303,8 +303,15 @@ class Sandbox:
         """Give the guest the pod's addresses, MTU, routes and neighbours, on
         the NICs that carry the pod interfaces' MACs."""
         assert self.agent is not None
-        for e in self._endpoints:
+        # A clone's links still carry the template's MACs: each is named by
+        # its template MAC's link and gets the pod interface's MAC.
+        guest_links = (await self.agent.interface_names_by_mac()
+                       if self.boot == "template" else {})
+        from pykata.factory.template import template_mac
+
+        for i, e in enumerate(self._endpoints):
             await self.agent.update_interface(agent_pb2.Interface(
+                device=guest_links.get(template_mac(i), ""),
                 name=e.name, hwAddr=e.mac, mtu=e.mtu, IPAddresses=[
                     agent_pb2.IPAddress(family=_family(a.family), address=a.address,
                                         mask=str(a.prefix_len))
