@@ -305,3 +305,32 @@ def test_a_pod_with_a_network_starts_from_a_template_with_its_own_mac_and_addres
             assert "boots cold" not in run.err, run.err
     [info] = templates.list_templates(root)
     assert info.directory.is_dir()
+
+
+async def test_a_clone_writing_its_memory_changes_no_template_file(
+        template_config: config.Config) -> None:
+    """Root in a clone's guest fills its RAM: the writes land in the clone's
+    private copy, never in the template's memory or state that every later
+    clone maps and loads."""
+    import hashlib
+
+    warm_up = await _started(template_config, "hostile-warm-up")
+    await warm_up.stop()
+    [info] = [t for t in templates.list_templates(templates.template_root(template_config))
+              if t.shape["memory_mib"] == template_config.qemu.default_memory]
+
+    def digests() -> tuple[str, str]:
+        return tuple(hashlib.sha256((info.directory / part).read_bytes()).hexdigest()
+                     for part in ("memory", "state"))  # type: ignore[return-value]
+
+    before = digests()
+    sandbox = await _started(template_config, "hostile-clone")
+    try:
+        # /tmp is a tmpfs in the guest: its pages are guest RAM.
+        run = await run_in_sandbox(sandbox, ["sh", "-c",
+                                             "head -c 150000000 /dev/urandom > /tmp/fill && "
+                                             "wc -c < /tmp/fill"], container_id="filler")
+        assert run.stdout.strip() == b"150000000", run
+    finally:
+        await sandbox.stop()
+    assert digests() == before

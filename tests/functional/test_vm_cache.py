@@ -170,3 +170,39 @@ def test_a_cached_pods_monitor_ends_with_its_shim(
               "the cached pod's VM to end with its shim")
     finally:
         containerd.remove(cid)
+
+
+
+def test_another_user_gets_no_vm(vm_cache: RunningCache) -> None:
+    """The cache's socket is root's (0600 in a private directory); even given
+    a way to it, another user's request is refused by its credentials and no
+    VM leaves the cache."""
+    endpoint = Path(vm_cache.config.factory.vm_cache_endpoint)
+    assert endpoint.stat().st_mode & 0o777 == 0o600
+    import shutil
+    import tempfile
+
+    # A directory any user can enter, on the endpoint's filesystem.
+    reachable = Path(tempfile.mkdtemp(prefix="pykata-open-", dir="/tmp"))
+    os.chmod(reachable, 0o755)
+    os.link(endpoint, reachable / "cache.sock")
+    os.chmod(reachable / "cache.sock", 0o666)
+    code = ("import json, socket, sys\n"
+            "s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)\n"
+            "s.connect(sys.argv[1])\n"
+            "try:\n"
+            "    s.send(json.dumps({'op': 'vm', 'id': 'x', 'key': 'x', 'shape': '', "
+            "'config': '', 'options': {}}).encode())\n"
+            "    print('answered' if s.recv(65536) else 'refused')\n"
+            "except (ConnectionResetError, BrokenPipeError):\n"
+            "    print('refused')\n")
+    try:
+        result = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534",
+                                 "--clear-groups", sys.executable, "-c", code,
+                                 str(reachable / "cache.sock")],
+                                capture_output=True, text=True, timeout=30)
+    finally:
+        shutil.rmtree(reachable)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "refused"  # closed without an answer
+    assert vm_cache.status()["ready"] == 2 and vm_cache.status()["handed_out"] == 0
