@@ -334,3 +334,42 @@ async def test_a_clone_writing_its_memory_changes_no_template_file(
     finally:
         await sandbox.stop()
     assert digests() == before
+
+
+def test_an_oci_container_in_a_network_namespace_starts_from_a_template(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, guest_assets: object) -> None:
+    """pykata-oci (what podman and docker run) with the spec naming a network
+    namespace, as podman's does: restored from a template, with the pod's MAC,
+    reaching a server beside it."""
+    from pykata.network import tcfilter
+    from pykata.runtime.spec import default_spec
+    from tests.functional.netns_tools import PEER_IP, greeting_server, pod_and_peer
+    from tests.functional.oci_tools import Oci, make_bundle
+
+    root = tmp_path / "templates"
+    monkeypatch.setenv("PYKATA_CONFIG", str(_config_file(tmp_path, root)))
+    oci = Oci(tmp_path / "oci-root", log=tmp_path / "oci-log.json")
+    with pod_and_peer("oci") as ns:
+        (endpoint,) = tcfilter.scan(ns.path)
+        linux = default_spec(["true"])["linux"]
+        linux["namespaces"].append({"type": "network", "path": str(ns.path)})
+        bundle = make_bundle(tmp_path / "b", [
+            "sh", "-c", f"cat /sys/class/net/eth0/address; nc {PEER_IP} 8080"], linux=linux)
+        with greeting_server(ns.peer):
+            run = oci("run", "--bundle", str(bundle), "oci-builds")
+        assert run.returncode == 0, (run, (tmp_path / "oci-log.json").read_text())
+        mac, greeting = run.out.split("\n")[:2]
+        assert mac == endpoint.mac and greeting.startswith("hello "), run.out
+        assert len(templates.list_templates(root)) == 1
+        # A second container, kept running: its sandbox records the restore.
+        idle = make_bundle(tmp_path / "idle", ["sleep", "600"], linux=linux)
+        created = oci("create", "--bundle", str(idle), "oci-restores")
+        assert created.returncode == 0, (tmp_path / "oci-log.json").read_text()
+        try:
+            from pykata.runtime.paths import SandboxPaths
+
+            key = json.loads((oci.root / "oci-restores" / "state.json").read_text())[
+                "sandbox_key"]
+            assert read_sandbox_state(SandboxPaths.for_key(key)).boot == "template"
+        finally:
+            assert oci("delete", "--force", "oci-restores").returncode == 0
