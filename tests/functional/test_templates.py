@@ -373,3 +373,26 @@ def test_an_oci_container_in_a_network_namespace_starts_from_a_template(
             assert read_sandbox_state(SandboxPaths.for_key(key)).boot == "template"
         finally:
             assert oci("delete", "--force", "oci-restores").returncode == 0
+
+
+async def test_starts_racing_for_a_missing_template_build_it_once(
+        pykata_config: config.Config, tmp_path: Path) -> None:
+    """Three sandboxes start at once with no template: one builds it (under
+    its lock), the others boot cold meanwhile; all three run containers."""
+    root = tmp_path / "templates"
+    cfg = dataclasses.replace(pykata_config, factory=config.FactoryConfig(
+        enable_template=True, template_path=str(root)))
+    started = await asyncio.gather(*(_started(cfg, f"race-{i}") for i in range(3)),
+                                   return_exceptions=True)
+    sandboxes = [s for s in started if isinstance(s, Sandbox)]
+    try:
+        assert len(sandboxes) == 3, started
+        runs = await asyncio.gather(*(run_in_sandbox(s, ["echo", s.id], container_id="c")
+                                      for s in sandboxes))
+        assert [r.stdout for r in runs] == [f"{s.id}\n".encode() for s in sandboxes]
+        assert sorted(s.boot for s in sandboxes).count("template") >= 1
+        assert len(templates.list_templates(root)) == 1
+        assert not list(root.glob("*.new"))
+    finally:
+        for sandbox in sandboxes:
+            await sandbox.stop()
