@@ -128,3 +128,13 @@ def test_a_template_nic_has_no_tap() -> None:
     assert "hubport,id=net1,hubid=1" in template and "fd=" not in template
     clone = " ".join(qa.TapNic(1, 12, "02:aa:00:00:00:01", 1400, "microvm").args())
     assert "tap,id=net1,fd=12" in clone and "mac=02:aa:00:00:00:01" in clone
+
+
+def test_no_free_page_reporting_with_ram_in_a_file(tmp_path: Path) -> None:
+    """QEMU 7.2 punches holes in a RAM file for reported pages, even a private
+    mapping's: a clone would zero the template's pages. VMs on a file have no
+    balloon (templates and clones alike)."""
+    on_file = " ".join(QemuVM(_vm(tmp_path, memory_path=tmp_path / "m",
+                                  memory_shared=False)).command(7, 9, 11))
+    assert "virtio-balloon" not in on_file
+    assert "free-page-reporting=on" in " ".join(QemuVM(_vm(tmp_path)).command(7, 9, 11))

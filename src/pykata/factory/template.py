@@ -52,7 +52,8 @@ from pykata.runtime.paths import private_dir, run_root
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
+# 2: templates and clones have no free-page-reporting balloon.
+FORMAT = 2
 META = "template.json"
 _KEY = re.compile(r"[0-9a-f]{24}")
 _SAVE_SECONDS = 60.0
@@ -117,7 +118,10 @@ def identity(vm: VmConfig) -> dict[str, Any]:
         "vcpus": vm.vcpus,
         "memory_mib": vm.memory_mib,
         "cmdline": vm.kernel_cmdline(),
-        "devices": [type(d).__name__ for d in vm.devices()],
+        # The devices a template and its clones have: RAM in a file (so no
+        # free page reporting, see VmConfig.devices).
+        "devices": [type(d).__name__ for d in dataclasses.replace(
+            vm, memory_path=Path("/template")).devices()],
     }
 
 
