@@ -16,7 +16,6 @@ booted cold, and for three idle pods at once restored from one template.
 from __future__ import annotations
 
 import argparse
-import re
 import statistics
 import subprocess
 import sys
@@ -25,6 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from benchmarks.factory_config import with_factory
 from pykata import config
 from pykata.runtime.keys import pod_key
 from tests.functional.containerd_peer import IMAGE, NAMESPACE, PrivateContainerd
@@ -196,10 +196,11 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="pykata-bench-") as tmp:
         cfg_file = Path(tmp) / "pykata.toml"
         cold_text = config.DEFAULT_CONFIG.read_text()
-        warm_text = re.sub(r"(?ms)^\[factory\]\s*$.*?(?=^\[|\Z)", "", cold_text) + (
-            f'\n[factory]\nenable_template = true\ntemplate_path = "{tmp}/templates"\n')
-        cache_text = warm_text + (f'vm_cache_number = 2\n'
-                                  f'vm_cache_endpoint = "{tmp}/cache.sock"\n')
+        warm_text = with_factory(cold_text, enable_template=True,
+                                 template_path=f"{tmp}/templates")
+        cache_text = with_factory(cold_text, enable_template=True,
+                                  template_path=f"{tmp}/templates", vm_cache_number=2,
+                                  vm_cache_endpoint=f"{tmp}/cache.sock")
         cache_file = Path(tmp) / "cache.toml"
         cache_file.write_text(cache_text)
         cfg_file.write_text(cold_text)

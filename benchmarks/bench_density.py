@@ -21,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.factory_config import with_factory
 from pykata import config
 from tests.functional.containerd_peer import IMAGE, PrivateContainerd
 
@@ -75,8 +76,7 @@ def main() -> int:
         cfg_file = Path(tmp) / "pykata.toml"
         text = config.DEFAULT_CONFIG.read_text()
         if not args.cold:
-            text = re.sub(r"(?ms)^\[factory\]\s*$.*?(?=^\[|\Z)", "", text) + (
-                f'\n[factory]\nenable_template = true\ntemplate_path = "{tmp}/templates"\n')
+            text = with_factory(text, enable_template=True, template_path=f"{tmp}/templates")
         cfg_file.write_text(text)
         # A run root of its own: what it counts is this run's pykata only.
         run_root = f"{tmp}/run"

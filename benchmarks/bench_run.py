@@ -22,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.factory_config import with_factory
 from pykata import assets, config
 from pykata.hypervisor.host import resolve_accel
 from pykata.hypervisor.qemu import VmConfig
@@ -85,14 +86,9 @@ def pykata_run(timings: Path, config_file: Path | None = None) -> dict[str, floa
 
 def template_config(tmp: Path) -> Path:
     """The configuration in effect, with templates on, kept under `tmp`."""
-    import re
-
-    text = config.config_path().read_text()
-    # Its own [factory] section replaces the file's (up to the next table).
-    text = re.sub(r"(?ms)^\[factory\]\s*$.*?(?=^\[|\Z)", "", text)
     path = tmp / "template.toml"
-    path.write_text(f"{text}\n[factory]\nenable_template = true\n"
-                    f"template_path = \"{tmp / 'templates'}\"\n")
+    path.write_text(with_factory(config.config_path().read_text(), enable_template=True,
+                                 template_path=str(tmp / "templates")))
     return path
 
 

@@ -10,12 +10,13 @@ import asyncio
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from google.protobuf import empty_pb2
 
 from pykata import __version__
-from pykata.agent import boot_profile, clone, loopback, stats
+from pykata.agent import boot_profile, loopback, stats
 from pykata.agent.containers import Containers
 from pykata.agent.reaper import Reaper
 from pykata.agent.storage import mount_storage, unmount
@@ -86,23 +87,17 @@ class AgentService:
     async def ReseedRandomDev(
         self, req: agent_pb2.ReseedRandomDevRequest, ctx: RequestContext
     ) -> empty_pb2.Empty:
-        try:
-            clone.reseed(req.data)
-        except ValueError as exc:
-            raise StatusError(Code.INVALID_ARGUMENT, str(exc)) from None
-        except OSError as exc:
-            raise StatusError(Code.INTERNAL, f"cannot reseed the guest's RNG: {exc}") from None
+        from pykata.agent import clone  # only clones of a template call it
+
+        _clone_step("reseed the guest's RNG", clone.reseed, req.data)
         return _EMPTY
 
     async def SetGuestDateTime(
         self, req: agent_pb2.SetGuestDateTimeRequest, ctx: RequestContext
     ) -> empty_pb2.Empty:
-        try:
-            clone.set_wall_clock(req.Sec, req.Usec)
-        except ValueError as exc:
-            raise StatusError(Code.INVALID_ARGUMENT, str(exc)) from None
-        except OSError as exc:
-            raise StatusError(Code.INTERNAL, f"cannot set the guest's clock: {exc}") from None
+        from pykata.agent import clone
+
+        _clone_step("set the guest's clock", clone.set_wall_clock, req.Sec, req.Usec)
         return _EMPTY
 
     async def GetGuestDetails(
@@ -298,6 +293,16 @@ class HealthService:
         self, req: health_pb2.CheckRequest, ctx: RequestContext
     ) -> health_pb2.VersionCheckResponse:
         return health_pb2.VersionCheckResponse(agent_version=__version__, grpc_version="ttrpc")
+
+
+def _clone_step(what: str, step: Callable[..., None], *args: object) -> None:
+    """Run one of `clone`'s steps; its refusals become the caller's statuses."""
+    try:
+        step(*args)
+    except ValueError as exc:
+        raise StatusError(Code.INVALID_ARGUMENT, str(exc)) from None
+    except OSError as exc:
+        raise StatusError(Code.INTERNAL, f"cannot {what}: {exc}") from None
 
 
 _AGENT_REQUESTS = {

@@ -143,17 +143,10 @@ class VmCache:
 
     def _listen(self) -> socket.socket:
         private_dir(self.endpoint.parent)
+        if _served(self.endpoint):
+            raise PykataError(f"a VM cache already serves {self.endpoint}")
+        self.endpoint.unlink(missing_ok=True)  # a killed cache's
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        if self.endpoint.exists():
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            try:
-                probe.connect(str(self.endpoint))
-            except OSError:
-                self.endpoint.unlink()  # a killed cache's
-            else:
-                raise PykataError(f"a VM cache already serves {self.endpoint}")
-            finally:
-                probe.close()
         listener.bind(str(self.endpoint))
         os.chmod(self.endpoint, 0o600)
         listener.listen(64)
@@ -358,14 +351,19 @@ async def ask(config: Config, op: str) -> dict[str, Any]:
 def remove_stale_endpoint(config: Config) -> bool:
     """Remove the endpoint of a cache that was killed (nobody listens)."""
     path = endpoint(config)
-    if not path.exists():
+    if not path.exists() or _served(path):
         return False
+    path.unlink(missing_ok=True)
+    return True
+
+
+def _served(path: Path) -> bool:
+    """Whether a cache listens on `path`."""
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
         probe.connect(str(path))
-        return False
-    except OSError:
-        path.unlink(missing_ok=True)
         return True
+    except OSError:
+        return False
     finally:
         probe.close()

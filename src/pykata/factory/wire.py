@@ -34,18 +34,18 @@ def send(sock: socket.socket, message: dict[str, Any], fds: list[int] | None = N
 def _recv_now(sock: socket.socket) -> tuple[dict[str, Any], list[int]]:
     data, fds, flags, _ = socket.recv_fds(sock, MAX_MESSAGE, MAX_FDS)
     if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
-        _close(fds)
+        close_fds(fds)
         raise WireError("a truncated message")
     if not data:
-        _close(fds)
+        close_fds(fds)
         raise EOFError("the other side closed the connection")
     try:
         message = json.loads(data)
     except ValueError:
-        _close(fds)
+        close_fds(fds)
         raise WireError("a message that is not JSON") from None
     if not isinstance(message, dict):
-        _close(fds)
+        close_fds(fds)
         raise WireError("a message that is not an object")
     return message, fds
 
@@ -82,9 +82,7 @@ def peer_uid_pid(sock: socket.socket) -> tuple[int, int]:
     return uid, pid
 
 
-def _close(fds: list[int]) -> None:
+def close_fds(fds: list[int]) -> None:
     for fd in fds:
         os.close(fd)
 
-
-close_fds = _close

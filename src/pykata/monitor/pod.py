@@ -21,6 +21,7 @@ import logging
 import os
 import signal
 import sys
+from pathlib import Path
 from typing import Any
 
 from google.protobuf import empty_pb2
@@ -153,6 +154,8 @@ async def _serve_warm(args: argparse.Namespace) -> int:
     server = Server()
     monitor.register(server)
     socket_path = sandbox.paths.run_dir / "monitor.sock"
+    # Recorded now; adopt moves it with the sandbox's directory.
+    sandbox.monitor_socket = str(socket_path)
     shim_pidfd = -1
     adopted = False
     try:
@@ -183,9 +186,7 @@ async def _serve_warm(args: argparse.Namespace) -> int:
             if wanted != shape:
                 raise PykataError("the cached VM has another shape than the pod asks for")
             await sandbox.adopt(request.id, request.key, request.options)
-            socket_path = sandbox.paths.run_dir / "monitor.sock"
-            sandbox.monitor_socket = str(socket_path)
-            sandbox._write_state()
+            socket_path = Path(sandbox.monitor_socket)
             await server.serve_unix(socket_path)
             os.chmod(socket_path, 0o600)
         except BaseException as exc:

@@ -102,7 +102,6 @@ class Sandbox:
         self.from_cache = False
         self._create_in_guest = True
         self._vm_name = self.paths.key
-        self._restored_at = 0.0
         # The namespace mirrored into the VM: options.netns, unless the
         # configuration's internetworking_model is "none".
         self._netns = (options.netns if config.runtime.internetworking_model == "tcfilter"
@@ -212,7 +211,7 @@ class Sandbox:
         t0 = time.monotonic()
         if template is not None:
             try:
-                await self._restore(vm_config, template)
+                t1 = await self._restore(vm_config, template)
             except (HypervisorError, AgentError) as exc:
                 log.warning("sandbox %s boots cold: restoring VM template %s failed: %s",
                             self.id, template.key, exc)
@@ -226,7 +225,6 @@ class Sandbox:
             await self._wait_for_agent()
             self.boot = "cold"
         else:
-            t1 = self._restored_at
             self.boot = "template"
         assert self.agent is not None
         t2 = time.monotonic()
@@ -260,6 +258,8 @@ class Sandbox:
                 f"sandbox {sandbox_id} already exists ({new_paths.run_dir})",
                 hint="choose another id, or remove the sandbox first") from None
         self.paths = new_paths
+        if self.monitor_socket:
+            self.monitor_socket = str(new_paths.run_dir / Path(self.monitor_socket).name)
         self.share = SandboxShare(self.paths, self.config.runtime.scratch_size)
         self.shared_fs = SharedFilesystem(self.share)
         if isinstance(self.vm, QemuVM):
@@ -274,22 +274,24 @@ class Sandbox:
         await self._create_sandbox_in_guest()
         self.times = dataclasses.replace(self.times, sandbox_create=time.monotonic() - t0)
 
-    async def _restore(self, vm_config: VmConfig, template: Template) -> None:
+    async def _restore(self, vm_config: VmConfig, template: Template) -> float:
         """Start this sandbox's VM from `template`: its memory mapped private,
-        its device state loaded, then made its own (clock, randomness)."""
+        its device state loaded, then made its own (clock, randomness).
+        Returns when (monotonic) the VM ran again."""
         clone = dataclasses.replace(vm_config, memory_path=template.memory,
                                     memory_shared=False, incoming=True)
         self._vm_config_used = clone
         self.vm = QemuVM(clone)
         await self.vm.start()
         await self.vm.restore_state(template.state)
-        self._restored_at = time.monotonic()
+        restored = time.monotonic()
         await self._wait_for_agent(first_stream_id=template.next_stream_id)
         assert self.agent is not None
         # Before any container runs: every clone resumed with the same
         # random pool and a clock stopped at the template's save.
         await self.agent.set_guest_time(time.time_ns())
         await self.agent.reseed_random(os.urandom(64))
+        return restored
 
     async def _drop_vm(self) -> None:
         if self.agent is not None:
