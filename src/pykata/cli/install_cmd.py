@@ -38,7 +38,7 @@ from pykata.install.containerd_config import (
     table_at,
     write_atomic,
 )
-from pykata.shim.cli import RUNTIME_TYPE, SHIM_NAME
+from pykata.channels import RUNTIME_TYPE, SHIM_NAME
 
 # The PATH systemd gives containerd: a shim linked elsewhere is not found.
 SERVICE_PATH = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")

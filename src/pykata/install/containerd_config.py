@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from pykata.errors import ConfigError, PykataError
-from pykata.shim.cli import RUNTIME_TYPE
+from pykata.channels import RUNTIME_TYPE
 
 HANDLER = "pykata"
 CRI_PLUGIN = "io.containerd.grpc.v1.cri"

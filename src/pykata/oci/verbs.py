@@ -25,6 +25,8 @@ from typing import Any, TypeVar
 
 from pykata.errors import InvalidStateError, NotFoundError, PykataError, SpecError
 from pykata.oci.store import Store, monitor_alive
+from pykata.runtime.lifecycle import Lifecycle, Status
+from pykata.runtime.ready import ReadyReport
 from pykata.runtime.state import ContainerState
 
 T = TypeVar("T")
@@ -53,7 +55,7 @@ def _bundle(args: argparse.Namespace) -> Path:
 
 def _prepare(args: argparse.Namespace, store: Store, *, foreground: bool) -> Any:
     """Check the bundle and flags, claim the id: everything before a VM boots."""
-    from pykata.monitor.launch import Launch
+    from pykata.oci.launch import Launch
     from pykata.runtime.spec import load_bundle
 
     _refuse_preserved_fds(args)
@@ -91,7 +93,7 @@ def _refuse_preserved_fds(args: argparse.Namespace) -> None:
 
 def _fork_monitor(launch: Any, console_socket: str) -> int:
     """Fork the monitor and wait until the container is created (or failed)."""
-    from pykata.monitor.main import run_forked
+    from pykata.oci.monitor import run_forked
 
     if launch.terminal and console_socket:
         launch.stdio, launch.pty_master = _console_stdio(console_socket)
@@ -118,7 +120,7 @@ def _console_stdio(console_socket: str) -> tuple[tuple[int, int, int], int]:
 
 def _fork_and_wait(body: Callable[[int], int], handed_over: set[int], what: str) -> int:
     """Fork a child that runs `body(ready_fd)` and exits with its result;
-    wait for its one-line JSON report ({"ok": true} or an error). The
+    wait for its `ReadyReport`. The
     descriptors in `handed_over` are the child's from then on. Returns the
     child's pid; a failure is raised once the child has cleaned up and exited."""
     ready_r, ready_w = os.pipe()
@@ -145,34 +147,13 @@ def _fork_and_wait(body: Callable[[int], int], handed_over: set[int], what: str)
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, 0)
         raise
-    try:
-        message = json.loads(answer) if answer else {"error": f"{what} died while starting"}
-    except ValueError:
-        message = {"error": f"{what} sent {answer[:200]!r}"}
-    if not message.get("ok"):
+    report = ReadyReport.decode(answer, what)
+    if not report.ok:
         # It tears down before it exits: wait, so nothing is left when we report.
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, 0)
-        raise _monitor_error(message)
+        report.raise_error()
     return pid
-
-
-def _monitor_error(message: dict[str, Any]) -> PykataError:
-    """The monitor's report as the error `create` prints. A process that
-    cannot be executed is worded as runc words it, because docker maps those
-    words to its exit statuses: 127 for "executable file not found", 126
-    for "permission denied"."""
-    text = str(message.get("error", "creating the container failed"))
-    hint = str(message.get("hint") or "") or None
-    status = message.get("status")
-    if status == 127 and "executable file not found" not in text:
-        text += ": executable file not found in $PATH"
-    elif status == 126 and "permission denied" not in text:
-        text += ": permission denied"
-    error = PykataError(text, hint=hint)
-    if isinstance(status, int) and status in (126, 127):
-        error.exit_code = status
-    return error
 
 
 def _dup_or_null(fd: int) -> int:
@@ -205,7 +186,7 @@ def create(args: argparse.Namespace, store: Store) -> int:
 def _discard(store: Store, launch: Any) -> None:
     """Undo a create that failed: a monitor that died without its teardown
     (SIGKILL) leaves its VM's mounts and directories."""
-    from pykata.monitor.main import sandbox_key
+    from pykata.oci.monitor import sandbox_key
     from pykata.runtime.paths import SandboxPaths, run_root
     from pykata.runtime.sandbox import cleanup_host_state
 
@@ -216,23 +197,34 @@ def _discard(store: Store, launch: Any) -> None:
     store.remove(launch.id)
 
 
+def _require(record: ContainerState, operation: str) -> None:
+    """The pod core's rule for `operation` on the container's saved status
+    (the monitor checks again, on its live status, before it acts)."""
+    Lifecycle("container", record.id, Status(record.status)).require(operation)
+
+
+def _loaded(store: Store, container_id: str, operation: str) -> ContainerState:
+    record = store.load(container_id)
+    _require(record, operation)
+    return record
+
+
+def _call(record: ContainerState, method: str, *args: Any) -> Any:
+    """`method` of the container's pod client, with `args`, in one connection."""
+    from pykata.runtime.control_client import PodClient
+
+    async def call() -> Any:
+        async with await PodClient.connect(record.control_socket,
+                                           f"container {record.id}") as client:
+            return await getattr(client, method)(*args)
+
+    return _arun(call())
+
+
 def start(args: argparse.Namespace, store: Store) -> int:
-    record = store.load(args.id)
-    if record.status != "created":
-        raise InvalidStateError(f"cannot start container {args.id}: it is {record.status}",
-                                hint="only a created container can start")
-    _arun(_simple(record, "Start"))
+    record = _loaded(store, args.id, "start")
+    _call(record, "start", record.id)
     return 0
-
-
-async def _simple(record: ContainerState, method: str) -> None:
-    from pykata.monitor.client import MonitorClient
-
-    client = await MonitorClient.connect(record.monitor_socket, record.id)
-    try:
-        await client.simple(method)
-    finally:
-        await client.close()
 
 
 def run(args: argparse.Namespace, store: Store) -> int:
@@ -347,30 +339,9 @@ def parse_signal(text: str) -> int:
 
 def kill(args: argparse.Namespace, store: Store) -> int:
     signum = parse_signal(args.signal)
-    record = store.load(args.id)
-    if record.status == "stopped":
-        raise InvalidStateError(f"container {args.id} is not running",
-                                hint="the container has exited")
-    _arun(_kill(record, signum, args.all))
+    record = _loaded(store, args.id, "kill")
+    _call(record, "kill", record.id, signum, "", args.all)
     return 0
-
-
-async def _kill(record: ContainerState, signum: int, all_processes: bool) -> None:
-    from pykata.monitor.client import MonitorClient
-    from pykata.protocols import monitor_pb2
-
-    client = await MonitorClient.connect(record.monitor_socket, record.id)
-    try:
-        await client.call("Kill", monitor_pb2.KillRequest(signal=signum, all=all_processes),
-                          _empty())
-    finally:
-        await client.close()
-
-
-def _empty() -> Any:
-    from google.protobuf import empty_pb2
-
-    return empty_pb2.Empty
 
 
 def delete(args: argparse.Namespace, store: Store) -> int:
@@ -397,13 +368,11 @@ def _delete(store: Store, container_id: str, *, force: bool) -> None:
             raise
         store.remove(container_id)
         return
-    if record.status in ("running", "paused") and not force:
-        raise InvalidStateError(
-            f"cannot delete container {container_id} that is not stopped: {record.status}",
-            hint="stop it first, or use `delete --force`")
+    if not force:
+        _require(record, "delete")
     if monitor_alive(record):
         with contextlib.suppress(PykataError, OSError):
-            _arun(_simple(record, "Shutdown"))
+            _call(record, "shutdown")
         _wait_gone(record, SHUTDOWN_WAIT)
         if monitor_alive(record):
             _signal_pid(record.monitor_pid, signal.SIGKILL)
@@ -504,13 +473,11 @@ def _exec_process(args: argparse.Namespace, record: ContainerState) -> dict[str,
 
 
 def exec_(args: argparse.Namespace, store: Store) -> int:
-    record = store.load(args.id)
-    if record.status == "paused" and not args.ignore_paused:
+    record = _loaded(store, args.id, "exec")
+    # runc's own rule on top of the core's: a paused container only with the flag.
+    if record.status == Status.PAUSED.value and not args.ignore_paused:
         raise InvalidStateError(f"cannot exec in paused container {args.id}",
-                                hint="resume it first")
-    if record.status not in ("running", "paused"):
-        raise InvalidStateError(f"cannot exec in container {args.id}: it is {record.status}",
-                                hint="exec needs a running container")
+                                hint="resume it first, or pass --ignore-paused")
     _refuse_preserved_fds(args)
     process = _exec_process(args, record)
     terminal = bool(process.get("terminal"))
@@ -526,7 +493,7 @@ def exec_(args: argparse.Namespace, store: Store) -> int:
     stdio, master = _exec_stdio(terminal, args.console_socket)
     with raw_terminal(0) if terminal and not args.console_socket else contextlib.nullcontext():
         _write_pid_file(args.pid_file, os.getpid())
-        return _arun(relay_exec(record.monitor_socket, record.id, exec_id, process, stdio,
+        return _arun(relay_exec(record.control_socket, record.id, exec_id, process, stdio,
                                 terminal, pty_master=master))
 
 
@@ -564,7 +531,7 @@ def _exec_detached(args: argparse.Namespace, record: ContainerState, exec_id: st
             reported.append(True)
 
         try:
-            return _arun(relay_exec(record.monitor_socket, record.id, exec_id, process,
+            return _arun(relay_exec(record.control_socket, record.id, exec_id, process,
                                     moved, terminal, on_started=started, pty_master=master))
         except BaseException as exc:
             if not reported:
@@ -580,44 +547,22 @@ def _exec_detached(args: argparse.Namespace, record: ContainerState, exec_id: st
 
 
 def ps(args: argparse.Namespace, store: Store) -> int:
-    record = store.load(args.id)
-    if record.status == "stopped":
-        raise InvalidStateError(f"container {args.id} is not running")
-    response = _arun(_monitor_state(record))
+    record = _loaded(store, args.id, "stats")
     if args.format == "json":
         # The host processes that stand for the container's processes: what a
         # caller can find in the host's `ps` (docker top does that).
         from pykata.runtime.state import process_start_time
 
-        pids = [record.monitor_pid, *(p for p in response.exec_pids.values()
-                                      if process_start_time(p))]
+        state_ = _call(record, "state")
+        execs = [p.host_pid for c in state_.containers if c.id == record.id for p in c.execs]
+        pids = [record.monitor_pid, *(p for p in execs if p and process_start_time(p))]
         print(json.dumps(pids))
         return 0
-    guest = _arun(_guest_pids(record))
+    guest = _call(record, "guest_pids", record.id)
     print("PID (in the VM)")
     for pid in guest:
         print(pid)
     return 0
-
-
-async def _monitor_state(record: ContainerState) -> Any:
-    from pykata.monitor.client import MonitorClient
-
-    client = await MonitorClient.connect(record.monitor_socket, record.id)
-    try:
-        return await client.state()
-    finally:
-        await client.close()
-
-
-async def _guest_pids(record: ContainerState) -> list[int]:
-    from pykata.monitor.client import MonitorClient
-
-    client = await MonitorClient.connect(record.monitor_socket, record.id)
-    try:
-        return await client.agent.list_processes(record.id)
-    finally:
-        await client.close()
 
 
 def _interval(text: str) -> float:
@@ -635,18 +580,16 @@ def _interval(text: str) -> float:
 
 def events(args: argparse.Namespace, store: Store) -> int:
     interval = _interval(args.interval)
-    record = store.load(args.id)
-    if record.status == "stopped":
-        raise InvalidStateError(f"container {args.id} is not running")
+    record = _loaded(store, args.id, "stats")
     return _arun(_events(record, once=args.stats, interval=interval))
 
 
 async def _events(record: ContainerState, *, once: bool, interval: float) -> int:
     import asyncio
 
-    from pykata.monitor.client import MonitorClient
+    from pykata.runtime.control_client import PodClient
 
-    client = await MonitorClient.connect(record.monitor_socket, record.id)
+    client = await PodClient.connect(record.control_socket, f"container {record.id}")
     try:
         while True:
             try:
@@ -685,18 +628,14 @@ def stats_json(stats: Any) -> dict[str, Any]:
 
 
 def pause(args: argparse.Namespace, store: Store) -> int:
-    record = store.load(args.id)
-    if record.status != "running":
-        raise InvalidStateError(f"cannot pause container {args.id}: it is {record.status}")
-    _arun(_simple(record, "Pause"))
+    record = _loaded(store, args.id, "pause")
+    _call(record, "pause", record.id)
     return 0
 
 
 def resume(args: argparse.Namespace, store: Store) -> int:
-    record = store.load(args.id)
-    if record.status != "paused":
-        raise InvalidStateError(f"cannot resume container {args.id}: it is {record.status}")
-    _arun(_simple(record, "Resume"))
+    record = _loaded(store, args.id, "resume")
+    _call(record, "resume", record.id)
     return 0
 
 
@@ -734,10 +673,8 @@ def update(args: argparse.Namespace, store: Store) -> int:
             resources.setdefault("cpu", {})[key] = getattr(args, flag)
     if args.cpuset_cpus:
         resources.setdefault("cpu", {})["cpus"] = args.cpuset_cpus
-    record = store.load(args.id)
-    if record.status == "stopped":
-        raise InvalidStateError(f"container {args.id} is not running")
-    _arun(_update(record, resources))
+    record = _loaded(store, args.id, "update")
+    _call(record, "update", record.id, json.dumps(resources).encode())
     return 0
 
 
@@ -746,18 +683,6 @@ def _read(path: str) -> str:
         return Path(path).read_text()
     except OSError as exc:
         raise SpecError(f"cannot read {path}: {exc.strerror}") from exc
-
-
-async def _update(record: ContainerState, resources: dict[str, Any]) -> None:
-    from pykata.monitor.client import MonitorClient
-    from pykata.protocols import monitor_pb2
-
-    client = await MonitorClient.connect(record.monitor_socket, record.id)
-    try:
-        await client.call("Update", monitor_pb2.UpdateRequest(
-            resources=json.dumps(resources).encode()), _empty())
-    finally:
-        await client.close()
 
 
 # --- spec / features / unsupported ------------------------------------------

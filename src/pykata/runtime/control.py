@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,15 +58,25 @@ def control_socket(run_dir: Path) -> Path:
     return run_dir / CONTROL_SOCKET
 
 
-class PodControl:
-    """`pykata.pod.v1.Pod` over one `Pod`. `on_shutdown` is how the owner
-    ends the pod when asked (it may run hooks, or exit with a status)."""
+@dataclass(frozen=True)
+class ControlHooks:
+    """What an owner adds to the control calls: `on_start` runs after a
+    process started (the OCI poststart hooks), `on_shutdown` replaces the
+    pod's own shutdown."""
 
-    def __init__(self, pod: Pod, on_shutdown: Callable[[], Awaitable[None]] | None = None,
-                 front_end: str = "") -> None:
+    on_start: Callable[[str, str], Awaitable[None]] | None = None
+    on_shutdown: Callable[[], Awaitable[None]] | None = None
+
+
+NO_HOOKS = ControlHooks()
+
+
+class PodControl:
+    """`pykata.pod.v1.Pod` over one `Pod`."""
+
+    def __init__(self, pod: Pod, hooks: ControlHooks = NO_HOOKS) -> None:
         self.pod = pod
-        self._on_shutdown = on_shutdown
-        self._front_end = front_end
+        self.hooks = hooks
 
     def register(self, server: Server) -> None:
         for method, request_type in _REQUESTS.items():
@@ -100,10 +111,12 @@ class PodControl:
     # --- pykata.pod.v1.Pod ------------------------------------------------
 
     async def State(self, req: empty_pb2.Empty) -> pod_pb2.PodState:
-        return pod_state(self.pod, self._front_end)
+        return pod_state(self.pod)
 
     async def Start(self, req: pod_pb2.ProcessRef) -> empty_pb2.Empty:
         await self.pod.start_process(req.container_id, req.exec_id)
+        if self.hooks.on_start is not None:
+            await self.hooks.on_start(req.container_id, req.exec_id)
         return _EMPTY
 
     async def Kill(self, req: pod_pb2.KillRequest) -> empty_pb2.Empty:
@@ -130,8 +143,8 @@ class PodControl:
         return _EMPTY
 
     async def Shutdown(self, req: empty_pb2.Empty) -> empty_pb2.Empty:
-        if self._on_shutdown is not None:
-            await self._on_shutdown()
+        if self.hooks.on_shutdown is not None:
+            await self.hooks.on_shutdown()
         else:
             await self.pod.shutdown()
         return _EMPTY
@@ -143,9 +156,9 @@ def _process_state(proc: PodProcess) -> pod_pb2.ProcessState:
                                 terminal=proc.terminal, host_pid=proc.host_pid)
 
 
-def pod_state(pod: Pod, front_end: str) -> pod_pb2.PodState:
+def pod_state(pod: Pod) -> pod_pb2.PodState:
     return pod_pb2.PodState(
-        id=pod.id, status=pod.lifecycle.status.value, front_end=front_end,
+        id=pod.id, status=pod.lifecycle.status.value, front_end=pod.sandbox.front_end,
         owner_pid=os.getpid(), vm_pid=pod.vm_pid, boot=pod.sandbox.boot,
         containers=[pod_pb2.ContainerState(
             id=c.id, status=c.lifecycle.status.value, bundle=c.bundle,
@@ -154,12 +167,12 @@ def pod_state(pod: Pod, front_end: str) -> pod_pb2.PodState:
             for c in pod.containers.values()])
 
 
-async def serve_control(pod: Pod, path: Path, *, front_end: str,
-                        on_shutdown: Callable[[], Awaitable[None]] | None = None) -> Server:
+async def serve_control(pod: Pod, path: Path, hooks: ControlHooks = NO_HOOKS) -> Server:
     """Serve the pod's control socket at `path` (0600); the caller closes
-    the server (`aclose`) and removes the socket when the pod ends."""
+    the server (`aclose`) when the pod ends (the socket goes with the
+    sandbox's directory)."""
     server = Server()
-    PodControl(pod, on_shutdown, front_end).register(server)
+    PodControl(pod, hooks).register(server)
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
     await server.serve_unix(path)

@@ -70,7 +70,7 @@ class PodClient:
         await self.call("Start", pod_pb2.ProcessRef(container_id=container_id, exec_id=exec_id),
                         empty_pb2.Empty)
 
-    async def kill(self, container_id: str, signum: int, *, exec_id: str = "",
+    async def kill(self, container_id: str, signum: int, exec_id: str = "",
                    all_processes: bool = False) -> None:
         await self.call("Kill", pod_pb2.KillRequest(container_id=container_id, exec_id=exec_id,
                                                     signal=signum, all=all_processes),
@@ -93,6 +93,10 @@ class PodClient:
     async def update(self, container_id: str, resources: bytes) -> None:
         await self.call("Update", pod_pb2.UpdateRequest(container_id=container_id,
                                                         resources=resources), empty_pb2.Empty)
+
+    async def guest_pids(self, container_id: str) -> list[int]:
+        """The container's processes, as the guest numbers them."""
+        return await self.agent.list_processes(container_id)
 
     async def shutdown(self) -> None:
         await self.call("Shutdown", empty_pb2.Empty(), empty_pb2.Empty)

@@ -41,6 +41,7 @@ from pykata.errors import (
 )
 from pykata.protocols import agent_pb2
 from pykata.protocols.oci_spec import InvalidSpecError, process_from_json, resources_from_json
+from pykata.runtime.agent_client import AgentClient
 from pykata.runtime.container import Container, spec_readonly_root
 from pykata.runtime.lifecycle import VM_DIED_STATUS, Lifecycle, Status
 from pykata.runtime.mount_points import spec_mount_points
@@ -497,7 +498,7 @@ class Pod:
 
     # --- helpers -------------------------------------------------------------
 
-    def _agent(self) -> Any:
+    def _agent(self) -> AgentClient:
         self.lifecycle.require("use")
         agent = self.sandbox.agent
         if agent is None:

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 
 from pykata import errors
 from pykata.errors import PykataError
-from pykata.runtime.error_codes import exit_status
+from pykata.runtime.error_codes import RUNC_WORDS, exit_status
 
 log = logging.getLogger(__name__)
 
@@ -81,13 +81,19 @@ class ReadyReport:
 
     def raise_error(self) -> None:
         """Raise the error this report stands for (nothing when ok): of the
-        kind the child raised, its exit status kept."""
+        kind the child raised, its exit status kept, and a process that could
+        not be executed worded as runc words it (docker maps those words to
+        127 and 126)."""
         if self.ok:
             return
         kind = getattr(errors, self.kind, PykataError)
         if not (isinstance(kind, type) and issubclass(kind, PykataError)):
             kind = PykataError
-        error = kind(self.error or "starting failed", hint=self.hint or None)
+        text = self.error or "starting failed"
+        words = RUNC_WORDS.get(self.status)
+        if words and words not in text:
+            text += f": {words}"
+        error = kind(text, hint=self.hint or None)
         if self.status in (126, 127):
             error.exit_code = self.status
         raise error
