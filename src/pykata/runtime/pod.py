@@ -439,10 +439,10 @@ class Pod:
         await self._exited(proc, code)
 
     async def _exited(self, proc: PodProcess, code: int) -> None:
-        first = not proc.finishing
-        await proc.finish(code)
-        if not first:
-            return
+        await proc.finish(code, self._announce_exit)
+
+    def _announce_exit(self, proc: PodProcess) -> None:
+        """A process's exit is recorded: saved and told before its waiters wake."""
         self._save()
         self._emit(PodEvent("exited", proc.container_id, proc.exec_id,
                             exit_status=proc.exit_status, exited_at=proc.exited_at))

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from pykata.runtime.agent_client import AgentClient
@@ -94,14 +95,16 @@ class PodProcess:
         """Its exit is known (perhaps still being recorded)."""
         return self._finishing is not None
 
-    def finish(self, code: int) -> asyncio.Task[None]:
-        """Record the exit (once): drain its output, close its stdio, then
-        mark it stopped."""
+    def finish(self, code: int, announce: Callable[[PodProcess], None] | None = None
+               ) -> asyncio.Task[None]:
+        """Record the exit (once): drain its output, close its stdio, mark it
+        stopped, `announce` it, and only then wake its waiters."""
         if self._finishing is None:
-            self._finishing = asyncio.ensure_future(self._finish(code))
+            self._finishing = asyncio.ensure_future(self._finish(code, announce))
         return self._finishing
 
-    async def _finish(self, code: int) -> None:
+    async def _finish(self, code: int, announce: Callable[[PodProcess], None] | None
+                      ) -> None:
         if self.relay is not None:
             await self.relay.drain(OUTPUT_DRAIN_SECONDS)
             await self.relay.close()
@@ -111,6 +114,8 @@ class PodProcess:
         self.exit_status = code
         self.exited_at = time.time()
         self.lifecycle.move(Status.STOPPED)
+        if announce is not None:
+            announce(self)
         self.exited.set()
         log.info("process %s exited with status %d", self.label, code,
                  extra={"container": self.container_id, "exec_id": self.exec_id})
