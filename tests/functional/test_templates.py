@@ -9,7 +9,9 @@ import asyncio
 import dataclasses
 import json
 import logging
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -194,6 +196,45 @@ async def test_a_template_with_metadata_of_other_settings_is_refused(
     await sandbox.stop()
     assert sandbox.boot == "template"
     assert json.loads(meta_file.read_text())["identity"]["vcpus"] == 1
+
+
+def test_destroy_leaves_a_template_being_built_which_then_ends_whole(
+        cli: Cli, tmp_path: Path) -> None:
+    """`factory destroy` while `factory init` is paused mid-build: the
+    builder's lock and work directory stay (destroy says so and fails);
+    the builder then finishes, and a start restores from its template."""
+    root = tmp_path / "templates"
+    conf = str(_config_file(tmp_path, root))
+    builder = subprocess.Popen([sys.executable, "-m", "pykata.cli.main", "--config", conf,
+                                "factory", "init"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not list(root.glob("*.new/memory")):
+            assert time.monotonic() < deadline and builder.poll() is None, "no build began"
+            time.sleep(0.05)
+        os.kill(builder.pid, signal.SIGSTOP)  # its template VM keeps booting
+        try:
+            [lock] = root.glob("*.lock")
+            held = lock.stat().st_ino
+            destroyed = cli("--config", conf, "factory", "destroy", "--wait", "1")
+            assert destroyed.returncode == 1, destroyed
+            assert "left 1 VM template(s) in place" in destroyed.err, destroyed.err
+            assert lock.stat().st_ino == held and list(root.glob("*.new/memory"))
+        finally:
+            os.kill(builder.pid, signal.SIGCONT)
+        out, err = builder.communicate(timeout=180)
+    finally:
+        builder.kill()
+        builder.wait()
+    assert builder.returncode == 0 and "built in" in out, err
+    [info] = templates.list_templates(root)
+    assert not info.stale and not list(root.glob("*.new"))
+    run = cli("--config", conf, "run", "--", "echo", "whole")
+    assert run.returncode == 0 and run.out == "whole\n", run.err
+    assert "boots cold" not in run.err
+    assert "removed 1 template" in cli("--config", conf, "factory", "destroy").out
+    assert not root.exists()
 
 
 def _config_file(tmp_path: Path, template_root: Path) -> Path:

@@ -7,7 +7,8 @@ the first start (a start that finds no template for its shape builds one
 itself), then, with a VM cache configured, serves it in the foreground until
 SIGTERM or `destroy`; `status` lists the templates (whether their assets
 still match) and the cache's VMs; `destroy` stops the cache and removes the
-templates.
+templates, waiting (--wait) for those being built: one still busy then is
+left in place, and destroy fails saying so.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import sys
 import time
 
 from pykata import config as config_mod
@@ -31,6 +33,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     status = verbs.add_parser("status", help="list the templates")
     status.set_defaults(handler=run_status)
     destroy = verbs.add_parser("destroy", help="remove every template")
+    destroy.add_argument(
+        "--wait", type=float, default=templates.DESTROY_WAIT_SECONDS, metavar="SECONDS",
+        help="how long to wait for templates being built (default "
+             f"{templates.DESTROY_WAIT_SECONDS:g}); those still busy then are left in place")
     destroy.set_defaults(handler=run_destroy)
 
 
@@ -107,6 +113,17 @@ def run_destroy(args: argparse.Namespace) -> int:
             asyncio.run(cache.ask(cfg, "shutdown"))
             print("VM cache: stopping")
     root = templates.template_root(cfg)
-    removed = templates.destroy(root)
-    print(f"removed {len(removed)} template(s) from {root}")
+
+    def waiting(keys: list[str]) -> None:
+        print(f"waiting up to {args.wait:g} s for {len(keys)} VM template(s) being built: "
+              f"{', '.join(keys)}", flush=True)
+
+    done = templates.destroy(root, max(0.0, args.wait), waiting)
+    print(f"removed {len(done.removed)} template(s) from {root}")
+    if done.busy:
+        print(f"pykata: left {len(done.busy)} VM template(s) in place, still being built "
+              f"after {args.wait:g} s: {', '.join(done.busy)}: run `pykata factory "
+              "destroy` again once they are done (or give it a longer --wait)",
+              file=sys.stderr)
+        return 1
     return 0

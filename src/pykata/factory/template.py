@@ -8,13 +8,19 @@ restored from.
         template.json       what it was made from, and the agent channel's
                             next ttRPC stream id
         console.log, qemu.stderr
-    <root>/<key>.lock       held while the template is built
+    <root>/<key>.lock       the key's lock: held while the template is
+                            built or removed
 
 The key is a digest of everything that makes a VM's saved state fit another
 VM: QEMU, kernel and initrd (path and file identity, so a rebuilt asset makes
 a new key), machine type, accelerator, vCPUs, memory, kernel command line and
 the device list. A VM whose shape has no template gets one built; a template
 whose assets changed is never found again and is removed at the next build.
+
+Removing a template takes its key's lock without waiting, so a build in
+progress keeps its lock and work; and whoever removes a lock file holds it,
+so every taker checks, once it holds a lock, that the path still names the
+file it locked.
 
 A template is saved before the guest mounts its shared directory (QEMU
 refuses to migrate a mounted 9p export), so every clone mounts its own
@@ -39,12 +45,13 @@ import re
 import shutil
 import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pykata.config import Config
-from pykata.errors import AgentError, HypervisorError, PykataError
+from pykata.errors import AgentError, HostError, HypervisorError, PykataError
 from pykata.hypervisor.base import NetworkInterface
 from pykata.hypervisor.qemu import QemuVM, VmConfig
 from pykata.runtime.agent_client import AgentClient
@@ -57,6 +64,13 @@ FORMAT = 2
 META = "template.json"
 _KEY = re.compile(r"[0-9a-f]{24}")
 _SAVE_SECONDS = 60.0
+_POLL_SECONDS = 0.05
+# A lock file that keeps being replaced under its takers: give up, not spin.
+_LOCK_TRIES = 100
+# How long `destroy` waits for templates being built: a build takes a few
+# seconds, up to a minute on a loaded host without KVM
+# (deploy/pykata-factory.service gives its stop 90 s).
+DESTROY_WAIT_SECONDS = 60.0
 
 
 class TemplateBusy(PykataError):
@@ -172,28 +186,60 @@ def _not_private(path: Path) -> str:
     return ""
 
 
+def _lock_path(root: Path, key: str) -> Path:
+    return root / f"{key}.lock"
+
+
+def _take_lock(root: Path, key: str, operation: int) -> int:
+    """The descriptor of `key`'s lock file, flocked with `operation`.
+
+    Whoever removes a template unlinks its lock file while holding it: a
+    taker that was waiting then holds a lock nobody else can find, and two
+    builders could each hold "the" lock. So once the flock is ours, the path
+    must still name the file we locked; if not, lock what it names now.
+    Raises BlockingIOError when `operation` has LOCK_NB and the lock is held."""
+    path = _lock_path(root, key)
+    for _ in range(_LOCK_TRIES):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, operation)
+            held = os.fstat(fd)
+            try:
+                named = os.stat(path, follow_symlinks=False)
+            except FileNotFoundError:
+                named = None
+        except BaseException:
+            os.close(fd)
+            raise
+        if named is not None and (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino):
+            return fd
+        os.close(fd)
+    raise BlockingIOError(f"the lock file {path} kept being replaced")
+
+
 async def build(root: Path, vm: VmConfig, dial_timeout: float) -> Template:
     """Boot a template VM for `vm`'s shape to agent-ready and save it.
     Raises TemplateBusy while another process builds the same one."""
     ident = identity(vm)
     key = template_key(ident)
     private_dir(root)
-    lock_fd = os.open(root / f"{key}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
-        try:
-            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise TemplateBusy(f"the VM template {key} is being built by another "
-                               "process") from None
+        lock_fd = _take_lock(root, key, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise TemplateBusy(f"the VM template {key} is being built by another "
+                           "process") from None
+    except OSError as exc:
+        raise HostError(f"cannot lock the VM template {key} in {root}: {exc.strerror}") from exc
+    try:
         found, _ = find(root, vm)
         if found is not None:  # built while we waited for the lock
             return found
         work = root / f"{key}.new"
         shutil.rmtree(work, ignore_errors=True)  # a build that died part-way
+        final = root / key
         try:
             template = await _build_in(work, key, ident, vm, dial_timeout)
-            final = root / key
-            shutil.rmtree(final, ignore_errors=True)
+            _remove_files(root, key)
             os.rename(work, final)
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
@@ -292,16 +338,47 @@ def list_templates(root: Path) -> list[TemplateInfo]:
     return out
 
 
+def _remove_files(root: Path, key: str) -> None:
+    """Remove `key`'s template, its record first (so `find` stops finding
+    it at once). Only for a holder of the key's lock."""
+    directory = root / key
+    if directory.is_symlink() or (directory.exists() and not directory.is_dir()):
+        directory.unlink(missing_ok=True)
+        return
+    with contextlib.suppress(FileNotFoundError):
+        (directory / META).unlink()
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def _evict(root: Path, key: str) -> bool:
+    """Remove `key`'s template and lock file, unless a build or another
+    removal holds its lock (False then)."""
+    try:
+        fd = _take_lock(root, key, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError as exc:
+        log.warning("cannot lock the VM template %s to remove it: %s", key, exc.strerror)
+        return False
+    try:
+        _discard(root, key)
+    finally:
+        os.close(fd)
+    return True
+
+
+def _discard(root: Path, key: str) -> None:
+    """Remove `key`'s template and its lock file, for the lock's holder
+    (every taker checks that the path still names what it locked)."""
+    _remove_files(root, key)
+    _lock_path(root, key).unlink(missing_ok=True)
+
+
 def prune(root: Path) -> list[str]:
-    """Remove templates no VM can use again (their assets changed)."""
-    removed = []
-    for info in list_templates(root):
-        if info.stale:
-            shutil.rmtree(info.directory, ignore_errors=True)
-            with contextlib.suppress(OSError):
-                (root / f"{info.key}.lock").unlink()
-            removed.append(info.key)
-    return removed
+    """Remove templates no VM can use again (their assets changed), except
+    those a build holds right now."""
+    return [info.key for info in list_templates(root)
+            if info.stale and _evict(root, info.key)]
 
 
 def remove_abandoned(root: Path) -> list[str]:
@@ -314,34 +391,81 @@ def remove_abandoned(root: Path) -> list[str]:
         key = work.name.removesuffix(".new")
         if not _KEY.fullmatch(key):
             continue
-        fd = os.open(root / f"{key}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue  # still being built
+            fd = _take_lock(root, key, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # still being built
+        except FileNotFoundError:  # `root` went: a destroy
+            break
+        try:
             shutil.rmtree(work, ignore_errors=True)
+            if not (root / key).exists():
+                _lock_path(root, key).unlink(missing_ok=True)
             removed.append(key)
         finally:
             os.close(fd)
     return removed
 
 
-def destroy(root: Path) -> list[str]:
-    """Remove every template under `root` (and `root` once it is empty)."""
+@dataclass(frozen=True)
+class Destroyed:
+    removed: list[str]  # the keys of the templates removed
+    busy: list[str]  # keys still being built when the wait ran out: left in place
+
+
+def destroy(root: Path, wait: float | None = None,
+            waiting: Callable[[list[str]], None] | None = None) -> Destroyed:
+    """Remove every template under `root` (and `root` once it is empty).
+
+    A key whose lock is held (a builder mid-build) is waited for, up to
+    `wait` seconds (DESTROY_WAIT_SECONDS by default; `waiting` is told which
+    keys, once), then left in place: removing a live builder's lock and work
+    directory would let a second builder take a fresh lock, and the first
+    one's files would land in the second's template."""
     removed: list[str] = []
-    if not root.is_dir():
-        return removed
-    for entry in sorted(root.iterdir()):
-        name = entry.name.removesuffix(".lock").removesuffix(".new")
-        if not _KEY.fullmatch(name):
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
-        if entry.name == name:
-            removed.append(name)
+    pending = _keys_under(root)
+    deadline = time.monotonic() + (DESTROY_WAIT_SECONDS if wait is None else wait)
+    told = False
+    while True:
+        busy = []
+        for key in pending:
+            outcome = _destroy_key(root, key)
+            if outcome is None:
+                busy.append(key)
+            elif outcome:
+                removed.append(key)
+        if not busy or time.monotonic() >= deadline:
+            break
+        if waiting is not None and not told:
+            waiting(busy)
+            told = True
+        time.sleep(_POLL_SECONDS * 2)
+        pending = busy
     with contextlib.suppress(OSError):
         root.rmdir()
-    return removed
+    return Destroyed(sorted(removed), busy)
+
+
+def _keys_under(root: Path) -> list[str]:
+    if not root.is_dir():
+        return []
+    keys = {entry.name.removesuffix(".lock").removesuffix(".new") for entry in root.iterdir()}
+    return sorted(k for k in keys if _KEY.fullmatch(k))
+
+
+def _destroy_key(root: Path, key: str) -> bool | None:
+    """Remove `key`'s template, work directory and lock: whether it had a
+    template, or None when its lock is held."""
+    try:
+        fd = _take_lock(root, key, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return None
+    except FileNotFoundError:  # `root` went: another destroy
+        return False
+    try:
+        had = (root / key).is_dir() and not (root / key).is_symlink()
+        shutil.rmtree(root / f"{key}.new", ignore_errors=True)
+        _discard(root, key)
+    finally:
+        os.close(fd)
+    return had
