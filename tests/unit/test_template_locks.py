@@ -80,7 +80,7 @@ def test_destroy_leaves_a_live_builders_lock_and_work(
         assert time.monotonic() - started >= 0.5, "destroy did not wait for the builder"
         # Nobody else can build the key meanwhile.
         with pytest.raises(template.TemplateBusy):
-            asyncio.run(template.build(root, vm, 1.0))
+            asyncio.run(template.build(root, vm, 1.0, bounds=template.Limits(4, 2**30)))
         builder.stdin.write("finish\n")
         builder.stdin.flush()
         assert builder.stdout.readline() == "built\n"
@@ -136,8 +136,8 @@ def test_a_lock_unlinked_under_its_waiter_is_taken_again(tmp_path: Path) -> None
 
 
 def test_prune_and_cleanup_leave_a_held_key_alone(tmp_path: Path) -> None:
-    """A stale template and a work directory whose key a builder holds stay;
-    once free, both go with their lock files."""
+    """A stale template a restore still holds, and a work directory its
+    builder still holds, stay; once free, both go with their lock files."""
     vm = _vm(tmp_path)
     ident = template.identity(vm)
     key = template.template_key(ident)
@@ -146,7 +146,7 @@ def test_prune_and_cleanup_leave_a_held_key_alone(tmp_path: Path) -> None:
     directory.mkdir(parents=True, mode=0o700)
     (directory / template.META).write_text(json.dumps({"identity": {"format": 0}}))
     (root / f"{key}.new").mkdir()
-    fd = template._take_lock(root, key, fcntl.LOCK_EX)
+    fd = template._take_lock(root, key, fcntl.LOCK_SH)
     try:
         assert template.prune(root) == [] and directory.is_dir()
         assert template.remove_abandoned(root) == [] and (root / f"{key}.new").is_dir()
