@@ -189,7 +189,8 @@ class Sandbox:
             return None
         from pykata.factory import template as templates
 
-        reason = templates.unclonable(vm_config)
+        reason = (templates.unclonable(vm_config)
+                  or templates.shape_refusal(self.config, vm_config))
         if reason:
             log.info("sandbox %s boots cold: %s", self.id, reason)
             return None
@@ -199,10 +200,11 @@ class Sandbox:
             return found
         log.warning("sandbox %s: %s; building one", self.id, why)
         try:
-            return await templates.build(root, vm_config, self.config.agent.dial_timeout)
-        except templates.TemplateBusy as exc:
+            return await templates.build(root, vm_config, self.config.agent.dial_timeout,
+                                         bounds=templates.limits(self.config))
+        except (templates.TemplateBusy, templates.TemplateCapReached) as exc:
             log.warning("sandbox %s boots cold: %s", self.id, exc)
-        except PykataError as exc:
+        except (PykataError, OSError) as exc:
             log.warning("sandbox %s boots cold: building a VM template failed: %s",
                         self.id, exc)
         return None
@@ -278,12 +280,15 @@ class Sandbox:
         """Start this sandbox's VM from `template`: its memory mapped private,
         its device state loaded, then made its own (clock, randomness).
         Returns when (monotonic) the VM ran again."""
+        from pykata.factory.template import in_use
+
         clone = dataclasses.replace(vm_config, memory_path=template.memory,
                                     memory_shared=False, incoming=True)
-        self._vm_config_used = clone
-        self.vm = QemuVM(clone)
-        await self.vm.start()
-        await self.vm.restore_state(template.state)
+        async with in_use(template):
+            self._vm_config_used = clone
+            self.vm = QemuVM(clone)
+            await self.vm.start()
+            await self.vm.restore_state(template.state)
         restored = time.monotonic()
         await self._wait_for_agent(first_stream_id=template.next_stream_id)
         assert self.agent is not None
