@@ -83,17 +83,31 @@ def test_an_interface_it_cannot_mirror_is_refused_by_the_shim(
     containerd.remove("net-vxlan")
 
 
-def test_a_tap_that_cannot_be_created_fails_the_start_and_leaves_nothing(
+def test_a_namespace_set_up_by_someone_else_is_refused_and_left_as_found(
         containerd: PrivateContainerd, netns: PodNetns) -> None:
-    # An interface of the tap's name, but not a tap: creating the tap fails.
+    """An interface of pykata's tap name (not a tap) and an ingress qdisc
+    pykata did not add, with its filter, on the pod's interface: the start
+    is refused before anything is made, and both are still there after (the
+    undo used to remove the qdisc it found)."""
     ip("-n", netns.pod, "link", "add", "tap0_pykata", "type", "veth", "peer", "name", "notap0")
-    result = containerd.run("net-notap", "true", extra=("--with-ns", f"network:{netns.path}"))
-    assert result.returncode != 0
-    assert "cannot create tap tap0_pykata" in result.err, result.err
-    assert not qemu_processes()
-    assert "ingress" not in _ingress(netns)
-    ip("-n", netns.pod, "link", "del", "tap0_pykata")
-    containerd.remove("net-notap")
+    tc("-n", netns.pod, "qdisc", "add", "dev", "eth0", "ingress")
+    tc("-n", netns.pod, "filter", "add", "dev", "eth0", "parent", "ffff:", "protocol", "all",
+       "u32", "match", "u32", "0", "0", "action", "mirred", "egress", "mirror", "dev", "lo")
+    try:
+        result = containerd.run("net-foreign", "true",
+                                extra=("--with-ns", f"network:{netns.path}"))
+        assert result.returncode != 0
+        assert not qemu_processes()
+        assert "qdisc ingress" in _ingress(netns), "the failed start removed a qdisc it found"
+        assert "Egress Mirror to device lo" in tc("-n", netns.pod, "filter", "show", "dev",
+                                                  "eth0", "ingress")
+        assert "tap0_pykata" in ip("-n", netns.pod, "link", "show")
+        assert f"{netns.path} is already mirrored into a VM" in result.err, result.err
+        assert "interface tap0_pykata" in result.err, result.err
+    finally:
+        tc("-n", netns.pod, "qdisc", "del", "dev", "eth0", "ingress")
+        ip("-n", netns.pod, "link", "del", "tap0_pykata")
+        containerd.remove("net-foreign")
 
 
 def test_internetworking_model_none_gives_loopback_only(
