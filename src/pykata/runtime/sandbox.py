@@ -18,19 +18,20 @@ import os
 import secrets
 import socket
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from pykata.channels import TOKEN_SIZE
 from pykata.config import Config
-from pykata.errors import AgentError, HypervisorError, PykataError
+from pykata.errors import AgentError, HypervisorError, NetworkError, PykataError
 from pykata.hypervisor.base import Hypervisor, NetworkInterface
 from pykata.hypervisor.host import probe_vsock, resolve_accel
 from pykata.hypervisor.qemu import QemuVM, VmConfig
 from pykata.network import tcfilter
 from pykata.protocols import agent_pb2
-from pykata.runtime import vsock
+from pykata.runtime import mirrors, vsock
 from pykata.runtime.agent_client import AgentClient
 from pykata.runtime.mounts import remove_unmounted
 from pykata.runtime.paths import SandboxPaths, check_id, private_dir, rename_noreplace
@@ -49,7 +50,7 @@ if TYPE_CHECKING:
     from pykata.factory.template import Template
 
 log = logging.getLogger(__name__)
-
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,10 @@ class Sandbox:
         self._stopped = False
         self._owns_state = False
         self._endpoints: list[tcfilter.Endpoint] = []
+        # The namespace's identity, once checked; whether this sandbox's
+        # taps and redirects exist (the state records them only then).
+        self._netns_id: tcfilter.NetnsId | None = None
+        self._mirroring = False
         # How the VM started: "cold" (booted) or "template" (restored), and
         # whether it was kept warm by the VM cache before this pod took it.
         self.boot = ""
@@ -140,21 +145,21 @@ class Sandbox:
         With `create` false the guest gets no CreateSandbox: a VM kept warm
         for a pod not known yet (`adopt`)."""
         self._create_in_guest = create
-        vm_config = self.vm_config()
         if self._netns:
-            # Refused before anything is made: a namespace the VM cannot mirror.
-            # Netlink work runs on threads that enter the namespace.
+            # Refused before anything is made: a namespace another VM
+            # mirrors, or one the VM cannot mirror. Netlink work runs on
+            # threads that enter the namespace.
+            self._netns_id = tcfilter.netns_identity(Path(self._netns))
+            self._refuse_if_mirrored()
             self._endpoints = await asyncio.to_thread(tcfilter.scan, Path(self._netns))
+        vm_config = self.vm_config()
         self._make_dirs()
         try:
             self.shared_fs.prepare()
             if self._endpoints:
-                await asyncio.to_thread(tcfilter.attach, Path(self._netns), self._endpoints)
+                await _to_the_end(asyncio.to_thread(self._mirror))
                 if not self.config.qemu.disable_vhost_net:
                     tcfilter.open_vhost(self._endpoints)
-                # Recorded before the boot: an owner that dies now leaves
-                # redirects `pykata cleanup` must find.
-                self._write_state()
                 vm_config = dataclasses.replace(vm_config, network=tuple(
                     NetworkInterface(e.tap_fd, e.mac, e.mtu, e.vhost_fd)
                     for e in self._endpoints))
@@ -166,6 +171,40 @@ class Sandbox:
             # QEMU holds its own copies now: a tap lives exactly as long as it.
             tcfilter.close_taps(self._endpoints)
         self._write_state()
+
+    def _refuse_if_mirrored(self) -> None:
+        """Refuse this sandbox's namespace if a live sandbox mirrors it (a
+        dead one's leftover redirects are refused by tcfilter, which names
+        `pykata cleanup`)."""
+        assert self._netns_id is not None
+        others = (s for s in mirrors.sandbox_states(self.paths.sandboxes)
+                  if s.key != self.paths.key)
+        for holder in mirrors.holders(self._netns_id, others):
+            if not owner_gone(holder):
+                raise NetworkError(
+                    f"network namespace {self._netns} is already mirrored into the VM of "
+                    f"sandbox {holder.id} ({holder.front_end}, owner pid {holder.owner_pid}, "
+                    f"as {holder.netns}): a VM's network cannot be joined by another VM",
+                    hint="give this pod a network namespace of its own; containers that "
+                         f"must share that network belong in the pod of {holder.id}")
+
+    def _mirror(self) -> None:
+        """Attach the taps and redirects and record them in the state, under
+        the run root's mirror lock (a blocking call: run on a thread). The
+        namespace is checked again under the lock: another start may have
+        taken it since the first check."""
+        path = Path(self._netns)
+        with mirrors.exclusive(self.paths.sandboxes):
+            self._refuse_if_mirrored()
+            tcfilter.attach(path, self._endpoints, self._netns_id)
+            self._mirroring = True
+            try:
+                self._write_state()
+            except BaseException:
+                # Unrecorded, they would outlive this sandbox: undo now.
+                self._mirroring = False
+                tcfilter.detach(path, self._endpoints, self._netns_id)
+                raise
 
     def _make_dirs(self) -> None:
         private_dir(self.paths.root)
@@ -436,6 +475,7 @@ class Sandbox:
                 cleanup_host_state(self.paths)
                 self._owns_state = False
             self._endpoints = []
+            self._mirroring = False
 
     def _write_state(self) -> None:
         write_state(self.paths.state_file, SandboxState(
@@ -448,8 +488,12 @@ class Sandbox:
             created=self._created,
             qemu_pid=(self.vm.pid or 0) if self.vm is not None else 0,
             monitor_socket=self.monitor_socket,
-            netns=self._netns if self._endpoints else "",
-            mirrored={e.name: e.index for e in self._endpoints},
+            # Only once they exist: a start that fails before has none to undo,
+            # and must not undo another sandbox's.
+            netns=self._netns if self._mirroring else "",
+            mirrored={e.name: e.index for e in self._endpoints} if self._mirroring else {},
+            netns_dev=self._netns_id.dev if self._mirroring and self._netns_id else 0,
+            netns_ino=self._netns_id.ino if self._mirroring and self._netns_id else 0,
             boot=self.boot,
             from_cache=self.from_cache,
             vm_name=self._vm_name,
@@ -482,19 +526,40 @@ def cleanup_host_state(paths: SandboxPaths) -> None:
 
     Safe to repeat, and usable on a sandbox whose owner died (`shim delete`):
     the tc redirects it recorded on its pod's interfaces go too (its taps
-    went with its QEMU).
+    went with its QEMU), in the namespace it recorded and no other.
     """
     with contextlib.suppress(PykataError):
         state = read_sandbox_state(paths)
         if state.netns and state.mirrored:
+            recorded = (tcfilter.NetnsId(state.netns_dev, state.netns_ino)
+                        if state.netns_ino else None)
             try:
-                tcfilter.detach_recorded(Path(state.netns), state.mirrored)
+                tcfilter.detach_recorded(Path(state.netns), state.mirrored, recorded)
             except PykataError as exc:
                 log.error("sandbox %s: %s", paths.key, exc)
     try:
         remove_unmounted(paths.run_dir, lazy=True)
     except PykataError as exc:
         log.error("sandbox %s: %s", paths.key, exc)
+
+
+async def _to_the_end(work: Awaitable[T]) -> T:
+    """`work`'s result, awaited to its end even if this task is cancelled
+    meanwhile (the cancellation is raised after it). For a thread that
+    changes host state: it cannot be stopped half-way, and the teardown that
+    follows a cancellation must find what it made recorded."""
+    task = asyncio.ensure_future(work)
+    cancelled = False
+    while not task.done():
+        try:
+            await asyncio.wait({task})
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled:
+        if task.exception() is not None:  # undone by the thread itself
+            log.info("cancelled while it failed: %s", task.exception())
+        raise asyncio.CancelledError
+    return task.result()
 
 
 def _family(family: int) -> agent_pb2.IPFamily.ValueType:
