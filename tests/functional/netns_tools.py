@@ -8,6 +8,8 @@ import contextlib
 import os
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,6 +84,80 @@ def greeting_server(netns: str, address: str = PEER_IP, port: int = 8080,
         if server.poll() is None:
             server.kill()
         server.wait()
+
+
+class SteadyClient:
+    """A client in a namespace that connects to a server every few tenths
+    of a second and records each exchange: "ok" when the server answered
+    `expect`, else what went wrong."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self._proc = proc
+        self.results: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self._proc.stdout is not None
+        for line in self._proc.stdout:
+            self.results.append(line.strip())
+
+    def join(self) -> None:
+        """Once the client ended: every line it wrote is in `results`."""
+        self._reader.join(10)
+
+    @property
+    def failures(self) -> list[str]:
+        """The exchanges that went wrong once the server had answered (before,
+        it may not have been listening yet)."""
+        if "ok" not in self.results:
+            return list(self.results)
+        return [r for r in self.results[self.results.index("ok"):] if r != "ok"]
+
+    def wait_for(self, count: int, timeout: float) -> None:
+        """Until `count` exchanges (ok or not) have been recorded."""
+        deadline = time.monotonic() + timeout
+        while len(self.results) < count:
+            assert self._proc.poll() is None, "the client ended"
+            assert time.monotonic() < deadline, f"only {self.results} in {timeout:g} s"
+            time.sleep(0.05)
+
+    def wait_for_ok(self, timeout: float) -> None:
+        """Until the server has answered once (e.g. once a VM is up)."""
+        deadline = time.monotonic() + timeout
+        while "ok" not in self.results:
+            assert self._proc.poll() is None, "the client ended"
+            assert time.monotonic() < deadline, f"no answer in {timeout:g} s: {self.results}"
+            time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def steady_client(netns: str, address: str, port: int, expect: str) -> Iterator[SteadyClient]:
+    """A `SteadyClient` in `netns`, talking to `address`:`port` until the block ends."""
+    code = ("import select, socket, sys, time\n"
+            "while not select.select([sys.stdin], [], [], 0)[0]:\n"
+            "    try:\n"
+            f"        with socket.create_connection(({address!r}, {port}), timeout=10) as c:\n"
+            "            c.settimeout(10)\n"
+            "            got = c.recv(100).decode(errors='replace')\n"
+            f"        print('ok' if got == {expect!r} else 'got ' + repr(got), flush=True)\n"
+            "    except OSError as e:\n"
+            "        print('failed: ' + str(e), flush=True)\n"
+            "    time.sleep(0.2)\n")
+    proc = subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, "-c", code],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    client = SteadyClient(proc)
+    try:
+        yield client
+    finally:
+        assert proc.stdin is not None
+        proc.stdin.close()  # its end of file stops the loop
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        client.join()
 
 
 def network_leftovers() -> list[str]:

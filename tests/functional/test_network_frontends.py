@@ -12,23 +12,29 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
-from pykata.runtime.paths import run_root
+from pykata.runtime.paths import SandboxPaths, run_root
+from pykata.runtime.sandbox import read_sandbox_state
+from pykata.runtime.spec import default_spec
 from tests.functional.conftest import Cli, shim_processes
 from tests.functional.conftest import started_qemu_processes as qemu_processes
 from tests.functional.containerd_peer import IMAGE, RUNTIME, PrivateContainerd
 from tests.functional.netns_tools import (
     PEER_IP,
     POD_IP,
+    TAP_SUFFIX,
     PodNetns,
     greeting_server,
     ip,
     network_leftovers,
     pod_and_peer,
+    steady_client,
     tc,
 )
+from tests.functional.oci_tools import Oci, Result, make_bundle
 
 
 @pytest.fixture
@@ -83,17 +89,31 @@ def test_an_interface_it_cannot_mirror_is_refused_by_the_shim(
     containerd.remove("net-vxlan")
 
 
-def test_a_tap_that_cannot_be_created_fails_the_start_and_leaves_nothing(
+def test_a_namespace_set_up_by_someone_else_is_refused_and_left_as_found(
         containerd: PrivateContainerd, netns: PodNetns) -> None:
-    # An interface of the tap's name, but not a tap: creating the tap fails.
+    """An interface of pykata's tap name (not a tap) and an ingress qdisc
+    pykata did not add, with its filter, on the pod's interface: the start
+    is refused before anything is made, and both are still there after (the
+    undo used to remove the qdisc it found)."""
     ip("-n", netns.pod, "link", "add", "tap0_pykata", "type", "veth", "peer", "name", "notap0")
-    result = containerd.run("net-notap", "true", extra=("--with-ns", f"network:{netns.path}"))
-    assert result.returncode != 0
-    assert "cannot create tap tap0_pykata" in result.err, result.err
-    assert not qemu_processes()
-    assert "ingress" not in _ingress(netns)
-    ip("-n", netns.pod, "link", "del", "tap0_pykata")
-    containerd.remove("net-notap")
+    tc("-n", netns.pod, "qdisc", "add", "dev", "eth0", "ingress")
+    tc("-n", netns.pod, "filter", "add", "dev", "eth0", "parent", "ffff:", "protocol", "all",
+       "u32", "match", "u32", "0", "0", "action", "mirred", "egress", "mirror", "dev", "lo")
+    try:
+        result = containerd.run("net-foreign", "true",
+                                extra=("--with-ns", f"network:{netns.path}"))
+        assert result.returncode != 0
+        assert not qemu_processes()
+        assert "qdisc ingress" in _ingress(netns), "the failed start removed a qdisc it found"
+        assert "Egress Mirror to device lo" in tc("-n", netns.pod, "filter", "show", "dev",
+                                                  "eth0", "ingress")
+        assert "tap0_pykata" in ip("-n", netns.pod, "link", "show")
+        assert f"{netns.path} is already mirrored into a VM" in result.err, result.err
+        assert "interface tap0_pykata" in result.err, result.err
+    finally:
+        tc("-n", netns.pod, "qdisc", "del", "dev", "eth0", "ingress")
+        ip("-n", netns.pod, "link", "del", "tap0_pykata")
+        containerd.remove("net-foreign")
 
 
 def test_internetworking_model_none_gives_loopback_only(
@@ -152,6 +172,77 @@ def test_pykata_cleanup_removes_a_killed_runs_redirects(cli: Cli, netns: PodNetn
             proc.kill()
             proc.wait()
         cli("cleanup")  # whatever happened above: nothing left for the next test
+
+
+def _taps(netns: PodNetns) -> list[str]:
+    links = ip("-n", netns.pod, "-o", "link", "show").splitlines()
+    return [n for n in (line.split(":")[1].strip().split("@")[0] for line in links)
+            if n.endswith(TAP_SUFFIX)]
+
+
+def _oci_run_in(netns: PodNetns, tmp_path: Path) -> Result:
+    """`pykata-oci run` of a container whose spec names the pod namespace."""
+    linux = default_spec(["true"])["linux"]
+    linux["namespaces"].append({"type": "network", "path": str(netns.path)})
+    bundle = make_bundle(tmp_path / "bundle", ["true"], linux=linux)
+    oci = Oci(tmp_path / "oci-root")
+    result = oci("run", "--bundle", str(bundle), "joins")
+    assert not (oci.root / "joins").exists()
+    return result
+
+
+# A's container: a server the peer talks to, until the peer knocks on port 8081.
+_SERVE_UNTIL_KNOCKED = "nc -ll -p 8080 -e echo pong & nc -l -p 8081 </dev/null; kill $!"
+
+
+def test_a_second_vm_on_a_mirrored_namespace_is_refused_and_the_first_keeps_talking(
+        cli: Cli, netns: PodNetns, tmp_path: Path) -> None:
+    """Sandbox A mirrors a namespace and serves a peer that keeps talking to
+    it; B asks for the same namespace (`pykata run` by its path, then through
+    a process in it as `docker run --network container:A` would, then a
+    pykata-oci container whose spec names it, as a second member of a podman
+    pod) and is refused, naming A. A's traffic never stops, B leaves nothing,
+    and A's own teardown then leaves nothing either."""
+    env = {**os.environ, "PYKATA_RUN_ROOT": str(run_root())}
+    a = subprocess.Popen([sys.executable, "-m", "pykata.cli.main", "run", "--netns",
+                          str(netns.path), "--", "sh", "-c", _SERVE_UNTIL_KNOCKED],
+                         env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE)
+    member = subprocess.Popen(["ip", "netns", "exec", netns.pod, "sleep", "600"])
+    try:
+        with steady_client(netns.peer, POD_IP, 8080, "pong\n") as client:
+            client.wait_for_ok(180)
+            (a_dir,) = (run_root() / "sandboxes").iterdir()
+            a_id = read_sandbox_state(SandboxPaths(a_dir.name, run_root())).id
+            refusals = [cli("run", "--netns", path, "--", "true")
+                        for path in (str(netns.path), f"/proc/{member.pid}/ns/net")]
+            oci_refusal = _oci_run_in(netns, tmp_path)
+            client.wait_for(len(client.results) + 10, 60)
+        assert client.failures == [], f"A lost its network: {client.results}"
+        for b in refusals:
+            assert b.returncode == 1, b.err
+            assert f"already mirrored into the VM of sandbox {a_id}" in b.err, b.err
+            assert "a VM's network cannot be joined by another VM" in b.err, b.err
+        assert oci_refusal.returncode != 0
+        assert f"already mirrored into the VM of sandbox {a_id}" in oci_refusal.err, \
+            oci_refusal.err
+        # B made nothing: no VM, no state, no tap, no qdisc; A's are as they were.
+        assert len(qemu_processes()) == 1
+        assert [p.name for p in (run_root() / "sandboxes").iterdir()] == [a_dir.name]
+        assert _taps(netns) == ["tap0_pykata"]
+        assert _ingress(netns).count("qdisc ingress") == 1
+        subprocess.run(["ip", "netns", "exec", netns.peer, "busybox", "nc", "-w", "10",
+                        POD_IP, "8081"], stdin=subprocess.DEVNULL, check=True)
+        assert a.wait(60) == 0, a.stderr.read() if a.stderr else b""
+        assert not network_leftovers()
+        assert not list((run_root() / "sandboxes").iterdir())
+    finally:
+        member.kill()
+        member.wait()
+        if a.poll() is None:
+            a.kill()
+            a.wait()
+        cli("cleanup")
 
 
 def test_the_guest_gets_the_pods_permanent_neighbours_and_its_gateways(

@@ -48,6 +48,25 @@ def _read_until_arp_reply(fd: int, seconds: float) -> list[bytes]:
     return frames
 
 
+def _answers_through_its_tap(endpoint: tcfilter.Endpoint) -> bool:
+    """Whether an ARP request written to the endpoint's tap reaches the peer
+    and the peer's reply comes back through the tap (both redirects work)."""
+    mac = bytes.fromhex(endpoint.mac.replace(":", ""))
+    os.write(endpoint.tap_fd, b"\0" * VNET_HDR + _arp_request(mac))
+    return any(_is_arp_reply(f) and f[:6] == mac
+               for f in _read_until_arp_reply(endpoint.tap_fd, 5))
+
+
+def _qdiscs(ns: str, dev: str = "eth0") -> str:
+    return subprocess.run(["tc", "-n", ns, "qdisc", "show", "dev", dev],
+                          capture_output=True, text=True).stdout
+
+
+def _links(ns: str) -> list[str]:
+    return [line.split(":")[1].strip().split("@")[0]
+            for line in _ip("-n", ns, "-o", "link", "show").splitlines()]
+
+
 def test_a_pods_interface_is_joined_to_a_tap_both_ways(pod_netns: Path) -> None:
     (endpoint,) = tcfilter.scan(pod_netns)
     assert endpoint.name == "eth0" and endpoint.mtu == 1400
@@ -115,3 +134,76 @@ def test_a_container_reaches_a_server_beside_the_pod(pod_netns: Path, cli: Cli) 
         assert f"inet {POD_IP}/24" in result.out, result.out
         assert f"hello {POD_IP}" in result.out, result.out  # the peer saw the pod's address
         assert server.wait(30) == 0
+
+
+def test_a_namespace_already_mirrored_is_refused_and_the_first_vm_keeps_its_network(
+        pod_netns: Path) -> None:
+    """A second attach on a namespace another one holds (as a second VM on a
+    podman pod's namespace would) fails without touching the first's taps
+    and redirects, by the namespace's path or through a process in it."""
+    ns = pod_netns.name
+    first = tcfilter.scan(pod_netns)
+    tcfilter.attach(pod_netns, first)
+    member = subprocess.Popen(["ip", "netns", "exec", ns, "sleep", "60"])
+    try:
+        assert _answers_through_its_tap(first[0])
+        for path in (pod_netns, Path(f"/proc/{member.pid}/ns/net")):
+            second = tcfilter.scan(path)
+            with pytest.raises(tcfilter.NetworkError) as refused:
+                tcfilter.attach(path, second)
+            # The first one's redirects are intact, and it still talks to the peer.
+            assert "ingress" in _qdiscs(ns), f"{refused.value} removed the first's redirect"
+            assert "ingress" in _qdiscs(ns, first[0].tap_name)
+            assert _answers_through_its_tap(first[0])
+            assert "already mirrored into a VM" in str(refused.value)
+            assert "tap0_pykata" in str(refused.value)
+            assert second[0].tap_fd == -1 and not second[0].own_qdiscs
+            assert [n for n in _links(ns) if n.endswith("_pykata")] == ["tap0_pykata"]
+    finally:
+        member.kill()
+        member.wait()
+        tcfilter.detach(pod_netns, first)
+    assert "tap0_pykata" not in _links(ns) and "ingress" not in _qdiscs(ns)
+
+
+def test_an_interface_with_a_qdisc_it_did_not_add_is_refused_and_left_as_found(
+        pod_netns: Path) -> None:
+    """Someone else's ingress qdisc (and filter) on the pod's interface:
+    refused before a tap is made, and the qdisc is still there after."""
+    ns = pod_netns.name
+    subprocess.run(["tc", "-n", ns, "qdisc", "add", "dev", "eth0", "ingress"], check=True)
+    subprocess.run(["tc", "-n", ns, "filter", "add", "dev", "eth0", "parent", "ffff:",
+                    "protocol", "all", "u32", "match", "u32", "0", "0", "action", "mirred",
+                    "egress", "mirror", "dev", "lo"],
+                   check=True)
+    endpoints = tcfilter.scan(pod_netns)
+    try:
+        with pytest.raises(Exception) as refused:  # its kind is checked below
+            tcfilter.attach(pod_netns, endpoints)
+        assert "ingress" in _qdiscs(ns), f"{refused.value!r} removed a qdisc it did not add"
+        assert isinstance(refused.value, tcfilter.NetworkError), refused.value
+        filters = subprocess.run(["tc", "-n", ns, "filter", "show", "dev", "eth0", "ingress"],
+                                 capture_output=True, text=True).stdout
+        assert "Egress Mirror to device lo" in filters
+        assert "interface eth0 has an ingress qdisc" in str(refused.value)
+        assert "pykata cleanup" in str(refused.value)
+        assert not [n for n in _links(ns) if n.endswith("_pykata")]
+    finally:
+        subprocess.run(["tc", "-n", ns, "qdisc", "del", "dev", "eth0", "ingress"])
+
+
+def test_a_tap_name_in_use_is_blamed_on_the_vm_that_holds_it(pod_netns: Path) -> None:
+    """Two opens of one tap name (the race the up-front checks leave): the
+    second is told another VM holds the name, not that /dev/net/tun lacks."""
+    def open_twice(_: object) -> None:
+        fd = tcfilter._open_tap(pod_netns, "tap0_pykata")
+        try:
+            with pytest.raises(tcfilter.NetworkError) as taken:
+                tcfilter._open_tap(pod_netns, "tap0_pykata")
+            assert "tap name tap0_pykata is taken" in str(taken.value)
+            assert "another VM mirrors this namespace" in str(taken.value)
+            assert "/dev/net/tun" not in str(taken.value)
+        finally:
+            os.close(fd)
+
+    tcfilter._in_netns(pod_netns, open_twice)

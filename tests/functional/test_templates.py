@@ -9,7 +9,9 @@ import asyncio
 import dataclasses
 import json
 import logging
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -130,7 +132,8 @@ async def test_other_settings_or_a_rebuilt_asset_never_use_an_old_template(
 
     shutil.copy(assets.locate().initrd, initrd)
     cfg = dataclasses.replace(template_config, qemu=dataclasses.replace(
-        template_config.qemu, initrd=str(initrd)))
+        template_config.qemu, initrd=str(initrd)), factory=dataclasses.replace(
+        template_config.factory, template_shapes=("1:384",)))
     sandbox = await _started(cfg, "shape-a", memory_mib=384)
     await sandbox.stop()
     before = {t.key for t in templates.list_templates(base)}
@@ -194,6 +197,96 @@ async def test_a_template_with_metadata_of_other_settings_is_refused(
     await sandbox.stop()
     assert sandbox.boot == "template"
     assert json.loads(meta_file.read_text())["identity"]["vcpus"] == 1
+
+
+async def test_templates_stay_within_their_bounds_and_starts_say_why_they_boot_cold(
+        pykata_config: config.Config, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Real template VMs under template_max_count = 1: a shape the
+    configuration does not list boots cold and builds nothing; a listed shape
+    evicts the template used least recently; a start while a VM is restored
+    from the only template can evict nothing and boots cold, saying which
+    key to raise. One template on disk throughout, and every pod runs."""
+    root = tmp_path / "templates"
+    cfg = dataclasses.replace(pykata_config, factory=config.FactoryConfig(
+        enable_template=True, template_path=str(root), template_shapes=("1:384",),
+        template_max_count=1))
+
+    def messages(words: str) -> list[str]:
+        return [r.getMessage() for r in caplog.records if words in r.getMessage()]
+
+    async def start_and_run(sid: str, **options: object) -> Sandbox:
+        sandbox = await _started(cfg, sid, **options)
+        try:
+            run = await run_in_sandbox(sandbox, ["echo", sid], container_id="c")
+            assert run.stdout == f"{sid}\n".encode(), run
+            assert len(templates.list_templates(root)) <= 1
+        finally:
+            await sandbox.stop()
+        return sandbox
+
+    with caplog.at_level(logging.INFO, logger="pykata.runtime.sandbox"):
+        unlisted = await start_and_run("bounds-unlisted", memory_mib=448)
+        assert unlisted.boot == "cold" and not templates.list_templates(root)
+        assert any("'1:448'" in m and "template_shapes" in m
+                   for m in messages("boots cold")), caplog.text
+        assert (await start_and_run("bounds-own")).boot == "template"
+        [own] = templates.list_templates(root)
+        assert (await start_and_run("bounds-listed", memory_mib=384)).boot == "template"
+        [listed] = templates.list_templates(root)
+        assert listed.key != own.key and listed.shape["memory_mib"] == 384
+        assert listed.size_bytes <= cfg.factory.template_max_size * 2**20
+        vm = Sandbox("probe", cfg, SandboxOptions(memory_mib=384)).vm_config()
+        found, why = templates.find(root, vm)
+        assert found is not None, why
+        caplog.clear()
+        async with templates.in_use(found):  # what a restore holds while QEMU loads it
+            blocked = await start_and_run("bounds-blocked")
+        assert blocked.boot == "cold"
+        [line] = messages("boots cold")
+        assert "template_max_count = 1" in line and "raise template_max_count" in line, line
+        assert templates.find(root, vm)[0] == found
+    # Restored from since: the template still serves pods of its shape.
+    assert (await start_and_run("bounds-again", memory_mib=384)).boot == "template"
+
+
+def test_destroy_leaves_a_template_being_built_which_then_ends_whole(
+        cli: Cli, tmp_path: Path) -> None:
+    """`factory destroy` while `factory init` is paused mid-build: the
+    builder's lock and work directory stay (destroy says so and fails);
+    the builder then finishes, and a start restores from its template."""
+    root = tmp_path / "templates"
+    conf = str(_config_file(tmp_path, root))
+    builder = subprocess.Popen([sys.executable, "-m", "pykata.cli.main", "--config", conf,
+                                "factory", "init"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not list(root.glob("*.new/memory")):
+            assert time.monotonic() < deadline and builder.poll() is None, "no build began"
+            time.sleep(0.05)
+        os.kill(builder.pid, signal.SIGSTOP)  # its template VM keeps booting
+        try:
+            [lock] = root.glob("*.lock")
+            held = lock.stat().st_ino
+            destroyed = cli("--config", conf, "factory", "destroy", "--wait", "1")
+            assert destroyed.returncode == 1, destroyed
+            assert "left 1 VM template(s) in place" in destroyed.err, destroyed.err
+            assert lock.stat().st_ino == held and list(root.glob("*.new/memory"))
+        finally:
+            os.kill(builder.pid, signal.SIGCONT)
+        out, err = builder.communicate(timeout=180)
+    finally:
+        builder.kill()
+        builder.wait()
+    assert builder.returncode == 0 and "built in" in out, err
+    [info] = templates.list_templates(root)
+    assert not info.stale and not list(root.glob("*.new"))
+    run = cli("--config", conf, "run", "--", "echo", "whole")
+    assert run.returncode == 0 and run.out == "whole\n", run.err
+    assert "boots cold" not in run.err
+    assert "removed 1 template" in cli("--config", conf, "factory", "destroy").out
+    assert not root.exists()
 
 
 def _config_file(tmp_path: Path, template_root: Path) -> Path:

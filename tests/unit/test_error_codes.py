@@ -18,7 +18,7 @@ from pykata.errors import (
 from pykata.runtime.error_codes import exit_status, from_status, runc_message, to_status
 from pykata.runtime.lifecycle import ExitedError
 from pykata.runtime.ready import ReadyReport
-from pykata.ttrpc import Code, StatusError
+from pykata.ttrpc import Code
 
 
 @pytest.mark.parametrize(("error", "code", "comes_back_as"), [

@@ -120,7 +120,7 @@ async def test_wrong_calls_are_refused_and_change_nothing(tmp_path: Path) -> Non
 
 
 async def test_an_exec_runs_its_own_lifecycle(tmp_path: Path) -> None:
-    pod, source, events = await _started(tmp_path)
+    pod, _source, events = await _started(tmp_path)
     await pod.create_container("web", spec("sleep"), _rootfs(tmp_path), io=None)
     await pod.start_process("web")
     io = CapturedIO()
@@ -209,7 +209,7 @@ async def test_each_front_ends_policy(tmp_path: Path) -> None:
 
 async def test_a_process_that_cannot_run_fails_create_and_leaves_nothing(
         tmp_path: Path) -> None:
-    pod, source, _ = await _started(tmp_path)
+    pod, _source, _ = await _started(tmp_path)
     io = CapturedIO()
     with pytest.raises(AgentError) as info:
         await pod.create_container("web", spec("missing"), _rootfs(tmp_path), io=io)

@@ -13,8 +13,8 @@ from pykata import config
 from pykata.errors import AgentError, ConfigError, NotFoundError, SpecError
 from pykata.protocols import agent_pb2, cgroups_v2_pb2
 from pykata.runtime import pod_options as annotations
-from pykata.shim import cli, metrics, shimlog, start
 from pykata.runtime.error_codes import to_status
+from pykata.shim import cli, metrics, shimlog, start
 from pykata.ttrpc import Code
 
 

@@ -135,7 +135,7 @@ def test_destroy_removes_only_templates(tmp_path: Path) -> None:
     directory = _fake_template(root, vm)
     (root / f"{directory.name}.lock").touch()
     (root / "notes.txt").write_text("the user's")
-    assert template.destroy(root) == [directory.name]
+    assert template.destroy(root).removed == [directory.name]
     assert sorted(p.name for p in root.iterdir()) == ["notes.txt"]
 
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pykata import config as config_mod
+from pykata.channels import RUNTIME_TYPE, SHIM_NAME
 from pykata.errors import ConfigError, PykataError
 from pykata.install.containerd_config import (
     BACKUP_SUFFIX,
@@ -38,7 +39,6 @@ from pykata.install.containerd_config import (
     table_at,
     write_atomic,
 )
-from pykata.channels import RUNTIME_TYPE, SHIM_NAME
 
 # The PATH systemd gives containerd: a shim linked elsewhere is not found.
 SERVICE_PATH = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")

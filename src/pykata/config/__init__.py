@@ -101,8 +101,24 @@ class FactoryConfig:
     vm_cache_number: int = 0
     # The cache's socket; "" is <run root>/factory/cache.sock.
     vm_cache_endpoint: str = ""
+    # VM shapes other than the configuration's own that get a template:
+    # "VCPUS:MEMORY_MIB", or "VCPUS:MEMORY_MIB:KERNEL_PARAMS" for pods whose
+    # kernel_params annotation adds exactly those words. Any other shape
+    # boots cold: each shape costs a template VM's boot and memory file.
+    template_shapes: tuple[str, ...] = ()
+    # Bounds on the templates kept: how many, and MiB of host memory or
+    # disk their files take (allocated: memory files are sparse). A build
+    # that would pass one evicts the least recently used templates.
+    template_max_count: int = 4
+    template_max_size: int = 1024
 
     def validate(self, where: str) -> None:
+        for entry in self.template_shapes:
+            parse_template_shape(f"{where} template_shapes", entry)
+        if not 1 <= self.template_max_count <= 1024:
+            raise ConfigError(f"{where}: template_max_count must be between 1 and 1024")
+        if not 1 <= self.template_max_size <= 1024 * 1024:
+            raise ConfigError(f"{where}: template_max_size must be between 1 and 1048576 (MiB)")
         if not 0 <= self.vm_cache_number <= 256:
             raise ConfigError(f"{where}: vm_cache_number must be between 0 and 256")
         if self.vm_cache_endpoint and not os.path.isabs(self.vm_cache_endpoint):
@@ -111,6 +127,36 @@ class FactoryConfig:
         if self.template_path and not os.path.isabs(self.template_path):
             raise ConfigError(f"{where}: template_path must be an absolute path, not "
                               f"{self.template_path!r}")
+
+    def shapes(self) -> tuple[TemplateShape, ...]:
+        return tuple(parse_template_shape("template_shapes", e) for e in self.template_shapes)
+
+
+@dataclass(frozen=True)
+class TemplateShape:
+    """A VM shape the operator gives a template ([factory] template_shapes)."""
+
+    vcpus: int
+    memory_mib: int
+    kernel_params: tuple[str, ...] = ()  # the pod's own, after the configuration's
+
+
+def parse_template_shape(where: str, entry: str) -> TemplateShape:
+    """One `template_shapes` entry: "VCPUS:MEMORY_MIB[:KERNEL_PARAMS]"."""
+    vcpus, _, rest = entry.partition(":")
+    memory, _, params = rest.partition(":")
+    try:
+        shape = TemplateShape(int(vcpus), int(memory), tuple(params.split()))
+    except ValueError:
+        raise ConfigError(
+            f"{where}: {entry!r} is not a VM shape",
+            hint='write "VCPUS:MEMORY_MIB" (e.g. "2:1024"), or '
+                 '"VCPUS:MEMORY_MIB:KERNEL_PARAMS" for a pod\'s extra kernel parameters'
+        ) from None
+    if not 1 <= shape.vcpus <= 64 or not 64 <= shape.memory_mib <= 1024 * 1024:
+        raise ConfigError(f"{where}: {entry!r} has vCPUs outside 1-64 or memory outside "
+                          "64-1048576 MiB")
+    return shape
 
 
 @dataclass(frozen=True)

@@ -60,7 +60,7 @@ class TemplateSource:
     async def _template_for(self, config: VmConfig, name: str) -> templates.Template | None:
         """The template to restore this VM from, built now if its shape has
         none; None (and a log line saying why) for a cold boot."""
-        reason = templates.unclonable(config)
+        reason = templates.unclonable(config) or templates.shape_refusal(self.config, config)
         if reason:
             log.info("sandbox %s boots cold: %s", name, reason)
             return None
@@ -70,10 +70,11 @@ class TemplateSource:
             return found
         log.warning("sandbox %s: %s; building one", name, why)
         try:
-            return await templates.build(root, config, self.config.agent.dial_timeout)
-        except templates.TemplateBusy as exc:
+            return await templates.build(root, config, self.config.agent.dial_timeout,
+                                         bounds=templates.limits(self.config))
+        except (templates.TemplateBusy, templates.TemplateCapReached) as exc:
             log.warning("sandbox %s boots cold: %s", name, exc)
-        except PykataError as exc:
+        except (PykataError, OSError) as exc:
             log.warning("sandbox %s boots cold: building a VM template failed: %s", name, exc)
         return None
 
@@ -86,8 +87,10 @@ class TemplateSource:
         t0 = time.monotonic()
         vm = QemuVM(clone)
         try:
-            await vm.start()
-            await vm.restore_state(template.state)
+            # Held while QEMU reads the template: eviction leaves it alone.
+            async with templates.in_use(template):
+                await vm.start()
+                await vm.restore_state(template.state)
             t1 = time.monotonic()
             agent = await connect_agent(vm, clone, self.config.agent.dial_timeout, name,
                                         first_stream_id=template.next_stream_id)

@@ -8,13 +8,24 @@ restored from.
         template.json       what it was made from, and the agent channel's
                             next ttRPC stream id
         console.log, qemu.stderr
-    <root>/<key>.lock       held while the template is built
+    <root>/<key>.lock       the key's lock: held exclusively while the
+                            template is built or removed, shared while a
+                            VM is restored from it
 
 The key is a digest of everything that makes a VM's saved state fit another
 VM: QEMU, kernel and initrd (path and file identity, so a rebuilt asset makes
 a new key), machine type, accelerator, vCPUs, memory, kernel command line and
-the device list. A VM whose shape has no template gets one built; a template
-whose assets changed is never found again and is removed at the next build.
+the device list. A VM whose shape has no template gets one built, when the
+configuration gives its shape one (`shape_refusal`); a template whose assets
+changed is never found again and is removed at the next build.
+
+Templates are bounded in number and allocated bytes ([factory]
+template_max_count, template_max_size): a build that would pass a bound
+evicts the least recently used templates first (a template's directory
+mtime is its last use: each restore sets it). Removing a template takes its
+lock exclusively without waiting, so a build or a restore in progress keeps
+its template; and whoever removes a lock file holds it, so every taker checks,
+once it holds a lock, that the path still names the file it locked.
 
 A template is saved before the guest mounts its shared directory (QEMU
 refuses to migrate a mounted 9p export), so every clone mounts its own
@@ -39,12 +50,13 @@ import re
 import shutil
 import stat
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pykata.config import Config
-from pykata.errors import AgentError, HypervisorError, PykataError
+from pykata.errors import AgentError, HostError, HypervisorError, PykataError
 from pykata.hypervisor.base import NetworkInterface
 from pykata.hypervisor.qemu import QemuVM, VmConfig
 from pykata.runtime.agent_client import AgentClient
@@ -60,8 +72,41 @@ _KEY = re.compile(r"[0-9a-f]{24}")
 _SAVE_SECONDS = 60.0
 
 
+_MIB = 1024 * 1024
+# How long a restore waits for its template's key to be free (an eviction
+# or a removal holds it for as long as deleting a few files takes).
+_IN_USE_WAIT_SECONDS = 5.0
+_POLL_SECONDS = 0.05
+# A lock file that keeps being replaced under its takers: give up, not spin.
+_LOCK_TRIES = 100
+# How long `destroy` waits for templates being built or restored from: a
+# build takes a few seconds, up to a minute on a loaded host without KVM
+# (deploy/pykata-factory.service gives its stop 90 s).
+DESTROY_WAIT_SECONDS = 60.0
+
+
 class TemplateBusy(PykataError):
     """Another process is building this template right now."""
+
+
+class TemplateCapReached(PykataError):
+    """A new template would pass [factory] template_max_count or
+    template_max_size, and no template can be evicted to make room."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The bounds on the templates under a root, and the file that sets them
+    (errors name it)."""
+
+    max_count: int
+    max_bytes: int
+    source: str = "the configuration"
+
+
+def limits(config: Config) -> Limits:
+    return Limits(config.factory.template_max_count,
+                  config.factory.template_max_size * _MIB, config.source)
 
 
 @dataclass(frozen=True)
@@ -91,6 +136,27 @@ def unclonable(vm: VmConfig) -> str:
     if vm.shared_dir is None:
         return "it has no shared directory"
     return ""
+
+
+def shape_refusal(config: Config, vm: VmConfig) -> str:
+    """Why the configuration gives `vm`'s shape no template ("" when it
+    does). Each shape costs a template VM's boot and its memory file, and a
+    pod's annotations choose its vCPUs, memory and extra kernel parameters:
+    only the configuration's own shape, and those it lists in [factory]
+    template_shapes, get one."""
+    q = config.qemu
+    own = q.kernel_params.split()
+    words = vm.kernel_params.split()
+    # A pod's kernel parameters come after the configuration's own.
+    extra = tuple(words[len(own):]) if words[:len(own)] == own else tuple(words)
+    allowed = {(q.default_vcpus, q.default_memory, ())} | {
+        (s.vcpus, s.memory_mib, s.kernel_params) for s in config.factory.shapes()}
+    if words[:len(own)] == own and (vm.vcpus, vm.memory_mib, extra) in allowed:
+        return ""
+    shape = f"{vm.vcpus}:{vm.memory_mib}" + (f":{' '.join(extra)}" if extra else "")
+    return (f"its VM shape {shape!r} (vCPUs:MiB[:kernel parameters]) is not the "
+            f"configuration's own and [factory] template_shapes in {config.source} does "
+            "not list it (add it there to give it a template)")
 
 
 def _file_id(path: str | Path) -> list[Any]:
@@ -167,36 +233,123 @@ def _not_private(path: Path) -> str:
     return ""
 
 
-async def build(root: Path, vm: VmConfig, dial_timeout: float) -> Template:
-    """Boot a template VM for `vm`'s shape to agent-ready and save it.
-    Raises TemplateBusy while another process builds the same one."""
+def _lock_path(root: Path, key: str) -> Path:
+    return root / f"{key}.lock"
+
+
+def _take_lock(root: Path, key: str, operation: int) -> int:
+    """The descriptor of `key`'s lock file, flocked with `operation`.
+
+    Whoever removes a template unlinks its lock file while holding it: a
+    taker that was waiting then holds a lock nobody else can find, and two
+    builders could each hold "the" lock. So once the flock is ours, the path
+    must still name the file we locked; if not, lock what it names now.
+    Raises BlockingIOError when `operation` has LOCK_NB and the lock is held."""
+    path = _lock_path(root, key)
+    for _ in range(_LOCK_TRIES):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, operation)
+            held = os.fstat(fd)
+            try:
+                named = os.stat(path, follow_symlinks=False)
+            except FileNotFoundError:
+                named = None
+        except BaseException:
+            os.close(fd)
+            raise
+        if named is not None and (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino):
+            return fd
+        os.close(fd)
+    raise BlockingIOError(f"the lock file {path} kept being replaced")
+
+
+async def build(root: Path, vm: VmConfig, dial_timeout: float, *, bounds: Limits) -> Template:
+    """Boot a template VM for `vm`'s shape to agent-ready and save it,
+    evicting least recently used templates to stay within `bounds`.
+    Raises TemplateBusy while another process builds the same one, and
+    TemplateCapReached when the bounds leave no room for it."""
     ident = identity(vm)
     key = template_key(ident)
     private_dir(root)
-    lock_fd = os.open(root / f"{key}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
-        try:
-            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise TemplateBusy(f"the VM template {key} is being built by another "
-                               "process") from None
+        lock_fd = _take_lock(root, key, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise TemplateBusy(f"the VM template {key} is being built by another "
+                           "process") from None
+    except OSError as exc:
+        raise HostError(f"cannot lock the VM template {key} in {root}: {exc.strerror}") from exc
+    try:
         found, _ = find(root, vm)
         if found is not None:  # built while we waited for the lock
             return found
+        prune(root)
+        _make_room(root, key, bounds)
         work = root / f"{key}.new"
         shutil.rmtree(work, ignore_errors=True)  # a build that died part-way
+        final = root / key
         try:
             template = await _build_in(work, key, ident, vm, dial_timeout)
-            final = root / key
-            shutil.rmtree(final, ignore_errors=True)
+            _remove_files(root, key)
             os.rename(work, final)
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
             raise
-        prune(root)
+        _mark_used(final)
+        _fit(root, key, bounds)
         return dataclasses.replace(template, directory=final)
     finally:
         os.close(lock_fd)
+
+
+@contextlib.asynccontextmanager
+async def in_use(template: Template) -> AsyncIterator[None]:
+    """Keep `template` from being evicted or removed while a VM is restored
+    from it (a shared lock on its key: QEMU maps its memory and reads its
+    state meanwhile), and record the use for least-recently-used eviction.
+    Raises HypervisorError when it went (or changed) since `find`."""
+    root = template.directory.parent
+    deadline = time.monotonic() + _IN_USE_WAIT_SECONDS
+    while True:
+        try:
+            fd = _take_lock(root, template.key, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise HypervisorError(
+                    f"the VM template {template.key} stayed locked (being rebuilt or "
+                    f"removed) for {_IN_USE_WAIT_SECONDS:g} s") from None
+            await asyncio.sleep(_POLL_SECONDS)
+        except OSError as exc:
+            raise HypervisorError(f"cannot lock the VM template {template.key}: "
+                                  f"{exc.strerror}") from exc
+    try:
+        if not _still(template):
+            raise HypervisorError(f"the VM template {template.key} was removed or rebuilt "
+                                  "after it was found")
+        _mark_used(template.directory)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _mark_used(directory: Path) -> None:
+    """Record a template's last use (its directory's mtime), to the
+    nanosecond: the kernel's own stamp is coarser than starts can be apart."""
+    now = time.time_ns()
+    with contextlib.suppress(OSError):
+        os.utime(directory, ns=(now, now), follow_symlinks=False)
+
+
+def _still(template: Template) -> bool:
+    """Whether `template`'s files are still the ones `find` found."""
+    try:
+        meta = json.loads((template.directory / META).read_text())
+    except (OSError, ValueError):
+        return False
+    return (isinstance(meta, dict) and meta.get("next_stream_id") == template.next_stream_id
+            and meta.get("created", 0) == template.created
+            and template.memory.is_file() and template.state.is_file())
 
 
 async def _build_in(work: Path, key: str, ident: dict[str, Any], vm: VmConfig,
@@ -263,6 +416,8 @@ class TemplateInfo:
     memory_bytes: int  # of the memory file, allocated (it is sparse)
     stale: bool
     shape: dict[str, Any]
+    size_bytes: int = 0  # of all its files, allocated
+    last_used_ns: int = 0  # when a VM was last restored from it (or it was made)
 
 
 def list_templates(root: Path) -> list[TemplateInfo]:
@@ -270,7 +425,7 @@ def list_templates(root: Path) -> list[TemplateInfo]:
     if not root.is_dir():
         return out
     for entry in sorted(root.iterdir()):
-        if not _KEY.fullmatch(entry.name) or not entry.is_dir():
+        if not _KEY.fullmatch(entry.name) or entry.is_symlink() or not entry.is_dir():
             continue
         try:
             meta = json.loads((entry / META).read_text())
@@ -280,23 +435,137 @@ def list_templates(root: Path) -> list[TemplateInfo]:
             used = os.stat(entry / "memory").st_blocks * 512
         except OSError:
             used = 0
+        try:
+            last_used = os.lstat(entry).st_mtime_ns
+        except OSError:
+            continue  # removed meanwhile
         ident = meta.get("identity", {}) if isinstance(meta, dict) else {}
         shape = {k: ident.get(k) for k in ("vcpus", "memory_mib", "machine_type", "accel")}
         out.append(TemplateInfo(entry.name, entry, float(meta.get("created", 0))
-                                if isinstance(meta, dict) else 0.0, used, _stale(meta), shape))
+                                if isinstance(meta, dict) else 0.0, used, _stale(meta), shape,
+                                _allocated(entry), last_used))
     return out
 
 
-def prune(root: Path) -> list[str]:
-    """Remove templates no VM can use again (their assets changed)."""
-    removed = []
-    for info in list_templates(root):
-        if info.stale:
-            shutil.rmtree(info.directory, ignore_errors=True)
+def _allocated(directory: Path) -> int:
+    """Bytes the files under `directory` take on the host (not their sizes:
+    a template's memory file is sparse)."""
+    total = 0
+    for parent, _, names in os.walk(directory):
+        for name in names:
             with contextlib.suppress(OSError):
-                (root / f"{info.key}.lock").unlink()
-            removed.append(info.key)
-    return removed
+                total += os.lstat(os.path.join(parent, name)).st_blocks * 512
+    return total
+
+
+def _remove_files(root: Path, key: str) -> None:
+    """Remove `key`'s template, its record first (so `find` stops finding
+    it at once). Only for a holder of the key's lock."""
+    directory = root / key
+    if directory.is_symlink() or (directory.exists() and not directory.is_dir()):
+        directory.unlink(missing_ok=True)
+        return
+    with contextlib.suppress(FileNotFoundError):
+        (directory / META).unlink()
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def _evict(root: Path, key: str) -> bool:
+    """Remove `key`'s template and lock file, unless a build, a restore or
+    another removal holds its lock (False then)."""
+    try:
+        fd = _take_lock(root, key, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError as exc:
+        log.warning("cannot lock the VM template %s to remove it: %s", key, exc.strerror)
+        return False
+    try:
+        _discard(root, key)
+    finally:
+        os.close(fd)
+    return True
+
+
+def _eviction_order(infos: list[TemplateInfo]) -> list[TemplateInfo]:
+    """Stale templates first (no VM can use them), then the least recently used."""
+    return sorted(infos, key=lambda i: (not i.stale, i.last_used_ns, i.key))
+
+
+def _evict_one(root: Path, infos: list[TemplateInfo]) -> bool:
+    """Evict the first template of `infos` in eviction order that nobody
+    holds, and drop it from `infos`; False when every one is held."""
+    for info in _eviction_order(infos):
+        if _evict(root, info.key):
+            log.info("VM template %s evicted (used least recently; %d MiB)",
+                     info.key, info.size_bytes // _MIB)
+            infos.remove(info)
+            return True
+    return False
+
+
+def _bound_passed(others: list[TemplateInfo], new_bytes: int, bounds: Limits) -> str:
+    """The bound that `others` and a new template of `new_bytes` would pass
+    ("" when they fit), as the configuration key that sets it."""
+    if len(others) + 1 > bounds.max_count:
+        return f"template_max_count = {bounds.max_count}"
+    if sum(i.size_bytes for i in others) + new_bytes > bounds.max_bytes:
+        return f"template_max_size = {bounds.max_bytes // _MIB} (MiB)"
+    return ""
+
+
+def _no_room(root: Path, others: list[TemplateInfo], passed: str,
+             bounds: Limits) -> TemplateCapReached:
+    used = sum(i.size_bytes for i in others)
+    key = passed.partition(" ")[0]
+    return TemplateCapReached(
+        f"no room for its VM template: with the {len(others)} in {root} "
+        f"({-(-used // _MIB)} MiB), each being restored from or built right now, it "
+        f"would pass [factory] {passed}", hint=f"raise {key} in {bounds.source}")
+
+
+def _make_room(root: Path, key: str, bounds: Limits) -> None:
+    """Before `key`'s build: evict until one more template fits the count
+    and the others leave some room under the byte bound (what the new one
+    takes is known once it is built: `_fit`)."""
+    others = [i for i in list_templates(root) if i.key != key]
+    # One byte: what the new template takes at the least.
+    while passed := _bound_passed(others, 1, bounds):
+        if not _evict_one(root, others):
+            raise _no_room(root, others, passed, bounds)
+
+
+def _fit(root: Path, key: str, bounds: Limits) -> None:
+    """After `key`'s build (its lock held): evict the least recently used
+    others until all fit the bounds. The new template goes instead when it
+    alone is larger than the byte bound, or when the others cannot go."""
+    infos = list_templates(root)
+    others = [i for i in infos if i.key != key]
+    size = sum(i.size_bytes for i in infos if i.key == key)
+    if size > bounds.max_bytes:
+        _discard(root, key)
+        raise TemplateCapReached(
+            f"its VM template took {-(-size // _MIB)} MiB, more than [factory] "
+            f"template_max_size = {bounds.max_bytes // _MIB} (MiB): it was not kept",
+            hint=f"raise template_max_size to at least {-(-size // _MIB)} in {bounds.source}")
+    while passed := _bound_passed(others, size, bounds):
+        if not _evict_one(root, others):
+            _discard(root, key)
+            raise _no_room(root, others, passed, bounds)
+
+
+def _discard(root: Path, key: str) -> None:
+    """Remove `key`'s template and its lock file, for the lock's holder
+    (every taker checks that the path still names what it locked)."""
+    _remove_files(root, key)
+    _lock_path(root, key).unlink(missing_ok=True)
+
+
+def prune(root: Path) -> list[str]:
+    """Remove templates no VM can use again (their assets changed), except
+    those a build or restore holds right now."""
+    return [info.key for info in list_templates(root)
+            if info.stale and _evict(root, info.key)]
 
 
 def remove_abandoned(root: Path) -> list[str]:
@@ -309,34 +578,82 @@ def remove_abandoned(root: Path) -> list[str]:
         key = work.name.removesuffix(".new")
         if not _KEY.fullmatch(key):
             continue
-        fd = os.open(root / f"{key}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue  # still being built
+            fd = _take_lock(root, key, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # still being built
+        except FileNotFoundError:  # `root` went: a destroy
+            break
+        try:
             shutil.rmtree(work, ignore_errors=True)
+            if not (root / key).exists():
+                _lock_path(root, key).unlink(missing_ok=True)
             removed.append(key)
         finally:
             os.close(fd)
     return removed
 
 
-def destroy(root: Path) -> list[str]:
-    """Remove every template under `root` (and `root` once it is empty)."""
+@dataclass(frozen=True)
+class Destroyed:
+    removed: list[str]  # the keys of the templates removed
+    busy: list[str]  # keys still built or used when the wait ran out: left in place
+
+
+def destroy(root: Path, wait: float | None = None,
+            waiting: Callable[[list[str]], None] | None = None) -> Destroyed:
+    """Remove every template under `root` (and `root` once it is empty).
+
+    A key whose lock is held (a builder mid-build, a VM being restored) is
+    waited for, up to `wait` seconds (DESTROY_WAIT_SECONDS by default;
+    `waiting` is told which keys, once), then left in place: removing a live
+    builder's lock and work directory would let a second builder take a
+    fresh lock, and the first one's files would land in the second's
+    template."""
     removed: list[str] = []
-    if not root.is_dir():
-        return removed
-    for entry in sorted(root.iterdir()):
-        name = entry.name.removesuffix(".lock").removesuffix(".new")
-        if not _KEY.fullmatch(name):
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
-        if entry.name == name:
-            removed.append(name)
+    pending = _keys_under(root)
+    deadline = time.monotonic() + (DESTROY_WAIT_SECONDS if wait is None else wait)
+    told = False
+    while True:
+        busy = []
+        for key in pending:
+            outcome = _destroy_key(root, key)
+            if outcome is None:
+                busy.append(key)
+            elif outcome:
+                removed.append(key)
+        if not busy or time.monotonic() >= deadline:
+            break
+        if waiting is not None and not told:
+            waiting(busy)
+            told = True
+        time.sleep(_POLL_SECONDS * 2)
+        pending = busy
     with contextlib.suppress(OSError):
         root.rmdir()
-    return removed
+    return Destroyed(sorted(removed), busy)
+
+
+def _keys_under(root: Path) -> list[str]:
+    if not root.is_dir():
+        return []
+    keys = {entry.name.removesuffix(".lock").removesuffix(".new") for entry in root.iterdir()}
+    return sorted(k for k in keys if _KEY.fullmatch(k))
+
+
+def _destroy_key(root: Path, key: str) -> bool | None:
+    """Remove `key`'s template, work directory and lock: whether it had a
+    template, or None when its lock is held."""
+    try:
+        fd = _take_lock(root, key, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return None
+    except FileNotFoundError:  # `root` went: another destroy
+        return False
+    try:
+        had = (root / key).is_dir() and not (root / key).is_symlink()
+        shutil.rmtree(root / f"{key}.new", ignore_errors=True)
+        _discard(root, key)
+    finally:
+        os.close(fd)
+    return had

@@ -10,12 +10,19 @@ the pod's address and MAC are the guest's.
 The tap is not persistent: it lives as long as a descriptor to it is open
 (QEMU's), so a VM that dies takes its taps along. `detach` removes the
 qdiscs (and with them the filters) from the pod's interfaces.
+
+One VM per namespace: the redirect steals the interface's traffic, so a
+second VM could only take it from the first. `attach` refuses a namespace
+that already has pykata's taps or an ingress qdisc on an interface it would
+mirror, and its undo removes only what it added itself: a qdisc it found
+belongs to someone else (another VM's redirect, most likely).
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import fcntl
 import os
 import socket
@@ -35,6 +42,9 @@ IFF_VNET_HDR = 0x4000
 CLONE_NEWNET = 0x40000000
 ETH_P_ALL = 0x0003
 INGRESS = "ffff:"
+# The parent of an ingress (or clsact) qdisc: one per interface.
+TC_H_INGRESS = 0xFFFFFFF1
+TAP_SUFFIX = "_pykata"
 # Kinds of interface the VM can mirror: what CNI plugins put in a pod.
 T = TypeVar("T")
 MIRRORED_KINDS = frozenset({"veth", "macvlan", "macvtap", "ipvlan", "tap", "tun", ""})
@@ -45,6 +55,31 @@ class Address:
     address: str
     prefix_len: int
     family: int
+
+
+@dataclass(frozen=True)
+class NetnsId:
+    """A network namespace as the kernel knows it (its nsfs file's device and
+    inode): the same for every path that reaches it (/run/netns/NAME,
+    /proc/PID/ns/net), and never another live namespace's."""
+
+    dev: int
+    ino: int
+
+
+def netns_identity(path: Path) -> NetnsId:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise NetworkError(f"network namespace {path} does not exist",
+                           hint="pass the path of a namespace (e.g. /run/netns/NAME)") from None
+    except OSError as exc:
+        raise NetworkError(f"cannot read network namespace {path}: {exc.strerror}") from exc
+    return NetnsId(st.st_dev, st.st_ino)
+
+
+class NamespaceChanged(NetworkError):
+    """The path no longer leads to the namespace it was checked or recorded as."""
 
 
 @dataclass
@@ -60,10 +95,14 @@ class Endpoint:
     tap_index: int = 0
     tap_fd: int = -1
     vhost_fd: int = -1
+    # The interfaces (name: index) whose ingress qdisc `attach` added for
+    # this endpoint, one per direction: all its undo may remove.
+    own_qdiscs: dict[str, int] = field(default_factory=dict)
 
 
-def _in_netns(path: Path, work: Callable[[Any], T]) -> T:
-    """`work(ipr)` with a netlink socket of the namespace at `path`.
+def _in_netns(path: Path, work: Callable[[Any], T], expect: NetnsId | None = None) -> T:
+    """`work(ipr)` with a netlink socket of the namespace at `path` (which
+    must be `expect`, when given: see `_enter`).
 
     A thread of its own enters the namespace (a namespace is per thread) and
     opens the socket there. Not pyroute2's NetNS: it forks a helper, and a
@@ -79,7 +118,7 @@ def _in_netns(path: Path, work: Callable[[Any], T]) -> T:
         from pyroute2 import IPRoute
 
         try:
-            _enter(path)
+            _enter(path, expect)
             ipr = IPRoute()
             try:
                 result.append((True, work(ipr)))
@@ -100,10 +139,19 @@ def _in_netns(path: Path, work: Callable[[Any], T]) -> T:
     return value  # type: ignore[no-any-return]
 
 
-def _enter(path: Path) -> None:
+def _enter(path: Path, expect: NetnsId | None) -> None:
+    """Move this thread into the namespace at `path`. With `expect`, the
+    descriptor entered is checked, not the path: a path recreated since it
+    was checked (or a /proc/PID whose process is gone and whose pid was
+    reused) must not make pykata work in another namespace."""
     libc = ctypes.CDLL(None, use_errno=True)
     ns_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
+        st = os.fstat(ns_fd)
+        if expect is not None and NetnsId(st.st_dev, st.st_ino) != expect:
+            raise NamespaceChanged(
+                f"{path} is no longer the network namespace pykata checked or recorded",
+                hint="it was removed and made again, or its process ended")
         if libc.setns(ns_fd, CLONE_NEWNET) != 0:
             err = ctypes.get_errno()
             raise HostError(f"cannot enter {path}: {os.strerror(err)}")
@@ -140,46 +188,100 @@ def scan(path: Path) -> list[Endpoint]:
     return _in_netns(path, work)
 
 
-def _open_tap(name: str) -> int:
+def _open_tap(path: Path, name: str) -> int:
     """Create tap `name` and return its descriptor (for QEMU's `-netdev
     tap,fd=N`). A tap belongs to the namespace of the thread that opens it:
     called on the thread `_in_netns` moved into the pod's namespace."""
-    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+    except OSError as exc:
+        raise NetworkError(f"cannot open /dev/net/tun: {exc.strerror}",
+                           hint="the host needs the tun driver (modprobe tun)") from exc
     try:
         fcntl.ioctl(fd, TUNSETIFF, struct.pack(
             "16sH", name.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR))
-    except OSError:
+    except OSError as exc:
         os.close(fd)
-        raise
+        if exc.errno == errno.EBUSY:
+            # A tap of that name exists and a process holds it: another VM's.
+            raise NetworkError(
+                f"tap name {name} is taken in {path}: another VM mirrors this namespace",
+                hint=_ONE_VM) from exc
+        if exc.errno == errno.EINVAL:
+            raise NetworkError(
+                f"cannot create tap {name} in {path}: an interface of that name exists "
+                "and is not a tap", hint="remove or rename it") from exc
+        raise NetworkError(f"cannot create tap {name} in {path}: {exc.strerror}") from exc
     return fd
 
 
-def attach(path: Path, endpoints: list[Endpoint]) -> None:
+_ONE_VM = ("a VM's network cannot be joined by another VM: give this pod a network "
+           "namespace of its own")
+
+
+def _refuse_if_mirrored(ns: Any, path: Path, endpoints: list[Endpoint]) -> None:
+    """Refuse, before anything is made, a namespace that holds pykata's taps
+    (another VM mirrors it) or whose interfaces already have an ingress
+    qdisc (their traffic goes elsewhere: another VM's redirect, or a tool
+    of the host's that attaching would break)."""
+    for link in ns.get_links():
+        name = link.get_attr("IFLA_IFNAME") or ""
+        if name.endswith(TAP_SUFFIX):
+            raise NetworkError(
+                f"{path} is already mirrored into a VM: it holds interface {name}, "
+                "a name pykata gives its taps", hint=_ONE_VM)
+    names = {e.index: e.name for e in endpoints}
+    for qdisc in ns.tc("dump"):
+        if qdisc["index"] in names and qdisc["parent"] == TC_H_INGRESS:
+            raise NetworkError(
+                f"{path} is already mirrored into a VM, or its traffic redirected: "
+                f"interface {names[qdisc['index']]} has an ingress qdisc "
+                f"({qdisc.get_attr('TCA_KIND')})",
+                hint=f"{_ONE_VM}; if a pykata sandbox whose owner died left it, "
+                     "`pykata cleanup` removes it")
+
+
+def _redirect(ns: Any, path: Path, endpoint: Endpoint, source: tuple[str, int],
+              target: tuple[str, int]) -> None:
+    """Send everything `source` (name, index) receives out of `target`."""
+    try:
+        ns.tc("add", "ingress", source[1], INGRESS)
+    except Exception as exc:  # pyroute2's NetlinkError: EEXIST when raced
+        raise NetworkError(
+            f"cannot add an ingress qdisc to {source[0]} in {path}: {exc}",
+            hint=f"another VM may have started mirroring it just now; {_ONE_VM}") from exc
+    endpoint.own_qdiscs[source[0]] = source[1]
+    try:
+        ns.tc("add-filter", "u32", source[1], parent=INGRESS, protocol=ETH_P_ALL,
+              target=0x10001, keys=["0x0/0x0+0"],
+              action=[{"kind": "mirred", "direction": "egress",
+                       "action": "redirect", "ifindex": target[1]}])
+    except Exception as exc:
+        raise NetworkError(
+            f"cannot redirect {source[0]} to {target[0]} in {path}: {exc}") from exc
+
+
+def attach(path: Path, endpoints: list[Endpoint], expect: NetnsId | None = None) -> None:
     """Give each endpoint its tap and the redirects both ways, in one visit
-    of the namespace; on failure, undo what was done (taps close, qdiscs go)."""
+    of the namespace (`expect`, when given); a namespace already mirrored is
+    refused first. On failure, undo exactly what was done: the taps opened
+    close, the qdiscs added go, a qdisc found stays."""
     def work(ns: Any) -> None:
+        _refuse_if_mirrored(ns, path, endpoints)
         for i, endpoint in enumerate(endpoints):
-            endpoint.tap_name = f"tap{i}_pykata"
-            try:
-                endpoint.tap_fd = _open_tap(endpoint.tap_name)
-            except OSError as exc:
-                raise NetworkError(f"cannot create tap {endpoint.tap_name} in {path}: "
-                                   f"{exc.strerror}", hint="the host needs /dev/net/tun") from exc
+            endpoint.tap_name = f"tap{i}{TAP_SUFFIX}"
+            endpoint.tap_fd = _open_tap(path, endpoint.tap_name)
         for endpoint in endpoints:
             endpoint.tap_index = ns.link_lookup(ifname=endpoint.tap_name)[0]
             ns.link("set", index=endpoint.tap_index, mtu=endpoint.mtu, state="up")
-            for source, target in ((endpoint.index, endpoint.tap_index),
-                                   (endpoint.tap_index, endpoint.index)):
-                ns.tc("add", "ingress", source, INGRESS)
-                ns.tc("add-filter", "u32", source, parent=INGRESS, protocol=ETH_P_ALL,
-                      target=0x10001, keys=["0x0/0x0+0"],
-                      action=[{"kind": "mirred", "direction": "egress",
-                               "action": "redirect", "ifindex": target}])
+            pod, tap = (endpoint.name, endpoint.index), (endpoint.tap_name, endpoint.tap_index)
+            _redirect(ns, path, endpoint, pod, tap)
+            _redirect(ns, path, endpoint, tap, pod)
 
     try:
-        _in_netns(path, work)
+        _in_netns(path, work, expect)
     except BaseException:
-        detach(path, endpoints)
+        detach(path, endpoints, expect)
         raise
 
 
@@ -211,20 +313,28 @@ def close_taps(endpoints: list[Endpoint]) -> None:
                 setattr(endpoint, name, -1)
 
 
-def detach(path: Path, endpoints: list[Endpoint]) -> None:
-    """Remove the pod interfaces' ingress qdiscs (their filters go with them)
-    and close the taps (which removes them). Safe to repeat."""
+def detach(path: Path, endpoints: list[Endpoint], expect: NetnsId | None = None) -> None:
+    """Remove the ingress qdiscs `attach` added for `endpoints` (their
+    filters go with them) and close the taps (which removes them). Safe to
+    repeat: what is removed is forgotten, never removed twice."""
+    own: dict[str, int] = {}
+    for endpoint in endpoints:
+        own.update(endpoint.own_qdiscs)
+        endpoint.own_qdiscs.clear()
     try:
-        detach_recorded(path, {e.name: e.index for e in endpoints})
+        detach_recorded(path, own, expect)
     finally:
         close_taps(endpoints)
 
 
-def detach_recorded(path: Path, mirrored: dict[str, int]) -> None:
+def detach_recorded(path: Path, mirrored: dict[str, int], expect: NetnsId | None = None
+                    ) -> None:
     """Remove the ingress qdiscs of the interfaces `mirrored` names (name:
     index), as a live sandbox knows them or a dead one's state recorded them.
     One whose index now has another name is not pykata's and is left alone;
-    a qdisc already gone (never added, or the interface left) is fine."""
+    a qdisc already gone (never added, or the interface left) is fine, and
+    so is a namespace that is no longer `expect` (the one recorded went, its
+    qdiscs with it)."""
     def work(ns: Any) -> None:
         for name, index in mirrored.items():
             if index not in ns.link_lookup(ifname=name):
@@ -232,8 +342,9 @@ def detach_recorded(path: Path, mirrored: dict[str, int]) -> None:
             with contextlib.suppress(Exception):
                 ns.tc("del", "ingress", index, INGRESS)
 
-    if path.exists():
-        _in_netns(path, work)
+    if mirrored and path.exists():
+        with contextlib.suppress(NamespaceChanged):
+            _in_netns(path, work, expect)
 
 
 @dataclass(frozen=True)

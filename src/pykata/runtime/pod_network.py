@@ -6,21 +6,35 @@ refused before anything is made), each interface gets a tap with tc
 redirects both ways, and the VM gets a NIC per tap with the interface's
 MAC. Once the agent answers: the guest's interfaces get their addresses and
 MTU, then the routes and the neighbours. The redirects are recorded in the
-sandbox's saved state, so a dead owner's are removed by `pykata cleanup`
-and the shim's `delete`.
+sandbox's saved state once they exist (never before: a start that failed
+made none to undo, and must not undo another's), so a dead owner's are
+removed by `pykata cleanup` and the shim's `delete`.
+
+A namespace serves one VM: a second could only cut the first off. One that
+a live sandbox under the same run root mirrors (by the namespace's
+identity: /run/netns/NAME and /proc/PID/ns/net are one namespace) is
+refused before anything is made, naming that sandbox (`runtime.mirrors`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
+from pykata.errors import NetworkError
 from pykata.hypervisor.base import NetworkInterface
 from pykata.network import tcfilter
 from pykata.protocols import agent_pb2
+from pykata.runtime import mirrors
 from pykata.runtime.agent_client import AgentClient
+from pykata.runtime.state import SandboxState
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def template_mac(index: int) -> str:
@@ -30,33 +44,81 @@ def template_mac(index: int) -> str:
 
 
 class PodNetwork:
-    """The mirrored interfaces of the namespace at `netns` ("" for none)."""
+    """The mirrored interfaces of the namespace at `netns` ("" for none), for
+    the sandbox keyed `key` under the run root's `sandboxes` directory.
+    `record` saves the sandbox's state: called under the mirror lock once
+    the redirects exist."""
 
-    def __init__(self, netns: str, *, vhost: bool) -> None:
+    def __init__(self, netns: str, *, vhost: bool, sandboxes: Path, key: str,
+                 record: Callable[[], None], live: Callable[[SandboxState], bool]) -> None:
         self.netns = netns
         self._vhost = vhost
+        self._sandboxes = sandboxes
+        self._key = key
+        self._record = record
+        self._live = live
         self.endpoints: list[tcfilter.Endpoint] = []
-        # What `prepare` made, as the saved state records it (name: index).
-        self.mirrored: dict[str, int] = {}
+        self.identity: tcfilter.NetnsId | None = None
+        # Whether this sandbox's taps and redirects exist: the state records
+        # them (`mirrored`, the namespace and its identity) only then.
+        self.mirroring = False
 
     @property
     def wanted(self) -> bool:
         return bool(self.netns)
 
+    @property
+    def mirrored(self) -> dict[str, int]:
+        return {e.name: e.index for e in self.endpoints} if self.mirroring else {}
+
     async def check(self) -> None:
         """Find the interfaces to mirror; refuse, before anything is made, a
-        namespace the VM cannot mirror. Netlink work runs on threads that
-        enter the namespace."""
-        if self.netns:
-            self.endpoints = await asyncio.to_thread(tcfilter.scan, Path(self.netns))
+        namespace another VM mirrors or the VM cannot mirror. Netlink work
+        runs on threads that enter the namespace."""
+        if not self.netns:
+            return
+        self.identity = tcfilter.netns_identity(Path(self.netns))
+        self._refuse_if_mirrored()
+        self.endpoints = await asyncio.to_thread(tcfilter.scan, Path(self.netns))
+
+    def _refuse_if_mirrored(self) -> None:
+        """Refuse the namespace if a live sandbox mirrors it (a dead one's
+        leftover redirects are refused by tcfilter, which names `pykata
+        cleanup`)."""
+        assert self.identity is not None
+        others = (s for s in mirrors.sandbox_states(self._sandboxes) if s.key != self._key)
+        for holder in mirrors.holders(self.identity, others):
+            if self._live(holder):
+                raise NetworkError(
+                    f"network namespace {self.netns} is already mirrored into the VM of "
+                    f"sandbox {holder.id} ({holder.front_end}, owner pid {holder.owner_pid}, "
+                    f"as {holder.netns}): a VM's network cannot be joined by another VM",
+                    hint="give this pod a network namespace of its own; containers that "
+                         f"must share that network belong in the pod of {holder.id}")
 
     async def prepare(self) -> None:
         if not self.endpoints:
             return
-        await asyncio.to_thread(tcfilter.attach, Path(self.netns), self.endpoints)
-        self.mirrored = {e.name: e.index for e in self.endpoints}
+        await _to_the_end(asyncio.to_thread(self._mirror))
         if self._vhost:
             tcfilter.open_vhost(self.endpoints)
+
+    def _mirror(self) -> None:
+        """Attach the taps and redirects and record them, under the run
+        root's mirror lock (blocking: run on a thread). The namespace is
+        checked again under the lock: another start may have taken it since."""
+        path = Path(self.netns)
+        with mirrors.exclusive(self._sandboxes):
+            self._refuse_if_mirrored()
+            tcfilter.attach(path, self.endpoints, self.identity)
+            self.mirroring = True
+            try:
+                self._record()
+            except BaseException:
+                # Unrecorded, they would outlive this sandbox: undo now.
+                self.mirroring = False
+                tcfilter.detach(path, self.endpoints, self.identity)
+                raise
 
     def devices(self) -> Sequence[NetworkInterface]:
         return [NetworkInterface(e.tap_fd, e.mac, e.mtu, e.vhost_fd) for e in self.endpoints]
@@ -100,6 +162,26 @@ class PodNetwork:
         path dead owners take too."""
         self.close_taps()
         self.endpoints = []
+        self.mirroring = False
+
+
+async def _to_the_end(work: Awaitable[T]) -> T:
+    """`work`'s result, awaited to its end even if this task is cancelled
+    meanwhile (the cancellation is raised after it). For a thread that
+    changes host state: it cannot be stopped half-way, and the teardown that
+    follows a cancellation must find what it made recorded."""
+    task = asyncio.ensure_future(work)
+    cancelled = False
+    while not task.done():
+        try:
+            await asyncio.wait({task})
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled:
+        if task.exception() is not None:  # undone by the thread itself
+            log.info("cancelled while it failed: %s", task.exception())
+        raise asyncio.CancelledError
+    return task.result()
 
 
 def _family(family: int) -> agent_pb2.IPFamily.ValueType:

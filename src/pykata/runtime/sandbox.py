@@ -99,7 +99,9 @@ class Sandbox:
         # configuration's internetworking_model is "none".
         self.network = PodNetwork(
             options.netns if config.runtime.internetworking_model == "tcfilter" else "",
-            vhost=not config.qemu.disable_vhost_net)
+            vhost=not config.qemu.disable_vhost_net, sandboxes=self.paths.sandboxes,
+            key=self.paths.key, record=self._write_state,
+            live=lambda state: not owner_gone(state))
         self.resources: list[SandboxResource] = [self.shared_fs, self.network]
         self.control_socket = ""
         self.vm: Hypervisor | None = None
@@ -150,8 +152,8 @@ class Sandbox:
         """Get the VM and bring the guest's sandbox up; undo everything if any
         step fails. With `create` false the guest gets no CreateSandbox: a VM
         kept warm for a pod not known yet (the VM cache)."""
-        vm_config = self.vm_config()
         await self.network.check()
+        vm_config = self.vm_config()
         want = VmWant(self.id, self.paths.key, vm_config, needs_network=self.network.wanted)
         handed = await self.source.take(want) if create else None
         try:
@@ -173,9 +175,6 @@ class Sandbox:
         try:
             for resource in self.resources:
                 await resource.prepare()
-            # Recorded before the boot: an owner that dies now leaves
-            # redirects `pykata cleanup` must find.
-            self._write_state()
             self._take(await self.source.boot(
                 replace(vm_config, network=tuple(self.network.devices())), self.id))
         finally:
@@ -299,8 +298,14 @@ class Sandbox:
             created=self._created,
             qemu_pid=(self.vm.pid or 0) if self.vm is not None else 0,
             control_socket=self.control_socket,
-            netns=self.network.netns if self.network.mirrored else "",
-            mirrored=dict(self.network.mirrored),
+            # Only once they exist: a start that fails before has none to undo,
+            # and must not undo another sandbox's.
+            netns=self.network.netns if self.network.mirroring else "",
+            mirrored=self.network.mirrored,
+            netns_dev=(self.network.identity.dev
+                       if self.network.mirroring and self.network.identity else 0),
+            netns_ino=(self.network.identity.ino
+                       if self.network.mirroring and self.network.identity else 0),
             boot=self.boot,
             vm_name=self.vm_name,
             status=self._pod.status,
@@ -334,13 +339,15 @@ def cleanup_host_state(paths: SandboxPaths) -> None:
 
     Safe to repeat, and usable on a sandbox whose owner died (`shim delete`):
     the tc redirects it recorded on its pod's interfaces go too (its taps
-    went with its QEMU).
+    went with its QEMU), in the namespace it recorded and no other.
     """
     with contextlib.suppress(PykataError):
         state = read_sandbox_state(paths)
         if state.netns and state.mirrored:
+            recorded = (tcfilter.NetnsId(state.netns_dev, state.netns_ino)
+                        if state.netns_ino else None)
             try:
-                tcfilter.detach_recorded(Path(state.netns), state.mirrored)
+                tcfilter.detach_recorded(Path(state.netns), state.mirrored, recorded)
             except PykataError as exc:
                 log.error("sandbox %s: %s", paths.key, exc)
     try:

@@ -50,8 +50,14 @@ class SandboxState:
     control_socket: str = ""
     # The pod network namespace whose interfaces (name: index) carry pykata's
     # tc redirects: what `pykata cleanup` removes once the owner is gone.
+    # Recorded once they exist, never before: a start that failed made none.
     netns: str = ""
     mirrored: dict[str, int] = field(default_factory=dict)
+    # That namespace's identity (its nsfs device and inode; 0 in records of
+    # older pykatas): another sandbox is refused the same namespace under any
+    # path, and cleanup never works in a namespace the path leads to since.
+    netns_dev: int = 0
+    netns_ino: int = 0
     # "cold" (booted), "template" (restored from a VM template) or "cache"
     # (kept warm by the VM cache); "" while starting.
     boot: str = ""

@@ -20,8 +20,8 @@ from pykata.runtime.lifecycle import VM_DIED_STATUS
 from pykata.runtime.mounts import unmount_all
 from pykata.runtime.paths import SandboxPaths
 from pykata.runtime.sandbox import cleanup_host_state, qemu_running, read_sandbox_state
-from pykata.shim.flags import ShimFlags
 from pykata.shim.events import now
+from pykata.shim.flags import ShimFlags
 from pykata.shim.start import (
     _answers,
     group_of,
