@@ -5,6 +5,8 @@ The file in effect is the first of: an explicit path, `$PYKATA_CONFIG`,
 replaces the default wholesale section by section: keys it leaves out keep
 their default values. Unknown keys and wrong types are errors that name the
 file and the key, because a typo silently ignored is a setting silently lost.
+Run as root, pykata reads no file that another user could change: the
+configuration chooses what root runs.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
+from pykata import rootonly
 from pykata.errors import ConfigError
 
 SYSTEM_CONFIG = Path("/etc/pykata/configuration.toml")
@@ -190,8 +193,11 @@ def config_path(explicit: str | os.PathLike[str] | None = None) -> Path:
 
 
 def load(explicit: str | os.PathLike[str] | None = None) -> Config:
-    """Read and validate the configuration; raise ConfigError naming file and key."""
+    """Read and validate the configuration; raise ConfigError naming file and key.
+    As root, first refuse a file another user could change (`check_owner`)."""
     path = config_path(explicit)
+    if os.geteuid() == 0:
+        check_owner(path)
     try:
         data = tomllib.loads(path.read_text())
     except FileNotFoundError:
@@ -201,6 +207,25 @@ def load(explicit: str | os.PathLike[str] | None = None) -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
     return parse(data, str(path))
+
+
+def check_owner(path: Path) -> None:
+    """Refuse a configuration file that a user other than root owns or can
+    change, directly or through a directory above it (`pykata.rootonly`), as
+    sudo and sshd refuse theirs: it names the QEMU that root executes, so its
+    writer would be root."""
+    try:
+        problem = rootonly.path_problem(path)
+    except FileNotFoundError:
+        return  # reading it says so, naming the file
+    except OSError as exc:
+        raise ConfigError(f"cannot check configuration file {path}: {exc.strerror}") from exc
+    if problem is not None:
+        raise ConfigError(
+            f"configuration file {path} can be changed by a user other than root, who "
+            f"would then choose what pykata runs as root: {problem}",
+            hint=f"chown root {problem.path} && chmod go-w {problem.path}, or keep the "
+                 f"configuration where only root can write ({SYSTEM_CONFIG})")
 
 
 def parse(data: dict[str, Any], source: str) -> Config:
