@@ -147,3 +147,29 @@ def test_every_way_to_name_a_configuration_is_checked(
                               config_path=str(path)).SerializeToString())
     with pytest.raises(ConfigError, match=r"ConfigPath.*owned by uid 65534"):
         pod_config(options, config.Config())
+
+
+@pytest.mark.parametrize(("name", "expected"), [
+    ("init", "never a pod's to set: it chooses the guest's init"),
+    ("rd-init", None), ("panic", "never a pod's"), ("console", "never a pod's"),
+    ("reboot", "never a pod's"), ("--", "never a pod's"),
+    ("pykata.debug", "pykata's own"), ("sysctl.kernel.panic", "guest sysctl"),
+    ("sysctl/kernel/panic", "guest sysctl"),
+    ("PYKATA_STAGE", "as an environment variable"), ("PYTHONINSPECT", "environment variable"),
+    ("nosmt=force", "list the name only"), ("no smt", "not a kernel parameter name"),
+    ("", "not a kernel parameter name"),
+    ("nosmt", None), ("printk.synchronous", None),
+])
+def test_valid_kernel_params_are_names_pykata_may_let_pods_set(
+        name: str, expected: str | None) -> None:
+    """The operator's additions to the pods' kernel parameter allowlist are
+    checked at load: what starts init, keeps panics fatal, pykata's own,
+    sysctls and environment-shaped names stay refused whatever it says."""
+    data = {"hypervisor": {"qemu": {"valid_kernel_params": [name]}}}
+    if expected is None:
+        assert config.parse(data, "x.toml").qemu.valid_kernel_params == (name,)
+        return
+    with pytest.raises(ConfigError) as error:
+        config.parse(data, "x.toml")
+    assert f"x.toml: [hypervisor.qemu]: valid_kernel_params: {name!r}" in str(error.value)
+    assert expected in str(error.value)

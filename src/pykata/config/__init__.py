@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pykata import rootonly
+from pykata import kernel_params, rootonly
 from pykata.errors import ConfigError
 
 SYSTEM_CONFIG = Path("/etc/pykata/configuration.toml")
@@ -46,8 +46,18 @@ class QemuConfig:
     # The NICs' datapath: vhost-net in the host kernel where /dev/vhost-net
     # exists, unless disabled; QEMU's own otherwise.
     disable_vhost_net: bool = False
+    # Kernel parameter names a pod's kernel_params annotation may use besides
+    # pykata's own list (pykata.kernel_params).
+    valid_kernel_params: tuple[str, ...] = ()
 
     def validate(self, where: str) -> None:
+        for name in self.valid_kernel_params:
+            why = kernel_params.check_allowlist_entry(name)
+            if why is not None:
+                raise ConfigError(
+                    f"{where}: valid_kernel_params: {name!r} {why}",
+                    hint="list names of parameters the guest kernel takes for itself "
+                         "and that change only the pod's own VM (see configuration.toml)")
         _choice(where, "machine_type", self.machine_type, MACHINE_CHOICES)
         _choice(where, "accel", self.accel, ACCEL_CHOICES)
         _choice(where, "shared_fs", self.shared_fs, SHARED_FS_CHOICES)
