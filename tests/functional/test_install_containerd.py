@@ -159,6 +159,56 @@ def test_why_not_an_imports_drop_in(base: Path) -> None:
     assert dump["plugins"][CRI]["cni"]["bin_dir"] != "/usr/lib/cni"
 
 
+def venv_like_a_checkouts(root: Path) -> Path:
+    """A venv made with `python3 -m venv` whose .pth file adds this pykata's
+    source and its dependencies (as `pip install -e` leaves a checkout's .venv),
+    with pykata's two scripts; returns its bin directory."""
+    venv = root / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True,
+                   timeout=120)
+    site_dir = next((venv / "lib").glob("python3.*/site-packages"))
+    ours = [str(Path(config.__file__).parents[2]),
+            *(p for p in sys.path if p.endswith("-packages"))]
+    (site_dir / "__editable__.pykata.pth").write_text("".join(f"{p}\n" for p in ours))
+    for name, module in (("pykata", "pykata.cli.main"), (SHIM.name, "pykata.shim.cli")):
+        script = venv / "bin" / name
+        script.write_text(f"#!{venv}/bin/python3\nimport sys\nfrom {module} import main\n"
+                          "sys.exit(main())\n")
+        script.chmod(0o755)
+    return venv / "bin"
+
+
+def test_a_venv_another_user_owns_is_refused(base: Path) -> None:
+    """The issue's case: the installer of a venv that another user (here
+    nobody) owns would link a shim that user can rewrite, and containerd would
+    run it as root. Refused, --dry-run too, naming the venv; the same venv
+    root's alone is accepted."""
+    bin_dir = venv_like_a_checkouts(base / "home")
+    command = [str(bin_dir / "pykata"), "install", "containerd",
+               "--config-dir", str(base / "etc"), "--bin-dir", str(base / "bin"),
+               "--pykata-config", str(base / "pykata.toml"), "--dry-run"]
+    accepted = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert accepted.returncode == 0, accepted.stderr
+    assert f"would link {base}/bin/{SHIM.name} -> {bin_dir}/{SHIM.name}" in accepted.stdout
+    for entry in (base / "home", *(base / "home").rglob("*")):
+        os.chown(entry, 65534, 65534, follow_symlinks=False)
+    for extra in ((), ("--dry-run",)):
+        refused = subprocess.run(command[:-1] + list(extra), capture_output=True, text=True,
+                                 timeout=60)
+        assert refused.returncode == 1
+        assert "would link" not in refused.stdout and "linked" not in refused.stdout
+        assert f"{base}/home is owned by uid 65534" in refused.stderr, refused.stderr
+    assert not (base / "bin").exists() and not (base / "etc").exists()
+
+
+def test_a_configuration_another_user_owns_is_refused(base: Path) -> None:
+    """The configuration the handler names chooses the QEMU root executes."""
+    os.chown(base / "pykata.toml", 65534, 65534)
+    result = install(base, "--dry-run")
+    assert result.returncode == 1 and "would" not in result.stdout
+    assert f"{base}/pykata.toml is owned by uid 65534" in result.stderr, result.stderr
+
+
 @contextlib.contextmanager
 def private_containerd(base: Path) -> Iterator[Path]:
     """containerd with the CRI plugin on the test's config.toml, its own root,

@@ -8,7 +8,9 @@ checks the same files with the real containerd.
 from __future__ import annotations
 
 import os
+import platform
 import stat
+import sys
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -449,3 +451,148 @@ def test_the_deploy_toml_has_the_installers_tables() -> None:
     assert data["version"] == 2
     assert runtimes(text) == runtimes("version = 2\n" + runtime_tables(str(config.SYSTEM_CONFIG)))
     assert str(config.SYSTEM_CONFIG) == PYKATA_CONFIG
+
+
+# ---------------------------------------------------------------------------
+# Who can change what containerd runs as root
+
+NOBODY = 65534
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="giving files to nobody needs root")
+
+
+def fake_venv(root: Path) -> Path:
+    """A venv as `python3 -m venv` and `pip install -e <checkout>` leave it, in
+    miniature (this Python as its base; the checkout's src/ added by a .pth
+    file); returns its shim."""
+    base = os.path.realpath(sys.executable)
+    short = f"python{sys.version_info[0]}.{sys.version_info[1]}"
+    venv = root / "venv"
+    (venv / "bin").mkdir(parents=True)
+    os.symlink(base, venv / "bin" / "python3")
+    (venv / "pyvenv.cfg").write_text(f"home = {os.path.dirname(base)}\n"
+                                     "include-system-site-packages = false\n"
+                                     f"version = {platform.python_version()}\n")
+    site_dir = venv / "lib" / short / "site-packages"
+    site_dir.mkdir(parents=True)
+    package = root / "checkout" / "src" / "pykata"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (site_dir / "__editable__.pykata-0.1.0.pth").write_text(f"{package.parent}\n")
+    shim = venv / "bin" / install_cmd.SHIM_NAME
+    shim.write_text(f"#!{venv}/bin/python3\nfrom pykata.shim.cli import main\nmain()\n")
+    shim.chmod(0o755)
+    return shim
+
+
+def give_to_nobody(path: Path) -> None:
+    for entry in (path, *path.rglob("*")):
+        os.chown(entry, NOBODY, NOBODY, follow_symlinks=False)
+
+
+@pytest.fixture
+def venv_shim(node: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The installer's shim is `fake_venv`'s, under node/."""
+    shim = fake_venv(node / "opt")
+    monkeypatch.setattr(install_cmd, "find_shim", lambda: shim)
+    return shim
+
+
+def refused(node: Path, capsys: pytest.CaptureFixture[str], named: Path) -> str:
+    """Install, then the dry run, both refused naming `named`; nothing changed."""
+    before = tree(node)
+    for extra in ((), ("--dry-run",)):
+        assert install(node, *extra) == 1
+        captured = capsys.readouterr()
+        assert "would" not in captured.out and "linked" not in captured.out
+        assert f"{named} is " in captured.err, captured.err
+        assert "another user can change" in captured.err, captured.err
+    assert tree(node) == before
+    return captured.err
+
+
+@needs_root
+def test_a_root_owned_venv_is_accepted(
+        node: Path, venv_shim: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The same tree as the refusals below, root's alone: installed (and under
+    /tmp, a root-owned sticky directory on the way, which is fine)."""
+    assert install(node, "--dry-run") == 0
+    assert f"would link {node}/bin/containerd-shim-pykata-v2 -> {venv_shim}" in \
+        capsys.readouterr().out
+    assert install(node) == 0
+    assert os.readlink(node / "bin" / install_cmd.SHIM_NAME) == str(venv_shim)
+
+
+@needs_root
+@pytest.mark.parametrize("given", [
+    "opt/venv",                                   # the whole venv (the issue's case)
+    "opt/venv/bin/containerd-shim-pykata-v2",     # the shim alone
+    "opt/venv/pyvenv.cfg",                        # it chooses the Python that runs
+    "opt/venv/lib",                               # site-packages and its .pth files
+    "opt/checkout/src",                           # what the editable install's .pth adds
+    "opt/checkout",                               # a directory above that
+])
+def test_what_another_user_owns_is_refused(
+        node: Path, venv_shim: Path, capsys: pytest.CaptureFixture[str], given: str) -> None:
+    """A part of what the shim runs or imports owned by nobody: refused, naming
+    that part, before anything is changed, with --dry-run as without."""
+    give_to_nobody(node / given)
+    err = refused(node, capsys, node / given)
+    assert f"owned by uid {NOBODY}" in err and "pip install" in err
+
+
+@needs_root
+def test_a_directory_others_can_write_is_refused(
+        node: Path, venv_shim: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Group- or world-writable, even root's and sticky, inside what Python
+    imports from (a new file there is a new module); world-writable and not
+    sticky on the way to it."""
+    site_dir = next((node / "opt" / "venv" / "lib").glob("python*/site-packages"))
+    os.chown(site_dir, 0, NOBODY)
+    site_dir.chmod(0o775)
+    assert f"writable by its group, gid {NOBODY}" in refused(node, capsys, site_dir)
+    site_dir.chmod(0o1777)
+    assert "writable by every user" in refused(node, capsys, site_dir)
+    site_dir.chmod(0o755)
+    (node / "opt").chmod(0o777)
+    assert "writable by every user" in refused(node, capsys, node / "opt")
+    (node / "opt").chmod(0o1777)  # sticky and root's: its root-owned entries stay put
+    assert install(node, "--dry-run") == 0
+
+
+@needs_root
+def test_an_editable_finder_is_followed(
+        node: Path, venv_shim: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """setuptools' other editable layout: a .pth that imports a finder mapping
+    each package to its directory. The mapped directory counts."""
+    site_dir = next((node / "opt" / "venv" / "lib").glob("python*/site-packages"))
+    (site_dir / "__editable__.pykata-0.1.0.pth").write_text(
+        "import __editable___pykata_0_1_0_finder; __editable___pykata_0_1_0_finder.install()\n")
+    mapped = node / "elsewhere" / "pykata"
+    mapped.mkdir(parents=True)
+    (site_dir / "__editable___pykata_0_1_0_finder.py").write_text(
+        f"import sys\nMAPPING: dict[str, str] = {{'pykata': {str(mapped)!r}}}\n"
+        "NAMESPACES: dict[str, list[str]] = {}\n")
+    assert install(node, "--dry-run") == 0
+    capsys.readouterr()
+    give_to_nobody(mapped)
+    assert "editable install" in refused(node, capsys, mapped)
+
+
+@needs_root
+def test_the_configuration_and_the_qemu_it_names_are_root_only(
+        node: Path, venv_shim: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The configuration ConfigPath names, and the QEMU binary it chooses: root
+    executes that binary."""
+    config_file = node / "pykata.toml"
+    os.chown(config_file, NOBODY, NOBODY)
+    err = refused(node, capsys, config_file)
+    assert "pykata configuration" in err and "chown root" in err
+    os.chown(config_file, 0, 0)
+    qemu_dir = node / "qemu-bin"
+    qemu_dir.mkdir()
+    (qemu_dir / "qemu-system-x86_64").write_bytes(b"\x7fELF")
+    config_file.write_text(f'[hypervisor.qemu]\npath = "{qemu_dir}/qemu-system-x86_64"\n')
+    assert install(node, "--dry-run") == 0
+    capsys.readouterr()
+    os.chown(qemu_dir, NOBODY, NOBODY)
+    assert "QEMU binary" in refused(node, capsys, qemu_dir)

@@ -151,6 +151,17 @@ def test_errors_map_to_containerd_status_codes() -> None:
     ("console=ttyS1", "console="), ("pykata.transport=serial", "pykata.transport"),
     ("reboot=w", "reboot="), ("-- evil", "--"), ("a=`id`", "characters"),
     ("root=/dev/vda", "root="),
+    # The bypasses of the old list: a sysctl, and words the kernel hands to
+    # /init's environment (init's stage switch, the agent's interpreter).
+    ("sysctl.kernel.panic=0", "parameter sysctl.kernel.panic= is not allowed: it writes a "
+                              "guest sysctl"),
+    ("sysctl/kernel/panic=0", "parameter sysctl/kernel/panic= is not allowed"),
+    ("PYKATA_STAGE=2", "parameter PYKATA_STAGE= is not allowed: the kernel hands it to the "
+                       "guest's init as an environment variable"),
+    ("quiet PYTHONINSPECT=1", "parameter PYTHONINSPECT= is not allowed"),
+    ("PYTHONWARNINGS=error", "parameter PYTHONWARNINGS= is not allowed"),
+    ("S", "parameter S is not allowed: the kernel hands it to the guest's init as an "
+          "argument"),
 ])
 def test_kernel_params_refuse_dangerous_parameters_by_name(value: str, refused: str) -> None:
     """Even with kernel_params allowed, what controls init, panics, the console
@@ -162,11 +173,42 @@ def test_kernel_params_refuse_dangerous_parameters_by_name(value: str, refused: 
 
 
 def test_kernel_params_pass_ordinary_parameters() -> None:
-    """Ordinary parameters go through, normalised to single spaces."""
+    """Parameters on pykata's list go through, normalised to single spaces;
+    a name may be written with - for _ as the kernel allows."""
     key = annotations.HYPERVISOR_PREFIX + "kernel_params"
-    options = annotations.sandbox_options({key: " loglevel=3  mitigations=off "},
-                                          _config("kernel_params"))
-    assert options.kernel_params == "loglevel=3 mitigations=off"
+    options = annotations.sandbox_options(
+        {key: " loglevel=3  mitigations=off quiet cgroup-disable=memory printk.time=1 "},
+        _config("kernel_params"))
+    assert options.kernel_params == ("loglevel=3 mitigations=off quiet cgroup-disable=memory "
+                                     "printk.time=1")
+
+
+@pytest.mark.parametrize("value", ["single", "nosmt=force", "rd_init=/x", "=x",
+                                   "transparent_hugepage=never"])
+def test_kernel_params_off_the_allowlist_are_refused(value: str) -> None:
+    """Any other word, bare or NAME=VALUE (the kernel hands what it does not
+    know to /init), is refused naming it; the hint names the configuration
+    key that would allow it."""
+    key = annotations.HYPERVISOR_PREFIX + "kernel_params"
+    with pytest.raises(ConfigError) as error:
+        annotations.sandbox_options({key: f"quiet {value}"}, _config("kernel_params"))
+    name = value.partition("=")[0] or value
+    assert f"parameter {name} is not one a pod may set" in str(error.value)
+    assert error.value.hint is not None
+    assert "valid_kernel_params in /etc/pykata/test.toml" in error.value.hint
+
+
+def test_operators_extend_the_kernel_params_allowlist() -> None:
+    """A name the configuration's valid_kernel_params lists is allowed (in
+    either spelling); the names pykata never allows cannot be listed."""
+    key = annotations.HYPERVISOR_PREFIX + "kernel_params"
+    cfg = config.parse({"hypervisor": {"qemu": {
+        "enable_annotations": ["kernel_params"],
+        "valid_kernel_params": ["nosmt", "spectre-v2"]}}}, "/etc/pykata/test.toml")
+    options = annotations.sandbox_options({key: "nosmt=force spectre_v2=off"}, cfg)
+    assert options.kernel_params == "nosmt=force spectre_v2=off"
+    with pytest.raises(ConfigError, match="parameter single is not one a pod may set"):
+        annotations.sandbox_options({key: "nosmt single"}, cfg)
 
 
 def test_a_shim_going_away_removes_only_its_own_socket(tmp_path: Path) -> None:

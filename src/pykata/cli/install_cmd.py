@@ -5,7 +5,9 @@ handler `pykata`: it adds pykata's runtime tables to containerd's config.toml
 (`pykata.install.containerd_config`: why there, and how), links the shim where
 containerd finds it, and makes sure the pykata configuration the handler names
 exists. `install runtimeclass` prints (or writes) the RuntimeClass that lets
-pods ask for that handler. Every check is made before the first change.
+pods ask for that handler. Every check is made before the first change,
+including that no user but root can change what containerd will run as root
+(`pykata.install.root_runs`): the installer refuses, also with --dry-run.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from pathlib import Path
 from pykata import config as config_mod
 from pykata.channels import RUNTIME_TYPE, SHIM_NAME
 from pykata.errors import ConfigError, PykataError
+from pykata.install import root_runs
 from pykata.install.containerd_config import (
     BACKUP_SUFFIX,
     CRI_PLUGIN,
@@ -182,8 +185,11 @@ def plan_install(settings: Settings) -> Plan:
 
     # The pykata configuration the handler's ConfigPath names.
     pykata_config = settings.pykata_config
+    cfg = config_mod.Config()
     if pykata_config.exists():
-        config_mod.load(pykata_config)  # refuses a bad file, naming it and the key
+        # Checked for who can change it whoever runs this: containerd runs as root.
+        root_runs.refuse_untrusted(root_runs.config_items(pykata_config, "", "", ""))
+        cfg = config_mod.load(pykata_config)  # refuses a bad file, naming it and the key
         plan.notes.append(f"runtime {HANDLER} uses pykata configuration {pykata_config}")
     elif settings.pykata_config_given:
         raise ConfigError(
@@ -196,9 +202,15 @@ def plan_install(settings: Settings) -> Plan:
         plan.write(pykata_config, config_mod.DEFAULT_CONFIG.read_bytes(),
                    f"wrote {pykata_config} (pykata's default configuration)")
 
-    # The shim, where containerd looks for it.
+    # The shim, where containerd looks for it; and everything root runs with it.
     shim = find_shim()
     link = settings.link
+    root_runs.refuse_untrusted([
+        root_runs.Item("the directory of the shim's link", str(settings.bin_dir)),
+        *root_runs.shim_items(shim),
+        *root_runs.config_items(pykata_config, cfg.qemu.path, cfg.qemu.kernel,
+                                cfg.qemu.initrd),
+    ])
     if _is_link_to(link, shim):
         plan.notes.append(f"{link} already links to {shim}")
     elif os.path.lexists(link):

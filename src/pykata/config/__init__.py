@@ -5,6 +5,8 @@ The file in effect is the first of: an explicit path, `$PYKATA_CONFIG`,
 replaces the default wholesale section by section: keys it leaves out keep
 their default values. Unknown keys and wrong types are errors that name the
 file and the key, because a typo silently ignored is a setting silently lost.
+Run as root, pykata reads no file that another user could change: the
+configuration chooses what root runs.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
+from pykata import kernel_params, rootonly
 from pykata.errors import ConfigError
 
 SYSTEM_CONFIG = Path("/etc/pykata/configuration.toml")
@@ -43,8 +46,18 @@ class QemuConfig:
     # The NICs' datapath: vhost-net in the host kernel where /dev/vhost-net
     # exists, unless disabled; QEMU's own otherwise.
     disable_vhost_net: bool = False
+    # Kernel parameter names a pod's kernel_params annotation may use besides
+    # pykata's own list (pykata.kernel_params).
+    valid_kernel_params: tuple[str, ...] = ()
 
     def validate(self, where: str) -> None:
+        for name in self.valid_kernel_params:
+            why = kernel_params.check_allowlist_entry(name)
+            if why is not None:
+                raise ConfigError(
+                    f"{where}: valid_kernel_params: {name!r} {why}",
+                    hint="list names of parameters the guest kernel takes for itself "
+                         "and that change only the pod's own VM (see configuration.toml)")
         _choice(where, "machine_type", self.machine_type, MACHINE_CHOICES)
         _choice(where, "accel", self.accel, ACCEL_CHOICES)
         _choice(where, "shared_fs", self.shared_fs, SHARED_FS_CHOICES)
@@ -190,8 +203,11 @@ def config_path(explicit: str | os.PathLike[str] | None = None) -> Path:
 
 
 def load(explicit: str | os.PathLike[str] | None = None) -> Config:
-    """Read and validate the configuration; raise ConfigError naming file and key."""
+    """Read and validate the configuration; raise ConfigError naming file and key.
+    As root, first refuse a file another user could change (`check_owner`)."""
     path = config_path(explicit)
+    if os.geteuid() == 0:
+        check_owner(path)
     try:
         data = tomllib.loads(path.read_text())
     except FileNotFoundError:
@@ -201,6 +217,25 @@ def load(explicit: str | os.PathLike[str] | None = None) -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
     return parse(data, str(path))
+
+
+def check_owner(path: Path) -> None:
+    """Refuse a configuration file that a user other than root owns or can
+    change, directly or through a directory above it (`pykata.rootonly`), as
+    sudo and sshd refuse theirs: it names the QEMU that root executes, so its
+    writer would be root."""
+    try:
+        problem = rootonly.path_problem(path)
+    except FileNotFoundError:
+        return  # reading it says so, naming the file
+    except OSError as exc:
+        raise ConfigError(f"cannot check configuration file {path}: {exc.strerror}") from exc
+    if problem is not None:
+        raise ConfigError(
+            f"configuration file {path} can be changed by a user other than root, who "
+            f"would then choose what pykata runs as root: {problem}",
+            hint=f"chown root {problem.path} && chmod go-w {problem.path}, or keep the "
+                 f"configuration where only root can write ({SYSTEM_CONFIG})")
 
 
 def parse(data: dict[str, Any], source: str) -> Config:

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import string
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from pykata import kernel_params
 from pykata.config import Config
 from pykata.errors import ConfigError
 from pykata.runtime.sandbox import SandboxOptions
@@ -34,46 +34,19 @@ def _int_in(low: int, high: int) -> Callable[[str], int]:
     return parse
 
 
-# Kernel parameters a pod may never set, even with kernel_params allowed:
-# what starts the guest's init and agent, what turns a panic into the VM's
-# end (panic=0 would leave a panicked guest spinning, unnoticed), where the
-# console goes, and pykata's own parameters (the pykata. prefix).
-REFUSED_KERNEL_PARAMS = {
-    "init": "it chooses the guest's init (pykata's agent)",
-    "rdinit": "it chooses the guest's init (pykata's agent)",
-    "root": "the guest runs from pykata's initrd",
-    "noinitrd": "the guest runs from pykata's initrd",
-    "initrd": "the guest runs from pykata's initrd",
-    "panic": "pykata ends the VM on a guest panic (panic=-1)",
-    "reboot": "pykata ends the VM on a guest reboot",
-    "console": "pykata reads the guest console on ttyS0",
-    "earlycon": "pykata reads the guest console on ttyS0",
-    "earlyprintk": "pykata reads the guest console on ttyS0",
-    "--": "it passes arguments to the guest's init",
-}
-_PARAM_CHARS = set(string.ascii_letters + string.digits + "._-=,:/+@")
+def parse_kernel_params(value: str, config: Config) -> str:
+    """A pod's extra kernel parameters, each allowed by name (`pykata.kernel_params`)."""
+    return kernel_params.check_pod_params(value, config.qemu.valid_kernel_params,
+                                          config.source)
 
 
-def parse_kernel_params(value: str) -> str:
-    """A pod's extra kernel parameters, each checked; refused ones named."""
-    words = value.split()
-    for word in words:
-        name = word.partition("=")[0]
-        if not set(word) <= _PARAM_CHARS:
-            raise ValueError(f"parameter {word!r} has characters other than letters, digits "
-                             "and ._-=,:/+@")
-        if name.startswith("pykata."):
-            raise ValueError(f"parameter {name} is pykata's own and cannot be set by a pod")
-        reason = REFUSED_KERNEL_PARAMS.get(name)
-        if reason is not None:
-            raise ValueError(f"parameter {name}{'=' if name != '--' else ''} is not "
-                             f"allowed: {reason}")
-    return " ".join(words)
+def _ignoring_config(parse: Callable[[str], object]) -> Callable[[str, Config], object]:
+    return lambda value, _config: parse(value)
 
 
-_PARSERS: dict[str, tuple[str, Callable[[str], object]]] = {
-    "default_vcpus": ("vcpus", _int_in(1, 64)),
-    "default_memory": ("memory_mib", _int_in(64, 1024 * 1024)),
+_PARSERS: dict[str, tuple[str, Callable[[str, Config], object]]] = {
+    "default_vcpus": ("vcpus", _ignoring_config(_int_in(1, 64))),
+    "default_memory": ("memory_mib", _ignoring_config(_int_in(64, 1024 * 1024))),
     "kernel_params": ("kernel_params", parse_kernel_params),
 }
 
@@ -99,9 +72,10 @@ def sandbox_options(annotations: Mapping[str, str], config: Config) -> SandboxOp
                               hint=f"supported: {', '.join(sorted(_PARSERS))}")
         field, parse = _PARSERS[name]
         try:
-            chosen[field] = parse(value)
+            chosen[field] = parse(value, config)
         except ValueError as exc:
-            raise ConfigError(f"annotation {key}={value!r} is invalid: {exc}") from None
+            raise ConfigError(f"annotation {key}={value!r} is invalid: {exc}",
+                              hint=getattr(exc, "hint", None)) from None
     return SandboxOptions(**chosen)  # type: ignore[arg-type]
 
 
