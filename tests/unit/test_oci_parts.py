@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
+import stat
 from pathlib import Path
 
 import pytest
@@ -120,3 +122,34 @@ def test_version_and_features(capsys: pytest.CaptureFixture[str]) -> None:
     assert "spec: 1.0.2" in capsys.readouterr().out
     assert cli.main(["features"]) == 0
     assert "poststop" in json.loads(capsys.readouterr().out)["hooks"]
+
+
+def test_a_link_planted_beside_the_pid_file_is_never_written_through(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whoever can write in the pid file's directory (the caller chose it)
+    cannot redirect the write: a link at a temporary name, the old pid-based
+    one or a random one, is skipped and left alone; a link at the pid file is
+    replaced, not followed."""
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    pid_file = tmp_path / "pid"
+    (tmp_path / f".pid.{os.getpid()}").symlink_to(victim)
+    (tmp_path / ".pid.taken").symlink_to(victim)
+    pid_file.symlink_to(victim)
+    names = iter(["taken", "free"])
+    monkeypatch.setattr("secrets.token_hex", lambda _n: next(names))
+    verbs._write_pid_file(str(pid_file), 4242)
+    assert victim.read_text() == "precious"
+    assert not pid_file.is_symlink() and pid_file.read_text() == "4242"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(pid_file.stat().st_mode) == 0o644 & ~umask
+    assert (tmp_path / ".pid.taken").is_symlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        f".pid.{os.getpid()}", ".pid.taken", "pid", "victim"]
+
+    monkeypatch.setattr("secrets.token_hex", lambda _n: "taken")
+    with pytest.raises(PykataError, match="temporary names beside it were taken") as err:
+        verbs._write_pid_file(str(pid_file), 5151)
+    assert err.value.hint and ".pid.*" in err.value.hint
+    assert pid_file.read_text() == "4242" and victim.read_text() == "precious"

@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import json
 import os
+import secrets
 import signal
 import sys
 import time
@@ -30,6 +31,8 @@ from pykata.runtime.state import ContainerState
 T = TypeVar("T")
 # How long `delete` waits for a monitor to end the VM after Shutdown.
 SHUTDOWN_WAIT = 30.0
+# Random names tried for the pid file's temporary file before giving up.
+PID_TEMP_ATTEMPTS = 8
 
 
 def dispatch(args: argparse.Namespace, store: Store) -> int:
@@ -183,23 +186,69 @@ def _dup_or_null(fd: int) -> int:
 
 
 def _write_pid_file(path: str, pid: int) -> None:
+    """Write `pid` to `path` atomically. The pid file's directory is the
+    caller's (a bundle, conmon's directory): the temporary file is created
+    exclusively, never through a link someone planted there, and renamed
+    over `path` (a rename replaces a link at `path`, never follows it)."""
     if not path:
         return
     target = Path(path)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}")
-    tmp.write_text(str(pid))
-    tmp.rename(target)
+    fd, tmp = _create_pid_temp(target)
+    try:
+        try:
+            os.write(fd, str(pid).encode())
+        finally:
+            os.close(fd)
+        os.rename(tmp, target)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise PykataError(f"cannot write the pid file {target}: {exc.strerror}",
+                          hint="--pid-file must name a file in a writable directory") from exc
+
+
+def _create_pid_temp(target: Path) -> tuple[int, Path]:
+    """A new file beside `target`, opened for writing: a name nobody can
+    have guessed, and a name taken already (by anything, a link included) is
+    skipped, never opened."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    for _ in range(PID_TEMP_ATTEMPTS):
+        tmp = target.with_name(f".{target.name}.{secrets.token_hex(8)}")
+        try:
+            return os.open(tmp, flags, 0o644), tmp
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise PykataError(f"cannot write the pid file {target}: {exc.strerror}",
+                              hint="--pid-file must name a file in a writable directory"
+                              ) from exc
+    raise PykataError(f"cannot write the pid file {target}: {PID_TEMP_ATTEMPTS} temporary "
+                      f"names beside it were taken",
+                      hint=f"remove the stray .{target.name}.* files in {target.parent}")
 
 
 def create(args: argparse.Namespace, store: Store) -> int:
     launch = _prepare(args, store, foreground=False)
     try:
         pid = _fork_monitor(launch, args.console_socket)
-        _write_pid_file(args.pid_file, pid)
+        _write_monitor_pid_file(args.pid_file, pid)
     except BaseException:
         _discard(store, launch)
         raise
     return 0
+
+
+def _write_monitor_pid_file(path: str, pid: int) -> None:
+    """The pid file of a monitor just forked; if it cannot be written, the
+    monitor ends first, so that `_discard` never pulls the mounts from under
+    a live VM."""
+    try:
+        _write_pid_file(path, pid)
+    except BaseException:
+        _signal_pid(pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+        raise
 
 
 def _discard(store: Store, launch: Any) -> None:
@@ -251,7 +300,7 @@ def run(args: argparse.Namespace, store: Store) -> int:
     try:
         with raw_terminal(0) if use_tty else contextlib.nullcontext():
             pid = _fork_monitor(launch, args.console_socket)
-            _write_pid_file(args.pid_file, pid)
+            _write_monitor_pid_file(args.pid_file, pid)
             forwarded = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT,
                          signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH)
             for sig in forwarded:
