@@ -298,6 +298,10 @@ def test_oci_semantics_and_host_hooks(oci: Oci, tmp_path: Path) -> None:
     created = json.loads((hooks_out / "createRuntime").read_text())
     assert created["id"] == "s1" and created["bundle"] == str(bundle)
     assert (hooks_out / "prestart").exists() and not (hooks_out / "poststart").exists()
+    # delete runs the poststop hooks create was given, not the bundle's of then.
+    changed = json.loads((bundle / "config.json").read_text())
+    changed["hooks"]["poststop"].append(hook("poststop-added"))
+    (bundle / "config.json").write_text(json.dumps(changed))
     assert oci("start", "s1").returncode == 0
     ended = waiter.finish()
     assert ended["status"] == 0, ended
@@ -309,6 +313,7 @@ def test_oci_semantics_and_host_hooks(oci: Oci, tmp_path: Path) -> None:
     assert oci("delete", "s1").returncode == 0
     poststop = json.loads((hooks_out / "poststop").read_text())
     assert poststop["id"] == "s1" and poststop["status"] == "stopped"
+    assert not (hooks_out / "poststop-added").exists()
 
 
 def test_a_failing_prestart_hook_fails_create_and_leaves_nothing(
