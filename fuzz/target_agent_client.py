@@ -233,12 +233,16 @@ class AgentClientTarget(Target):
         if missing:
             raise RuntimeError(f"AgentClient has no {missing}: update fuzz/target_agent_client")
         self.filler_used = False
+        #: How each call of the last input ended (its name, and its result or
+        #: exception), once the contract held: what tests look at.
+        self.outcomes: list[tuple[str, object]] = []
 
     async def one_input(self, data: bytes) -> None:
         c = Cursor(data)
         links = [_Link()]
         calls: list[tuple[Call, asyncio.Future[Any]]] = []
         self.filler_used = False
+        self.outcomes = []
         try:
             while not c.exhausted and len(calls) < _MAX_CALLS:
                 await self._one_call(c, links, calls)
@@ -249,6 +253,8 @@ class AgentClientTarget(Target):
                              + ", ".join(call.name for call, task in calls if not task.done()))
             for call, task in calls:
                 _check_outcome(call, task)
+            self.outcomes = [(call.name, task.exception() or task.result())
+                             for call, task in calls]
         finally:
             for link in links:
                 await bounded(link.client.close(), "AgentClient.close")

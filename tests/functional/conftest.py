@@ -160,6 +160,8 @@ def leftovers(allowed: set[str] = frozenset()) -> list[str]:  # type: ignore[ass
             point = line.split()[4]
             if point.startswith(str(root)) and not any(sid in point for sid in allowed):
                 found.append(f"mount: {point}")
+    found += [f"mount: {pin}" for pin in session_netns_pins()
+              if not str(pin).startswith(str(root))]
     if root.exists():
         for entry in root.iterdir():
             if entry.name in ("sandboxes", "shims", "oci"):
@@ -167,6 +169,31 @@ def leftovers(allowed: set[str] = frozenset()) -> list[str]:  # type: ignore[ass
             else:
                 found.append(f"state: {entry}")
     return found
+
+
+def session_netns_pins() -> list[Path]:
+    """The network namespaces pykata-oci containers of this session keep
+    pinned in their directory (under a test's --root, outside the run root):
+    the record names this run root or, before its first save, the sandbox
+    lives under it. Other sessions' are theirs to count."""
+    from pykata.monitor.main import sandbox_key
+
+    from pykata.oci.store import pinned_netns
+    from pykata.runtime.state import ContainerState, StateFileError, read_state
+
+    root = run_root()
+    mine = []
+    for pin in pinned_netns():
+        try:
+            record = read_state(pin.parent / "state.json", ContainerState)
+        except StateFileError:
+            key = sandbox_key(pin.parent, pin.parent.name)
+            if (root / "sandboxes" / key).exists():
+                mine.append(pin)
+            continue
+        if record.run_root == str(root):
+            mine.append(pin)
+    return mine
 
 
 _shared_ids: set[str] = set()

@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import pytest
 
 from pykata import assets
 from pykata.runtime.hostio import set_window_size
+from pykata.runtime.paths import run_root
 from tests.functional.conftest import pykata_cli, qemu_processes, unexpected_leftovers
 from tests.functional.oci_tools import ConsoleReceiver, Oci, Waiter, make_bundle
 
@@ -270,6 +272,94 @@ def test_delete_force_clears_a_killed_monitor(oci: Oci, tmp_path: Path) -> None:
     assert not unexpected_leftovers()
 
 
+# Both namespaces get the same links in the same order, so the same indexes:
+# a redirect recorded as {eth0: index} matches in either.
+VETH = ("ip link add eth0 type veth peer name eth1 && ip addr add 10.9.8.2/24 dev eth0 "
+        "&& ip link set eth0 up")
+SETKEY = f"""
+import json, subprocess, sys
+pid = json.load(sys.stdin)["pid"]
+subprocess.run(["nsenter", "-t", str(pid), "-n", "sh", "-c", {VETH!r}], check=True)
+"""
+
+
+def _ingress(netns: str) -> bool:
+    """Whether eth0 of the namespace at `netns` has an ingress qdisc."""
+    shown = subprocess.run(["nsenter", f"--net={netns}", "tc", "qdisc", "show", "dev", "eth0"],
+                           capture_output=True, text=True, check=True).stdout
+    return "ingress" in shown
+
+
+def _spawn_with_pid(pid: int, argv: list[str]) -> subprocess.Popen[bytes]:
+    """`argv` started as process `pid` (free again): what pid reuse does by
+    chance, done on purpose through ns_last_pid."""
+    for _ in range(200):
+        Path("/proc/sys/kernel/ns_last_pid").write_text(str(pid - 1))
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
+        if proc.pid == pid:
+            return proc
+        proc.kill()
+        proc.wait()
+    pytest.fail(f"could not start a process as pid {pid}")
+
+
+@pytest.mark.parametrize("clearer", ["delete", "cleanup"])
+def test_a_killed_monitors_namespace_is_never_taken_for_its_pids_next_owner(
+        oci: Oci, tmp_path: Path, clearer: str) -> None:
+    """A container with a network namespace of its own (docker's, set up by a
+    prestart hook in the monitor's): after its monitor is killed and its pid
+    is another process's, `delete` or `pykata cleanup` remove the VM's
+    redirect in the container's namespace, and leave that process's alone."""
+    setkey = tmp_path / "setkey.py"
+    setkey.write_text(SETKEY)
+    bundle = make_bundle(tmp_path / "b", LOOP, hooks={"prestart": [{
+        "path": sys.executable, "args": [sys.executable, str(setkey)],
+        "env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"]}]})
+    spec = json.loads((bundle / "config.json").read_text())
+    spec["linux"]["namespaces"].append({"type": "network"})
+    (bundle / "config.json").write_text(json.dumps(spec))
+    waiter = Waiter(oci, "create", "--bundle", str(bundle), "--pid-file",
+                    str(tmp_path / "pid"), "n1")
+    assert waiter.wait_created()["rc"] == 0
+    pid = int((tmp_path / "pid").read_text())
+    victim: subprocess.Popen[bytes] | None = None
+    # Held here, so the container's namespace can be looked at after delete.
+    container_ns = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY)
+    try:
+        held = f"/proc/{os.getpid()}/fd/{container_ns}"
+        assert _ingress(held), "the VM's redirect should be on the container's eth0"
+        key = json.loads((oci.root / "n1" / "state.json").read_text())["sandbox_key"]
+        recorded = json.loads((run_root() / "sandboxes" / key / "state.json").read_text())
+        assert recorded["netns"] == str(oci.root / "n1" / "netns"), recorded
+        os.kill(pid, signal.SIGKILL)
+        assert waiter.finish()["status"] == -signal.SIGKILL  # reaped: the pid is free again
+        _wait_until(lambda: not _vm_of(oci, "n1"), "QEMU to die with its monitor")
+        victim = _spawn_with_pid(pid, ["unshare", "-n", "sh", "-c",
+                                       f"{VETH} && tc qdisc add dev eth0 ingress "
+                                       "&& echo ready && exec sleep 600"])
+        assert victim.stdout is not None and victim.stdout.readline() == b"ready\n"
+        assert _ingress(f"/proc/{pid}/ns/net")
+        if clearer == "cleanup":
+            cleaned = pykata_cli("cleanup")
+            assert cleaned.returncode == 0, cleaned.out + cleaned.err
+            assert _ingress(f"/proc/{pid}/ns/net"), \
+                "cleanup removed a qdisc in the namespace of the process that took the pid"
+            assert "releasing the network namespace of OCI container n1" in cleaned.out, \
+                cleaned.out
+        assert oci("delete", "--force", "n1").returncode == 0
+        assert _ingress(f"/proc/{pid}/ns/net"), \
+            "delete removed a qdisc in the namespace of the process that took the pid"
+        assert not _ingress(held), "the VM's redirect should be gone from the container's eth0"
+    finally:
+        os.close(container_ns)
+        if victim is not None:
+            victim.kill()
+            victim.wait()
+        oci("delete", "--force", "n1")  # a failed check leaves no VM running
+    assert not (oci.root / "n1").exists()
+    assert not unexpected_leftovers()
+
+
 def test_oci_semantics_and_host_hooks(oci: Oci, tmp_path: Path) -> None:
     """What runc's users check from inside: rlimits, a masked path, a
     read-only path, the hostname, the user; and the host hooks, each run
@@ -298,6 +388,10 @@ def test_oci_semantics_and_host_hooks(oci: Oci, tmp_path: Path) -> None:
     created = json.loads((hooks_out / "createRuntime").read_text())
     assert created["id"] == "s1" and created["bundle"] == str(bundle)
     assert (hooks_out / "prestart").exists() and not (hooks_out / "poststart").exists()
+    # delete runs the poststop hooks create was given, not the bundle's of then.
+    changed = json.loads((bundle / "config.json").read_text())
+    changed["hooks"]["poststop"].append(hook("poststop-added"))
+    (bundle / "config.json").write_text(json.dumps(changed))
     assert oci("start", "s1").returncode == 0
     ended = waiter.finish()
     assert ended["status"] == 0, ended
@@ -309,6 +403,7 @@ def test_oci_semantics_and_host_hooks(oci: Oci, tmp_path: Path) -> None:
     assert oci("delete", "s1").returncode == 0
     poststop = json.loads((hooks_out / "poststop").read_text())
     assert poststop["id"] == "s1" and poststop["status"] == "stopped"
+    assert not (hooks_out / "poststop-added").exists()
 
 
 def test_a_failing_prestart_hook_fails_create_and_leaves_nothing(

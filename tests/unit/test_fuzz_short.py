@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 
 from fuzz import TARGETS
 from fuzz._bytes import Encoder
+from fuzz._conn import MemoryConnection
 from fuzz._harness import Violation
 from fuzz._server import DELIVER_RECORDS, Method, drive, request_record
 from fuzz.target_agent_client import (
@@ -36,10 +38,13 @@ from pykata.agent.containers import Containers
 from pykata.agent.crun import Crun
 from pykata.agent.reaper import Reaper
 from pykata.agent.service import AgentService
+from pykata.errors import AgentError
 from pykata.protocols import agent_pb2, health_pb2, oci_pb2
-from pykata.runtime.agent_client import AgentClient
+from pykata.runtime.agent_client import INVALID_EXIT_STATUS, AgentClient
 from pykata.shim.fifo import FifoError, ProcessFifos
-from pykata.ttrpc import Code, RequestContext, Server, StatusError
+from pykata.ttrpc import Code, RequestContext, Server, StatusError, framing
+from pykata.ttrpc.errors import MessageTooLargeError
+from pykata.ttrpc.protocol import FrameStream
 
 REPO = Path(__file__).resolve().parents[2]
 SHORT_RUNS = 3000
@@ -68,33 +73,57 @@ _DEEP_JSON = agent_pb2.ListProcessesResponse(process_list=b"[" * 5000).Serialize
 _BAD_UTF8_ID = b"\x0a\x02\xff\xfe"  # OOMEvent.container_id, not UTF-8
 
 
-@pytest.mark.parametrize("script", [
-    record("wait_process", ok_part(_WAIT_300)),
-    record("wait_process", ok_part(_WAIT_NEGATIVE)),
-    record("check", ok_part(code=14, message="unavailable")),
-    record("check", after=AFTER_EOF),
-    record("check", frame_part(2, b"\xff\xff")),
-    record("list_processes", ok_part(_DEEP_JSON)),
-    record("list_processes", process_list_part(0, 3)),
-    record("list_processes", process_list_part(4194300, 10)),
-    record("list_processes", process_list_part(1, 65536 + 1, step=0)),
-    record("get_oom_event", ok_part(code=13, message="oops")),
-    record("get_oom_event", ok_part(_BAD_UTF8_ID)),
-    record("get_oom_event", after=AFTER_EOF),
-    record("read_stream", lying_part(-3, b"\x0a\x02hi")),
-    record("stats_container", oversized_part(whole=True)),
-    record("guest_details", wrong_stream_part(2, b"\x0a\x00"), after=AFTER_EOF),
-    record("create_container", raw_part(b"\x00\x00\x00\x03\x00\x00\x00\x01\x02\x00\xff\xff\xff")),
-], ids=[
-    "wait-300", "wait-negative", "check-status", "check-eof", "check-garbage",
-    "pids-deep-json", "pids-zero", "pids-above-pid-max", "pids-too-many",
-    "oom-status", "oom-bad-utf8", "oom-eof", "read-lying-length", "stats-oversized",
-    "details-wrong-stream", "create-garbage",
-])
-async def test_agent_client_keeps_its_contract(script: bytes) -> None:
+_LOST = "agent connection lost during "
+_INVALID = ": the agent sent an invalid reply"
+# id, the fake agent's reply, and how the call must end: the value it
+# returns, or the words of the AgentError it raises.
+_CLIENT_CASES: list[tuple[str, bytes, int | str]] = [
+    ("wait-300", record("wait_process", ok_part(_WAIT_300)), INVALID_EXIT_STATUS),
+    ("wait-negative", record("wait_process", ok_part(_WAIT_NEGATIVE)), INVALID_EXIT_STATUS),
+    ("check-status", record("check", ok_part(code=14, message="unavailable")),
+     "Check failed in the guest: unavailable"),
+    ("check-eof", record("check", after=AFTER_EOF), _LOST + "Check"),
+    ("check-garbage", record("check", frame_part(2, b"\xff\xff")), "Check" + _INVALID),
+    ("pids-deep-json", record("list_processes", ok_part(_DEEP_JSON)),
+     "unreadable process list"),
+    ("pids-zero", record("list_processes", process_list_part(0, 3)),
+     "unreadable process list"),
+    ("pids-above-pid-max", record("list_processes", process_list_part(4194300, 10)),
+     "unreadable process list"),
+    ("pids-too-many", record("list_processes", process_list_part(1, 65536 + 1, step=0)),
+     "unreadable process list"),
+    ("oom-status", record("get_oom_event", ok_part(code=13, message="oops")),
+     "GetOOMEvent failed in the guest: oops"),
+    ("oom-bad-utf8", record("get_oom_event", ok_part(_BAD_UTF8_ID)),
+     "GetOOMEvent" + _INVALID),
+    ("oom-eof", record("get_oom_event", after=AFTER_EOF), _LOST + "GetOOMEvent"),
+    ("read-lying-length", record("read_stream", lying_part(-3, b"\x0a\x02hi")),
+     "ReadStdout" + _INVALID),
+    ("stats-oversized", record("stats_container", oversized_part(whole=True)),
+     "message of 4194305 bytes on stream 1 exceeds"),
+    ("details-wrong-stream",
+     record("guest_details", wrong_stream_part(2, b"\x0a\x00"), after=AFTER_EOF),
+     _LOST + "GetGuestDetails"),
+    ("create-garbage", record("create_container", raw_part(
+        b"\x00\x00\x00\x03\x00\x00\x00\x01\x02\x00\xff\xff\xff")),
+     "CreateContainer" + _INVALID),
+]
+
+
+@pytest.mark.parametrize(("script", "expected"),
+                         [pytest.param(script, expected, id=name)
+                          for name, script, expected in _CLIENT_CASES])
+async def test_agent_client_keeps_its_contract(script: bytes, expected: int | str) -> None:
     """Replies the fuzzer made the earlier AgentClient fail on: each must now end
-    in a checked value or an AgentError (the harness raises Violation otherwise)."""
-    await AgentClientTarget().one_input(script)
+    in a checked value or an AgentError (the harness raises Violation otherwise),
+    and in the one each reply calls for."""
+    target = AgentClientTarget()
+    await target.one_input(script)
+    [(_call, outcome)] = target.outcomes
+    if isinstance(expected, int):
+        assert outcome == expected, outcome
+    else:
+        assert isinstance(outcome, AgentError) and expected in str(outcome), repr(outcome)
 
 
 async def test_agent_client_harness_catches_a_broken_promise(
@@ -130,12 +159,37 @@ async def test_server_harness_reports_a_request_never_answered() -> None:
         await server.aclose()
 
 
-async def test_framing_target_reads_past_an_oversized_payload() -> None:
-    """The framing seeds, and mode 0xFF (a whole 4 MiB+ payload skipped in stream)."""
+async def test_framing_target_reads_past_an_oversized_payload(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The framing seeds, and mode 0xFF (a whole 4 MiB+ payload skipped in stream):
+    the reader reports the payload on its stream and reads the frame after it
+    whole; the target checks it (a reader that skips one byte short fails it)."""
+    conn = MemoryConnection()
+    size = (4 << 20) + 1
+    conn.send(struct.pack(">IIBB", size, 7, 1, 0) + b"\xff" * size
+              + framing.encode_frame(9, framing.MessageType.DATA, b"after"))
+    conn.send_eof()
+    frames = FrameStream(conn.reader, conn.writer)
+    with pytest.raises(MessageTooLargeError) as too_large:
+        await frames.read_frame()
+    assert (too_large.value.size, too_large.value.stream_id) == (size, 7)
+    after = await frames.read_frame()
+    assert after is not None and (after.header.stream_id, after.payload) == (9, b"after")
+    assert await frames.read_frame() is None
+
     target = FramingTarget()
     for seed in target.seeds():
         await target.one_input(seed)
         await target.one_input(b"\xff" + seed[1:])
+
+    discard = FrameStream._discard
+
+    async def one_short(self: FrameStream, size: int) -> None:
+        await discard(self, size - 1)
+
+    monkeypatch.setattr(FrameStream, "_discard", one_short)
+    with pytest.raises(Violation, match="read-oversized"):
+        await target.one_input(b"\xff" + target.seeds()[1][1:])
 
 
 # --- bugs the fuzzers found (fixed; each test failed before its fix) -------------------------

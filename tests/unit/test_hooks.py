@@ -147,10 +147,22 @@ def _alive(pid: int) -> bool:
         return False
 
 
-async def test_a_hook_that_ignores_its_stdin_is_fine(tmp_path: Path) -> None:
-    """A state larger than a pipe's buffer, and a hook that never reads it."""
+async def test_a_hook_that_ignores_its_stdin_is_fine(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A state larger than a pipe's buffer, and a hook that never reads it
+    (it closes its stdin, then goes on): the hook runs to its end and its
+    phase succeeds, the next hook runs too."""
     state = {**_state(tmp_path), "annotations": {"big": "x" * 300_000}}
-    await run_hooks([{"path": "/bin/true"}], state, phase="prestart")
+    ignoring = _script(tmp_path, "ignoring",
+                       f"exec 0<&-\nsleep 0.2\necho done > {tmp_path}/ignored\n")
+    reading = _script(tmp_path, "reading", f"head -c 13 > {tmp_path}/read\n")
+    with caplog.at_level(logging.WARNING, logger="pykata.runtime.hooks"):
+        await run_hooks([{"path": ignoring}, {"path": reading}], state, phase="prestart")
+    assert (tmp_path / "ignored").exists(), "the hook was not waited for"
+    assert (tmp_path / "ignored").read_text() == "done\n"
+    assert (tmp_path / "read").read_text() == '{"ociVersion"'
+    assert not caplog.records
 
 
 @pytest.mark.parametrize(("hook", "problem"), [

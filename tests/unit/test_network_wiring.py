@@ -3,7 +3,6 @@ handler's ConfigPath, and the configuration's internetworking_model."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -32,12 +31,14 @@ def test_the_spec_names_its_network_namespace() -> None:
     assert network_namespace_path(_spec({"type": "network", "path": 7})) == ""  # type: ignore
 
 
-def test_the_oci_monitor_mirrors_the_named_namespace_or_its_own() -> None:
-    assert container_netns(_spec({"type": "network", "path": "/run/netns/podman"})) \
-        == "/run/netns/podman"
-    # docker: a new namespace, set up by its prestart hook in the monitor's.
-    assert container_netns(_spec({"type": "network"})) == f"/proc/{os.getpid()}/ns/net"
-    assert container_netns(_spec({"type": "pid"})) == ""
+def test_the_oci_monitor_mirrors_the_named_namespace_or_its_own(tmp_path: Path) -> None:
+    assert container_netns(_spec({"type": "network", "path": "/run/netns/podman"}),
+                           tmp_path) == "/run/netns/podman"
+    # docker: a new namespace, set up by its prestart hook in the monitor's,
+    # recorded by its pin in the container's directory (a /proc/<pid> path
+    # would name another process's once the monitor died and its pid came back).
+    assert container_netns(_spec({"type": "network"}), tmp_path) == str(tmp_path / "netns")
+    assert container_netns(_spec({"type": "pid"}), tmp_path) == ""
 
 
 def _options(config_path: str = "", body: str = "",

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import signal
+import stat
 from pathlib import Path
 
 import pytest
@@ -13,6 +16,7 @@ from pykata.errors import AlreadyExistsError, NotFoundError, PykataError
 from pykata.oci import cli, verbs
 from pykata.oci.store import Store, check_id
 from pykata.runtime.ready import ReadyReport
+from pykata.runtime.spec import default_spec
 from pykata.runtime.state import ContainerState, write_state
 
 
@@ -128,3 +132,71 @@ def test_version_and_features(capsys: pytest.CaptureFixture[str]) -> None:
     assert "spec: 1.0.2" in capsys.readouterr().out
     assert cli.main(["features"]) == 0
     assert "poststop" in json.loads(capsys.readouterr().out)["hooks"]
+
+
+def test_a_link_planted_beside_the_pid_file_is_never_written_through(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whoever can write in the pid file's directory (the caller chose it)
+    cannot redirect the write: a link at a temporary name, the old pid-based
+    one or a random one, is skipped and left alone; a link at the pid file is
+    replaced, not followed."""
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    pid_file = tmp_path / "pid"
+    (tmp_path / f".pid.{os.getpid()}").symlink_to(victim)
+    (tmp_path / ".pid.taken").symlink_to(victim)
+    pid_file.symlink_to(victim)
+    names = iter(["taken", "free"])
+    monkeypatch.setattr("secrets.token_hex", lambda _n: next(names))
+    verbs._write_pid_file(str(pid_file), 4242)
+    assert victim.read_text() == "precious"
+    assert not pid_file.is_symlink() and pid_file.read_text() == "4242"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(pid_file.stat().st_mode) == 0o644 & ~umask
+    assert (tmp_path / ".pid.taken").is_symlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        f".pid.{os.getpid()}", ".pid.taken", "pid", "victim"]
+
+    monkeypatch.setattr("secrets.token_hex", lambda _n: "taken")
+    with pytest.raises(PykataError, match="temporary names beside it were taken") as err:
+        verbs._write_pid_file(str(pid_file), 5151)
+    assert err.value.hint and ".pid.*" in err.value.hint
+    assert pid_file.read_text() == "4242" and victim.read_text() == "precious"
+
+
+@pytest.mark.parametrize("after_create", ["changed", "removed"])
+def test_delete_runs_the_poststop_hooks_create_was_given(tmp_path: Path,
+                                                         after_create: str) -> None:
+    """As runc runs the configuration it saved: a bundle changed (a poststop
+    hook added) or removed after create does not change what delete runs."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+
+    def hook(name: str) -> dict[str, object]:
+        return {"path": "/bin/sh", "args": ["sh", "-c", f"cat > {marks}/{name}"]}
+
+    bundle = tmp_path / "bundle"
+    (bundle / "rootfs").mkdir(parents=True)
+    spec = default_spec(["true"])
+    spec["hooks"] = {"poststop": [hook("original")]}
+    (bundle / "config.json").write_text(json.dumps(spec))
+    store = Store(tmp_path / "root")
+    args = argparse.Namespace(id="p1", bundle=str(bundle), preserve_fds=0, console_socket="",
+                              debug=False)
+    launch = verbs._prepare(args, store, foreground=False)
+    write_state(launch.state_dir / "state.json", ContainerState(
+        id="p1", bundle=str(bundle), status="stopped", sandbox_key="", run_root="",
+        created="now", owner="", rootfs=str(bundle / "rootfs"), monitor_pid=1,
+        monitor_start=1))
+    if after_create == "changed":
+        spec["hooks"] = {"poststop": [hook("added"), hook("original-changed")]}
+        (bundle / "config.json").write_text(json.dumps(spec))
+    else:
+        shutil.rmtree(bundle)
+    verbs._delete(store, "p1", force=False)
+    assert sorted(p.name for p in marks.iterdir()) == ["original"]
+    state = json.loads((marks / "original").read_text())
+    assert state["id"] == "p1" and state["status"] == "stopped"
+    assert store.ids() == []
+

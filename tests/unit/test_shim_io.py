@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -53,11 +55,19 @@ async def test_events_arrive_in_order_with_namespace(tmp_path: Path) -> None:
     assert received[1][2] == "containerd.events.TaskExit"
 
 
-async def test_publisher_gives_up_quietly_without_containerd(tmp_path: Path) -> None:
+async def test_publisher_gives_up_quietly_without_containerd(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """An unreachable events address is retried, then given up, never raised."""
+    caplog.set_level(logging.WARNING, logger="pykata.shim.events")
     publisher = EventPublisher(str(tmp_path / "nobody.sock"), "ns")
     publisher.publish(events_pb2.TaskOOM(container_id="c"))
     await publisher.flush(timeout=10)
+    attempts = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(attempts) == 5, attempts
+    assert all(f"publishing /tasks/oom (attempt {n})" in line
+               for n, line in enumerate(attempts, 1)), attempts
+    given_up = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert given_up == [f"gave up publishing /tasks/oom to {tmp_path / 'nobody.sock'}"]
     await publisher.close()
 
 
@@ -228,7 +238,11 @@ async def test_drain_gives_up_after_its_timeout() -> None:
 
     relay = StdioRelay(agent, "c", "c")  # type: ignore[arg-type]
     relay.start(sink, None, None, terminal=True)
+    started = time.monotonic()
     await asyncio.wait_for(relay.drain(0.2), 5)
+    waited = time.monotonic() - started
+    # It waited for the output as long as it was told to, and no longer.
+    assert 0.2 <= waited < 2.0, waited
     await relay.close()
 
 

@@ -2,8 +2,9 @@
 
 A `pykata run` killed with SIGKILL takes its VM with it (QEMU dies with its
 owner), but its mounts and state directory stay. This finds every sandbox
-whose owning process is gone and removes its mounts and directories, and
-every VM template whose builder died before it was saved.
+whose owning process is gone and removes its mounts and directories, the
+network namespace a killed pykata-oci monitor left pinned, and every VM
+template whose builder died before it was saved.
 """
 
 from __future__ import annotations
@@ -54,12 +55,31 @@ def run(args: argparse.Namespace) -> int:
                 cleanup_host_state(paths)
             except PykataError as exc:
                 print(f"pykata: sandbox {paths.key}: {exc}")
+    # After the sandboxes: their redirects were removed through these pins.
+    pins = _release_pinned_netns(dry_run=args.dry_run)
     factory = [] if args.dry_run else _factory_leftovers(args.config)
     for line in factory:
         print(line)
-    if not stale and not factory:
+    if not stale and not pins and not factory:
         print("nothing to clean up")
     return 0
+
+
+def _release_pinned_netns(*, dry_run: bool) -> list[Path]:
+    """Unpin the network namespaces of pykata-oci containers whose monitor
+    was killed (the record stays: `delete` is its caller's to run)."""
+    from pykata.oci.store import abandoned_netns, release_netns
+
+    pins = abandoned_netns()
+    for pin in pins:
+        print(f"{'would release' if dry_run else 'releasing'} the network namespace of "
+              f"OCI container {pin.parent.name} ({pin})")
+        if not dry_run:
+            try:
+                release_netns(pin.parent)
+            except PykataError as exc:
+                print(f"pykata: {pin}: {exc}")
+    return pins
 
 
 def _factory_leftovers(config_file: str | None) -> list[str]:

@@ -22,6 +22,7 @@ from typing import Any
 
 from pykata.errors import PykataError
 from pykata.oci.launch import Launch
+from pykata.oci.store import NETNS_PIN, pin_netns, release_netns
 from pykata.runtime import hostio
 from pykata.runtime.container import bind_rootfs
 from pykata.runtime.control import ControlHooks
@@ -62,29 +63,36 @@ def wants_own_network(spec: dict[str, Any]) -> bool:
     return entry is not None and not entry.get("path")
 
 
-def container_netns(spec: dict[str, Any]) -> str:
+def container_netns(spec: dict[str, Any], state_dir: Path) -> str:
     """The namespace whose interfaces the container's VM mirrors: the one the
     spec names (podman's), or the monitor's own (docker's, set up by its
-    prestart hook); "" for a container without a network namespace."""
+    prestart hook) by its pin in the container's directory; "" for a
+    container without a network namespace. The sandbox records this path, and
+    `delete` or `pykata cleanup` enter it after a killed monitor: it must
+    never come to name another process's namespace (as /proc/<pid>/ns/net
+    does once the pid is reused)."""
     path = network_namespace_path(spec)
     if path:
         return path
-    return f"/proc/{os.getpid()}/ns/net" if wants_own_network(spec) else ""
+    return str(state_dir / NETNS_PIN) if wants_own_network(spec) else ""
 
 
-def isolate_network(spec: dict[str, Any]) -> None:
+def isolate_network(spec: dict[str, Any], state_dir: Path) -> bool:
     """A container that asks for a network namespace of its own gets one on
     the host too, with the monitor (and so QEMU) in it: callers' hooks that
     set up the container's network (docker's libnetwork-setkey) find it at
-    /proc/<pid>/ns/net and must not touch the host's."""
+    /proc/<pid>/ns/net and must not touch the host's. It is pinned in the
+    container's directory (see `container_netns`). Whether it made one."""
     if not wants_own_network(spec):
-        return
+        return False
     import ctypes
 
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.unshare(CLONE_NEWNET) != 0:
         err = ctypes.get_errno()
         raise PykataError(f"cannot create a network namespace: {os.strerror(err)}")
+    pin_netns(state_dir)
+    return True
 
 
 class DescriptorIO:
@@ -189,7 +197,8 @@ class Monitor:
         from pykata.runtime.volumes import plan_volumes
 
         launch = self.launch
-        options = pod_options(launch.spec, self.config, netns=container_netns(launch.spec))
+        options = pod_options(launch.spec, self.config,
+                              netns=container_netns(launch.spec, launch.state_dir))
         self.pod = new_pod(launch.id, self.config, options,
                            key=sandbox_key(launch.state_dir, launch.id), front_end="oci",
                            source=vm_source(self.config),
@@ -312,7 +321,7 @@ def run_forked(launch: Launch, ready_fd: int) -> int:
         format="%(asctime)s pykata-monitor[%(process)d]: %(levelname)s: %(name)s: %(message)s")
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     try:
-        isolate_network(launch.spec)
+        pinned = isolate_network(launch.spec, launch.state_dir)
     except PykataError as exc:
         ReadyReport.failure(exc, "creating the container").send(ready_fd)
         return 1
@@ -320,3 +329,14 @@ def run_forked(launch: Launch, ready_fd: int) -> int:
         return asyncio.run(_main(launch, ready_fd))
     except BaseException:
         return 1
+    finally:
+        # After the teardown, which removed the VM's redirects through the pin.
+        if pinned:
+            _unpin(launch.state_dir)
+
+
+def _unpin(state_dir: Path) -> None:
+    try:
+        release_netns(state_dir)
+    except PykataError as exc:
+        log.error("%s", exc)

@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import json
 import os
+import secrets
 import signal
 import sys
 import time
@@ -32,6 +33,10 @@ from pykata.runtime.state import ContainerState
 T = TypeVar("T")
 # How long `delete` waits for a monitor to end the VM after Shutdown.
 SHUTDOWN_WAIT = 30.0
+# Random names tried for the pid file's temporary file before giving up.
+PID_TEMP_ATTEMPTS = 8
+# In a container's directory: the poststop hooks `create` was given.
+POSTSTOP_FILE = "poststop.json"
 
 
 def dispatch(args: argparse.Namespace, store: Store) -> int:
@@ -56,6 +61,7 @@ def _bundle(args: argparse.Namespace) -> Path:
 def _prepare(args: argparse.Namespace, store: Store, *, foreground: bool) -> Any:
     """Check the bundle and flags, claim the id: everything before a VM boots."""
     from pykata.oci.launch import Launch
+    from pykata.runtime.hooks import spec_hooks
     from pykata.runtime.spec import load_bundle
 
     _refuse_preserved_fds(args)
@@ -75,7 +81,13 @@ def _prepare(args: argparse.Namespace, store: Store, *, foreground: bool) -> Any
     if not isinstance(annotations, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in annotations.items()):
         raise SpecError(f"{bundle / 'config.json'}: annotations must map strings to strings")
+    poststop = spec_hooks(spec, "poststop")
     state_dir = store.claim(args.id)
+    try:
+        _save_poststop(state_dir, poststop)
+    except BaseException:
+        store.remove(args.id)
+        raise
     return Launch(
         id=args.id, bundle=bundle, spec=spec, rootfs=rootfs, state_dir=state_dir,
         config_path=os.environ.get("PYKATA_CONFIG"), debug=args.debug,
@@ -164,23 +176,69 @@ def _dup_or_null(fd: int) -> int:
 
 
 def _write_pid_file(path: str, pid: int) -> None:
+    """Write `pid` to `path` atomically. The pid file's directory is the
+    caller's (a bundle, conmon's directory): the temporary file is created
+    exclusively, never through a link someone planted there, and renamed
+    over `path` (a rename replaces a link at `path`, never follows it)."""
     if not path:
         return
     target = Path(path)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}")
-    tmp.write_text(str(pid))
-    tmp.rename(target)
+    fd, tmp = _create_pid_temp(target)
+    try:
+        try:
+            os.write(fd, str(pid).encode())
+        finally:
+            os.close(fd)
+        os.rename(tmp, target)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise PykataError(f"cannot write the pid file {target}: {exc.strerror}",
+                          hint="--pid-file must name a file in a writable directory") from exc
+
+
+def _create_pid_temp(target: Path) -> tuple[int, Path]:
+    """A new file beside `target`, opened for writing: a name nobody can
+    have guessed, and a name taken already (by anything, a link included) is
+    skipped, never opened."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    for _ in range(PID_TEMP_ATTEMPTS):
+        tmp = target.with_name(f".{target.name}.{secrets.token_hex(8)}")
+        try:
+            return os.open(tmp, flags, 0o644), tmp
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise PykataError(f"cannot write the pid file {target}: {exc.strerror}",
+                              hint="--pid-file must name a file in a writable directory"
+                              ) from exc
+    raise PykataError(f"cannot write the pid file {target}: {PID_TEMP_ATTEMPTS} temporary "
+                      f"names beside it were taken",
+                      hint=f"remove the stray .{target.name}.* files in {target.parent}")
 
 
 def create(args: argparse.Namespace, store: Store) -> int:
     launch = _prepare(args, store, foreground=False)
     try:
         pid = _fork_monitor(launch, args.console_socket)
-        _write_pid_file(args.pid_file, pid)
+        _write_monitor_pid_file(args.pid_file, pid)
     except BaseException:
         _discard(store, launch)
         raise
     return 0
+
+
+def _write_monitor_pid_file(path: str, pid: int) -> None:
+    """The pid file of a monitor just forked; if it cannot be written, the
+    monitor ends first, so that `_discard` never pulls the mounts from under
+    a live VM."""
+    try:
+        _write_pid_file(path, pid)
+    except BaseException:
+        _signal_pid(pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+        raise
 
 
 def _discard(store: Store, launch: Any) -> None:
@@ -243,7 +301,7 @@ def run(args: argparse.Namespace, store: Store) -> int:
     try:
         with raw_terminal(0) if use_tty else contextlib.nullcontext():
             pid = _fork_monitor(launch, args.console_socket)
-            _write_pid_file(args.pid_file, pid)
+            _write_monitor_pid_file(args.pid_file, pid)
             forwarded = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT,
                          signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH)
             for sig in forwarded:
@@ -378,7 +436,7 @@ def _delete(store: Store, container_id: str, *, force: bool) -> None:
             _signal_pid(record.monitor_pid, signal.SIGKILL)
             _wait_gone(record, 5)
     _leftovers(record)
-    _poststop(record)
+    _poststop(record, store.dir(container_id))
     store.remove(container_id)
 
 
@@ -401,16 +459,43 @@ def _leftovers(record: ContainerState) -> None:
         cleanup_host_state(paths)
 
 
-def _poststop(record: ContainerState) -> None:
-    """The poststop hooks, on the host, after the container is gone; their
-    failure is only a warning, as the runtime-spec says."""
-    from pykata.runtime.hooks import run_hooks, spec_hooks
-
+def _save_poststop(state_dir: Path, hooks: list[dict[str, Any]]) -> None:
+    """Keep the poststop hooks `create` was given: `delete` runs these (as
+    runc runs the configuration it saved), whatever the bundle holds by then."""
+    path = state_dir / POSTSTOP_FILE
     try:
-        spec = json.loads((Path(record.bundle) / "config.json").read_text())
-        hooks = spec_hooks(spec, "poststop")
-    except (OSError, ValueError, AttributeError, PykataError):
-        return
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(hooks, f)
+    except OSError as exc:
+        raise PykataError(f"cannot save the poststop hooks in {path}: {exc.strerror}") from exc
+
+
+def _saved_poststop(state_dir: Path) -> list[dict[str, Any]]:
+    """The poststop hooks saved at create ([] when there were none)."""
+    path = state_dir / POSTSTOP_FILE
+    try:
+        hooks = json.loads(path.read_text())
+    except FileNotFoundError:
+        # Created by a pykata that did not save them: the bundle may have
+        # changed since, so it is not read again.
+        print(f"pykata-oci: warning: {path} is missing: no poststop hooks run",
+              file=sys.stderr)
+        return []
+    except (OSError, ValueError) as exc:
+        print(f"pykata-oci: warning: cannot read {path} ({exc}): no poststop hooks run",
+              file=sys.stderr)
+        return []
+    return hooks if isinstance(hooks, list) else []
+
+
+def _poststop(record: ContainerState, state_dir: Path) -> None:
+    """The poststop hooks saved at create, on the host, after the container
+    is gone; their failure is only a warning, as the runtime-spec says."""
+    from pykata.runtime.hooks import run_hooks
+
+    hooks = _saved_poststop(state_dir)
     if not hooks:
         return
 

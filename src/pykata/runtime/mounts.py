@@ -202,6 +202,18 @@ def mounts_under(prefix: Path) -> list[Path]:
     return sorted(found, key=lambda p: len(p.parts), reverse=True)
 
 
+def mounts_of_type(fstype: str) -> list[Path]:
+    """Mount points whose filesystem type is `fstype` ("nsfs", "tmpfs", ...)."""
+    found = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            # Optional fields end with a lone "-"; the type follows it.
+            if fields[fields.index("-", 6) + 1] == fstype:
+                found.append(Path(_unescape(fields[4])))
+    return found
+
+
 def mount_options(point: Path) -> set[str]:
     """The per-mount options (ro, nosuid, ...) of the topmost mount at `point`."""
     options: set[str] = set()
