@@ -176,8 +176,7 @@ def session_netns_pins() -> list[Path]:
     pinned in their directory (under a test's --root, outside the run root):
     the record names this run root or, before its first save, the sandbox
     lives under it. Other sessions' are theirs to count."""
-    from pykata.monitor.main import sandbox_key
-
+    from pykata.oci.monitor import sandbox_key
     from pykata.oci.store import pinned_netns
     from pykata.runtime.state import ContainerState, StateFileError, read_state
 
