@@ -200,7 +200,9 @@ class QemuVM:
         # are read by the log copiers).
         self._console: socket.socket | None = None
         self._output = -1
-        self._readers: list[asyncio.BaseTransport] = []
+        # What reads those copies; a StreamWriter closes its transport when
+        # it is collected, so it is kept here too.
+        self._readers: list[asyncio.BaseTransport | asyncio.StreamWriter] = []
         self._token_socket: socket.socket | None = None
 
     @property
@@ -308,7 +310,7 @@ class QemuVM:
             os.fdopen(os.dup(self._output), "rb", buffering=0))
         self._readers.append(transport)
         console, writer = await asyncio.open_connection(sock=self._console.dup())
-        self._readers.append(writer.transport)
+        self._readers.append(writer)
         self._logs = [CappedLog(self.config.stderr_log, max(16384, limit // 4), append=append),
                       CappedLog(self.config.console_log, limit, append=append)]
         self._logs[0].start(output)
@@ -384,9 +386,13 @@ class QemuVM:
         self.config = dataclasses.replace(self.config, run_dir=run_dir)
 
     async def wait(self) -> int:
-        """Wait until QEMU exits; return its exit status."""
+        """Wait until QEMU exits and what it and the guest wrote last is in
+        their logs (for `failure_report`); return its exit status."""
         assert self._proc is not None, "VM not started"
-        return await self._proc.wait()
+        status = await self._proc.wait()
+        for capped in self._logs:
+            await capped.wait(2.0)
+        return status
 
     async def stop(self, grace: float = _STOP_GRACE_SECONDS) -> None:
         """Ask QEMU to quit (QMP, or SIGTERM for a VM taken over); kill it if
