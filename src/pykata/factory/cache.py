@@ -17,7 +17,9 @@ A warm monitor ends, and takes its VM and its directory with it, when the
 cache's socket to it closes: a cache that is stopped or killed leaves no
 VM behind (its endpoint file stays until the next start or `pykata
 cleanup`). A shim that finds no cache, or no VM of its shape, starts its
-own monitor, with a log line.
+own monitor, with a log line. A shim that is gone (or cannot be watched)
+by the time its request is served gets no VM, and the VM stays in the
+pool; a VM that left the pool and was not taken is ended.
 
 The endpoint may be anywhere the operator chooses, /run included: pykata
 refuses one in a directory another user could change, never changes a
@@ -30,11 +32,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import hashlib
 import json
 import logging
 import os
+import select
 import signal
 import socket
 import stat
@@ -56,6 +60,10 @@ _ADOPT_SECONDS = 60.0
 _REQUEST_SECONDS = 90.0
 # After a warm monitor fails to boot, how long before the next try.
 _RETRY_SECONDS = 5.0
+# How long a warm monitor that took no pod has to end before it is killed.
+_RETIRE_SECONDS = 30.0
+# getsockopt: a pidfd of a unix socket's peer (Linux 6.5; not in Python 3.11).
+_SO_PEERPIDFD = 77
 
 
 def endpoint(config: Config) -> Path:
@@ -108,7 +116,7 @@ def _options(raw: dict[str, Any], cls: Any) -> Any:
     return cls(**values)
 
 
-@dataclass
+@dataclass(eq=False)  # one per process: compared, and kept in sets, as itself
 class _Warm:
     proc: asyncio.subprocess.Process
     control: socket.socket
@@ -128,6 +136,8 @@ class VmCache:
         self.endpoint = endpoint(config)
         self._warm: list[_Warm] = []
         self._handed_out = 0
+        # Warm monitors out of the pool that serve no pod, on their way out.
+        self._retiring: set[_Warm] = set()
         self._stopping = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -248,45 +258,130 @@ class VmCache:
                       "the VM cache has no VM of this shape and configuration")
             wire.send(conn, {"error": reason})
             return
+        # Before the VM leaves the pool: an adopted VM lives as long as its
+        # shim, so a shim that cannot be watched must not get one.
+        try:
+            shim_pidfd = requester_pidfd(conn, shim_pid)
+        except PykataError as exc:
+            log.warning("VM cache: no VM for a request: %s", exc)
+            with contextlib.suppress(OSError):
+                wire.send(conn, {"error": str(exc)})
+            return
         self._warm.remove(warm)
         self._spawn(1)
-        shim_pidfd = os.pidfd_open(shim_pid)
+        try:
+            answer = await self._adopt(warm, message, shim_pidfd)
+        finally:
+            os.close(shim_pidfd)
+        if answer.get("ok"):
+            self._handed_out += 1
+            answer = {**answer, "monitor_pid": warm.proc.pid, "boot": warm.boot}
+        with contextlib.suppress(OSError):
+            self._answer(conn, answer, warm)
+
+    async def _adopt(self, warm: _Warm, message: dict[str, Any],
+                     shim_pidfd: int) -> dict[str, Any]:
+        """Give `warm` the pod; its answer. On any failure the warm monitor
+        is ended: once it was sent the pod, its VM is no one's to reuse."""
         try:
             wire.send(warm.control, {"op": "adopt", "id": message.get("id"),
                                      "key": message.get("key"),
                                      "options": message.get("options")}, [shim_pidfd])
-        finally:
-            os.close(shim_pidfd)
-        try:
             answer, fds = await wire.recv(warm.control, timeout=_ADOPT_SECONDS)
             wire.close_fds(fds)
         except (TimeoutError, EOFError, wire.WireError, OSError) as exc:
             answer = {"error": f"the cached VM's monitor did not take the pod ({exc})"}
+        except BaseException:
+            self._retire(warm)
+            raise
+        if not answer.get("ok"):
+            self._retire(warm)
+            return answer
         warm.control.close()
+        return answer
+
+    def _answer(self, conn: socket.socket, answer: dict[str, Any], warm: _Warm) -> None:
         if not answer.get("ok"):
             wire.send(conn, answer)
             return
-        self._handed_out += 1
         monitor_pidfd = os.pidfd_open(warm.proc.pid)
         try:
-            wire.send(conn, {**answer, "monitor_pid": warm.proc.pid, "boot": warm.boot},
-                      [monitor_pidfd])
+            wire.send(conn, answer, [monitor_pidfd])
         finally:
             os.close(monitor_pidfd)
 
+    def _retire(self, warm: _Warm) -> None:
+        """End a warm monitor that left the pool but serves no pod: closing
+        its socket ends it (and its VM, and its directory); one that does
+        not end within the grace is killed."""
+        warm.control.close()
+        self._retiring.add(warm)
+        self._background(self._reap(warm))
+
+    async def _reap(self, warm: _Warm) -> None:
+        # Cancelled (the cache is stopping), it stays retiring: _end_all ends it.
+        try:
+            await asyncio.wait_for(asyncio.shield(warm.proc.wait()), _RETIRE_SECONDS)
+        except TimeoutError:
+            log.warning("VM cache: a warm VM's monitor did not end: killing it")
+            with contextlib.suppress(ProcessLookupError):
+                warm.proc.kill()
+            await warm.proc.wait()
+        self._retiring.discard(warm)
+
     async def _end_all(self) -> None:
         """Close every warm monitor's socket (each ends its VM) and wait."""
-        warm, self._warm = self._warm, []
-        for w in warm:
-            w.control.close()
-        for task in list(self._tasks):
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
-        for w in warm:
+        # A hand-out cut short retires its monitor: wait for that as well.
+        await asyncio.gather(*tasks, return_exceptions=True)
+        ending, self._warm = [*self._warm, *self._retiring], []
+        for w in ending:
+            w.control.close()
+        for w in ending:
             try:
                 await asyncio.wait_for(w.proc.wait(), 30)
             except TimeoutError:
                 with contextlib.suppress(ProcessLookupError):
                     w.proc.kill()
+
+
+def requester_pidfd(conn: socket.socket, pid: int) -> int:
+    """A pidfd of the process that sent the request on `conn` (the shim the
+    adopted VM lives as long as); PykataError when it is gone or cannot be
+    named from here."""
+    try:
+        pidfd: int = conn.getsockopt(socket.SOL_SOCKET, _SO_PEERPIDFD)
+    except OSError as exc:
+        if exc.errno != errno.ENOPROTOOPT:
+            raise PykataError(f"the requesting process is gone ({exc.strerror})") from None
+        # A kernel before 6.5: by the pid it had when it connected.
+        pidfd = _pidfd_by_pid(pid)
+    if _exited(pidfd):
+        os.close(pidfd)
+        raise PykataError("the requesting process is gone")
+    return pidfd
+
+
+def _pidfd_by_pid(pid: int) -> int:
+    if pid <= 0:
+        raise PykataError("the requesting process is in a PID namespace the VM cache "
+                          "cannot see into")
+    try:
+        return os.pidfd_open(pid)
+    except ProcessLookupError:
+        raise PykataError("the requesting process is gone") from None
+    except OSError as exc:
+        raise PykataError(f"the requesting process {pid} cannot be watched "
+                          f"({exc.strerror})") from None
+
+
+def _exited(pidfd: int) -> bool:
+    """A pidfd polls readable once its process has exited."""
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 @dataclass
