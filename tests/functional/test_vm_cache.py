@@ -1,7 +1,8 @@
 """The VM cache on real VMs, through a real containerd: pods take warm VMs
 (restored from a template) and run as pods that booted their own, the cache
 refills after hand-outs, a killed cache leaves no VM or directory behind
-and pods then boot their own, and a cached pod's monitor ends with its shim."""
+and pods then boot their own, a cached pod's console is read to its end
+after its directory moved, and a cached pod's monitor ends with its shim."""
 
 from __future__ import annotations
 
@@ -19,12 +20,14 @@ import pytest
 
 from pykata import config
 from pykata.factory import cache
+from pykata.hypervisor.capped_log import read_tail, rolled
 from pykata.runtime.keys import pod_key
 from pykata.runtime.paths import SandboxPaths, run_root
 from pykata.runtime.sandbox import read_sandbox_state
 from pykata.runtime.state import SandboxState
 from tests.functional.conftest import Cli, qemu_processes, started_qemu_processes
 from tests.functional.containerd_peer import IMAGE, NAMESPACE, RUNTIME, PrivateContainerd
+from tests.hostile.conftest import privileged_spec, run_spec
 
 ConfigWriter = Callable[[str], None]
 
@@ -147,6 +150,36 @@ def test_a_killed_cache_leaves_no_vm_and_pods_boot_their_own(
         cleaned = cli("--config", str(vm_cache.config_file), "cleanup")
         assert "removed the socket of a VM cache that is gone" in cleaned.out
         assert not Path(vm_cache.config.factory.vm_cache_endpoint).exists()
+    finally:
+        containerd.remove(cid)
+
+
+def test_a_cached_pod_that_floods_its_console_keeps_answering(
+        containerd: PrivateContainerd, shim_config: ConfigWriter, vm_cache: RunningCache,
+        tmp_path: Path) -> None:
+    """Root in a cached pod's guest writes 3 MiB to the serial console, six
+    times what the console log rolls over at: the host reads it all from the
+    pod's renamed directory (a console left unread stalls the guest's serial
+    port and the writer with it), keeps the log bounded, and the pod answers."""
+    shim_config(vm_cache.config_file.read_text())
+    cid = "console-flood"
+    line = "0123456789abcdef" * 4
+    flood = (f"mknod /dev/ttyS0 c 4 64 && yes {line} | head -c {3 << 20} > /dev/ttyS0 && "
+             "echo the-flood-ended > /dev/ttyS0; sleep 600")
+    started = run_spec(containerd, tmp_path, cid, privileged_spec(["sh", "-c", flood]),
+                       detach=True)
+    assert started.returncode == 0, started.err
+    try:
+        state = _state(containerd, cid)
+        assert state.from_cache and not state.key.startswith("warm-")
+        console = Path(state.console_log)
+        assert console.parent == SandboxPaths.for_key(state.key).run_dir
+        _wait(lambda: b"the-flood-ended" in read_tail(console, 4096), 180,
+              f"the end of the flood in {console}")
+        kept = console.stat().st_size + rolled(console).stat().st_size
+        assert kept <= vm_cache.config.runtime.console_log_size * 1024, kept
+        execd = containerd.ctr("task", "exec", "--exec-id", "e1", cid, "echo", "alive")
+        assert execd.returncode == 0 and execd.out == "alive\n", execd.err
     finally:
         containerd.remove(cid)
 
