@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -19,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from pykata import config
-from pykata.factory import cache
+from pykata.factory import cache, wire
 from pykata.hypervisor.capped_log import read_tail, rolled
 from pykata.runtime.keys import pod_key
 from pykata.runtime.paths import SandboxPaths, run_root
@@ -204,6 +205,42 @@ def test_a_cached_pods_monitor_ends_with_its_shim(
     finally:
         containerd.remove(cid)
 
+
+
+def test_a_request_from_a_gone_shim_takes_no_vm(vm_cache: RunningCache) -> None:
+    """A shim killed while its request waits (here: a process that connected
+    and exited before the request was sent): the cache gives it no VM, the
+    pool keeps both, and no warm VM runs outside the pool."""
+    before = warm_sandboxes()
+    shapes = vm_cache.status()["shapes"]
+    assert len(before) == 2 and isinstance(shapes, list)
+    endpoint = cache.endpoint(vm_cache.config)
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    connect = ("import socket, sys\n"
+               "s = socket.socket(fileno=int(sys.argv[1]))\n"
+               "s.connect(sys.argv[2])\n"
+               "s.detach()\n")
+    with conn:
+        subprocess.run([sys.executable, "-c", connect, str(conn.fileno()), str(endpoint)],
+                       pass_fds=(conn.fileno(),), check=True, timeout=30)
+        wire.send(conn, {"op": "vm", "id": "gone-shim", "key": "gone-shim-key",
+                         "shape": shapes[0],
+                         "config": cache.config_digest(vm_cache.config), "options": {}})
+
+        async def answer() -> dict[str, object]:
+            try:
+                message, fds = await wire.recv(conn, timeout=30)
+            except EOFError:
+                return {}
+            wire.close_fds(fds)
+            return message
+        got = asyncio.run(answer())
+    status = vm_cache.status()
+    assert status["ready"] == 2 and status["handed_out"] == 0, status
+    assert "gone" in str(got.get("error")), got
+    time.sleep(2)  # what a replacement would need to show up
+    assert warm_sandboxes() == before
+    assert len(started_qemu_processes()) == 2, started_qemu_processes()
 
 
 def test_another_user_gets_no_vm(vm_cache: RunningCache) -> None:
