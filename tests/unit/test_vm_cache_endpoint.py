@@ -24,7 +24,7 @@ import pytest
 from pykata import config
 from pykata.errors import HostError, PykataError
 from pykata.factory import cache
-from pykata.runtime.paths import private_dir
+from pykata.runtime.paths import others_can_replace, private_dir
 
 NOBODY = 65534
 
@@ -267,3 +267,21 @@ def test_the_record_is_pykatas_own(tmp_path: Path, run_root: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         proc.wait(20)
     assert not path.exists() and not (run_root / "factory").exists()
+
+
+def test_links_on_the_way_to_the_endpoint_are_checked(tmp_path: Path) -> None:
+    """An endpoint reached through a link is judged by where the link lies
+    too: one another user owns, or one in a directory others can write
+    without the sticky bit, could be pointed elsewhere later."""
+    target = _run_like(tmp_path, 0o755, "target")
+    sticky = _run_like(tmp_path, 0o1777, "sticky")
+    (sticky / "roots").symlink_to(target)
+    assert others_can_replace(sticky / "roots") == ""  # only root may replace it
+    (sticky / "theirs").symlink_to(target)
+    os.lchown(sticky / "theirs", NOBODY, NOBODY)
+    assert f"belongs to uid {NOBODY}" in others_can_replace(sticky / "theirs")
+    open_dir = _run_like(tmp_path, 0o777, "open")
+    (open_dir / "link").symlink_to(target)
+    assert "writable by other users" in others_can_replace(open_dir / "link")
+    (target / "up").symlink_to("../open")
+    assert "writable by other users" in others_can_replace(target / "up")
