@@ -26,41 +26,72 @@ def rolled(path: Path) -> Path:
 
 
 class CappedLog:
-    """Copies one stream to `path`, keeping at most `limit` bytes on disk."""
+    """Copies one stream to `path`, keeping at most `limit` bytes on disk.
+
+    The file is named relative to a descriptor of its directory, opened at
+    `start`: a warm VM's directory is renamed when a pod adopts it, and the
+    copy must go on (a stream nobody reads stalls its writer: QEMU blocks on
+    a full stderr pipe, the guest's serial port on a full console socket).
+    """
 
     def __init__(self, path: Path, limit: int) -> None:
         self.path = path
         self._half = max(4096, limit // 2)
         self._task: asyncio.Task[None] | None = None
+        self._dir_fd = -1
+        self._fd = -1  # the current file; -1 once writing failed
+        self._written = 0
 
     def start(self, reader: asyncio.StreamReader) -> None:
+        self._dir_fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self._task = asyncio.ensure_future(self._copy(reader))
+        # Not in _copy's `finally`: a task cancelled before it ran never gets there.
+        self._task.add_done_callback(self._release)
 
     async def _copy(self, reader: asyncio.StreamReader) -> None:
-        fd = self._open()
-        written = 0
         try:
-            while True:
-                data = await reader.read(_CHUNK)
-                if not data:
-                    return
-                while data:
-                    room = self._half - written
-                    if room <= 0:
-                        os.close(fd)
-                        os.replace(self.path, rolled(self.path))
-                        fd, written = self._open(), 0
-                        continue
-                    part, data = data[:room], data[room:]
-                    os.write(fd, part)
-                    written += len(part)
+            self._fd = self._open()
         except OSError as exc:
-            log.warning("writing %s: %s", self.path, exc.strerror)
-        finally:
+            log.warning("opening %s: %s; dropping its stream", self.path, exc.strerror)
+        while data := await reader.read(_CHUNK):
+            if self._fd < 0:
+                continue  # the file failed: drain the stream, keep nothing
+            try:
+                self._append(data)
+            except OSError as exc:
+                log.warning("writing %s: %s; dropping the rest of its stream",
+                            self.path, exc.strerror)
+                self._close_file()
+
+    def _release(self, _: object) -> None:
+        self._close_file()
+        if self._dir_fd >= 0:
+            fd, self._dir_fd = self._dir_fd, -1
             os.close(fd)
 
+    def _append(self, data: bytes) -> None:
+        """Write `data`, rolling the file over each time it reaches half the limit."""
+        while data:
+            room = self._half - self._written
+            if room <= 0:
+                self._close_file()
+                os.replace(self.path.name, rolled(self.path).name,
+                           src_dir_fd=self._dir_fd, dst_dir_fd=self._dir_fd)
+                self._fd = self._open()
+                continue
+            written = os.write(self._fd, data[:room])
+            self._written += written
+            data = data[written:]
+
     def _open(self) -> int:
-        return os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        self._written = 0
+        return os.open(self.path.name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+                       | os.O_NOFOLLOW, 0o600, dir_fd=self._dir_fd)
+
+    def _close_file(self) -> None:
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            os.close(fd)
 
     async def wait(self, timeout: float) -> None:
         """Wait until the stream ended (its writer exited), up to `timeout` s."""
