@@ -212,8 +212,12 @@ def test_a_second_vm_on_a_mirrored_namespace_is_refused_and_the_first_keeps_talk
     try:
         with steady_client(netns.peer, POD_IP, 8080, "pong\n") as client:
             client.wait_for_ok(180)
-            (a_dir,) = (run_root() / "sandboxes").iterdir()
-            a_id = read_sandbox_state(SandboxPaths(a_dir.name, run_root())).id
+            # The session's shared VM lives under the same run root: A is the
+            # sandbox that mirrors the namespace.
+            (a_id, a_key) = next((state.id, state.key) for state in (
+                read_sandbox_state(SandboxPaths(d.name, run_root()))
+                for d in (run_root() / "sandboxes").iterdir()) if state.netns)
+            before = {p.name for p in (run_root() / "sandboxes").iterdir()}
             refusals = [cli("run", "--netns", path, "--", "true")
                         for path in (str(netns.path), f"/proc/{member.pid}/ns/net")]
             oci_refusal = _oci_run_in(netns, tmp_path)
@@ -228,14 +232,15 @@ def test_a_second_vm_on_a_mirrored_namespace_is_refused_and_the_first_keeps_talk
             oci_refusal.err
         # B made nothing: no VM, no state, no tap, no qdisc; A's are as they were.
         assert len(qemu_processes()) == 1
-        assert [p.name for p in (run_root() / "sandboxes").iterdir()] == [a_dir.name]
+        assert {p.name for p in (run_root() / "sandboxes").iterdir()} == before
+        assert a_key in before
         assert _taps(netns) == ["tap0_pykata"]
         assert _ingress(netns).count("qdisc ingress") == 1
         subprocess.run(["ip", "netns", "exec", netns.peer, "busybox", "nc", "-w", "10",
                         POD_IP, "8081"], stdin=subprocess.DEVNULL, check=True)
         assert a.wait(60) == 0, a.stderr.read() if a.stderr else b""
         assert not network_leftovers()
-        assert not list((run_root() / "sandboxes").iterdir())
+        assert {p.name for p in (run_root() / "sandboxes").iterdir()} == before - {a_key}
     finally:
         member.kill()
         member.wait()
