@@ -1,13 +1,15 @@
 """The VM cache on real VMs, through a real containerd: pods take warm VMs
 (restored from a template) and run as pods that booted their own, the cache
 refills after hand-outs, a killed cache leaves no VM or directory behind
-and pods then boot their own, and a cached pod's monitor ends with its shim."""
+and pods then boot their own, a cached pod's console is read to its end
+after its directory moved, and a cached pod's monitor ends with its shim."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,13 +20,15 @@ from pathlib import Path
 import pytest
 
 from pykata import config
-from pykata.factory import cache
+from pykata.factory import cache, wire
+from pykata.hypervisor.capped_log import read_tail, rolled
 from pykata.runtime.keys import pod_key
 from pykata.runtime.paths import SandboxPaths, run_root
 from pykata.runtime.sandbox import read_sandbox_state
 from pykata.runtime.state import SandboxState
 from tests.functional.conftest import Cli, qemu_processes, started_qemu_processes
 from tests.functional.containerd_peer import IMAGE, NAMESPACE, RUNTIME, PrivateContainerd
+from tests.hostile.conftest import privileged_spec, run_spec
 
 ConfigWriter = Callable[[str], None]
 
@@ -151,6 +155,36 @@ def test_a_killed_cache_leaves_no_vm_and_pods_boot_their_own(
         containerd.remove(cid)
 
 
+def test_a_cached_pod_that_floods_its_console_keeps_answering(
+        containerd: PrivateContainerd, shim_config: ConfigWriter, vm_cache: RunningCache,
+        tmp_path: Path) -> None:
+    """Root in a cached pod's guest writes 3 MiB to the serial console, six
+    times what the console log rolls over at: the host reads it all from the
+    pod's renamed directory (a console left unread stalls the guest's serial
+    port and the writer with it), keeps the log bounded, and the pod answers."""
+    shim_config(vm_cache.config_file.read_text())
+    cid = "console-flood"
+    line = "0123456789abcdef" * 4
+    flood = (f"mknod /dev/ttyS0 c 4 64 && yes {line} | head -c {3 << 20} > /dev/ttyS0 && "
+             "echo the-flood-ended > /dev/ttyS0; sleep 600")
+    started = run_spec(containerd, tmp_path, cid, privileged_spec(["sh", "-c", flood]),
+                       detach=True)
+    assert started.returncode == 0, started.err
+    try:
+        state = _state(containerd, cid)
+        assert state.from_cache and not state.key.startswith("warm-")
+        console = Path(state.console_log)
+        assert console.parent == SandboxPaths.for_key(state.key).run_dir
+        _wait(lambda: b"the-flood-ended" in read_tail(console, 4096), 180,
+              f"the end of the flood in {console}")
+        kept = console.stat().st_size + rolled(console).stat().st_size
+        assert kept <= vm_cache.config.runtime.console_log_size * 1024, kept
+        execd = containerd.ctr("task", "exec", "--exec-id", "e1", cid, "echo", "alive")
+        assert execd.returncode == 0 and execd.out == "alive\n", execd.err
+    finally:
+        containerd.remove(cid)
+
+
 def test_a_cached_pods_monitor_ends_with_its_shim(
         containerd: PrivateContainerd, shim_config: ConfigWriter,
         vm_cache: RunningCache) -> None:
@@ -171,6 +205,42 @@ def test_a_cached_pods_monitor_ends_with_its_shim(
     finally:
         containerd.remove(cid)
 
+
+
+def test_a_request_from_a_gone_shim_takes_no_vm(vm_cache: RunningCache) -> None:
+    """A shim killed while its request waits (here: a process that connected
+    and exited before the request was sent): the cache gives it no VM, the
+    pool keeps both, and no warm VM runs outside the pool."""
+    before = warm_sandboxes()
+    shapes = vm_cache.status()["shapes"]
+    assert len(before) == 2 and isinstance(shapes, list)
+    endpoint = cache.endpoint(vm_cache.config)
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    connect = ("import socket, sys\n"
+               "s = socket.socket(fileno=int(sys.argv[1]))\n"
+               "s.connect(sys.argv[2])\n"
+               "s.detach()\n")
+    with conn:
+        subprocess.run([sys.executable, "-c", connect, str(conn.fileno()), str(endpoint)],
+                       pass_fds=(conn.fileno(),), check=True, timeout=30)
+        wire.send(conn, {"op": "vm", "id": "gone-shim", "key": "gone-shim-key",
+                         "shape": shapes[0],
+                         "config": cache.config_digest(vm_cache.config), "options": {}})
+
+        async def answer() -> dict[str, object]:
+            try:
+                message, fds = await wire.recv(conn, timeout=30)
+            except EOFError:
+                return {}
+            wire.close_fds(fds)
+            return message
+        got = asyncio.run(answer())
+    status = vm_cache.status()
+    assert status["ready"] == 2 and status["handed_out"] == 0, status
+    assert "gone" in str(got.get("error")), got
+    time.sleep(2)  # what a replacement would need to show up
+    assert warm_sandboxes() == before
+    assert len(started_qemu_processes()) == 2, started_qemu_processes()
 
 
 def test_another_user_gets_no_vm(vm_cache: RunningCache) -> None:

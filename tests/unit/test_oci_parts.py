@@ -74,6 +74,27 @@ def _exec_args(**values: object) -> argparse.Namespace:
     return argparse.Namespace(**defaults)
 
 
+def test_the_root_is_made_private_and_an_existing_one_keeps_its_mode(tmp_path: Path) -> None:
+    """`--root` names a directory pykata may not own alone (`--root /run`):
+    one it makes is 0700, an existing one keeps its mode, one others can
+    write is refused (it would hold the containers' records)."""
+    made = tmp_path / "made" / "oci"
+    Store(made).claim("a")
+    assert stat.S_IMODE(made.stat().st_mode) == 0o700
+    shared = tmp_path / "run"
+    shared.mkdir(mode=0o755)
+    os.chmod(shared, 0o755)
+    Store(shared).claim("b")
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o755
+    assert stat.S_IMODE((shared / "b").stat().st_mode) == 0o700
+    open_to_all = tmp_path / "tmp"
+    open_to_all.mkdir()
+    os.chmod(open_to_all, 0o1777)
+    with pytest.raises(PykataError, match="chmod go-w"):
+        Store(open_to_all).claim("c")
+    assert stat.S_IMODE(open_to_all.stat().st_mode) == 0o1777 and not (open_to_all / "c").exists()
+
+
 def test_exec_builds_on_the_containers_process(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({"process": {
         "args": ["init"], "env": ["PATH=/bin", "A=1"], "cwd": "/srv",

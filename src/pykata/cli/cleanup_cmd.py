@@ -92,6 +92,9 @@ def _factory_leftovers(config_file: str | None) -> list[str]:
     cfg = config_mod.load(config_file)
     done = [f"removed the half-built VM template {key}"
             for key in templates.remove_abandoned(templates.template_root(cfg))]
-    if cache.remove_stale_endpoint(cfg):
-        done.append(f"removed the socket of a VM cache that is gone ({cache.endpoint(cfg)})")
+    try:
+        if cache.remove_stale_endpoint(cfg):
+            done.append(f"removed the socket of a VM cache that is gone ({cache.endpoint(cfg)})")
+    except PykataError as exc:
+        done.append(f"pykata: {exc}")
     return done

@@ -17,7 +17,14 @@ A warm monitor ends, and takes its VM and its directory with it, when the
 cache's socket to it closes: a cache that is stopped or killed leaves no
 VM behind (its endpoint file stays until the next start or `pykata
 cleanup`). A shim that finds no cache, or no VM of its shape, starts its
-own monitor, with a log line.
+own monitor, with a log line. A shim that is gone (or cannot be watched)
+by the time its request is served gets no VM, and the VM stays in the
+pool; a VM that left the pool and was not taken is ended.
+
+The endpoint may be anywhere the operator chooses, /run included: pykata
+refuses one in a directory another user could change, never changes a
+directory's mode, and removes only the socket a cache recorded as its own
+(`EndpointClaim`) once that cache is gone.
 """
 
 from __future__ import annotations
@@ -25,12 +32,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
+import fcntl
 import hashlib
 import json
 import logging
 import os
+import select
 import signal
 import socket
+import stat
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +52,7 @@ from pykata.errors import PykataError
 from pykata.factory import template as templates
 from pykata.factory import wire
 from pykata.hypervisor.qemu import VmConfig
-from pykata.runtime.paths import check_id, private_dir, run_root
+from pykata.runtime.paths import check_id, others_can_replace, private_dir, run_root
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +60,10 @@ _ADOPT_SECONDS = 60.0
 _REQUEST_SECONDS = 90.0
 # After a warm monitor fails to boot, how long before the next try.
 _RETRY_SECONDS = 5.0
+# How long a warm monitor that took no pod has to end before it is killed.
+_RETIRE_SECONDS = 30.0
+# getsockopt: a pidfd of a unix socket's peer (Linux 6.5; not in Python 3.11).
+_SO_PEERPIDFD = 77
 
 
 def endpoint(config: Config) -> Path:
@@ -101,7 +116,7 @@ def _options(raw: dict[str, Any], cls: Any) -> Any:
     return cls(**values)
 
 
-@dataclass
+@dataclass(eq=False)  # one per process: compared, and kept in sets, as itself
 class _Warm:
     proc: asyncio.subprocess.Process
     control: socket.socket
@@ -121,12 +136,20 @@ class VmCache:
         self.endpoint = endpoint(config)
         self._warm: list[_Warm] = []
         self._handed_out = 0
+        # Warm monitors out of the pool that serve no pod, on their way out.
+        self._retiring: set[_Warm] = set()
         self._stopping = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
 
     async def serve(self) -> None:
         """Serve until SIGTERM, SIGINT or a "shutdown" request."""
-        listener = self._listen()
+        claim = claim_endpoint(self.endpoint)
+        try:
+            listener = claim.listen()
+        except BaseException:
+            claim.release()
+            raise
+        log.info("VM cache: keeping %d VMs, serving %s", self.count, self.endpoint)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)
@@ -137,22 +160,8 @@ class VmCache:
         finally:
             accept.cancel()
             listener.close()
-            with contextlib.suppress(OSError):
-                self.endpoint.unlink()
+            claim.release()
             await self._end_all()
-
-    def _listen(self) -> socket.socket:
-        private_dir(self.endpoint.parent)
-        if _served(self.endpoint):
-            raise PykataError(f"a VM cache already serves {self.endpoint}")
-        self.endpoint.unlink(missing_ok=True)  # a killed cache's
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        listener.bind(str(self.endpoint))
-        os.chmod(self.endpoint, 0o600)
-        listener.listen(64)
-        listener.setblocking(False)
-        log.info("VM cache: keeping %d VMs, serving %s", self.count, self.endpoint)
-        return listener
 
     def _spawn(self, n: int) -> None:
         for _ in range(n):
@@ -249,45 +258,130 @@ class VmCache:
                       "the VM cache has no VM of this shape and configuration")
             wire.send(conn, {"error": reason})
             return
+        # Before the VM leaves the pool: an adopted VM lives as long as its
+        # shim, so a shim that cannot be watched must not get one.
+        try:
+            shim_pidfd = requester_pidfd(conn, shim_pid)
+        except PykataError as exc:
+            log.warning("VM cache: no VM for a request: %s", exc)
+            with contextlib.suppress(OSError):
+                wire.send(conn, {"error": str(exc)})
+            return
         self._warm.remove(warm)
         self._spawn(1)
-        shim_pidfd = os.pidfd_open(shim_pid)
+        try:
+            answer = await self._adopt(warm, message, shim_pidfd)
+        finally:
+            os.close(shim_pidfd)
+        if answer.get("ok"):
+            self._handed_out += 1
+            answer = {**answer, "monitor_pid": warm.proc.pid, "boot": warm.boot}
+        with contextlib.suppress(OSError):
+            self._answer(conn, answer, warm)
+
+    async def _adopt(self, warm: _Warm, message: dict[str, Any],
+                     shim_pidfd: int) -> dict[str, Any]:
+        """Give `warm` the pod; its answer. On any failure the warm monitor
+        is ended: once it was sent the pod, its VM is no one's to reuse."""
         try:
             wire.send(warm.control, {"op": "adopt", "id": message.get("id"),
                                      "key": message.get("key"),
                                      "options": message.get("options")}, [shim_pidfd])
-        finally:
-            os.close(shim_pidfd)
-        try:
             answer, fds = await wire.recv(warm.control, timeout=_ADOPT_SECONDS)
             wire.close_fds(fds)
         except (TimeoutError, EOFError, wire.WireError, OSError) as exc:
             answer = {"error": f"the cached VM's monitor did not take the pod ({exc})"}
+        except BaseException:
+            self._retire(warm)
+            raise
+        if not answer.get("ok"):
+            self._retire(warm)
+            return answer
         warm.control.close()
+        return answer
+
+    def _answer(self, conn: socket.socket, answer: dict[str, Any], warm: _Warm) -> None:
         if not answer.get("ok"):
             wire.send(conn, answer)
             return
-        self._handed_out += 1
         monitor_pidfd = os.pidfd_open(warm.proc.pid)
         try:
-            wire.send(conn, {**answer, "monitor_pid": warm.proc.pid, "boot": warm.boot},
-                      [monitor_pidfd])
+            wire.send(conn, answer, [monitor_pidfd])
         finally:
             os.close(monitor_pidfd)
 
+    def _retire(self, warm: _Warm) -> None:
+        """End a warm monitor that left the pool but serves no pod: closing
+        its socket ends it (and its VM, and its directory); one that does
+        not end within the grace is killed."""
+        warm.control.close()
+        self._retiring.add(warm)
+        self._background(self._reap(warm))
+
+    async def _reap(self, warm: _Warm) -> None:
+        # Cancelled (the cache is stopping), it stays retiring: _end_all ends it.
+        try:
+            await asyncio.wait_for(asyncio.shield(warm.proc.wait()), _RETIRE_SECONDS)
+        except TimeoutError:
+            log.warning("VM cache: a warm VM's monitor did not end: killing it")
+            with contextlib.suppress(ProcessLookupError):
+                warm.proc.kill()
+            await warm.proc.wait()
+        self._retiring.discard(warm)
+
     async def _end_all(self) -> None:
         """Close every warm monitor's socket (each ends its VM) and wait."""
-        warm, self._warm = self._warm, []
-        for w in warm:
-            w.control.close()
-        for task in list(self._tasks):
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
-        for w in warm:
+        # A hand-out cut short retires its monitor: wait for that as well.
+        await asyncio.gather(*tasks, return_exceptions=True)
+        ending, self._warm = [*self._warm, *self._retiring], []
+        for w in ending:
+            w.control.close()
+        for w in ending:
             try:
                 await asyncio.wait_for(w.proc.wait(), 30)
             except TimeoutError:
                 with contextlib.suppress(ProcessLookupError):
                     w.proc.kill()
+
+
+def requester_pidfd(conn: socket.socket, pid: int) -> int:
+    """A pidfd of the process that sent the request on `conn` (the shim the
+    adopted VM lives as long as); PykataError when it is gone or cannot be
+    named from here."""
+    try:
+        pidfd: int = conn.getsockopt(socket.SOL_SOCKET, _SO_PEERPIDFD)
+    except OSError as exc:
+        if exc.errno != errno.ENOPROTOOPT:
+            raise PykataError(f"the requesting process is gone ({exc.strerror})") from None
+        # A kernel before 6.5: by the pid it had when it connected.
+        pidfd = _pidfd_by_pid(pid)
+    if _exited(pidfd):
+        os.close(pidfd)
+        raise PykataError("the requesting process is gone")
+    return pidfd
+
+
+def _pidfd_by_pid(pid: int) -> int:
+    if pid <= 0:
+        raise PykataError("the requesting process is in a PID namespace the VM cache "
+                          "cannot see into")
+    try:
+        return os.pidfd_open(pid)
+    except ProcessLookupError:
+        raise PykataError("the requesting process is gone") from None
+    except OSError as exc:
+        raise PykataError(f"the requesting process {pid} cannot be watched "
+                          f"({exc.strerror})") from None
+
+
+def _exited(pidfd: int) -> bool:
+    """A pidfd polls readable once its process has exited."""
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 @dataclass
@@ -349,21 +443,176 @@ async def ask(config: Config, op: str) -> dict[str, Any]:
 
 
 def remove_stale_endpoint(config: Config) -> bool:
-    """Remove the endpoint of a cache that was killed (nobody listens)."""
+    """Remove the endpoint of a cache that was killed: only a socket a cache
+    recorded as the one it bound, when no cache holds that record any more.
+    PykataError when the endpoint's directory lets another user swap it."""
     path = endpoint(config)
-    if not path.exists() or _served(path):
-        return False
-    path.unlink(missing_ok=True)
-    return True
-
-
-def _served(path: Path) -> bool:
-    """Whether a cache listens on `path`."""
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    claim = EndpointClaim.take(path, create=False)
+    if claim is None:
+        return False  # no record, or a cache serves it
     try:
-        probe.connect(str(path))
-        return True
-    except OSError:
-        return False
+        if not os.path.lexists(path):
+            return False  # only the record is left, which goes
+        problem = others_can_replace(path.parent)
+        if problem:
+            raise PykataError(f"{path} is not removed: another user could have swapped it "
+                              f"({problem})", hint=f"check what {path} is and remove it yourself")
+        return claim.remove_own_socket()
     finally:
-        probe.close()
+        claim.release()
+
+
+def claim_endpoint(path: Path) -> EndpointClaim:
+    """The claim a cache serving `path` holds, once nothing stands in its way:
+    PykataError when another user could swap the endpoint, a cache serves it,
+    or something that is not a socket a dead cache left is there."""
+    _check_endpoint_directory(path)
+    claim = EndpointClaim.take(path, create=True)
+    if claim is None:
+        raise PykataError(f"a VM cache already serves {path}",
+                          hint="stop it with `pykata factory destroy`, or set another "
+                               "[factory] vm_cache_endpoint")
+    try:
+        if os.path.lexists(path) and not claim.remove_own_socket():
+            raise PykataError(
+                f"{path} exists and is not a socket a VM cache of pykata left behind: "
+                "pykata does not remove it",
+                hint="remove it yourself if nothing uses it, or set another [factory] "
+                     "vm_cache_endpoint")
+    except BaseException:
+        claim.release()
+        raise
+    return claim
+
+
+def _check_endpoint_directory(path: Path) -> None:
+    """The endpoint's directory exists (made private when it did not) and
+    only this user or root can change what is in it."""
+    if not os.path.lexists(path.parent):
+        private_dir(path.parent)
+    problem = others_can_replace(path.parent)
+    if problem:
+        raise PykataError(
+            f"the VM cache's endpoint {path} is in a directory another user could change "
+            f"({problem}): its socket could be swapped",
+            hint="set [factory] vm_cache_endpoint to a path in a directory only root can "
+                 "write, such as the default <run root>/factory/cache.sock")
+
+
+def _record_path(path: Path) -> Path:
+    digest = hashlib.sha256(os.fsencode(path)).hexdigest()[:24]
+    return run_root() / "factory" / f"endpoint-{digest}.json"
+
+
+class EndpointClaim:
+    """A cache's claim on its endpoint: a record, in pykata's private run
+    root, of the socket it bound there, locked (flock) for as long as the
+    cache lives. The lock ends with the process, however it dies: a record
+    nobody holds names a socket whose cache is gone. The socket is named by
+    device, inode and modification time: a file made later in its place
+    may reuse the inode number, not the time it was made."""
+
+    def __init__(self, path: Path, record: Path, fd: int) -> None:
+        self.path = path
+        self._record = record
+        self._fd = fd
+        self._bound: tuple[int, int, int] | None = None
+
+    @classmethod
+    def take(cls, path: Path, *, create: bool) -> EndpointClaim | None:
+        """The claim, locked; None while a live cache holds it (or, unless
+        `create`, when there is no record)."""
+        record = _record_path(path)
+        for _ in range(10):
+            fd = _open_record(record, create)
+            if fd < 0:
+                return None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return None
+            # The one a releasing cache removed while we waited is not the record.
+            with contextlib.suppress(FileNotFoundError):
+                if _same_file(os.stat(record), os.fstat(fd)):
+                    return cls(path, record, fd)
+            os.close(fd)
+        raise PykataError(f"cannot take {record}: it is replaced over and over",
+                          hint="stop whatever else starts VM caches on this endpoint")
+
+    def listen(self) -> socket.socket:
+        """Bind the endpoint (0600) and record its socket as this cache's."""
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            listener.bind(str(self.path))
+            os.chmod(self.path, 0o600)
+            self._bound = _identity(os.lstat(self.path))
+            dev, ino, mtime = self._bound
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, json.dumps({"endpoint": str(self.path), "dev": dev, "ino": ino,
+                                            "mtime_ns": mtime}).encode(), 0)
+            listener.listen(64)
+            listener.setblocking(False)
+        except BaseException:
+            listener.close()
+            raise
+        return listener
+
+    def remove_own_socket(self) -> bool:
+        """Unlink the endpoint if it is the socket this claim's record names."""
+        bound = self._bound or self._recorded()
+        try:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            return False
+        if bound is None or not stat.S_ISSOCK(st.st_mode) or _identity(st) != bound:
+            return False
+        os.unlink(self.path)
+        return True
+
+    def _recorded(self) -> tuple[int, int, int] | None:
+        try:
+            data = json.loads(os.pread(self._fd, 4096, 0) or b"{}")
+        except ValueError:
+            return None
+        if not isinstance(data, dict) or data.get("endpoint") != str(self.path):
+            return None
+        found = (data.get("dev"), data.get("ino"), data.get("mtime_ns"))
+        if not all(isinstance(n, int) for n in found):
+            return None
+        return found  # type: ignore[return-value]
+
+    def release(self) -> None:
+        """Remove this cache's socket (if it is still there) and the record."""
+        if self._fd < 0:
+            return
+        with contextlib.suppress(OSError):
+            self.remove_own_socket()
+        with contextlib.suppress(OSError):
+            self._record.unlink()
+        with contextlib.suppress(OSError):
+            self._record.parent.rmdir()  # when nothing else of pykata is there
+        os.close(self._fd)
+        self._fd = -1
+
+
+def _open_record(record: Path, create: bool) -> int:
+    """The record's descriptor; -1 when there is none and `create` is false."""
+    flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_CREAT if create else 0)
+    for _ in range(10):
+        try:
+            if create:
+                private_dir(record.parent)  # again: a releasing cache may remove it
+            return os.open(record, flags, 0o600)
+        except FileNotFoundError:
+            if not create:
+                return -1
+    raise PykataError(f"cannot create {record}: its directory is removed over and over")
+
+
+def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def _identity(st: os.stat_result) -> tuple[int, int, int]:
+    return st.st_dev, st.st_ino, st.st_mtime_ns

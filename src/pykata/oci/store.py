@@ -54,10 +54,13 @@ class Store:
 
     def claim(self, container_id: str) -> Path:
         """Create the container's directory; an id in use is refused."""
+        from pykata.runtime.paths import private_dir
+
         path = self.dir(container_id)
+        # Made 0700 when missing; never re-moded when it exists (`--root /run`
+        # must not close /run to everyone else), refused when others can write it.
+        private_dir(self.root)
         try:
-            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-            os.chmod(self.root, 0o700)
             path.mkdir(mode=0o700)
         except FileExistsError:
             raise AlreadyExistsError(f"container with id {container_id} exists already",

@@ -19,6 +19,8 @@ only the host can write.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import re
 import stat
@@ -54,13 +56,19 @@ def check_id(kind: str, value: str) -> str:
 
 
 def private_dir(path: Path) -> Path:
-    """Make `path` (and missing parents) a directory only its owner can enter.
+    """`path` as a directory no other user can change, made private (0700,
+    as is every missing parent) when it does not exist.
 
-    An existing directory must belong to this user and must not be writable
-    by others: pykata's state includes the guest's rootfs and volumes.
+    An existing directory is never changed: it must belong to this user and
+    be writable by no one else (pykata mounts the guest's rootfs and volumes
+    below it), else HostError names it and the fix. A directory pykata did
+    not make may be another program's (/run, a home directory): changing its
+    mode would break that program. What is private in pykata's state is so
+    because pykata made it so (a sandbox's directory is 0700), not because
+    a directory above it was tightened later.
     """
     try:
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _make_missing(path)
         st = os.lstat(path)
     except OSError as exc:
         raise HostError(f"cannot create {path}: {exc.strerror}") from exc
@@ -69,9 +77,90 @@ def private_dir(path: Path) -> Path:
             f"{path} is not a directory owned by uid {os.geteuid()}",
             hint="remove it; pykata creates it with mode 0700",
         )
-    if st.st_mode & 0o077:
-        os.chmod(path, 0o700)
+    if st.st_mode & 0o022:
+        raise HostError(
+            f"{path} is writable by other users (mode {stat.S_IMODE(st.st_mode):04o}): pykata "
+            "keeps its state only where no one else can change it, and does not change "
+            "the mode of a directory it did not create",
+            hint=f"if {path} is pykata's, run `chmod go-w {path}`; otherwise choose another path",
+        )
     return path
+
+
+def _make_missing(path: Path) -> None:
+    """Create `path` and its missing parents, each 0700, leaving every
+    directory that exists as it is."""
+    missing: list[Path] = []
+    at = path
+    while not os.path.lexists(at) and at != at.parent:
+        missing.append(at)
+        at = at.parent
+    for directory in reversed(missing):
+        # One made meanwhile by another process is checked as any existing one.
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(directory, 0o700)
+
+
+def others_can_replace(directory: Path) -> str:
+    """Why a user other than this one (or root) could replace or add entries
+    of `directory`, through it or through any directory or link on the way
+    to it; "" when none can.
+
+    A socket or file pykata makes there is then pykata's for as long as it
+    stays: nobody else can swap it between a check and its use. A
+    sticky-bit directory anyone can write (/tmp) is fine on the way, when
+    the entry in it is this user's or root's, but not as `directory` itself.
+    """
+    trusted = {0, os.geteuid()}
+    try:
+        for parent, name, entry in _walk(directory):
+            if entry.st_uid not in trusted:
+                return f"{parent / name} belongs to uid {entry.st_uid}"
+            problem = _open_for_writing(parent, trusted, sticky_ok=True)
+            if problem:
+                return problem
+        return _open_for_writing(Path(os.path.realpath(directory)), trusted, sticky_ok=False)
+    except OSError as exc:
+        return f"cannot check {directory}: {exc.strerror}"
+
+
+def _open_for_writing(directory: Path, trusted: set[int], *, sticky_ok: bool) -> str:
+    st = os.lstat(directory)
+    mode = stat.S_IMODE(st.st_mode)
+    if st.st_uid not in trusted:
+        return f"{directory} belongs to uid {st.st_uid}"
+    if mode & 0o022 and not (sticky_ok and mode & stat.S_ISVTX):
+        return f"{directory} is writable by other users (mode {mode:04o})"
+    return ""
+
+
+def _walk(path: Path) -> list[tuple[Path, str, os.stat_result]]:
+    """Each entry met on the way to `path` (links followed, as the kernel
+    would): the real directory holding it, its name and its lstat."""
+    met: list[tuple[Path, str, os.stat_result]] = []
+    todo = list(reversed(path.parts[1:]))
+    at = Path("/")
+    links = 0
+    while todo:
+        name = todo.pop()
+        if name in ("", "."):
+            continue
+        if name == "..":
+            at = at.parent
+            continue
+        st = os.lstat(at / name)
+        met.append((at, name, st))
+        if stat.S_ISLNK(st.st_mode):
+            links += 1
+            if links > 40:
+                raise OSError(errno.ELOOP, os.strerror(errno.ELOOP))
+            target = Path(os.readlink(at / name))
+            if target.is_absolute():
+                at = Path("/")
+            todo.extend(reversed(target.parts[1:] if target.is_absolute() else target.parts))
+            continue
+        at = at / name
+    return met
 
 
 @dataclass(frozen=True)

@@ -145,7 +145,14 @@ def start(flags: ShimFlags) -> int:
         return 2
     bundle = flags.bundle_dir()
     path = socket_path(flags, group_of(bundle, flags.id))
-    os.makedirs(shim_dir(), mode=0o700, exist_ok=True)
+    if not os.path.isdir(shim_dir()):
+        # The first start after boot may make the run root too: 0700, as every
+        # other pykata front end makes it (imported only then: start is hot).
+        from pathlib import Path
+
+        from pykata.runtime.paths import private_dir
+
+        private_dir(Path(shim_dir()))
     # Two containers of one pod may start at once; one server per pod.
     with pod_lock(path):
         if not _answers(path):
