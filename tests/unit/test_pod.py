@@ -28,8 +28,6 @@ from pykata.runtime.state import SandboxState, read_state
 from pykata.ttrpc import Code
 from tests.unit.pod_fakes import CapturedIO, FakeSource, fake_pod, spec
 
-pytestmark = pytest.mark.asyncio
-
 
 @pytest.fixture(autouse=True)
 def run_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:

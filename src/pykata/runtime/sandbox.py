@@ -28,7 +28,7 @@ from pykata.config import Config
 from pykata.errors import PykataError
 from pykata.hypervisor.base import Hypervisor
 from pykata.hypervisor.host import probe_vsock, resolve_accel
-from pykata.hypervisor.qemu import VmConfig
+from pykata.hypervisor.qemu import Handover, QemuVM, VmConfig
 from pykata.network import tcfilter
 from pykata.protocols import agent_pb2
 from pykata.runtime import vsock
@@ -273,6 +273,30 @@ class Sandbox:
                 # Not awaited: a cancelled teardown must still remove it all.
                 cleanup_host_state(self.paths)
                 self._owns_state = False
+
+    async def hand_over(self) -> tuple[Handover, dict[str, object]]:
+        """Give this sandbox's running VM (started without CreateSandbox) to
+        another process: its descriptors, and what the new owner needs to take
+        it in (`runtime.vm_source.BootedVm`): its directory, QEMU's pid and
+        name, the agent channel's next stream id. Then `forget` it (sent), or
+        `kill` it (not sent: nobody else may hold it)."""
+        if not isinstance(self.vm, QemuVM) or self.agent is None or not self.vm.running:
+            raise PykataError(f"sandbox {self.id} has no running VM to hand over")
+        handover = await self.vm.handover()
+        return handover, {"run_dir": str(self.paths.run_dir), "qemu_pid": handover.pid,
+                          "vm_name": self.vm_name, "boot": self.boot,
+                          "next_stream_id": self.agent.next_stream_id}
+
+    async def forget(self, handover: Handover) -> None:
+        """After `hand_over` was sent: this process's copies go, and with them
+        everything this sandbox owned (the VM, its directory are another's)."""
+        assert isinstance(self.vm, QemuVM)
+        self.vm.forget(handover)
+        if self.agent is not None:
+            await self.agent.close()
+        self.vm = self.agent = None
+        self._owns_state = False
+        self._stopped = True
 
     def set_control_socket(self, path: Path) -> None:
         """Where the owner serves the pod's control socket (recorded for
