@@ -43,7 +43,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from pykata.runtime.busybox_image import ensure_image
+from pykata.assets.busybox_image import ensure_image
 from pykata.runtime.spec import default_spec
 
 RUNC = Path("/usr/sbin/runc")

@@ -272,7 +272,7 @@ async def run_in_sandbox(
 ) -> ContainerRun:
     """Run `args` in a new busybox container of `sandbox` (with `mounts` added to
     its spec); collect stdio and exit code."""
-    from pykata.runtime.busybox_image import ensure_image
+    from pykata.assets.busybox_image import ensure_image
     from pykata.runtime.container import Container, overlay_rootfs
     from pykata.runtime.spec import default_spec
     from pykata.runtime.stdio import StdioRelay

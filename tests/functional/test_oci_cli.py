@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from pykata import assets
-from pykata.runtime.hostio import set_window_size
+from pykata.host.hostio import set_window_size
 from pykata.runtime.paths import run_root
 from tests.functional.conftest import pykata_cli, qemu_processes, unexpected_leftovers
 from tests.functional.oci_tools import ConsoleReceiver, Oci, Waiter, make_bundle

@@ -86,7 +86,7 @@ async def test_a_restored_sandbox_runs_containers_as_a_booted_one(
     assert run.stdout == b"from the host\ngot=hello\n" and run.stderr == b"to-stderr\n"
     assert (volume / "out").read_text() == "out\n"
     # A second container in the same clone, and an exec into it.
-    from pykata.runtime.busybox_image import ensure_image
+    from pykata.assets.busybox_image import ensure_image
     from pykata.runtime.container import Container, overlay_rootfs
     from pykata.runtime.spec import default_spec
 

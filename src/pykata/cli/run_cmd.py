@@ -18,10 +18,10 @@ from typing import Any
 from pykata import config as config_mod
 from pykata.cli.console_io import raw_terminal, terminal_size
 from pykata.errors import PykataError, SpecError
+from pykata.host.hostio import FdReader, FdWriter
+from pykata.host.mounts import Mount
 from pykata.runtime.container import Container, bind_rootfs, overlay_rootfs
 from pykata.runtime.exit_status import start_failure_status
-from pykata.runtime.hostio import FdReader, FdWriter
-from pykata.runtime.mounts import Mount
 from pykata.runtime.pod import Pod
 from pykata.runtime.sandbox import SandboxOptions
 from pykata.runtime.spec import default_spec, load_bundle
@@ -108,7 +108,7 @@ def _base_spec_and_rootfs(args: argparse.Namespace) -> tuple[dict[str, Any], Any
     if args.rootfs is not None:
         mounts = bind_rootfs(args.rootfs)
         return spec, lambda _c: mounts
-    from pykata.runtime.busybox_image import ensure_image
+    from pykata.assets.busybox_image import ensure_image
 
     image = ensure_image()
 

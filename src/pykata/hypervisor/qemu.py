@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from pykata.errors import HypervisorError
+from pykata.host.probes import host_tsc_khz
 from pykata.hypervisor import migration
 from pykata.hypervisor import qemu_args as qa
 from pykata.hypervisor.base import (
@@ -35,7 +36,6 @@ from pykata.hypervisor.base import (
 )
 from pykata.hypervisor.capped_log import CappedLog, read_tail
 from pykata.hypervisor.confine import confining_hook
-from pykata.hypervisor.host import host_tsc_khz
 from pykata.hypervisor.qmp import QmpConnection
 from pykata.untrusted import guest_text
 

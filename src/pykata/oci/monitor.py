@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from pykata.errors import PykataError
+from pykata.host import hostio
 from pykata.oci.launch import Launch
 from pykata.oci.store import NETNS_PIN, pin_netns, release_netns
-from pykata.runtime import hostio
 from pykata.runtime.container import bind_rootfs
 from pykata.runtime.control import ControlHooks
 from pykata.runtime.hooks import run_hooks, spec_hooks, strip_host_hooks

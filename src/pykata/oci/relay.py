@@ -12,8 +12,8 @@ import signal
 from typing import Any
 
 from pykata.errors import PykataError
+from pykata.host import hostio
 from pykata.oci.monitor import FORWARDED_SIGNALS, WRITE_OUT_SECONDS
-from pykata.runtime import hostio
 from pykata.runtime.control_client import PodClient
 from pykata.runtime.lifecycle import OUTPUT_DRAIN_SECONDS, VM_DIED_STATUS
 from pykata.runtime.stdio import StdioRelay

@@ -118,7 +118,7 @@ def _fork_monitor(launch: Any, console_socket: str) -> int:
 def _console_stdio(console_socket: str) -> tuple[tuple[int, int, int], int]:
     """A pty whose master went to the console socket: the slave as stdio, and
     a copy of the master (see hostio.wait_read)."""
-    from pykata.runtime import hostio
+    from pykata.host import hostio
 
     master, slave = hostio.open_pty()
     try:
@@ -591,8 +591,8 @@ def _exec_stdio(terminal: bool, console_socket: str) -> tuple[tuple[int, int, in
 
 def _exec_detached(args: argparse.Namespace, record: ContainerState, exec_id: str,
                    process: dict[str, Any], terminal: bool) -> int:
+    from pykata.host import hostio
     from pykata.oci.relay import relay_exec
-    from pykata.runtime import hostio
 
     stdio, master = _exec_stdio(terminal, args.console_socket)
 

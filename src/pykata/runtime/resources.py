@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from pykata.channels import SHARED_FS_TAG
+from pykata.host.mounts import Mount
 from pykata.protocols import agent_pb2
 from pykata.runtime.agent_client import AgentClient
-from pykata.runtime.mounts import Mount
 from pykata.runtime.paths import GUEST_SHARED_DIR
 from pykata.runtime.share import ContainerShare, SandboxShare
 from pykata.runtime.volumes import Volume

@@ -26,14 +26,14 @@ from pathlib import Path
 from pykata.channels import TOKEN_SIZE
 from pykata.config import Config
 from pykata.errors import PykataError
+from pykata.host import vsock
+from pykata.host.mounts import remove_unmounted
+from pykata.host.probes import probe_vsock, resolve_accel
 from pykata.hypervisor.base import Hypervisor
-from pykata.hypervisor.host import probe_vsock, resolve_accel
 from pykata.hypervisor.qemu import Handover, QemuVM, VmConfig
 from pykata.network import tcfilter
 from pykata.protocols import agent_pb2
-from pykata.runtime import vsock
 from pykata.runtime.agent_client import AgentClient
-from pykata.runtime.mounts import remove_unmounted
 from pykata.runtime.paths import SandboxPaths, check_id, private_dir, rename_noreplace
 from pykata.runtime.pod_network import PodNetwork
 from pykata.runtime.resources import SandboxResource, SharedFilesystem

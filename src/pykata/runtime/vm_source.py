@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Protocol
 
 from pykata.errors import AgentError, HypervisorError
+from pykata.host import vsock
 from pykata.hypervisor.base import Hypervisor
 from pykata.hypervisor.qemu import QemuVM, VmConfig
-from pykata.runtime import vsock
 from pykata.runtime.agent_client import AgentClient
 from pykata.ttrpc import Code
 

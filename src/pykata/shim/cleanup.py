@@ -15,9 +15,9 @@ import sys
 from pathlib import Path
 
 from pykata.errors import PykataError
+from pykata.host.mounts import unmount_all
 from pykata.protocols import shim_pb2
 from pykata.runtime.lifecycle import VM_DIED_STATUS
-from pykata.runtime.mounts import unmount_all
 from pykata.runtime.paths import SandboxPaths
 from pykata.runtime.sandbox import cleanup_host_state, qemu_running, read_sandbox_state
 from pykata.shim.events import now

@@ -23,11 +23,11 @@ from google.protobuf.message import Message
 from pykata import __version__
 from pykata.config import Config
 from pykata.errors import NotFoundError, PykataError
+from pykata.host.mounts import Mount, mount_beneath, unmount_all
 from pykata.protocols import events_pb2, mount_pb2, shim_pb2, task_types_pb2
 from pykata.runtime.container import bind_rootfs
 from pykata.runtime.keys import pod_key
 from pykata.runtime.lifecycle import Status
-from pykata.runtime.mounts import Mount, mount_beneath, unmount_all
 from pykata.runtime.owner import OwnedPod, new_pod, start_pod
 from pykata.runtime.pod import Pod, PodEvent, PodPolicy, parse_json_object
 from pykata.runtime.pod_options import pod_options
