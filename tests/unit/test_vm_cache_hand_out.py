@@ -25,6 +25,7 @@ from pykata import config
 from pykata.factory import cache, wire
 from pykata.hypervisor.qemu import Handover
 from pykata.runtime.paths import SandboxPaths
+from pykata.runtime.vm_source import ColdBoot
 
 SHAPE, DIGEST = "shape-1", "config-1"
 
@@ -100,7 +101,7 @@ async def pool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator
     monkeypatch.setenv("PYKATA_RUN_ROOT", str(root))
     cfg = config.parse({"factory": {"vm_cache_number": 1,
                                     "vm_cache_endpoint": str(tmp_path / "cache.sock")}}, "test")
-    pool = Pool(cache.VmCache(cfg, 1), cfg, root)
+    pool = Pool(cache.VmCache(cfg, 1, ColdBoot(60)), cfg, root)
 
     async def keep_one(server: cache.VmCache) -> None:
         sandbox = StandInSandbox(root, len(pool.made))

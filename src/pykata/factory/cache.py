@@ -101,13 +101,12 @@ class _Warm:
 class VmCache:
     """The cache server: keeps `count` warm VMs, hands them out."""
 
-    def __init__(self, config: Config, count: int) -> None:
-        from pykata.factory.sources import vm_source
-
+    def __init__(self, config: Config, count: int, source: VmSource) -> None:
+        """`source`: where the warm VMs come from (the template, or a boot)."""
         self.config = config
         self.count = count
         self.endpoint = endpoint(config)
-        self._source = _Outliving(vm_source(config))
+        self._source = _Outliving(source)
         self._digest = config_digest(config)
         self._warm: list[_Warm] = []
         self._starting = 0

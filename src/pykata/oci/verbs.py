@@ -45,6 +45,10 @@ def dispatch(args: argparse.Namespace, store: Store) -> int:
     return handler(args, store)
 
 
+def write_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+
+
 def _arun(coro: Coroutine[Any, Any, T]) -> T:
     import asyncio  # not at the top: `state` and `list` never need it
 
@@ -346,15 +350,11 @@ def oci_state(record: ContainerState) -> dict[str, Any]:
 
 
 def state(args: argparse.Namespace, store: Store) -> int:
-    from pykata.oci.cli import write_json
-
     write_json(oci_state(store.load(args.id)))
     return 0
 
 
 def list_(args: argparse.Namespace, store: Store) -> int:
-    from pykata.oci.cli import write_json
-
     records = []
     for cid in store.ids():
         with contextlib.suppress(PykataError):
@@ -804,8 +804,6 @@ FEATURES: dict[str, Any] = {
 
 
 def features(args: argparse.Namespace, store: Store) -> int:
-    from pykata.oci.cli import write_json
-
     write_json(FEATURES)
     return 0
 
