@@ -9,7 +9,7 @@ from pathlib import Path, PurePosixPath
 import pytest
 
 from pykata.errors import SpecError
-from pykata.host.mount_points import MountPoint, make_mount_points, spec_mount_points
+from pykata.runtime.mount_points import MountPoint, make_mount_points, spec_mount_points
 
 
 def test_the_spec_destinations_that_land_on_the_image(tmp_path: Path) -> None:

@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from pykata import config as config_mod
-from pykata.cli.console_io import raw_terminal, terminal_size
 from pykata.errors import PykataError, SpecError
 from pykata.host.hostio import FdReader, FdWriter
 from pykata.host.mounts import Mount
+from pykata.host.terminal import raw_terminal, terminal_size
 from pykata.runtime.container import Container, bind_rootfs, overlay_rootfs
 from pykata.runtime.exit_status import start_failure_status
 from pykata.runtime.pod import Pod

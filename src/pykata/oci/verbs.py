@@ -299,7 +299,7 @@ def run(args: argparse.Namespace, store: Store) -> int:
             raise
         return 0
     launch = _prepare(args, store, foreground=True)
-    from pykata.cli.console_io import raw_terminal
+    from pykata.host.terminal import raw_terminal
 
     use_tty = launch.terminal and not args.console_socket
     try:
@@ -572,7 +572,7 @@ def exec_(args: argparse.Namespace, store: Store) -> int:
     exec_id = f"exec-{os.urandom(8).hex()}"
     if args.detach:
         return _exec_detached(args, record, exec_id, process, terminal)
-    from pykata.cli.console_io import raw_terminal
+    from pykata.host.terminal import raw_terminal
     from pykata.oci.relay import relay_exec
 
     stdio, master = _exec_stdio(terminal, args.console_socket)

@@ -39,13 +39,13 @@ from pykata.errors import (
     PykataError,
     SpecError,
 )
-from pykata.host.mount_points import spec_mount_points
 from pykata.host.mounts import Mount
 from pykata.protocols import agent_pb2
 from pykata.protocols.oci_spec import InvalidSpecError, process_from_json, resources_from_json
 from pykata.runtime.agent_client import AgentClient
 from pykata.runtime.container import Container, spec_readonly_root
 from pykata.runtime.lifecycle import VM_DIED_STATUS, Lifecycle, Status
+from pykata.runtime.mount_points import spec_mount_points
 from pykata.runtime.paths import check_id
 from pykata.runtime.process import PodProcess, ProcessIO
 from pykata.runtime.sandbox import Sandbox
