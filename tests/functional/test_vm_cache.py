@@ -16,18 +16,23 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from pykata import config
 from pykata.factory import cache, wire
 from pykata.hypervisor.capped_log import read_tail, rolled
 from pykata.runtime.keys import pod_key
-from pykata.runtime.paths import SandboxPaths, run_root
+from pykata.runtime.paths import SandboxPaths
 from pykata.runtime.sandbox import read_sandbox_state
 from pykata.runtime.state import SandboxState
+from tests.functional.cache_peer import (
+    RunningCache,
+    running_cache,
+    wait,
+    warm_qemus,
+    warm_sandboxes,
+)
 from tests.functional.conftest import (
     Cli,
     qemu_processes,
@@ -40,68 +45,16 @@ from tests.hostile.conftest import privileged_spec, run_spec
 ConfigWriter = Callable[[str], None]
 
 
-@dataclass
-class RunningCache:
-    proc: subprocess.Popen[bytes]
-    config_file: Path
-    config: config.Config
-
-    def status(self) -> dict[str, object]:
-        return asyncio.run(cache.ask(self.config, "status"))
-
-
-def warm_sandboxes() -> list[str]:
-    sandboxes = run_root() / "sandboxes"
-    return sorted(p.name for p in sandboxes.glob("warm-*")) if sandboxes.is_dir() else []
-
-
-def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
-
-
 @pytest.fixture
 def vm_cache(tmp_path: Path, guest_assets: object) -> Iterator[RunningCache]:
-    """`pykata factory init` serving two warm VMs from a template, in the
-    foreground as its systemd unit runs it."""
-    conf = tmp_path / "pykata.toml"
-    conf.write_text(config.DEFAULT_CONFIG.read_text().replace(
-        'enable_template = false', 'enable_template = true').replace(
-        'template_path = ""', f'template_path = "{tmp_path}/templates"').replace(
-        'vm_cache_number = 0', 'vm_cache_number = 2').replace(
-        'vm_cache_endpoint = ""', f'vm_cache_endpoint = "{tmp_path}/cache.sock"'))
-    proc = subprocess.Popen([sys.executable, "-m", "pykata.cli.main", "--config", str(conf),
-                             "factory", "init"], stdin=subprocess.DEVNULL)
-    running = RunningCache(proc, conf, config.load(conf))
-
-    def ready() -> bool:
-        assert proc.poll() is None, "the factory exited"
-        try:
-            return running.status().get("ready") == 2
-        except Exception:
-            return False
-
-    try:
-        _wait(ready, 120, "two warm VMs")
+    """Two warm VMs restored from a template."""
+    with running_cache(tmp_path, count=2, template=True) as running:
         yield running
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(60)
-        _wait(lambda: not warm_sandboxes(), 30, "the warm VMs to end")
-        subprocess.run([sys.executable, "-m", "pykata.cli.main", "--config", str(conf),
-                        "factory", "destroy"], capture_output=True, check=True)
 
 
 def _parent(pid: int) -> int:
     stat = Path(f"/proc/{pid}/stat").read_text()
     return int(stat[stat.rfind(")") + 2:].split()[1])
-
-
-def _warm_qemus() -> list[str]:
-    return [line for line in started_qemu_processes() if "-name pykata-warm-" in line]
 
 
 def _state(containerd: PrivateContainerd, cid: str) -> SandboxState:
@@ -148,7 +101,7 @@ def test_pods_take_cached_vms_and_the_cache_refills(
                                "hostname; exit 4")
         assert execd.returncode == 4, execd.err
         # Two handed out; the cache starts a replacement for each.
-        _wait(lambda: vm_cache.status() == {**vm_cache.status(), "ready": 2, "handed_out": 2},
+        wait(lambda: vm_cache.status() == {**vm_cache.status(), "ready": 2, "handed_out": 2},
               60, "the cache to refill")
     finally:
         containerd.remove(cid)
@@ -162,12 +115,12 @@ def test_a_killed_cache_leaves_no_vm_and_pods_boot_their_own(
     state = _idle_pod(containerd, cid)
     try:
         assert state.boot == "cache"
-        _wait(lambda: len(_warm_qemus()) == 2, 60, "the refill")
+        wait(lambda: len(warm_qemus()) == 2, 60, "the refill")
         vm_cache.proc.kill()
         vm_cache.proc.wait()
         # Its warm VMs end (their guests power off when the cache's end of
         # their agent channel closes); the pod it handed out stays.
-        _wait(lambda: not _warm_qemus(), 60, "the warm VMs to end")
+        wait(lambda: not warm_qemus(), 60, "the warm VMs to end")
         pods = {line.split()[0] for line in started_qemu_processes()}
         assert pods == {str(state.qemu_pid)}, started_qemu_processes()
         execd = containerd.ctr("task", "exec", "--exec-id", "e1", cid, "echo", "alive")
@@ -203,7 +156,7 @@ def test_a_cached_pod_that_floods_its_console_keeps_answering(
         assert state.boot == "cache" and not state.key.startswith("warm-")
         console = Path(state.console_log)
         assert console.parent == SandboxPaths.for_key(state.key).run_dir
-        _wait(lambda: b"the-flood-ended" in read_tail(console, 4096), 180,
+        wait(lambda: b"the-flood-ended" in read_tail(console, 4096), 180,
               f"the end of the flood in {console}")
         kept = console.stat().st_size + rolled(console).stat().st_size
         assert kept <= vm_cache.config.runtime.console_log_size * 1024, kept
@@ -233,7 +186,7 @@ def test_a_cached_pods_vm_ends_with_its_shim(
         assert shims == [str(state.owner_pid)]
         os.kill(state.owner_pid, signal.SIGKILL)
         qemu = str(state.qemu_pid)
-        _wait(lambda: qemu not in {line.split()[0] for line in qemu_processes()}, 60,
+        wait(lambda: qemu not in {line.split()[0] for line in qemu_processes()}, 60,
               "the cached pod's VM to end with its shim")
     finally:
         containerd.remove(cid)
