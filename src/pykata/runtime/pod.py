@@ -274,10 +274,8 @@ class Pod:
             else:
                 await container.start()
         except AgentError as exc:
-            if exec_id:
-                # The guest has no such process: it leaves the container too.
-                pod_container.execs.pop(exec_id, None)
-                await proc.discard()
+            # The process stays created: its caller deletes it (containerd
+            # does, after a failed exec), and its stdio goes then.
             raise await self.sandbox.explain(exc) from exc
         proc.lifecycle.move(Status.RUNNING)
         if exec_id:
