@@ -80,7 +80,16 @@ class Pod:
 
     def start_helper(self) -> None:
         spec = privileged_spec(["sleep", "600"], annotations=SANDBOX)
-        started = run_spec(self.containerd, self.tmp_path, HELPER, spec, detach=True)
+        # containerd forgets the previous case's task of the same id (its shim
+        # killed) only once its own clean-up of that shim has run, some time
+        # after the container was removed.
+        deadline = time.monotonic() + 60
+        while True:
+            started = run_spec(self.containerd, self.tmp_path, HELPER, spec, detach=True)
+            if "already exists" not in started.err or time.monotonic() > deadline:
+                break
+            self.containerd.remove(HELPER)
+            time.sleep(1)
         assert started.returncode == 0, started.err
 
     def kill(self, killer: str) -> None:
