@@ -34,10 +34,13 @@ def warm_sandboxes() -> list[str]:
 
 
 def warm_qemus() -> list[str]:
-    """The QEMUs of this test session's warm VMs."""
+    """The QEMUs of this test session's warm VMs: a VM handed out keeps its
+    warm name, but its directory is its pod's."""
     out = subprocess.run(["pgrep", "-a", "-f", "qemu-system.*-name pykata-warm-"],
                          capture_output=True, text=True).stdout
-    return [line for line in out.splitlines() if f"path={run_root()}/" in line]
+    warm = set(warm_sandboxes())
+    return [line for line in out.splitlines() if f"path={run_root()}/" in line
+            and line.split("-name pykata-", 1)[1].split()[0] in warm]
 
 
 def wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
@@ -51,6 +54,7 @@ def wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
 def running_cache(tmp_path: Path, *, count: int, template: bool) -> Iterator[RunningCache]:
     """A cache keeping `count` warm VMs (restored from a template, or booted),
     ready; stopped (SIGTERM) and its templates destroyed afterwards."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     conf = tmp_path / "pykata.toml"
     conf.write_text(config.DEFAULT_CONFIG.read_text().replace(
         'enable_template = false', f'enable_template = {str(template).lower()}').replace(
