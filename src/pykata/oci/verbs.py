@@ -27,7 +27,6 @@ from typing import Any, TypeVar
 from pykata.errors import InvalidStateError, NotFoundError, PykataError, SpecError
 from pykata.oci.store import Store, monitor_alive
 from pykata.runtime.lifecycle import Lifecycle, Status
-from pykata.runtime.ready import ReadyReport
 from pykata.runtime.state import ContainerState
 
 T = TypeVar("T")
@@ -163,6 +162,8 @@ def _fork_and_wait(body: Callable[[int], int], handed_over: set[int], what: str)
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, 0)
         raise
+    from pykata.runtime.ready import ReadyReport
+
     report = ReadyReport.decode(answer, what)
     if not report.ok:
         # It tears down before it exits: wait, so nothing is left when we report.
