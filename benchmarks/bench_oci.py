@@ -14,11 +14,16 @@ elsewhere on the machine hits both alike:
 3. `docker run --rm --network none IMAGE true` with `--runtime pykata` and with
    docker's default runc, against a private dockerd (tests/oci/docker_peer.py).
 
+With --baseline CHECKOUT (another pykata's checkout with its .venv), that
+pykata's `pykata-oci` takes runc's place in all three, for before/after
+figures from one run.
+
 One untimed warm-up of each runtime comes before 1 and 3. Everything made is
 removed on the way out, also after a failure or Ctrl-C: containers, the
 private dockerd and its containerd, mounts, QEMU processes, temporary dirs.
 
-    .venv/bin/python -m benchmarks.bench_oci [--runs 10]   (from the repository root, as root)
+    .venv/bin/python -m benchmarks.bench_oci [--runs 10] [--baseline DIR]   (as root, from
+    the repository root)
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from pykata.runtime.busybox_image import ensure_image
+from pykata.assets.busybox_image import ensure_image
 from pykata.runtime.spec import default_spec
 
 RUNC = Path("/usr/sbin/runc")
@@ -307,9 +312,12 @@ def bench_state(pair: tuple[Runtime, Runtime], reaper: Reaper, bundle: Path,
 
 
 def bench_docker(tmp: Path, runtime_env: dict[str, str], runs: int,
-                 stop: list[Callable[[], None]]) -> dict[str, Series]:
-    """`docker run --rm --network none IMAGE true`, pykata against runc."""
-    series = {"pykata": Series(), "runc": Series()}
+                 stop: list[Callable[[], None]], baseline: Path | None = None
+                 ) -> dict[str, Series]:
+    """`docker run --rm --network none IMAGE true`, pykata against runc (or
+    against the `baseline` pykata-oci)."""
+    other = "baseline" if baseline is not None else "runc"
+    series = {"pykata": Series(), other: Series()}
     try:
         from tests.oci.docker_peer import RUNTIME_NAME, DockerPeer, missing_tools
         from tests.oci.images import write_docker_archive
@@ -321,7 +329,8 @@ def bench_docker(tmp: Path, runtime_env: dict[str, str], runs: int,
         for s in series.values():
             s.error = f"missing: {', '.join(missing)}"
         return series
-    peer = DockerPeer(PYKATA_OCI, runtime_env=runtime_env)
+    peer = DockerPeer(PYKATA_OCI, runtime_env=runtime_env,
+                      more_runtimes={"pykatabase": baseline} if baseline else None)
     stop.append(lambda: stop_peer(peer))
     try:
         peer.start()
@@ -332,7 +341,8 @@ def bench_docker(tmp: Path, runtime_env: dict[str, str], runs: int,
         for s in series.values():
             s.error = f"the private dockerd: {exc}"
         return series
-    runtime_args = {"pykata": ["--runtime", RUNTIME_NAME], "runc": []}
+    runtime_args = {"pykata": ["--runtime", RUNTIME_NAME], "runc": [],
+                    "baseline": ["--runtime", "pykatabase"]}
 
     def one(name: str) -> None:
         s = series[name]
@@ -449,10 +459,15 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--state-calls", type=int, default=30)
     parser.add_argument("--no-docker", action="store_true", help="skip the docker figure")
+    parser.add_argument("--baseline", type=Path, metavar="CHECKOUT",
+                        help="another pykata's checkout: its pykata-oci instead of runc")
     args = parser.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("run as root: containers need it")
-    for binary in (RUNC, PYKATA_OCI):
+    base_bin = (args.baseline.resolve() / ".venv" / "bin" / "pykata-oci"
+                if args.baseline else RUNC)
+    base_name = "baseline" if args.baseline else "runc"
+    for binary in (base_bin, PYKATA_OCI):
         if not os.access(binary, os.X_OK):
             raise SystemExit(f"{binary} is missing")
     reaper = Reaper()
@@ -462,7 +477,7 @@ def main() -> int:
     env = {**os.environ, "PYKATA_RUN_ROOT": str(run_root)}
     runtime_env = {k: v for k, v in env.items() if k.startswith("PYKATA_")}
     pair = (Runtime("pykata-oci", PYKATA_OCI, tmp / "pykata-root", env),
-            Runtime("runc", RUNC, tmp / "runc-root", env))
+            Runtime(base_name, base_bin, tmp / f"{base_name}-root", env))
     stops: list[Callable[[], None]] = []
     life: dict[str, list[Series]] = {}
     state: dict[str, Series] = {}
@@ -482,7 +497,8 @@ def main() -> int:
                     reaper.set(False)
                     reaper.reap_orphans()
             if not args.no_docker:
-                docker = bench_docker(tmp, runtime_env, args.runs, stops)
+                docker = bench_docker(tmp, runtime_env, args.runs, stops,
+                                      base_bin if args.baseline else None)
     except BenchError as exc:
         print(f"bench_oci: {exc}", file=sys.stderr)
         return 1
@@ -498,20 +514,21 @@ def main() -> int:
                     print(f"warning: stopping the docker peer: {exc}", file=sys.stderr)
             clear_run_root(run_root, reaper)
             remove_tree(tmp)
-    names = ("pykata-oci", "runc")
+    names = ("pykata-oci", base_name)
     table(f"create + start + wait for exit + delete, process `true`, busybox bundle, "
           f"median of {args.runs} (min-max):",
-          [(phase, life["pykata-oci"][k], life["runc"][k])
+          [(phase, life["pykata-oci"][k], life[base_name][k])
            for k, phase in enumerate((*PHASES, "whole"))], names)
     table(f"`state ID` of a running container, median of {args.state_calls} calls (min-max):",
-          [("state", state["pykata-oci"], state["runc"])], names)
-    rows = [("create+start+wait+delete", life["pykata-oci"][-1], life["runc"][-1]),
-            ("state of a running container", state["pykata-oci"], state["runc"])]
+          [("state", state["pykata-oci"], state[base_name])], names)
+    rows = [("create+start+wait+delete", life["pykata-oci"][-1], life[base_name][-1]),
+            ("state of a running container", state["pykata-oci"], state[base_name])]
     if docker:
         table(f"docker run --rm --network none IMAGE true, median of {args.runs} (min-max):",
-              [("docker run", docker["pykata"], docker["runc"])], ("pykata", "runc"))
-        rows.append(("docker run --rm ... true", docker["pykata"], docker["runc"]))
-    table("summary (pykata against runc, same run, alternated):", rows, ("pykata", "runc"))
+              [("docker run", docker["pykata"], docker[base_name])], ("pykata", base_name))
+        rows.append(("docker run --rm ... true", docker["pykata"], docker[base_name]))
+    table(f"summary (pykata against {base_name}, same run, alternated):", rows,
+          ("pykata", base_name))
     return 0
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from benchmarks.factory_config import with_factory
 from pykata import assets, config
-from pykata.hypervisor.host import resolve_accel
+from pykata.host.probes import resolve_accel
 from pykata.hypervisor.qemu import VmConfig
 from pykata.hypervisor.qemu_args import Basics, Cpu, KernelBoot, Machine, Memory, render
 

@@ -112,9 +112,8 @@ class ShimTarget(Target):
             await bounded(server.aclose(), "Server.aclose")
             await bounded(service.close(), "TaskService.close")
             await bounded(publisher.close(), "EventPublisher.close")
-        if service.tasks or service.sandbox is not None:
-            raise Violation("task-leak", f"tasks {list(service.tasks)} or a sandbox kept "
-                                         "though no VM can start")
+        if service.owned is not None:
+            raise Violation("task-leak", "a pod kept though no VM can start")
         left = [str(p.relative_to(self.run_root)) for p in self.run_root.rglob("*")
                 if not p.is_dir() or any(p.iterdir())]
         if left:

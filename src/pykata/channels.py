@@ -21,3 +21,8 @@ HEALTH_SERVICE = "grpc.Health"
 # containers in one VM; the guest shares the sandbox container's namespaces.
 CONTAINER_TYPE_KEY = "io.kubernetes.cri.container-type"
 SANDBOX_ID_KEY = "io.kubernetes.cri.sandbox-id"
+# A pod's control API, served by its owner on the pod's control socket.
+CONTROL_SERVICE = "pykata.pod.v1.Pod"
+# containerd's names for pykata's shim.
+SHIM_NAME = "containerd-shim-pykata-v2"
+RUNTIME_TYPE = "io.containerd.pykata.v2"

@@ -44,7 +44,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from pykata.runtime.busybox_image import write_oci_archive
+from pykata.assets.busybox_image import write_oci_archive
 from pykata.runtime.state import process_alive, process_start_time
 from tests.oci.docker_peer import (
     cgroup_dirs,

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import pytest
 
+from pykata.assets.busybox_image import BUSYBOX
 from pykata.protocols import cri_pb2 as cri
-from pykata.runtime.busybox_image import BUSYBOX
 from pykata.runtime.paths import SandboxPaths
 from pykata.runtime.sandbox import read_sandbox_state
 from tests.cri.client import CriClient, CriError

@@ -10,6 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -176,7 +179,7 @@ def session_netns_pins() -> list[Path]:
     pinned in their directory (under a test's --root, outside the run root):
     the record names this run root or, before its first save, the sandbox
     lives under it. Other sessions' are theirs to count."""
-    from pykata.monitor.main import sandbox_key
+    from pykata.oci.monitor import sandbox_key
     from pykata.oci.store import pinned_netns
     from pykata.runtime.state import ContainerState, StateFileError, read_state
 
@@ -216,17 +219,73 @@ def unexpected_leftovers() -> list[str]:
     return leftovers(_shared_ids)
 
 
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]
+                              ) -> Iterator[pytest.TestReport]:
+    """Keep each phase's report on the test, for `vms_of_the_test` to see a failure."""
+    report: pytest.TestReport = yield
+    setattr(item, f"report_{report.when}", report)
+    return report
+
+
 @pytest.fixture(autouse=True)
 def no_leftovers(request: pytest.FixtureRequest) -> Iterator[None]:
-    """After every test: no QEMU, mount or /run/pykata state of pykata left."""
+    """Every VM a test starts is the test's: after it, none of its QEMUs,
+    shims, mounts or state may be left. When the test failed, what each of
+    its pods left (console, QEMU's output, the saved state, the OCI monitor's
+    log) is kept under test-artifacts/<test>/ first; what leaked is then
+    ended and removed, so that one test's leak fails that test only."""
     yield
+    report = getattr(request.node, "report_call", None)
+    if report is not None and report.failed:
+        save_pod_logs(request.node.name)
     left = unexpected_leftovers()
     # A shim or monitor told to go may still be on its way out: a leak stays.
     deadline = time.monotonic() + 10
     while left and time.monotonic() < deadline:
         time.sleep(0.2)
         left = unexpected_leftovers()
+    if left:
+        save_pod_logs(f"{request.node.name}.leaked")
+        end_leftovers()
     assert not left, "pykata left this behind:\n" + "\n".join(left)
+
+
+_POD_LOGS = ("console.log", "console.log.1", "qemu.stderr", "state.json")
+
+
+def save_pod_logs(test_name: str) -> None:
+    """Copy what every sandbox of this session shows of itself, and each
+    OCI container's monitor log, to test-artifacts/<test_name>/ (CI keeps it)."""
+    target = ARTIFACTS / re.sub(r"[^\w.\[\]-]+", "_", test_name)
+    root = run_root()
+    for run_dir in sorted((root / "sandboxes").glob("*")) if root.is_dir() else []:
+        for name in _POD_LOGS:
+            source = run_dir / name
+            if source.is_file() and not source.is_symlink():
+                (target / run_dir.name).mkdir(parents=True, exist_ok=True)
+                with contextlib.suppress(OSError):
+                    shutil.copyfile(source, target / run_dir.name / name)
+    for log in Path("/tmp").glob("pytest-of-root/*/*/*/monitor.log"):
+        with contextlib.suppress(OSError):
+            if log.stat().st_mtime > time.time() - 600:
+                (target / "oci").mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(log, target / "oci" / f"{log.parent.name}.monitor.log")
+
+
+def end_leftovers() -> None:
+    """Kill the session's QEMUs and shims the test left (the shared VM's
+    excepted) and remove the sandboxes whose owner is then gone."""
+    from pykata.cli.cleanup_cmd import stale_sandboxes
+    from pykata.runtime.sandbox import cleanup_host_state
+
+    for line in [*started_qemu_processes(), *shim_processes()]:
+        with contextlib.suppress(ProcessLookupError, ValueError):
+            os.kill(int(line.split()[0]), signal.SIGKILL)
+    time.sleep(0.5)
+    for paths in stale_sandboxes(run_root()):
+        if paths.key not in _shared_ids:
+            cleanup_host_state(paths)
 
 
 @pytest.fixture(scope="session")
@@ -272,7 +331,7 @@ async def run_in_sandbox(
 ) -> ContainerRun:
     """Run `args` in a new busybox container of `sandbox` (with `mounts` added to
     its spec); collect stdio and exit code."""
-    from pykata.runtime.busybox_image import ensure_image
+    from pykata.assets.busybox_image import ensure_image
     from pykata.runtime.container import Container, overlay_rootfs
     from pykata.runtime.spec import default_spec
     from pykata.runtime.stdio import StdioRelay

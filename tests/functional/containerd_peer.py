@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from pykata.runtime.busybox_image import write_oci_archive
+from pykata.assets.busybox_image import write_oci_archive
 
 IMAGE = "docker.io/pykata/busybox:test"
 RUNTIME = "io.containerd.pykata.v2"

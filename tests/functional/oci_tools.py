@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pykata.runtime.busybox_image import ensure_image
+from pykata.assets.busybox_image import ensure_image
 
 OCI = [sys.executable, "-m", "pykata.oci.cli"]
 WAITER = Path(__file__).with_name("oci_waiter.py")

@@ -291,18 +291,20 @@ def test_bind_mounts_from_the_host_reach_the_container(
     assert sorted(p.name for p in config.iterdir()) == ["setting"]
 
 
-def test_another_process_reaches_the_pods_sandbox_through_its_monitor(
+def test_the_shim_owns_its_pod_and_serves_its_control_socket(
     containerd: PrivateContainerd,
 ) -> None:
-    """The pod's VM is held by its monitor, not the shim: any pykata process
-    reaches the sandbox at <sandbox dir>/monitor.sock, with the agent's own
-    calls (passed through) and the monitor's State."""
+    """A containerd pod is one pykata process, its shim, and one QEMU (the
+    shim's child): any pykata process reaches the pod at <sandbox
+    dir>/control.sock, with the pod's State and the agent's own calls for
+    the pod's containers."""
     import asyncio
 
-    from pykata.monitor.client import MonitorClient
+    from pykata.runtime.control_client import PodClient
     from pykata.runtime.keys import pod_key
     from pykata.runtime.paths import SandboxPaths
     from pykata.runtime.sandbox import read_sandbox_state
+    from pykata.runtime.state import process_start_time
 
     cid = "reachme"
     started = containerd.ctr("run", "-d", "--runtime", RUNTIME, IMAGE, cid, "sleep", "600")
@@ -310,19 +312,20 @@ def test_another_process_reaches_the_pods_sandbox_through_its_monitor(
     try:
         paths = SandboxPaths.for_key(pod_key(str(containerd.socket), NAMESPACE, cid))
         state = read_sandbox_state(paths)
-        assert state.front_end == "shim" and state.monitor_socket
+        assert state.front_end == "shim" and state.control_socket.endswith("/control.sock")
+        shims = [line.split()[0] for line in shim_processes()]
+        assert shims == [str(state.owner_pid)]
+        assert process_start_time(state.owner_pid) == state.owner_start
+        stat = Path(f"/proc/{state.qemu_pid}/stat").read_text()
+        assert int(stat[stat.rfind(")") + 2:].split()[1]) == state.owner_pid  # QEMU's parent
 
-        async def probe() -> tuple[list[int], str, int]:
-            client = await MonitorClient.connect(state.monitor_socket, cid)
-            try:
-                pids = await client.agent.list_processes(cid)
-                monitor = await client.state()
-                return pids, monitor.status, monitor.pid
-            finally:
-                await client.close()
+        async def probe() -> tuple[list[int], object]:
+            async with await PodClient.connect(state.control_socket, cid) as client:
+                return await client.agent.list_processes(cid), await client.state()
 
-        pids, status, qemu_pid = asyncio.run(probe())
-        assert pids and status == "running" and qemu_pid == state.qemu_pid
-        assert {line.split()[0] for line in qemu_processes()} >= {str(qemu_pid)}
+        pids, pod = asyncio.run(probe())
+        assert pids and pod.status == "running"  # type: ignore[attr-defined]
+        assert pod.vm_pid == state.qemu_pid and pod.owner_pid == state.owner_pid  # type: ignore[attr-defined]
+        assert [(c.id, c.status) for c in pod.containers] == [(cid, "running")]  # type: ignore[attr-defined]
     finally:
         containerd.remove(cid)

@@ -62,7 +62,7 @@ async def test_stdin_is_relayed_and_closed(shared_sandbox: Sandbox) -> None:
 
 async def test_exec_in_a_running_container_and_list_processes(shared_sandbox: Sandbox) -> None:
     """A second process exec'd into a running container shares its PID namespace."""
-    from pykata.runtime.busybox_image import ensure_image
+    from pykata.assets.busybox_image import ensure_image
     from pykata.runtime.container import Container, overlay_rootfs
     from pykata.runtime.spec import default_spec
     from pykata.runtime.stdio import StdioRelay
@@ -119,10 +119,10 @@ async def test_a_refused_create_unshares_its_volumes(
 ) -> None:
     """crun refuses the container (a host file bound over a directory): the volume
     shared for it is unmounted again, and the host's file is left as it was."""
+    from pykata.assets.busybox_image import ensure_image
     from pykata.errors import AgentError
-    from pykata.runtime.busybox_image import ensure_image
+    from pykata.host.mounts import mounts_under
     from pykata.runtime.container import Container, overlay_rootfs
-    from pykata.runtime.mounts import mounts_under
     from pykata.runtime.spec import default_spec
 
     host_file = tmp_path / "file"
@@ -150,7 +150,7 @@ async def test_read_only_volume_is_read_only_all_the_way_down(
 ) -> None:
     """A read-only recursive bind of a host directory that has a mount below it:
     the container can write neither to the directory nor to the mount below."""
-    from pykata.runtime.mounts import Mount, mount_beneath, unmount
+    from pykata.host.mounts import Mount, mount_beneath, unmount
 
     below = tmp_path / "below"
     below.mkdir()

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from pykata import assets
-from pykata.runtime.hostio import set_window_size
+from pykata.host.hostio import set_window_size
 from pykata.runtime.paths import run_root
 from tests.functional.conftest import pykata_cli, qemu_processes, unexpected_leftovers
 from tests.functional.oci_tools import ConsoleReceiver, Oci, Waiter, make_bundle
@@ -105,7 +105,7 @@ def test_kill_exec_ps_events_pause_update(oci: Oci, tmp_path: Path) -> None:
         assert again.returncode == 1 and "running" in _last_error(oci.log)["msg"]
         busy = oci("delete", "c2")
         assert busy.returncode == 1
-        assert "not stopped: running" in _last_error(oci.log)["msg"]
+        assert "is running: cannot delete it" in _last_error(oci.log)["msg"]
 
         result = oci("exec", "c2", "sh", "-c", "echo exec-out; echo exec-err >&2; exit 4")
         assert (result.returncode, result.out, result.err) == (4, "exec-out\n", "exec-err\n")

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
+from pykata.assets.busybox_image import ensure_image
 from pykata.errors import AgentError
-from pykata.runtime.busybox_image import ensure_image
 from pykata.runtime.exit_status import CANNOT_EXECUTE, NOT_FOUND, start_failure_status
 from pykata.runtime.sandbox import Sandbox
 from pykata.runtime.spec import default_spec

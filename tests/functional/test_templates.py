@@ -22,6 +22,7 @@ import pytest
 
 from pykata import config
 from pykata.factory import template as templates
+from pykata.factory.sources import vm_source
 from pykata.runtime.sandbox import Sandbox, SandboxOptions, read_sandbox_state
 from tests.functional.conftest import Cli, qemu_processes, run_in_sandbox
 from tests.functional.containerd_peer import IMAGE, NAMESPACE, RUNTIME, PrivateContainerd
@@ -41,7 +42,8 @@ def template_config(pykata_config: config.Config, template_dir: Path) -> config.
 
 
 async def _started(cfg: config.Config, sid: str, **options: object) -> Sandbox:
-    sandbox = Sandbox(sid, cfg, SandboxOptions(hostname=sid, **options))  # type: ignore[arg-type]
+    sandbox = Sandbox(sid, cfg, SandboxOptions(hostname=sid, **options),  # type: ignore[arg-type]
+                      source=vm_source(cfg))
     await sandbox.start()
     return sandbox
 
@@ -84,7 +86,7 @@ async def test_a_restored_sandbox_runs_containers_as_a_booted_one(
     assert run.stdout == b"from the host\ngot=hello\n" and run.stderr == b"to-stderr\n"
     assert (volume / "out").read_text() == "out\n"
     # A second container in the same clone, and an exec into it.
-    from pykata.runtime.busybox_image import ensure_image
+    from pykata.assets.busybox_image import ensure_image
     from pykata.runtime.container import Container, overlay_rootfs
     from pykata.runtime.spec import default_spec
 
@@ -165,7 +167,7 @@ async def test_a_broken_template_falls_back_to_a_cold_boot(
     state.write_bytes(saved[: len(saved) // 2])  # a state QEMU cannot load
     qemu_before = set(qemu_processes())
     try:
-        with caplog.at_level(logging.WARNING, logger="pykata.runtime.sandbox"):
+        with caplog.at_level(logging.WARNING, logger="pykata.factory.sources"):
             sandbox = await _started(template_config, "fallback")
         try:
             assert sandbox.boot == "cold"
@@ -225,7 +227,7 @@ async def test_templates_stay_within_their_bounds_and_starts_say_why_they_boot_c
             await sandbox.stop()
         return sandbox
 
-    with caplog.at_level(logging.INFO, logger="pykata.runtime.sandbox"):
+    with caplog.at_level(logging.INFO, logger="pykata.factory.sources"):
         unlisted = await start_and_run("bounds-unlisted", memory_mib=448)
         assert unlisted.boot == "cold" and not templates.list_templates(root)
         assert any("'1:448'" in m and "template_shapes" in m

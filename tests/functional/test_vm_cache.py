@@ -1,8 +1,10 @@
 """The VM cache on real VMs, through a real containerd: pods take warm VMs
-(restored from a template) and run as pods that booted their own, the cache
-refills after hand-outs, a killed cache leaves no VM or directory behind
-and pods then boot their own, a cached pod's console is read to its end
-after its directory moved, and a cached pod's monitor ends with its shim."""
+(restored from a template) and run as pods that booted their own, owned by
+their shim alone (warm VMs have no process of their own); the cache refills
+after hand-outs; a killed cache leaves no VM running (`pykata cleanup` takes
+its directories) and pods then boot their own; a cached pod's console is
+read to its end after its directory moved; and a cached pod's VM ends with
+its shim, with the cache running or not."""
 
 from __future__ import annotations
 
@@ -14,78 +16,45 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from pykata import config
 from pykata.factory import cache, wire
 from pykata.hypervisor.capped_log import read_tail, rolled
 from pykata.runtime.keys import pod_key
-from pykata.runtime.paths import SandboxPaths, run_root
+from pykata.runtime.paths import SandboxPaths
 from pykata.runtime.sandbox import read_sandbox_state
 from pykata.runtime.state import SandboxState
-from tests.functional.conftest import Cli, qemu_processes, started_qemu_processes
+from tests.functional.cache_peer import (
+    RunningCache,
+    running_cache,
+    wait,
+    warm_qemus,
+    warm_sandboxes,
+)
+from tests.functional.conftest import (
+    Cli,
+    qemu_processes,
+    shim_processes,
+    started_qemu_processes,
+)
 from tests.functional.containerd_peer import IMAGE, NAMESPACE, RUNTIME, PrivateContainerd
 from tests.hostile.conftest import privileged_spec, run_spec
 
 ConfigWriter = Callable[[str], None]
 
 
-@dataclass
-class RunningCache:
-    proc: subprocess.Popen[bytes]
-    config_file: Path
-    config: config.Config
-
-    def status(self) -> dict[str, object]:
-        return asyncio.run(cache.ask(self.config, "status"))
-
-
-def warm_sandboxes() -> list[str]:
-    sandboxes = run_root() / "sandboxes"
-    return sorted(p.name for p in sandboxes.glob("warm-*")) if sandboxes.is_dir() else []
-
-
-def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
-
-
 @pytest.fixture
 def vm_cache(tmp_path: Path, guest_assets: object) -> Iterator[RunningCache]:
-    """`pykata factory init` serving two warm VMs from a template, in the
-    foreground as its systemd unit runs it."""
-    conf = tmp_path / "pykata.toml"
-    conf.write_text(config.DEFAULT_CONFIG.read_text().replace(
-        'enable_template = false', 'enable_template = true').replace(
-        'template_path = ""', f'template_path = "{tmp_path}/templates"').replace(
-        'vm_cache_number = 0', 'vm_cache_number = 2').replace(
-        'vm_cache_endpoint = ""', f'vm_cache_endpoint = "{tmp_path}/cache.sock"'))
-    proc = subprocess.Popen([sys.executable, "-m", "pykata.cli.main", "--config", str(conf),
-                             "factory", "init"], stdin=subprocess.DEVNULL)
-    running = RunningCache(proc, conf, config.load(conf))
-
-    def ready() -> bool:
-        assert proc.poll() is None, "the factory exited"
-        try:
-            return running.status().get("ready") == 2
-        except Exception:
-            return False
-
-    try:
-        _wait(ready, 120, "two warm VMs")
+    """Two warm VMs restored from a template."""
+    with running_cache(tmp_path, count=2, template=True) as running:
         yield running
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(60)
-        _wait(lambda: not warm_sandboxes(), 30, "the warm VMs to end")
-        subprocess.run([sys.executable, "-m", "pykata.cli.main", "--config", str(conf),
-                        "factory", "destroy"], capture_output=True, check=True)
+
+
+def _parent(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat[stat.rfind(")") + 2:].split()[1])
 
 
 def _state(containerd: PrivateContainerd, cid: str) -> SandboxState:
@@ -117,12 +86,22 @@ def test_pods_take_cached_vms_and_the_cache_refills(
     cid = "cached-2"
     state = _idle_pod(containerd, cid)
     try:
-        assert state.from_cache and state.boot == "template"
+        assert state.boot == "cache" and state.vm_name.startswith("warm-")
+        # One process owns the pod, its shim; QEMU is the cache's child, and
+        # no warm VM has a Python process of its own.
+        assert [line.split()[0] for line in shim_processes() if state.key in line] == [
+            str(state.owner_pid)]
+        assert _parent(state.qemu_pid) == vm_cache.proc.pid
+        warm = [int(line.split()[0]) for line in started_qemu_processes()
+                if "-name pykata-warm-" in line]
+        assert warm and {_parent(pid) for pid in warm} == {vm_cache.proc.pid}
+        assert not subprocess.run(["pgrep", "-f", "pykata[.]monitor"],
+                                  capture_output=True).stdout
         execd = containerd.ctr("task", "exec", "--exec-id", "e1", cid, "sh", "-c",
                                "hostname; exit 4")
         assert execd.returncode == 4, execd.err
         # Two handed out; the cache starts a replacement for each.
-        _wait(lambda: vm_cache.status() == {**vm_cache.status(), "ready": 2, "handed_out": 2},
+        wait(lambda: vm_cache.status() == {**vm_cache.status(), "ready": 2, "handed_out": 2},
               60, "the cache to refill")
     finally:
         containerd.remove(cid)
@@ -135,12 +114,13 @@ def test_a_killed_cache_leaves_no_vm_and_pods_boot_their_own(
     cid = "before-kill"
     state = _idle_pod(containerd, cid)
     try:
-        assert state.from_cache
-        _wait(lambda: len(warm_sandboxes()) == 2, 60, "the refill")
+        assert state.boot == "cache"
+        wait(lambda: len(warm_qemus()) == 2, 60, "the refill")
         vm_cache.proc.kill()
         vm_cache.proc.wait()
-        # Its warm VMs end, with their directories; the pod it handed out stays.
-        _wait(lambda: not warm_sandboxes(), 30, "the warm VMs to end")
+        # Its warm VMs end (their guests power off when the cache's end of
+        # their agent channel closes); the pod it handed out stays.
+        wait(lambda: not warm_qemus(), 60, "the warm VMs to end")
         pods = {line.split()[0] for line in started_qemu_processes()}
         assert pods == {str(state.qemu_pid)}, started_qemu_processes()
         execd = containerd.ctr("task", "exec", "--exec-id", "e1", cid, "echo", "alive")
@@ -151,6 +131,7 @@ def test_a_killed_cache_leaves_no_vm_and_pods_boot_their_own(
         cleaned = cli("--config", str(vm_cache.config_file), "cleanup")
         assert "removed the socket of a VM cache that is gone" in cleaned.out
         assert not Path(vm_cache.config.factory.vm_cache_endpoint).exists()
+        assert not warm_sandboxes(), cleaned.out  # the dead cache's directories
     finally:
         containerd.remove(cid)
 
@@ -172,10 +153,10 @@ def test_a_cached_pod_that_floods_its_console_keeps_answering(
     assert started.returncode == 0, started.err
     try:
         state = _state(containerd, cid)
-        assert state.from_cache and not state.key.startswith("warm-")
+        assert state.boot == "cache" and not state.key.startswith("warm-")
         console = Path(state.console_log)
         assert console.parent == SandboxPaths.for_key(state.key).run_dir
-        _wait(lambda: b"the-flood-ended" in read_tail(console, 4096), 180,
+        wait(lambda: b"the-flood-ended" in read_tail(console, 4096), 180,
               f"the end of the flood in {console}")
         kept = console.stat().st_size + rolled(console).stat().st_size
         assert kept <= vm_cache.config.runtime.console_log_size * 1024, kept
@@ -185,26 +166,30 @@ def test_a_cached_pod_that_floods_its_console_keeps_answering(
         containerd.remove(cid)
 
 
-def test_a_cached_pods_monitor_ends_with_its_shim(
+@pytest.mark.parametrize("cache_alive", [True, False], ids=["cache-running", "cache-killed"])
+def test_a_cached_pods_vm_ends_with_its_shim(
         containerd: PrivateContainerd, shim_config: ConfigWriter,
-        vm_cache: RunningCache) -> None:
+        vm_cache: RunningCache, cache_alive: bool) -> None:
+    """A VM handed out is not its shim's child (QEMU cannot die with the
+    shim's death): killed, the shim takes it along all the same, through
+    the cache's watch of the shim while the cache runs, and through the guest,
+    which powers off when its agent channel closes, when it does not."""
     shim_config(vm_cache.config_file.read_text())
-    cid = "shim-killed"
+    cid = f"shim-killed-{cache_alive}".lower()
     state = _idle_pod(containerd, cid)
     try:
-        assert state.from_cache
-        key = state.key
-        shims = subprocess.run(["pgrep", "-f", f"pykata[.]shim .*{key}"], capture_output=True,
-                               text=True).stdout.split()
-        assert shims
-        for pid in shims:
-            os.kill(int(pid), signal.SIGKILL)
+        assert state.boot == "cache"
+        if not cache_alive:
+            vm_cache.proc.kill()
+            vm_cache.proc.wait()
+        shims = [line.split()[0] for line in shim_processes() if state.key in line]
+        assert shims == [str(state.owner_pid)]
+        os.kill(state.owner_pid, signal.SIGKILL)
         qemu = str(state.qemu_pid)
-        _wait(lambda: qemu not in {line.split()[0] for line in qemu_processes()}, 30,
+        wait(lambda: qemu not in {line.split()[0] for line in qemu_processes()}, 60,
               "the cached pod's VM to end with its shim")
     finally:
         containerd.remove(cid)
-
 
 
 def test_a_request_from_a_gone_shim_takes_no_vm(vm_cache: RunningCache) -> None:
@@ -223,9 +208,8 @@ def test_a_request_from_a_gone_shim_takes_no_vm(vm_cache: RunningCache) -> None:
     with conn:
         subprocess.run([sys.executable, "-c", connect, str(conn.fileno()), str(endpoint)],
                        pass_fds=(conn.fileno(),), check=True, timeout=30)
-        wire.send(conn, {"op": "vm", "id": "gone-shim", "key": "gone-shim-key",
-                         "shape": shapes[0],
-                         "config": cache.config_digest(vm_cache.config), "options": {}})
+        wire.send(conn, {"op": "vm", "shape": shapes[0],
+                         "config": cache.config_digest(vm_cache.config)})
 
         async def answer() -> dict[str, object]:
             try:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pykata.runtime.mounts import Mount, mount_beneath, mount_options, mounts_under, unmount
+from pykata.host.mounts import Mount, mount_beneath, mount_options, mounts_under, unmount
 from pykata.runtime.paths import SandboxPaths, private_dir
 from pykata.runtime.sandbox import cleanup_host_state
 from pykata.runtime.share import SandboxShare
@@ -97,7 +97,7 @@ def test_a_later_host_mount_below_a_volume_stays_out_of_the_share(tmp_path: Path
     """The volume's source is a shared mount (as on a systemd host). After the
     share is made, the host mounts a tmpfs below the source: it does not show
     up in the share, where it would be writable below a read-only volume."""
-    from pykata.runtime import syscalls
+    from pykata.host import syscalls
 
     source = tmp_path / "source"
     (source / "later").mkdir(parents=True)

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from pykata.runtime.busybox_image import ensure_image
+from pykata.assets.busybox_image import ensure_image
 from tests.functional.conftest import *  # noqa: F403 - the same VM, CLI and containerd fixtures
 from tests.functional.containerd_peer import RUNTIME, CtrResult, PrivateContainerd
 

@@ -1,12 +1,14 @@
-"""SIGKILL of QEMU, of the pod monitor (which holds the VM for the shim), of the
-shim and of the agent in the guest, in each phase of
-a task's life: the exit reaches containerd, delete succeeds, nothing leaks.
+"""SIGKILL of QEMU, of the shim (the pod's owner, QEMU's parent), of the shim
+of a pod whose VM came from the VM cache (QEMU is the cache's child, not the
+shim's) and of the agent in the guest, in each phase of a task's life: the
+exit reaches containerd, delete succeeds, nothing leaks.
 
 The victim is a member of a pod whose sandbox container is privileged and
 shares the guest's PID namespace (it is what kills the agent). Phases:
 booting (the pod's first Create, VM not yet answering), created (Tasks.Create
 without Start, as CRI leaves it), running, exec running, deleting. The agent
-cannot be killed while the VM boots: nothing runs in the guest but it then.
+cannot be killed while the VM boots: nothing runs in the guest but it then;
+a VM from the cache does not boot for its pod.
 """
 
 from __future__ import annotations
@@ -20,7 +22,11 @@ from pathlib import Path
 
 import pytest
 
+from pykata.errors import PykataError
 from pykata.runtime.keys import pod_key
+from pykata.runtime.paths import SandboxPaths, run_root
+from pykata.runtime.sandbox import qemu_running, read_sandbox_state
+from tests.functional.cache_peer import running_cache, warm_sandboxes
 from tests.functional.conftest import qemu_processes, shim_processes, unexpected_leftovers
 from tests.functional.containerd_peer import IMAGE, NAMESPACE, RUNTIME, PrivateContainerd
 from tests.functional.containerd_tasks import create_task, snapshot_mounts
@@ -32,9 +38,9 @@ MEMBER = {"io.kubernetes.cri.container-type": "container", "io.kubernetes.cri.sa
 VICTIM = "fault-victim"
 HELPER = "fault-helper"
 
-CASES = [(killer, phase) for killer in ("qemu", "monitor", "shim", "agent")
+CASES = [(killer, phase) for killer in ("qemu", "shim", "agent", "cached-shim")
          for phase in ("booting", "created", "running", "exec", "deleting")
-         if not (killer == "agent" and phase == "booting")]
+         if not (killer in ("agent", "cached-shim") and phase == "booting")]
 
 
 def _annotations(values: dict[str, str]) -> list[str]:
@@ -55,18 +61,16 @@ class Pod:
         self.key = pod_key(str(containerd.socket), NAMESPACE, POD)
 
     def qemu_pid(self) -> int | None:
+        """The pod's QEMU: by its name while it boots, else by its sandbox's
+        record (a VM from the cache keeps its warm name)."""
         for line in qemu_processes():
             if f"-name pykata-{self.key} " in line:
                 return int(line.split()[0])
-        return None
-
-    def monitor_pid(self) -> int | None:
-        out = subprocess.run(["pgrep", "-a", "-f", "pykata[.]monitor[.]pod"],
-                             capture_output=True, text=True).stdout
-        for line in out.splitlines():
-            if f"--key {self.key} " in line:
-                return int(line.split()[0])
-        return None
+        try:
+            state = read_sandbox_state(SandboxPaths.for_key(self.key))
+        except PykataError:
+            return None
+        return state.qemu_pid if qemu_running(state) else None
 
     def shim_pid(self) -> int | None:
         for line in shim_processes():
@@ -95,8 +99,8 @@ class Pod:
                 "task", "exec", "--exec-id", f"kill-{time.monotonic_ns()}", HELPER,
                 "sh", "-c", "kill -9 $(pidof python3)"), capture_output=True, timeout=60)
             return
-        pid = {"qemu": self.qemu_pid, "monitor": self.monitor_pid,
-               "shim": self.shim_pid}[killer]()
+        pid = {"qemu": self.qemu_pid, "shim": self.shim_pid,
+               "cached-shim": self.shim_pid}[killer]()
         assert pid is not None, f"no {killer} process for the pod"
         os.kill(pid, signal.SIGKILL)
 
@@ -106,16 +110,36 @@ class Pod:
     def clean(self) -> None:
         for container_id in (VICTIM, HELPER):
             self.containerd.remove(container_id)
-        _wait(lambda: not unexpected_leftovers(), "pykata to clean up after the fault: "
-              + "; ".join(unexpected_leftovers()))
+        _wait(lambda: not _leftovers(), "pykata to clean up after the fault: "
+              + "; ".join(_leftovers()))
+
+
+def _leftovers() -> list[str]:
+    """What the pod left; the warm VMs still in the VM cache, and its
+    endpoint's record, are the cache's (a VM it handed out keeps its warm
+    name, but not its directory)."""
+    pooled = [*warm_sandboxes(), f"{run_root()}/factory"]
+    return [line for line in unexpected_leftovers()
+            if not any(name in line for name in pooled)]
 
 
 @pytest.mark.parametrize(("killer", "phase"), CASES)
 def test_sigkill_in_every_phase(containerd: PrivateContainerd, tmp_path: Path,
+                                shim_config: Callable[[str], None],
                                 killer: str, phase: str) -> None:
     """Kill it, then: the task's exit reached containerd (TaskExit, or the task
     gone with its shim), `ctr task delete` and `ctr container rm` succeed,
     and no QEMU, shim, mount or state directory remains."""
+    if killer != "cached-shim":
+        _sigkill(containerd, tmp_path, killer, phase)
+        return
+    with running_cache(tmp_path / "cache", count=1, template=False) as cache:
+        shim_config(cache.config_file.read_text())
+        _sigkill(containerd, tmp_path, killer, phase)
+        assert cache.status()["handed_out"] == 1  # the pod did take the cached VM
+
+
+def _sigkill(containerd: PrivateContainerd, tmp_path: Path, killer: str, phase: str) -> None:
     pod = Pod(containerd, tmp_path)
     with containerd.events() as events:
         try:
@@ -145,7 +169,7 @@ def test_sigkill_in_every_phase(containerd: PrivateContainerd, tmp_path: Path,
                     target = ""
             if target:
                 _wait(lambda: pod.gone(target), f"{target} to stop")
-                if killer != "shim":  # containerd itself ends the tasks of a dead shim
+                if "shim" not in killer:  # containerd itself ends a dead shim's tasks
                     assert "137" in events.wait_for("/tasks/exit", target)
                 if containerd.task_status(target) == "STOPPED":
                     deleted = containerd.ctr("task", "delete", target)

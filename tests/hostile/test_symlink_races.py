@@ -8,7 +8,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from pykata.runtime.mounts import mounts_under
+from pykata.host.mounts import mounts_under
 from tests.functional.containerd_peer import PrivateContainerd
 from tests.hostile.conftest import GUEST_EXPORT, privileged_spec, run_spec, wait_for_text
 

@@ -86,8 +86,12 @@ def missing_tools() -> list[str]:
 
 class DockerPeer:
     def __init__(self, runtime: Path, *, runtime_env: Mapping[str, str] | None = None,
-                 storage_driver: str | None = None, parent: Path = Path("/tmp")) -> None:
+                 storage_driver: str | None = None, parent: Path = Path("/tmp"),
+                 more_runtimes: Mapping[str, Path] | None = None) -> None:
+        """`more_runtimes`: other runtimes dockerd offers besides pykata's
+        (name: runc-compatible binary), for a benchmark's baseline."""
         self.runtime = runtime
+        self.more_runtimes = dict(more_runtimes or {})
         self.base = make_base("docker", runtime, parent)
         self.tag = self.base.name  # cgroup parent: unique, and names this peer's dirs
         self.socket = self.base / "docker.sock"
@@ -128,6 +132,8 @@ class DockerPeer:
             "--exec-opt", "native.cgroupdriver=cgroupfs",
             "--cgroup-parent", f"/{self.tag}",
             "--add-runtime", f"{RUNTIME_NAME}={self.runtime}",
+            *(arg for name, path in self.more_runtimes.items()
+              for arg in ("--add-runtime", f"{name}={path}")),
             "--log-level", "debug",
         ]
 

@@ -19,7 +19,7 @@ import tarfile
 from collections.abc import Callable
 from pathlib import Path
 
-from pykata.runtime.busybox_image import ensure_image
+from pykata.assets.busybox_image import ensure_image
 
 IMAGE = "pykata-test/busybox:latest"
 ENV_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from pykata.host import syscalls
 from pykata.hypervisor import confine
-from pykata.runtime import syscalls
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop capabilities")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -76,24 +77,33 @@ def test_cache_settings() -> None:
         config.parse({"runtime": {"scratch_size": 64}}, "a"))
 
 
-def test_adoption_messages_are_checked() -> None:
-    """What a warm monitor accepts from the cache: ids checked, options typed."""
+def test_a_hand_over_is_checked_before_its_vm_is_taken(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the owner of a pod accepts from the cache: the descriptors named
+    and counted, QEMU's pid, the warm VM's name and directory (in this run
+    root, never elsewhere), an odd stream id."""
     from pykata.errors import PykataError
 
-    r, w = os.pipe()
-    os.close(w)
-    try:
-        good = cache.parse_adoption({"op": "adopt", "id": "p1", "key": "k1",
-                                     "options": {"hostname": "h", "memory_mib": 256}}, [r])
-        assert good.options.memory_mib == 256 and good.shim_pidfd == r
-        for bad in ({"op": "adopt", "id": "../x", "key": "k", "options": {}},
-                    {"op": "adopt", "id": "p", "key": "k", "options": {"vcpus": "2"}},
-                    {"op": "adopt", "id": "p", "key": "k", "options": {"evil": 1}},
-                    {"op": "adopt", "id": "p", "key": "k", "options": {"vcpus": True}},
-                    {"op": "other", "id": "p", "key": "k", "options": {}}):
-            with pytest.raises(PykataError):
-                cache.parse_adoption(bad, [r])
-        with pytest.raises(PykataError):
-            cache.parse_adoption({"op": "adopt", "id": "p", "key": "k", "options": {}}, [])
-    finally:
-        os.close(r)
+    monkeypatch.setenv("PYKATA_RUN_ROOT", str(tmp_path))
+    name = "warm-0123456789abcdef"
+    (tmp_path / "sandboxes" / name).mkdir(parents=True)
+    good = {"ok": True, "qemu_pid": 42, "vm_name": name, "next_stream_id": 7,
+            "run_dir": str(tmp_path / "sandboxes" / name),
+            "fds": ["pidfd", "agent", "console", "output"]}
+    handover, paths, vm_name, stream = cache._checked(good, [10, 11, 12, 13])
+    assert (handover.pid, handover.pidfd, handover.agent, handover.console,
+            handover.output, handover.token) == (42, 10, 11, 12, 13, -1)
+    assert (paths.run_dir, vm_name, stream) == (tmp_path / "sandboxes" / name, name, 7)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for change in ({"fds": ["agent", "pidfd", "console", "output"]},
+                   {"fds": ["pidfd", "agent", "console"]},
+                   {"qemu_pid": 0}, {"qemu_pid": "42"}, {"next_stream_id": 8},
+                   {"vm_name": "../x"}, {"vm_name": "warm-0123456789abcdeg"},
+                   {"run_dir": str(elsewhere)}, {"run_dir": "/"}):
+        with pytest.raises(PykataError, match="cache"):
+            cache._checked({**good, **change}, [10, 11, 12, 13])
+    with pytest.raises(PykataError):
+        cache._checked(good, [10, 11, 12])
+
+

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from pykata.errors import HypervisorError
-from pykata.hypervisor import host
+from pykata.host import probes as host
 from pykata.hypervisor import qemu_args as qa
 from pykata.hypervisor.qemu import QemuVM, VmConfig
 

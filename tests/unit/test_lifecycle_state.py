@@ -65,7 +65,7 @@ def test_state_round_trips_and_is_written_atomically(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("change", "message"), [
-    ({"version": 2}, "state version 2"),
+    ({"version": 1}, "state version 1"),
     ({"monitor_pid": "12"}, "'monitor_pid' has the wrong type"),
     ({"monitor_pid": True}, "'monitor_pid' has the wrong type"),
     ({"annotations": {"a": 1}}, "'annotations' has the wrong type"),
@@ -81,7 +81,7 @@ def test_a_record_of_another_version_or_type_is_refused(
 
 def test_missing_fields_and_garbage_are_refused(tmp_path: Path) -> None:
     path = tmp_path / "state.json"
-    path.write_text('{"version": 1, "id": "c"}')
+    path.write_text('{"version": 2, "id": "c"}')
     with pytest.raises(StateFileError, match="is missing"):
         read_state(path, ContainerState)
     path.write_text("not json")

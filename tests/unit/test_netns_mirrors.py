@@ -37,7 +37,10 @@ class Scanned(Exception):
 def run_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("PYKATA_RUN_ROOT", str(tmp_path))
     # Nothing in these tests may reach a real namespace or mount anything.
-    monkeypatch.setattr("pykata.runtime.sandbox.SharedFilesystem.prepare", lambda self: None)
+    async def no_share(self: object) -> None:
+        pass
+
+    monkeypatch.setattr("pykata.runtime.resources.SharedFilesystem.prepare", no_share)
     return tmp_path
 
 
@@ -63,8 +66,26 @@ def _endpoint() -> tcfilter.Endpoint:
     return tcfilter.Endpoint("eth0", 2, "02:00:00:00:00:01", 1400)
 
 
-def _sandbox(netns: Path = OWN_NETNS) -> Sandbox:
-    return Sandbox("pod-b", _config(), SandboxOptions(netns=str(netns)))
+class NoBoot:
+    """A VM source for a start that must not get as far as a VM: it records
+    the sandbox's state as the boot would find it, then fails."""
+
+    def __init__(self, paths: SandboxPaths | None = None) -> None:
+        self.paths = paths
+        self.seen: list[SandboxState] = []
+
+    async def take(self, want: object) -> None:
+        return None
+
+    async def boot(self, config: object, name: str) -> Any:
+        if self.paths is not None:
+            self.seen.append(read_state(self.paths.state_file, SandboxState))
+        raise HypervisorError("no VM in a unit test")
+
+
+def _sandbox(netns: Path = OWN_NETNS, source: NoBoot | None = None) -> Sandbox:
+    return Sandbox("pod-b", _config(), SandboxOptions(netns=str(netns)),
+                   source=source or NoBoot())
 
 
 def test_a_namespace_a_live_sandbox_mirrors_is_refused_before_anything_is_made(
@@ -142,18 +163,11 @@ def test_a_mirror_is_recorded_with_its_identity_once_made_and_removed_by_the_tea
     detached: list[Any] = []
     _fake_netlink(monkeypatch, detached)
     monkeypatch.setattr(tcfilter, "attach", lambda path, endpoints, expect=None: None)
-    seen: list[SandboxState] = []
-
-    async def boot(self: Sandbox, *args: object) -> None:
-        seen.append(read_state(self.paths.state_file, SandboxState))
-        raise HypervisorError("no VM in a unit test")
-
-    monkeypatch.setattr(Sandbox, "_boot", boot)
-    monkeypatch.setattr(Sandbox, "_template_for", lambda self, c: asyncio.sleep(0))
+    source = NoBoot(SandboxPaths.for_key("pod-b"))
     with pytest.raises(HypervisorError):
-        asyncio.run(_sandbox().start())
+        asyncio.run(_sandbox(source=source).start())
     identity = tcfilter.netns_identity(OWN_NETNS)
-    (state,) = seen
+    (state,) = source.seen
     assert (state.netns, state.mirrored) == (str(OWN_NETNS), {"eth0": 2})
     assert (state.netns_dev, state.netns_ino) == (identity.dev, identity.ino)
     # Removed once, in the namespace recorded and no other.

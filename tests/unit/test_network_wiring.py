@@ -10,7 +10,7 @@ from google.protobuf import any_pb2
 
 from pykata import config as config_mod
 from pykata.errors import ConfigError
-from pykata.monitor.main import container_netns
+from pykata.oci.monitor import container_netns
 from pykata.protocols import runtime_options_pb2
 from pykata.runtime.spec import network_namespace_path
 from pykata.runtime.state import SandboxState, read_state, write_state

@@ -15,6 +15,7 @@ import pytest
 from pykata.errors import AlreadyExistsError, NotFoundError, PykataError
 from pykata.oci import cli, verbs
 from pykata.oci.store import Store, check_id
+from pykata.runtime.ready import ReadyReport
 from pykata.runtime.spec import default_spec
 from pykata.runtime.state import ContainerState, write_state
 
@@ -113,14 +114,21 @@ def test_exec_builds_on_the_containers_process(tmp_path: Path) -> None:
         verbs._exec_process(_exec_args(command=["id"], user="root"), record)
 
 
+def _raised(report: ReadyReport) -> PykataError:
+    with pytest.raises(PykataError) as info:
+        report.raise_error()
+    return info.value
+
+
 def test_not_executable_is_worded_as_docker_reads_it() -> None:
-    missing = verbs._monitor_error({"error": "crun create: executable file `x` not found in "
-                                             "$PATH: No such file or directory", "status": 127})
+    """The monitor's report of a create that failed, as `create` prints it."""
+    missing = _raised(ReadyReport(ok=False, error="crun create: executable file `x` not found "
+                                  "in $PATH: No such file or directory", status=127))
     assert missing.exit_code == 127 and "executable file not found" in str(missing)
-    denied = verbs._monitor_error({"error": "open executable: Permission denied",
-                                   "status": 126})
+    denied = _raised(ReadyReport(ok=False, error="open executable: Permission denied",
+                                 status=126))
     assert denied.exit_code == 126 and "permission denied" in str(denied)
-    other = verbs._monitor_error({"error": "no space", "status": None})
+    other = _raised(ReadyReport(ok=False, error="no space", status=1))
     assert other.exit_code == 1 and str(other) == "no space"
 
 

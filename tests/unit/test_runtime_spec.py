@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from pykata.errors import SpecError
-from pykata.runtime.mounts import _split_options, _unescape
+from pykata.host.mounts import _split_options, _unescape
 from pykata.runtime.spec import check_spec, default_spec, load_bundle
 
 

@@ -12,8 +12,9 @@ import pytest
 from pykata import config
 from pykata.errors import AgentError, ConfigError, NotFoundError, SpecError
 from pykata.protocols import agent_pb2, cgroups_v2_pb2
-from pykata.shim import annotations, cli, metrics, shimlog, start
-from pykata.shim.status import to_status
+from pykata.runtime import pod_options as annotations
+from pykata.runtime.error_codes import to_status
+from pykata.shim import cli, metrics, shimlog, start
 from pykata.ttrpc import Code
 
 

@@ -1,5 +1,5 @@
 """Which VM shapes get a template, and how many templates, of how many bytes,
-stay on the host: the decisions of `Sandbox._template_for` and the template
+stay on the host: the decisions of `TemplateSource._template_for` and the template
 store (find, build, evict), with the template VM faked by a builder that
 writes a sparse memory file as QEMU does. tests/functional/test_templates.py
 shows the same bounds with real VMs."""
@@ -18,10 +18,11 @@ import pytest
 from pykata import config
 from pykata.errors import ConfigError
 from pykata.factory import template
+from pykata.factory.sources import TemplateSource
 from pykata.hypervisor.base import NetworkInterface
 from pykata.hypervisor.qemu import VmConfig
 from pykata.runtime.paths import private_dir
-from pykata.runtime.sandbox import Sandbox, SandboxOptions
+from pykata.runtime.vm_source import ColdBoot
 
 MIB = 1024 * 1024
 
@@ -68,9 +69,11 @@ def _config(root: Path, **factory: object) -> config.Config:
                                      **factory}}, "/etc/pykata/configuration.toml")
 
 
-def _sandbox(cfg: config.Config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Sandbox:
+def _sandbox(cfg: config.Config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+             ) -> TemplateSource:
+    """The VM source a pod gets with templates on (what it decides, not the boot)."""
     monkeypatch.setenv("PYKATA_RUN_ROOT", str(tmp_path / "run-root"))
-    return Sandbox("pod", cfg, SandboxOptions())
+    return TemplateSource(cfg, fallback=ColdBoot(cfg.agent.dial_timeout))
 
 
 def _keys(root: Path) -> set[str]:
@@ -86,9 +89,10 @@ async def test_a_tenants_kernel_params_make_no_template_of_their_own(
     boots cold with a line that says why and names the key to change."""
     root = tmp_path / "templates"
     sandbox = _sandbox(_config(root), tmp_path, monkeypatch)
-    with caplog.at_level(logging.INFO, logger="pykata.runtime.sandbox"):
+    with caplog.at_level(logging.INFO, logger="pykata.factory.sources"):
         for i in range(20):
-            assert await sandbox._template_for(_vm(tmp_path, kernel_params=f"x{i}=1")) is None
+            assert await sandbox._template_for(
+                _vm(tmp_path, kernel_params=f"x{i}=1"), "pod") is None
     assert builds == [] and not template.list_templates(root)
     lines = [r.getMessage() for r in caplog.records if "boots cold" in r.getMessage()]
     assert len(lines) == 20, caplog.text
@@ -96,9 +100,10 @@ async def test_a_tenants_kernel_params_make_no_template_of_their_own(
     assert "/etc/pykata/configuration.toml" in lines[0]
     # Asking for other vCPUs or memory is refused alike; the configuration's
     # own shape (an annotation may repeat its values) gets its template.
-    assert await sandbox._template_for(_vm(tmp_path, vcpus=2)) is None
-    assert await sandbox._template_for(_vm(tmp_path, memory_mib=1024)) is None
-    assert await sandbox._template_for(_vm(tmp_path, vcpus=1, memory_mib=512)) is not None
+    assert await sandbox._template_for(_vm(tmp_path, vcpus=2), "pod") is None
+    assert await sandbox._template_for(_vm(tmp_path, memory_mib=1024), "pod") is None
+    assert await sandbox._template_for(
+        _vm(tmp_path, vcpus=1, memory_mib=512), "pod") is not None
     assert len(builds) == 1
 
 
@@ -154,7 +159,7 @@ async def test_twenty_shapes_leave_at_most_the_cap_on_disk(
     sandbox = _sandbox(_config(root), tmp_path, monkeypatch)
     nic = NetworkInterface(-1, "02:00:00:00:00:01", 1500)
     for count in range(1, 21):
-        made = await sandbox._template_for(_vm(tmp_path, network=(nic,) * count))
+        made = await sandbox._template_for(_vm(tmp_path, network=(nic,) * count), "pod")
         assert made is not None and made.memory.is_file()
         on_disk = template.list_templates(root)
         assert len(on_disk) <= 4, f"{len(on_disk)} templates on disk after {count} shapes"
@@ -175,10 +180,10 @@ async def test_the_least_recently_used_go_and_bytes_stay_under_the_cap(
     shapes = [f"1:{64 + i}" for i in range(20)]
     sandbox = _sandbox(_config(root, template_shapes=shapes, template_max_count=100,
                                template_max_size=5), tmp_path, monkeypatch)
-    first = await sandbox._template_for(_vm(tmp_path, memory_mib=64))
+    first = await sandbox._template_for(_vm(tmp_path, memory_mib=64), "pod")
     assert first is not None
     for i in range(1, 20):
-        assert await sandbox._template_for(_vm(tmp_path, memory_mib=64 + i)) is not None
+        assert await sandbox._template_for(_vm(tmp_path, memory_mib=64 + i), "pod") is not None
         async with template.in_use(first):  # a pod restored from the first one
             pass
         on_disk = template.list_templates(root)
@@ -199,17 +204,17 @@ async def test_a_template_being_restored_is_never_evicted(
     root = tmp_path / "templates"
     sandbox = _sandbox(_config(root, template_shapes=["2:512"], template_max_count=1),
                        tmp_path, monkeypatch)
-    first = await sandbox._template_for(_vm(tmp_path))
+    first = await sandbox._template_for(_vm(tmp_path), "pod")
     assert first is not None
-    with caplog.at_level(logging.WARNING, logger="pykata.runtime.sandbox"):
+    with caplog.at_level(logging.WARNING, logger="pykata.factory.sources"):
         async with template.in_use(first):
-            assert await sandbox._template_for(_vm(tmp_path, vcpus=2)) is None
+            assert await sandbox._template_for(_vm(tmp_path, vcpus=2), "pod") is None
             found, _ = template.find(root, _vm(tmp_path))
             assert found == first
     assert len(builds) == 1, "a build began with no room for its template"
     [line] = [r.getMessage() for r in caplog.records if "boots cold" in r.getMessage()]
     assert "template_max_count = 1" in line and "raise template_max_count" in line, line
-    second = await sandbox._template_for(_vm(tmp_path, vcpus=2))
+    second = await sandbox._template_for(_vm(tmp_path, vcpus=2), "pod")
     assert second is not None and _keys(root) == {second.key}
     # A restore from the evicted one (found before it went) fails cleanly: the
     # sandbox boots cold.
@@ -223,8 +228,8 @@ async def test_a_template_larger_than_the_byte_cap_is_not_kept(
         caplog: pytest.LogCaptureFixture) -> None:
     root = tmp_path / "templates"
     sandbox = _sandbox(_config(root, template_max_size=1), tmp_path, monkeypatch)
-    with caplog.at_level(logging.WARNING, logger="pykata.runtime.sandbox"):
-        assert await sandbox._template_for(_vm(tmp_path)) is None
+    with caplog.at_level(logging.WARNING, logger="pykata.factory.sources"):
+        assert await sandbox._template_for(_vm(tmp_path), "pod") is None
     assert len(builds) == 1 and not template.list_templates(root)
     assert not list(root.glob("*.new"))
     [line] = [r.getMessage() for r in caplog.records if "boots cold" in r.getMessage()]

@@ -25,6 +25,7 @@ from pykata import config
 from pykata.errors import HostError, PykataError
 from pykata.factory import cache
 from pykata.runtime.paths import others_can_replace, private_dir
+from pykata.runtime.vm_source import ColdBoot
 
 NOBODY = 65534
 
@@ -55,7 +56,7 @@ def _run_like(tmp_path: Path, mode: int, name: str = "run") -> Path:
 
 async def _serve_briefly(cfg: config.Config) -> BaseException | None:
     """Run the cache server (no warm VMs) until it serves or fails; what it raised."""
-    server = cache.VmCache(cfg, 0)
+    server = cache.VmCache(cfg, 0, ColdBoot(60))
     task = asyncio.ensure_future(server.serve())
     try:
         deadline = time.monotonic() + 10
@@ -198,9 +199,10 @@ def _cache_process(endpoint: Path) -> subprocess.Popen[bytes]:
     code = ("import asyncio, sys\n"
             "from pykata import config\n"
             "from pykata.factory import cache\n"
+            "from pykata.runtime.vm_source import ColdBoot\n"
             "cfg = config.parse({'factory': {'vm_cache_number': 1, "
             "'vm_cache_endpoint': sys.argv[1]}}, 'test')\n"
-            "asyncio.run(cache.VmCache(cfg, 0).serve())\n")
+            "asyncio.run(cache.VmCache(cfg, 0, ColdBoot(60)).serve())\n")
     proc = subprocess.Popen([sys.executable, "-c", code, str(endpoint)])
     deadline = time.monotonic() + 20
     while not (endpoint.exists() and _answers(endpoint)):
@@ -224,7 +226,7 @@ def test_a_killed_caches_socket_is_removed_and_a_live_ones_is_not(tmp_path: Path
     try:
         assert not cache.remove_stale_endpoint(cfg)  # it serves
         with pytest.raises(PykataError, match="already serves"):
-            asyncio.run(cache.VmCache(cfg, 0).serve())
+            asyncio.run(cache.VmCache(cfg, 0, ColdBoot(60)).serve())
         assert _answers(path)
     finally:
         proc.kill()

@@ -1,12 +1,14 @@
 """How the VM cache hands out a warm VM, with real sockets and stand-in warm
-monitors (processes that answer the cache as a warm pod monitor does, with
-no VM): a VM leaves the pool only for a requester that is still there, and
-one that left the pool without going to a pod is ended, never forgotten."""
+VMs (a `sleep` process standing for QEMU, socketpairs and a pipe for its
+channels): a VM leaves the pool only for a requester that is still there,
+its descriptors reach the requester, one that could not be handed out is
+ended, and one whose owner dies is ended by the cache."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import socket
 import subprocess
@@ -20,66 +22,95 @@ from typing import Any
 import pytest
 
 from pykata import config
-from pykata.errors import PykataError
 from pykata.factory import cache, wire
+from pykata.hypervisor.qemu import Handover
+from pykata.runtime.paths import SandboxPaths
+from pykata.runtime.vm_source import ColdBoot
 
 SHAPE, DIGEST = "shape-1", "config-1"
 
-# A stand-in warm pod monitor on the cache's control socket: it waits for the
-# pod; on "adopt" it does what argv[2] says. It ends when the socket closes.
-WARM_MONITOR = """
-import json, socket, sys, time
-control = socket.socket(fileno=int(sys.argv[1]))
-data, fds, _, _ = socket.recv_fds(control, 65536, 4)
-if not data:
-    sys.exit(0)
-if sys.argv[2] == "take":
-    control.send(json.dumps({"ok": True, "qemu_pid": 0}).encode())
-    control.recv(1)
-    time.sleep(1)
-elif sys.argv[2] == "refuse":
-    control.send(json.dumps({"error": "the guest refused the pod"}).encode())
-    time.sleep(600)
-else:
-    time.sleep(600)
-"""
+
+class StandInVm:
+    """What the cache holds of a warm VM: a process for QEMU, its channels."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen(["sleep", "600"])
+        self.channels = [socket.socketpair() for _ in range(2)]
+        self.output = os.pipe()
+
+    async def wait(self) -> int:
+        while self.proc.poll() is None:
+            await asyncio.sleep(0.05)
+        return 0
+
+    def close(self) -> None:
+        for a, b in self.channels:
+            a.close()
+            b.close()
+        for fd in self.output:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+class StandInSandbox:
+    """The warm sandbox's side of a hand-over (`Sandbox.hand_over`, `forget`,
+    `kill`, `stop`), over a StandInVm."""
+
+    def __init__(self, root: Path, index: int) -> None:
+        self.paths = SandboxPaths(f"warm-{index:016x}", root)
+        self.paths.run_dir.mkdir(parents=True)
+        self.vm = StandInVm()
+        self.killed = False
+        self.forgotten = False
+
+    async def hand_over(self) -> tuple[Handover, dict[str, object]]:
+        (agent, _), (console, _) = self.vm.channels
+        handover = Handover(pid=self.vm.proc.pid, pidfd=os.pidfd_open(self.vm.proc.pid),
+                            agent=agent.fileno(), console=console.fileno(),
+                            output=self.vm.output[0])
+        return handover, {"run_dir": str(self.paths.run_dir), "qemu_pid": self.vm.proc.pid,
+                          "vm_name": self.paths.key, "boot": "cold", "next_stream_id": 3}
+
+    async def forget(self, handover: Handover) -> None:
+        os.close(handover.pidfd)
+        self.forgotten = True
+
+    async def kill(self) -> None:
+        self.killed = True
+        self.vm.proc.kill()
+        self.vm.proc.wait()
+
+    async def stop(self) -> None:
+        await self.kill()
 
 
 @dataclass
 class Pool:
     server: cache.VmCache
     cfg: config.Config
-    behaviour: str = "take"
-    monitors: list[asyncio.subprocess.Process] = field(default_factory=list)
+    root: Path
+    made: list[StandInSandbox] = field(default_factory=list)
 
-    def running(self) -> set[int]:
-        return {p.pid for p in self.monitors if p.returncode is None}
-
-    def pooled(self) -> set[int]:
-        return {w.proc.pid for w in self.server._warm}
+    def pooled(self) -> list[Any]:
+        return [w.sandbox for w in self.server._warm]
 
 
 @pytest.fixture
 async def pool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Pool]:
-    monkeypatch.setenv("PYKATA_RUN_ROOT", str(tmp_path / "root"))
+    root = tmp_path / "root"
+    monkeypatch.setenv("PYKATA_RUN_ROOT", str(root))
     cfg = config.parse({"factory": {"vm_cache_number": 1,
                                     "vm_cache_endpoint": str(tmp_path / "cache.sock")}}, "test")
-    pool = Pool(cache.VmCache(cfg, 1), cfg)
+    pool = Pool(cache.VmCache(cfg, 1, ColdBoot(60)), cfg, root)
 
     async def keep_one(server: cache.VmCache) -> None:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", WARM_MONITOR, str(theirs.fileno()), pool.behaviour,
-            pass_fds=(theirs.fileno(),))
-        theirs.close()
-        pool.monitors.append(proc)
-        warm = cache._Warm(proc, ours, shape=SHAPE, config=DIGEST, boot="cold")
+        sandbox = StandInSandbox(root, len(pool.made))
+        pool.made.append(sandbox)
+        warm = cache._Warm(sandbox, SHAPE, DIGEST)  # type: ignore[arg-type]
         server._warm.append(warm)
         server._background(server._watch(warm))
 
     monkeypatch.setattr(cache.VmCache, "_keep_one", keep_one)
-    monkeypatch.setattr(cache, "_ADOPT_SECONDS", 1.0)
-    monkeypatch.setattr(cache, "_RETIRE_SECONDS", 1.0, raising=False)
     serving = asyncio.ensure_future(pool.server.serve())
     try:
         await _until(lambda: pool.server.status()["ready"] == 1, "the pool to fill")
@@ -90,18 +121,14 @@ async def pool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
-        # The cache ended every warm monitor it did not hand out (a handed
-        # out stand-in ends a second after the cache closed its socket).
-        left = pool.running()
-        handed = pool.server._handed_out
-        for proc in pool.monitors:
-            if proc.returncode is None:
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(proc.wait(), 5 if handed else 0.1)
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
-        assert len(left) <= handed, f"warm monitors left running: {left}"
+        # Every VM the cache did not hand out was stopped; clean the rest up.
+        for made in pool.made:
+            if not made.forgotten:
+                assert made.killed, f"{made.paths.key} was neither handed out nor stopped"
+            if made.vm.proc.poll() is None:
+                made.vm.proc.kill()
+                made.vm.proc.wait()
+            made.vm.close()
 
 
 async def _until(predicate: Any, what: str, timeout: float = 10) -> None:
@@ -111,9 +138,8 @@ async def _until(predicate: Any, what: str, timeout: float = 10) -> None:
         await asyncio.sleep(0.05)
 
 
-async def _request(pool: Pool, conn: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
-    wire.send(conn, {"op": "vm", "id": "pod-1", "key": "pod-1", "shape": SHAPE,
-                     "config": DIGEST, "options": {}})
+async def _request(conn: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
+    wire.send(conn, {"op": "vm", "shape": SHAPE, "config": DIGEST})
     try:
         return await wire.recv(conn, timeout=20)
     except EOFError:
@@ -139,54 +165,87 @@ async def _connected_by_a_process_now_gone(endpoint: Path) -> socket.socket:
 async def test_a_request_from_a_gone_shim_leaves_the_vm_in_the_pool(
         pool: Pool, peer_pidfd: str, monkeypatch: pytest.MonkeyPatch) -> None:
     if peer_pidfd == "pidfd_open":  # a kernel before 6.5 has no SO_PEERPIDFD
-        monkeypatch.setattr(cache, "_SO_PEERPIDFD", 0x7fff, raising=False)
+        monkeypatch.setattr(wire, "_SO_PEERPIDFD", 0x7fff)
     first = pool.pooled()
     conn = await _connected_by_a_process_now_gone(cache.endpoint(pool.cfg))
     with conn:
-        answer, fds = await _request(pool, conn)
+        answer, fds = await _request(conn)
     wire.close_fds(fds)
     await asyncio.sleep(0.5)  # what a replacement would need to start
-    assert pool.running() == pool.pooled(), "a warm monitor left the pool and runs on"
-    assert pool.pooled() == first and len(pool.monitors) == 1
-    assert pool.server.status()["handed_out"] == 0
+    assert pool.pooled() == first and len(pool.made) == 1
+    assert not first[0].killed and not first[0].forgotten
+    assert pool.server.status()["handed_out"] == 0 and fds == []
     assert answer is not None and "gone" in str(answer.get("error")), answer
 
 
-async def test_a_live_shim_gets_the_vm_and_the_pool_refills(pool: Pool) -> None:
-    first = pool.pooled()
+async def test_a_live_shim_gets_the_vm_its_descriptors_and_the_pool_refills(
+        pool: Pool) -> None:
+    (first,) = pool.pooled()
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as conn:
         conn.connect(str(cache.endpoint(pool.cfg)))
-        answer, fds = await _request(pool, conn)
+        answer, fds = await _request(conn)
     try:
         assert answer is not None and answer.get("ok"), answer
-        assert {answer["monitor_pid"]} == first and len(fds) == 1
+        assert answer["fds"] == ["pidfd", "agent", "console", "output"] and len(fds) == 4
+        assert (answer["qemu_pid"], answer["vm_name"]) == (first.vm.proc.pid, first.paths.key)
+        # The pidfd is QEMU's: the new owner can end it.
+        signal.pidfd_send_signal(fds[0], 0)
+        # The agent channel is the VM's: what the owner writes, the guest reads.
+        os.write(fds[1], b"ping")
+        assert first.vm.channels[0][1].recv(4) == b"ping"
     finally:
         wire.close_fds(fds)
+    assert first.forgotten and not first.killed and first.vm.proc.poll() is None
     await _until(lambda: pool.server.status()["ready"] == 1, "the refill")
-    assert pool.server.status()["handed_out"] == 1 and pool.pooled() != first
+    assert pool.server.status()["handed_out"] == 1 and pool.pooled() != [first]
 
 
-@pytest.mark.parametrize("behaviour", ["refuse", "hang"])
-async def test_a_vm_that_left_the_pool_but_no_pod_took_is_ended(
-        pool: Pool, behaviour: str) -> None:
-    """A warm monitor that refuses the pod or does not answer in time is
-    ended (its socket closed, then killed): it serves no pod and nobody
-    would end it otherwise. The pool refills."""
-    # The pooled monitor takes pods: end it, and its replacement behaves as asked.
-    taken = pool.pooled()
-    pool.behaviour = behaviour
-    pool.server._warm[0].control.close()
-    await _until(lambda: pool.server.status()["ready"] == 1 and pool.pooled() != taken,
-                 "a monitor that behaves as asked")
-    failing = pool.pooled()
+async def test_a_vm_that_could_not_be_handed_out_is_ended(
+        pool: Pool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The requester is there but the hand-over fails (it cannot be sent):
+    the VM, already out of the pool and no longer whole, is stopped, never
+    forgotten; the pool refills."""
+    (first,) = pool.pooled()
+
+    def broken_send(sock: socket.socket, message: dict[str, Any],
+                    fds: list[int] | None = None) -> None:
+        if message.get("ok"):
+            raise OSError(32, "Broken pipe")
+        original(sock, message, fds)
+
+    original = wire.send
+    monkeypatch.setattr(wire, "send", broken_send)
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as conn:
         conn.connect(str(cache.endpoint(pool.cfg)))
-        answer, fds = await _request(pool, conn)
-    wire.close_fds(fds)
-    assert answer is not None and not answer.get("ok"), answer
-    await _until(lambda: not failing & pool.running(), "the failed monitor to end")
+        original(conn, {"op": "vm", "shape": SHAPE, "config": DIGEST})
+        await _until(lambda: first.killed, "the VM to be stopped")
+    assert not first.forgotten
     await _until(lambda: pool.server.status()["ready"] == 1, "the refill")
     assert pool.server.status()["handed_out"] == 0
+
+
+async def test_a_vm_whose_owner_dies_is_ended_by_the_cache(pool: Pool) -> None:
+    """The owner took the VM and was killed before it moved the VM's
+    directory: the cache kills the VM through its pidfd and removes the
+    directory."""
+    (first,) = pool.pooled()
+    owner = await asyncio.create_subprocess_exec(
+        sys.executable, "-c",
+        "import socket, sys, time\n"
+        "s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)\n"
+        "s.connect(sys.argv[1])\n"
+        "s.send(b'{\"op\": \"vm\", \"shape\": \"shape-1\", \"config\": \"config-1\"}')\n"
+        "s.recv(65536)\n"
+        "print('took', flush=True)\n"
+        "time.sleep(600)\n", str(cache.endpoint(pool.cfg)), stdout=subprocess.PIPE)
+    assert owner.stdout is not None
+    assert await asyncio.wait_for(owner.stdout.readline(), 20) == b"took\n"
+    await _until(lambda: first.forgotten, "the hand-over")
+    assert first.vm.proc.poll() is None
+    owner.kill()
+    await owner.wait()
+    await _until(lambda: first.vm.proc.poll() is not None, "the cache to end the VM")
+    assert not first.paths.run_dir.exists()
 
 
 def test_a_pid_that_names_no_process_is_refused() -> None:
@@ -194,5 +253,5 @@ def test_a_pid_that_names_no_process_is_refused() -> None:
     gone = subprocess.Popen(["true"])
     gone.wait()
     for pid, why in ((gone.pid, "gone"), (0, "PID namespace")):
-        with pytest.raises(PykataError, match=why):
-            cache._pidfd_by_pid(pid)
+        with pytest.raises(wire.PeerGone, match=why):
+            wire._pidfd_by_pid(pid)

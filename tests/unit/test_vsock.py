@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from pykata.host import vsock
 from pykata.hypervisor.qemu import QemuVM, VmConfig
-from pykata.runtime import vsock
 
 
 async def test_connect_retries_until_the_agent_listens() -> None:

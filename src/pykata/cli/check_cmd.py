@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pykata import config as config_mod
 from pykata.errors import PykataError
-from pykata.hypervisor.host import probe_shared_fs, probe_vsock, resolve_accel
+from pykata.host.probes import probe_shared_fs, probe_vsock, resolve_accel
 
 
 @dataclass(frozen=True)

@@ -50,9 +50,10 @@ def run_init(args: argparse.Namespace) -> int:
         _ensure_template(cfg)
     if cfg.factory.vm_cache_number:
         from pykata.factory.cache import VmCache
+        from pykata.factory.sources import vm_source
 
         print(f"VM cache: keeping {cfg.factory.vm_cache_number} VMs ready", flush=True)
-        asyncio.run(VmCache(cfg, cfg.factory.vm_cache_number).serve())
+        asyncio.run(VmCache(cfg, cfg.factory.vm_cache_number, vm_source(cfg)).serve())
     return 0
 
 

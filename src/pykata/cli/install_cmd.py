@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pykata import config as config_mod
+from pykata.channels import RUNTIME_TYPE, SHIM_NAME
 from pykata.errors import ConfigError, PykataError
 from pykata.install import root_runs
 from pykata.install.containerd_config import (
@@ -41,7 +42,6 @@ from pykata.install.containerd_config import (
     table_at,
     write_atomic,
 )
-from pykata.shim.cli import RUNTIME_TYPE, SHIM_NAME
 
 # The PATH systemd gives containerd: a shim linked elsewhere is not found.
 SERVICE_PATH = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")

@@ -7,22 +7,25 @@ import asyncio
 import contextlib
 import json
 import os
+import secrets
 import signal
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pykata import config as config_mod
-from pykata.cli.console_io import raw_terminal, terminal_size
 from pykata.errors import PykataError, SpecError
+from pykata.host.hostio import FdReader, FdWriter
+from pykata.host.mounts import Mount
+from pykata.host.terminal import raw_terminal, terminal_size
 from pykata.runtime.container import Container, bind_rootfs, overlay_rootfs
 from pykata.runtime.exit_status import start_failure_status
-from pykata.runtime.hostio import FdReader, FdWriter
-from pykata.runtime.mounts import Mount
-from pykata.runtime.oneshot import OneShotIO, OneShotResult, run_container
+from pykata.runtime.pod import Pod
 from pykata.runtime.sandbox import SandboxOptions
 from pykata.runtime.spec import default_spec, load_bundle
+from pykata.runtime.stdio import Sink, Source
 from pykata.runtime.volumes import Volume, plan_volumes
 
 # A file to write phase timings to (the benchmark sets it).
@@ -105,7 +108,7 @@ def _base_spec_and_rootfs(args: argparse.Namespace) -> tuple[dict[str, Any], Any
     if args.rootfs is not None:
         mounts = bind_rootfs(args.rootfs)
         return spec, lambda _c: mounts
-    from pykata.runtime.busybox_image import ensure_image
+    from pykata.assets.busybox_image import ensure_image
 
     image = ensure_image()
 
@@ -113,6 +116,26 @@ def _base_spec_and_rootfs(args: argparse.Namespace) -> tuple[dict[str, Any], Any
         return overlay_rootfs(image, container.scratch())
 
     return spec, overlay
+
+
+@dataclass
+class RunResult:
+    exit_code: int
+    phases: dict[str, float] = field(default_factory=dict)
+
+
+class _TerminalIO:
+    """`pykata run`'s own stdio, as the container's process's (closed by
+    `run` once the container is gone)."""
+
+    def __init__(self, stdout: Sink | None, stderr: Sink | None, stdin: Source | None) -> None:
+        self.stdout, self.stderr, self.stdin = stdout, stderr, stdin
+
+    async def close(self) -> None:
+        pass
+
+    def close_stdin(self) -> None:
+        pass
 
 
 def run(args: argparse.Namespace) -> int:
@@ -151,7 +174,7 @@ def _write_timings(path: Path, entered: float, phases: dict[str, float]) -> None
 async def _run(
     cfg: config_mod.Config, spec: dict[str, Any], rootfs: Any, options: SandboxOptions,
     interactive: bool, tty: bool, volumes: list[tuple[int, Volume]],
-) -> OneShotResult:
+) -> RunResult:
     out, err = FdWriter(1), FdWriter(2)
     stdin = FdReader(0).read if interactive else None
     loop = asyncio.get_running_loop()
@@ -167,31 +190,70 @@ async def _run(
 
     for sig in _FORWARDED:
         loop.add_signal_handler(sig, interrupt, sig)
-
-    async def on_running(container: Container) -> None:
-        if tty:
-            rows, cols = terminal_size()
-            with contextlib.suppress(PykataError):
-                await container.agent.resize(container.id, container.id, rows, cols)
-            loop.add_signal_handler(signal.SIGWINCH, _resize_later, container)
-        for sig in _FORWARDED:
-            loop.add_signal_handler(sig, _signal_later, container, sig)
-
-    io = OneShotIO(stdout=out.write, stderr=None if tty else err.write, stdin=stdin,
-                   on_running=on_running)
+    io = _TerminalIO(out.write, None if tty else err.write, stdin)
     try:
-        result = await run_container(cfg, spec, rootfs, io, options, volumes=volumes,
-                                     profile_boot=bool(os.environ.get(TIMINGS_ENV)))
+        result = await _run_pod(cfg, spec, rootfs, io, options, volumes, tty,
+                                profile_boot=bool(os.environ.get(TIMINGS_ENV)))
     except asyncio.CancelledError:
         if not interrupted:
             raise
-        result = OneShotResult(128 + interrupted[0])
+        result = RunResult(128 + interrupted[0])
     finally:
         for sig in (*_FORWARDED, signal.SIGWINCH):
             loop.remove_signal_handler(sig)
         await out.close()
         await err.close()
     return result
+
+
+async def _run_pod(cfg: config_mod.Config, spec: dict[str, Any], rootfs: Any,
+                   io: _TerminalIO, options: SandboxOptions,
+                   volumes: list[tuple[int, Volume]], tty: bool, *,
+                   profile_boot: bool) -> RunResult:
+    """Boot a pod, run `spec` in it until its init exits, end the pod. The
+    phases are timed apart because the benchmark reports each one (with
+    `profile_boot`, the guest's own boot steps too, as guest_*)."""
+    from pykata.factory.sources import vm_source
+    from pykata.runtime.owner import new_pod, start_pod
+    from pykata.runtime.pod import PodPolicy
+
+    pod = new_pod(f"run-{secrets.token_hex(6)}", cfg, options, key=None, front_end="run",
+                  source=vm_source(cfg), policy=PodPolicy(ends_with_init=True))
+    phases: dict[str, float] = {}
+    t0 = time.monotonic()
+    owned = await start_pod(pod)
+    try:
+        times = pod.sandbox.times
+        phases.update(vm_launch=times.vm_launch, vm_boot_to_agent=times.agent_ready,
+                      sandbox_create=times.sandbox_create)
+        if profile_boot and pod.sandbox.agent is not None:
+            # The guest's own steps, on its clock: 0 is its kernel's start.
+            for step, seconds in (await pod.sandbox.agent.boot_profile()).items():
+                phases[f"guest_{step}"] = seconds
+        t1 = time.monotonic()
+        container = await pod.create_container(pod.id, spec, rootfs, io=io, volumes=volumes)
+        await pod.start_process(container.id)
+        phases["container_create_start"] = time.monotonic() - t1
+        _forward_signals(pod, container.id, tty)
+        await pod.ended.wait()
+        code = container.init.exit_status
+    finally:
+        t2 = time.monotonic()
+        await owned.close()
+        phases["teardown"] = time.monotonic() - t2
+    phases["total_in_process"] = time.monotonic() - t0
+    return RunResult(code, phases)
+
+
+def _forward_signals(pod: Pod, container_id: str, tty: bool) -> None:
+    """Once the container runs: the signals `pykata run` gets go to it, and
+    the terminal's size follows the user's."""
+    loop = asyncio.get_running_loop()
+    if tty:
+        _resize_later(pod, container_id)
+        loop.add_signal_handler(signal.SIGWINCH, _resize_later, pod, container_id)
+    for sig in _FORWARDED:
+        loop.add_signal_handler(sig, _signal_later, pod, container_id, sig)
 
 
 # Signal handlers start these; the set keeps each task referenced until done.
@@ -204,24 +266,23 @@ def _spawn(call: Any) -> None:
     task.add_done_callback(_pending.discard)
 
 
-def _resize_later(container: Container) -> None:
+def _resize_later(pod: Pod, container_id: str) -> None:
     rows, cols = terminal_size()
-    _spawn(container.agent.resize(container.id, container.id, rows, cols))
+    _spawn(pod.resize(container_id, "", rows, cols))
 
 
-def _signal_later(container: Container, sig: int) -> None:
-    _spawn(container.kill(sig))
+def _signal_later(pod: Pod, container_id: str, sig: int) -> None:
+    _spawn(pod.kill(container_id, "", sig))
     # The container's init ignores a signal it has no handler for (it is
     # PID 1 of its namespace); a user who asked `pykata run` to stop gets
     # it stopped, as `docker stop` does, after a grace period.
-    asyncio.get_running_loop().call_later(STOP_GRACE_SECONDS, _kill_now, container)
+    asyncio.get_running_loop().call_later(STOP_GRACE_SECONDS, _kill_now, pod, container_id)
 
 
-def _kill_now(container: Container) -> None:
-    _spawn(container.kill(signal.SIGKILL))
+def _kill_now(pod: Pod, container_id: str) -> None:
+    _spawn(pod.kill(container_id, "", signal.SIGKILL))
 
 
 async def _quiet(call: Any) -> None:
     with contextlib.suppress(PykataError):
         await call
-

@@ -1,30 +1,27 @@
-"""The VM cache: pod monitors kept warm with a booted (or template-restored)
-VM, handed to shims as they start pods ([factory] vm_cache_number).
+"""The VM cache: VMs kept booted (or restored from the template) with no pod
+yet, handed to pods' owners as they start ([factory] vm_cache_number).
 
-    pykata factory init          serves <endpoint> (vm_cache_endpoint), 0600
-      └─ N warm pod monitors     `python -m pykata.monitor.pod --warm`, each
-           └─ QEMU               holding a VM with no pod, as sandbox warm-<hex>
+    pykata factory init        serves <endpoint> (vm_cache_endpoint), 0600,
+      └─ N QEMUs               each a sandbox warm-<hex>, started without its
+                               CreateSandbox; no Python process of its own
 
-A shim asks for a VM of its pod's shape (`request_vm`). The cache takes a
-warm monitor of that shape and configuration, sends it the pod (id, key,
-options) with a pidfd of the shim, and relays its answer with a pidfd of the
-monitor. The monitor renames its sandbox directory to the pod's key, gives
-the guest its CreateSandbox, serves `monitor.sock` there, and from then on
-is that pod's monitor: it ends when the shim does. The cache starts a
-replacement at once.
+A pod's owner (containerd's shim) asks for a VM of its pod's shape and
+configuration (`CacheSource`). The cache checks the requester (root, and
+alive: it takes a pidfd of it before a VM leaves the pool), then hands the
+VM over: QEMU's pidfd, the agent channel, the console and QEMU's output,
+with the VM's directory, its name and the agent channel's next stream id.
+The owner renames the directory to its pod's, gives the guest its
+CreateSandbox and owns the VM from then on (`Sandbox._move_in`). The cache
+starts a replacement at once.
 
-A warm monitor ends, and takes its VM and its directory with it, when the
-cache's socket to it closes: a cache that is stopped or killed leaves no
-VM behind (its endpoint file stays until the next start or `pykata
-cleanup`). A shim that finds no cache, or no VM of its shape, starts its
-own monitor, with a log line. A shim that is gone (or cannot be watched)
-by the time its request is served gets no VM, and the VM stays in the
-pool; a VM that left the pool and was not taken is ended.
-
-The endpoint may be anywhere the operator chooses, /run included: pykata
-refuses one in a directory another user could change, never changes a
-directory's mode, and removes only the socket a cache recorded as its own
-(`EndpointClaim`) once that cache is gone.
+Lifetimes. A warm VM's QEMU is not killed with the cache, since a VM handed
+out must outlive it: it ends when the cache's end of its agent channel
+closes, as every pykata VM does (the agent powers the guest off), so a
+cache that is stopped or SIGKILLed leaves no VM running (its directories
+are `pykata cleanup`'s). A VM handed out ends with its owner: the owner
+stops it; if the owner is SIGKILLed, its end of the agent channel closes
+(the guest powers off), containerd's `shim delete` kills QEMU by its pid,
+and the cache, while it runs, kills it through the pidfd it kept.
 """
 
 from __future__ import annotations
@@ -32,18 +29,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import errno
-import fcntl
 import hashlib
 import json
 import logging
 import os
-import select
+import re
+import secrets
 import signal
 import socket
-import stat
-import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,23 +45,25 @@ from pykata.config import Config
 from pykata.errors import PykataError
 from pykata.factory import template as templates
 from pykata.factory import wire
-from pykata.hypervisor.qemu import VmConfig
-from pykata.runtime.paths import check_id, others_can_replace, private_dir, run_root
+from pykata.factory.endpoint import claim_endpoint, endpoint, remove_stale_endpoint
+from pykata.hypervisor.qemu import Handover, QemuVM, VmConfig
+from pykata.runtime.agent_client import AgentClient
+from pykata.runtime.paths import SandboxPaths, run_root
+from pykata.runtime.sandbox import Sandbox, SandboxOptions, cleanup_host_state
+from pykata.runtime.vm_source import BootedVm, VmSource, VmWant
+
+__all__ = ["CacheSource", "VmCache", "ask", "endpoint", "remove_stale_endpoint"]
 
 log = logging.getLogger(__name__)
 
-_ADOPT_SECONDS = 60.0
 _REQUEST_SECONDS = 90.0
-# After a warm monitor fails to boot, how long before the next try.
+# After a warm VM fails to start, how long before the next try.
 _RETRY_SECONDS = 5.0
-# How long a warm monitor that took no pod has to end before it is killed.
-_RETIRE_SECONDS = 30.0
-# getsockopt: a pidfd of a unix socket's peer (Linux 6.5; not in Python 3.11).
-_SO_PEERPIDFD = 77
-
-
-def endpoint(config: Config) -> Path:
-    return Path(config.factory.vm_cache_endpoint or run_root() / "factory" / "cache.sock")
+# How long a VM taken over has to answer on its handed-over channel.
+_CHECK_SECONDS = 10.0
+_WARM_NAME = re.compile(r"warm-[0-9a-f]{16}")
+# The descriptors of a hand-over, in the order they travel.
+_FDS = ("pidfd", "agent", "console", "output", "token")
 
 
 def vm_shape(vm: VmConfig) -> str:
@@ -82,62 +78,39 @@ def config_digest(config: Config) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:24]
 
 
-@dataclass(frozen=True)
-class Adoption:
-    id: str
-    key: str
-    options: Any  # SandboxOptions
-    shim_pidfd: int
+class _Outliving:
+    """A source of warm VMs: QEMU is not killed with the cache (see above)."""
+
+    def __init__(self, inner: VmSource) -> None:
+        self.inner = inner
+
+    async def take(self, want: VmWant) -> BootedVm | None:
+        return None
+
+    async def boot(self, config: VmConfig, name: str) -> BootedVm:
+        return await self.inner.boot(dataclasses.replace(config, outlives_owner=True), name)
 
 
-def parse_adoption(message: dict[str, Any], fds: list[int]) -> Adoption:
-    """The cache's "adopt" message to a warm monitor, checked."""
-    from pykata.runtime.sandbox import SandboxOptions
-
-    if message.get("op") != "adopt" or len(fds) != 1:
-        raise PykataError("the VM cache sent a message that is not an adoption")
-    sid, key, raw = message.get("id"), message.get("key"), message.get("options")
-    if not isinstance(sid, str) or not isinstance(key, str) or not isinstance(raw, dict):
-        raise PykataError("the VM cache sent an adoption without id, key or options")
-    return Adoption(check_id("sandbox id", sid), check_id("sandbox key", key),
-                    _options(raw, SandboxOptions), fds[0])
-
-
-def _options(raw: dict[str, Any], cls: Any) -> Any:
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    values: dict[str, Any] = {}
-    for name, value in raw.items():
-        if name not in known:
-            raise PykataError(f"unknown sandbox option {name!r}")
-        expected = {"int | None": (int, type(None)), "str": (str,)}.get(str(known[name].type))
-        if expected is None or isinstance(value, bool) or not isinstance(value, expected):
-            raise PykataError(f"sandbox option {name} has the wrong type")
-        values[name] = value
-    return cls(**values)
-
-
-@dataclass(eq=False)  # one per process: compared, and kept in sets, as itself
+@dataclass(eq=False)  # one per VM: compared, and kept in lists, as itself
 class _Warm:
-    proc: asyncio.subprocess.Process
-    control: socket.socket
-    shape: str = ""
-    config: str = ""
-    qemu_pid: int = 0
-    boot: str = ""
-    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    sandbox: Sandbox
+    shape: str
+    config: str
 
 
 class VmCache:
-    """The cache server: keeps `count` warm monitors, hands them out."""
+    """The cache server: keeps `count` warm VMs, hands them out."""
 
-    def __init__(self, config: Config, count: int) -> None:
+    def __init__(self, config: Config, count: int, source: VmSource) -> None:
+        """`source`: where the warm VMs come from (the template, or a boot)."""
         self.config = config
         self.count = count
         self.endpoint = endpoint(config)
+        self._source = _Outliving(source)
+        self._digest = config_digest(config)
         self._warm: list[_Warm] = []
+        self._starting = 0
         self._handed_out = 0
-        # Warm monitors out of the pool that serve no pod, on their way out.
-        self._retiring: set[_Warm] = set()
         self._stopping = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -173,46 +146,34 @@ class VmCache:
         task.add_done_callback(self._tasks.discard)
 
     async def _keep_one(self) -> None:
-        """Start one warm monitor and wait for it to be ready; a failed boot
-        is retried after a pause."""
-        while not self._stopping.is_set():
-            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            argv = [sys.executable, "-m", "pykata.monitor.pod", "--warm",
-                    "--control", str(theirs.fileno())]
-            if self.config.source:
-                argv += ["--config", self.config.source]
-            try:
-                proc = await asyncio.create_subprocess_exec(
-                    *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-                    pass_fds=(theirs.fileno(),), start_new_session=True)
-            finally:
-                theirs.close()
-            warm = _Warm(proc, ours)
-            try:
-                message, fds = await wire.recv(ours)
-                wire.close_fds(fds)
-            except (EOFError, wire.WireError, OSError) as exc:
-                message = {"error": f"the warm pod monitor died while booting ({exc})"}
-            if message.get("ready"):
-                warm.shape = str(message.get("shape", ""))
-                warm.config = str(message.get("config", ""))
-                warm.qemu_pid = int(message.get("qemu_pid") or 0)
-                warm.boot = str(message.get("boot", ""))
+        """Start one warm VM; a failed start is retried after a pause."""
+        self._starting += 1
+        try:
+            while not self._stopping.is_set():
+                name = f"warm-{secrets.token_hex(8)}"
+                sandbox = Sandbox(name, self.config, SandboxOptions(), front_end="factory",
+                                  source=self._source)
+                try:
+                    await sandbox.start(create=False)
+                except PykataError as exc:
+                    log.error("VM cache: a warm VM failed to start: %s", exc)
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(self._stopping.wait(), _RETRY_SECONDS)
+                    continue
+                warm = _Warm(sandbox, vm_shape(sandbox.vm_config()), self._digest)
                 self._warm.append(warm)
                 self._background(self._watch(warm))
                 return
-            ours.close()
-            await proc.wait()
-            log.error("VM cache: a warm VM failed to start: %s", message.get("error"))
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), _RETRY_SECONDS)
+        finally:
+            self._starting -= 1
 
     async def _watch(self, warm: _Warm) -> None:
-        """Reap the monitor; one that dies before a pod took it is replaced."""
-        await warm.proc.wait()
+        """A warm VM that ends before a pod took it is replaced."""
+        assert warm.sandbox.vm is not None
+        await warm.sandbox.vm.wait()
         if warm in self._warm:
             self._warm.remove(warm)
-            warm.control.close()
+            await warm.sandbox.kill()
             if not self._stopping.is_set():
                 log.warning("VM cache: a warm VM ended on its own: starting another")
                 self._spawn(1)
@@ -246,10 +207,11 @@ class VmCache:
                 wire.send(conn, {"error": f"unknown request {op!r}"})
 
     def status(self) -> dict[str, Any]:
-        return {"target": self.count, "ready": len(self._warm),
-                "handed_out": self._handed_out, "shapes": sorted({w.shape for w in self._warm})}
+        return {"target": self.count, "ready": len(self._warm), "starting": self._starting,
+                "handed_out": self._handed_out,
+                "shapes": sorted({w.shape for w in self._warm})}
 
-    async def _hand_out(self, conn: socket.socket, shim_pid: int,
+    async def _hand_out(self, conn: socket.socket, peer_pid: int,
                         message: dict[str, Any]) -> None:
         shape, digest = message.get("shape"), message.get("config")
         warm = next((w for w in self._warm if w.shape == shape and w.config == digest), None)
@@ -258,11 +220,12 @@ class VmCache:
                       "the VM cache has no VM of this shape and configuration")
             wire.send(conn, {"error": reason})
             return
-        # Before the VM leaves the pool: an adopted VM lives as long as its
-        # shim, so a shim that cannot be watched must not get one.
+        # Before the VM leaves the pool: a VM handed out is watched as long as
+        # its owner lives, so an owner that is gone (or cannot be watched)
+        # gets none, and the VM stays.
         try:
-            shim_pidfd = requester_pidfd(conn, shim_pid)
-        except PykataError as exc:
+            owner = wire.requester_pidfd(conn, peer_pid)
+        except wire.PeerGone as exc:
             log.warning("VM cache: no VM for a request: %s", exc)
             with contextlib.suppress(OSError):
                 wire.send(conn, {"error": str(exc)})
@@ -270,161 +233,150 @@ class VmCache:
         self._warm.remove(warm)
         self._spawn(1)
         try:
-            answer = await self._adopt(warm, message, shim_pidfd)
-        finally:
-            os.close(shim_pidfd)
-        if answer.get("ok"):
-            self._handed_out += 1
-            answer = {**answer, "monitor_pid": warm.proc.pid, "boot": warm.boot}
-        with contextlib.suppress(OSError):
-            self._answer(conn, answer, warm)
-
-    async def _adopt(self, warm: _Warm, message: dict[str, Any],
-                     shim_pidfd: int) -> dict[str, Any]:
-        """Give `warm` the pod; its answer. On any failure the warm monitor
-        is ended: once it was sent the pod, its VM is no one's to reuse."""
-        try:
-            wire.send(warm.control, {"op": "adopt", "id": message.get("id"),
-                                     "key": message.get("key"),
-                                     "options": message.get("options")}, [shim_pidfd])
-            answer, fds = await wire.recv(warm.control, timeout=_ADOPT_SECONDS)
-            wire.close_fds(fds)
-        except (TimeoutError, EOFError, wire.WireError, OSError) as exc:
-            answer = {"error": f"the cached VM's monitor did not take the pod ({exc})"}
-        except BaseException:
-            self._retire(warm)
+            handover, meta = await warm.sandbox.hand_over()
+            wire.send(conn, {"ok": True, **meta, "fds": [n for n, fd in zip(
+                _FDS, (handover.pidfd, handover.agent, handover.console, handover.output,
+                       handover.token), strict=True) if fd >= 0]}, handover.fds())
+        except BaseException as exc:
+            # Not handed out, and no longer whole (its logs stopped): it ends.
+            os.close(owner)
+            await warm.sandbox.kill()
+            if isinstance(exc, (OSError, PykataError, wire.WireError)):
+                log.warning("VM cache: handing a VM out failed: %s", exc)
+                return
             raise
-        if not answer.get("ok"):
-            self._retire(warm)
-            return answer
-        warm.control.close()
-        return answer
+        qemu = os.dup(handover.pidfd)
+        run_dir = warm.sandbox.paths
+        await warm.sandbox.forget(handover)
+        self._handed_out += 1
+        self._background(self._watch_owner(owner, qemu, run_dir))
 
-    def _answer(self, conn: socket.socket, answer: dict[str, Any], warm: _Warm) -> None:
-        if not answer.get("ok"):
-            wire.send(conn, answer)
-            return
-        monitor_pidfd = os.pidfd_open(warm.proc.pid)
+    async def _watch_owner(self, owner: int, qemu: int, warm: SandboxPaths) -> None:
+        """A VM handed out ends with its owner: when the owner is gone first,
+        the VM is killed, and its directory goes if the owner never moved it."""
+        loop = asyncio.get_running_loop()
+        ended = asyncio.Event()
+        for fd in (owner, qemu):
+            loop.add_reader(fd, ended.set)
         try:
-            wire.send(conn, answer, [monitor_pidfd])
+            await ended.wait()
+            if wire.exited(owner) and not wire.exited(qemu):
+                log.warning("VM cache: the owner of VM %s is gone: ending it", warm.key)
+                with contextlib.suppress(ProcessLookupError):
+                    signal.pidfd_send_signal(qemu, signal.SIGKILL)
+                if warm.run_dir.exists():
+                    cleanup_host_state(warm)
         finally:
-            os.close(monitor_pidfd)
-
-    def _retire(self, warm: _Warm) -> None:
-        """End a warm monitor that left the pool but serves no pod: closing
-        its socket ends it (and its VM, and its directory); one that does
-        not end within the grace is killed."""
-        warm.control.close()
-        self._retiring.add(warm)
-        self._background(self._reap(warm))
-
-    async def _reap(self, warm: _Warm) -> None:
-        # Cancelled (the cache is stopping), it stays retiring: _end_all ends it.
-        try:
-            await asyncio.wait_for(asyncio.shield(warm.proc.wait()), _RETIRE_SECONDS)
-        except TimeoutError:
-            log.warning("VM cache: a warm VM's monitor did not end: killing it")
-            with contextlib.suppress(ProcessLookupError):
-                warm.proc.kill()
-            await warm.proc.wait()
-        self._retiring.discard(warm)
+            for fd in (owner, qemu):
+                loop.remove_reader(fd)
+                os.close(fd)
 
     async def _end_all(self) -> None:
-        """Close every warm monitor's socket (each ends its VM) and wait."""
-        tasks = list(self._tasks)
-        for task in tasks:
+        """Stop every warm VM (VMs handed out are their owners')."""
+        for task in list(self._tasks):
             task.cancel()
-        # A hand-out cut short retires its monitor: wait for that as well.
-        await asyncio.gather(*tasks, return_exceptions=True)
-        ending, self._warm = [*self._warm, *self._retiring], []
-        for w in ending:
-            w.control.close()
-        for w in ending:
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        warm, self._warm = self._warm, []
+        await asyncio.gather(*(w.sandbox.stop() for w in warm), return_exceptions=True)
+
+
+class CacheSource:
+    """A pod's VM from the VM cache when it has one of the pod's shape and
+    configuration; else `fallback`'s, with a log line saying why."""
+
+    def __init__(self, config: Config, fallback: VmSource) -> None:
+        self.config = config
+        self.fallback = fallback
+
+    async def take(self, want: VmWant) -> BootedVm | None:
+        if want.needs_network:
+            log.info("pod %s boots its own VM: a VM kept warm has no network interfaces "
+                     "(microvm has no hot-plug)", want.sandbox_id)
+            return None
+        try:
+            return await self._request(want)
+        except PykataError as exc:
+            log.warning("pod %s boots its own VM: %s", want.sandbox_id, exc)
+            return None
+
+    async def boot(self, config: VmConfig, name: str) -> BootedVm:
+        return await self.fallback.boot(config, name)
+
+    async def _request(self, want: VmWant) -> BootedVm:
+        path = endpoint(self.config)
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with conn:
+            conn.setblocking(False)
+            loop = asyncio.get_running_loop()
             try:
-                await asyncio.wait_for(w.proc.wait(), 30)
-            except TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    w.proc.kill()
-
-
-def requester_pidfd(conn: socket.socket, pid: int) -> int:
-    """A pidfd of the process that sent the request on `conn` (the shim the
-    adopted VM lives as long as); PykataError when it is gone or cannot be
-    named from here."""
-    try:
-        pidfd: int = conn.getsockopt(socket.SOL_SOCKET, _SO_PEERPIDFD)
-    except OSError as exc:
-        if exc.errno != errno.ENOPROTOOPT:
-            raise PykataError(f"the requesting process is gone ({exc.strerror})") from None
-        # A kernel before 6.5: by the pid it had when it connected.
-        pidfd = _pidfd_by_pid(pid)
-    if _exited(pidfd):
-        os.close(pidfd)
-        raise PykataError("the requesting process is gone")
-    return pidfd
-
-
-def _pidfd_by_pid(pid: int) -> int:
-    if pid <= 0:
-        raise PykataError("the requesting process is in a PID namespace the VM cache "
-                          "cannot see into")
-    try:
-        return os.pidfd_open(pid)
-    except ProcessLookupError:
-        raise PykataError("the requesting process is gone") from None
-    except OSError as exc:
-        raise PykataError(f"the requesting process {pid} cannot be watched "
-                          f"({exc.strerror})") from None
-
-
-def _exited(pidfd: int) -> bool:
-    """A pidfd polls readable once its process has exited."""
-    poller = select.poll()
-    poller.register(pidfd, select.POLLIN)
-    return bool(poller.poll(0))
-
-
-@dataclass
-class HandedVm:
-    """A VM the cache handed to this process: its monitor's pid and pidfd."""
-
-    monitor_pid: int
-    monitor_pidfd: int
-    qemu_pid: int
-    boot: str
-
-
-async def request_vm(config: Config, sandbox_id: str, key: str, options: Any,
-                     shape: str) -> HandedVm:
-    """Ask the VM cache for a VM of `shape` for this pod; PykataError saying
-    why when it cannot give one (no cache, empty, another shape)."""
-    path = endpoint(config)
-    conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    with conn:
-        conn.setblocking(False)
-        loop = asyncio.get_running_loop()
-        try:
-            await asyncio.wait_for(loop.sock_connect(conn, str(path)), 5)
-        except (TimeoutError, OSError) as exc:
-            raise PykataError(f"no VM cache at {path} ({exc})") from None
-        uid, _ = wire.peer_uid_pid(conn)
-        if uid != os.geteuid():
-            raise PykataError(f"the VM cache at {path} runs as uid {uid}: not used")
-        wire.send(conn, {"op": "vm", "id": sandbox_id, "key": key, "shape": shape,
-                         "config": config_digest(config),
-                         "options": dataclasses.asdict(options)})
-        try:
-            answer, fds = await wire.recv(conn, timeout=_REQUEST_SECONDS)
-        except (TimeoutError, EOFError, wire.WireError, OSError) as exc:
-            raise PykataError(f"the VM cache did not answer ({exc})") from None
-        if not answer.get("ok") or len(fds) != 1:
+                await asyncio.wait_for(loop.sock_connect(conn, str(path)), 5)
+            except (TimeoutError, OSError) as exc:
+                raise PykataError(f"no VM cache at {path} ({exc})") from None
+            uid, _ = wire.peer_uid_pid(conn)
+            if uid != os.geteuid():
+                raise PykataError(f"the VM cache at {path} runs as uid {uid}: not used")
+            wire.send(conn, {"op": "vm", "shape": vm_shape(want.config),
+                             "config": config_digest(self.config)})
+            try:
+                answer, fds = await wire.recv(conn, timeout=_REQUEST_SECONDS)
+            except (TimeoutError, EOFError, wire.WireError, OSError) as exc:
+                raise PykataError(f"the VM cache did not answer ({exc})") from None
+        if not answer.get("ok"):
             wire.close_fds(fds)
             raise PykataError(str(answer.get("error", "the VM cache sent no VM")))
-        pid, qemu_pid = answer.get("monitor_pid"), answer.get("qemu_pid")
-        if not isinstance(pid, int) or not isinstance(qemu_pid, int):
+        return await self._take_over(want, answer, fds)
+
+    async def _take_over(self, want: VmWant, answer: dict[str, Any], fds: list[int]
+                         ) -> BootedVm:
+        """Own the VM the cache sent: from here on, a failure ends it."""
+        try:
+            handover, run_dir, vm_name, stream = _checked(answer, fds)
+        except PykataError:
             wire.close_fds(fds)
-            raise PykataError("the VM cache's answer has no pids")
-        return HandedVm(pid, fds[0], qemu_pid, str(answer.get("boot", "")))
+            raise
+        config = dataclasses.replace(want.config, name=vm_name, run_dir=run_dir.run_dir)
+        vm = await QemuVM.take_over(config, handover)
+        try:
+            assert vm.agent_socket is not None
+            agent = await AgentClient.over_socket(vm.agent_socket, first_stream_id=stream)
+            try:
+                await agent.check(_CHECK_SECONDS)
+            except BaseException:
+                await agent.close()
+                raise
+        except BaseException as exc:
+            await vm.kill()
+            cleanup_host_state(run_dir)
+            if isinstance(exc, PykataError):
+                raise PykataError(f"the VM the cache handed over does not answer: {exc}"
+                                  ) from exc
+            raise
+        return BootedVm(vm, agent, config, "cache", run_dir=run_dir.run_dir, vm_name=vm_name)
+
+
+def _checked(answer: dict[str, Any], fds: list[int]
+             ) -> tuple[Handover, SandboxPaths, str, int]:
+    """The cache's answer, each value checked (the cache is root's, but a
+    value that is not one it sends is no VM to take)."""
+    names = answer.get("fds")
+    pid, name, stream = answer.get("qemu_pid"), answer.get("vm_name"), answer.get(
+        "next_stream_id")
+    run_dir = answer.get("run_dir")
+    if (not isinstance(names, list) or names != [n for n in _FDS if n in names]
+            or len(names) != len(fds) or not {"pidfd", "agent", "console", "output"} <= set(names)
+            or not isinstance(pid, int) or pid <= 0 or not isinstance(stream, int)
+            or stream < 1 or stream % 2 == 0 or not isinstance(name, str)
+            or not _WARM_NAME.fullmatch(name) or not isinstance(run_dir, str)):
+        raise PykataError("the VM cache sent an answer that is not a VM")
+    paths = SandboxPaths(name, run_root())
+    if Path(run_dir) != paths.run_dir or not paths.run_dir.is_dir() \
+            or paths.run_dir.is_symlink():
+        raise PykataError(f"the VM cache sent a VM whose directory {run_dir} is not "
+                          f"{paths.run_dir}")
+    by_name = dict(zip(names, fds, strict=True))
+    return (Handover(pid=pid, pidfd=by_name["pidfd"], agent=by_name["agent"],
+                     console=by_name["console"], output=by_name["output"],
+                     token=by_name.get("token", -1)), paths, name, stream)
 
 
 async def ask(config: Config, op: str) -> dict[str, Any]:
@@ -440,179 +392,3 @@ async def ask(config: Config, op: str) -> dict[str, Any]:
         answer, fds = await wire.recv(conn, timeout=10)
         wire.close_fds(fds)
         return answer
-
-
-def remove_stale_endpoint(config: Config) -> bool:
-    """Remove the endpoint of a cache that was killed: only a socket a cache
-    recorded as the one it bound, when no cache holds that record any more.
-    PykataError when the endpoint's directory lets another user swap it."""
-    path = endpoint(config)
-    claim = EndpointClaim.take(path, create=False)
-    if claim is None:
-        return False  # no record, or a cache serves it
-    try:
-        if not os.path.lexists(path):
-            return False  # only the record is left, which goes
-        problem = others_can_replace(path.parent)
-        if problem:
-            raise PykataError(f"{path} is not removed: another user could have swapped it "
-                              f"({problem})", hint=f"check what {path} is and remove it yourself")
-        return claim.remove_own_socket()
-    finally:
-        claim.release()
-
-
-def claim_endpoint(path: Path) -> EndpointClaim:
-    """The claim a cache serving `path` holds, once nothing stands in its way:
-    PykataError when another user could swap the endpoint, a cache serves it,
-    or something that is not a socket a dead cache left is there."""
-    _check_endpoint_directory(path)
-    claim = EndpointClaim.take(path, create=True)
-    if claim is None:
-        raise PykataError(f"a VM cache already serves {path}",
-                          hint="stop it with `pykata factory destroy`, or set another "
-                               "[factory] vm_cache_endpoint")
-    try:
-        if os.path.lexists(path) and not claim.remove_own_socket():
-            raise PykataError(
-                f"{path} exists and is not a socket a VM cache of pykata left behind: "
-                "pykata does not remove it",
-                hint="remove it yourself if nothing uses it, or set another [factory] "
-                     "vm_cache_endpoint")
-    except BaseException:
-        claim.release()
-        raise
-    return claim
-
-
-def _check_endpoint_directory(path: Path) -> None:
-    """The endpoint's directory exists (made private when it did not) and
-    only this user or root can change what is in it."""
-    if not os.path.lexists(path.parent):
-        private_dir(path.parent)
-    problem = others_can_replace(path.parent)
-    if problem:
-        raise PykataError(
-            f"the VM cache's endpoint {path} is in a directory another user could change "
-            f"({problem}): its socket could be swapped",
-            hint="set [factory] vm_cache_endpoint to a path in a directory only root can "
-                 "write, such as the default <run root>/factory/cache.sock")
-
-
-def _record_path(path: Path) -> Path:
-    digest = hashlib.sha256(os.fsencode(path)).hexdigest()[:24]
-    return run_root() / "factory" / f"endpoint-{digest}.json"
-
-
-class EndpointClaim:
-    """A cache's claim on its endpoint: a record, in pykata's private run
-    root, of the socket it bound there, locked (flock) for as long as the
-    cache lives. The lock ends with the process, however it dies: a record
-    nobody holds names a socket whose cache is gone. The socket is named by
-    device, inode and modification time: a file made later in its place
-    may reuse the inode number, not the time it was made."""
-
-    def __init__(self, path: Path, record: Path, fd: int) -> None:
-        self.path = path
-        self._record = record
-        self._fd = fd
-        self._bound: tuple[int, int, int] | None = None
-
-    @classmethod
-    def take(cls, path: Path, *, create: bool) -> EndpointClaim | None:
-        """The claim, locked; None while a live cache holds it (or, unless
-        `create`, when there is no record)."""
-        record = _record_path(path)
-        for _ in range(10):
-            fd = _open_record(record, create)
-            if fd < 0:
-                return None
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                return None
-            # The one a releasing cache removed while we waited is not the record.
-            with contextlib.suppress(FileNotFoundError):
-                if _same_file(os.stat(record), os.fstat(fd)):
-                    return cls(path, record, fd)
-            os.close(fd)
-        raise PykataError(f"cannot take {record}: it is replaced over and over",
-                          hint="stop whatever else starts VM caches on this endpoint")
-
-    def listen(self) -> socket.socket:
-        """Bind the endpoint (0600) and record its socket as this cache's."""
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        try:
-            listener.bind(str(self.path))
-            os.chmod(self.path, 0o600)
-            self._bound = _identity(os.lstat(self.path))
-            dev, ino, mtime = self._bound
-            os.ftruncate(self._fd, 0)
-            os.pwrite(self._fd, json.dumps({"endpoint": str(self.path), "dev": dev, "ino": ino,
-                                            "mtime_ns": mtime}).encode(), 0)
-            listener.listen(64)
-            listener.setblocking(False)
-        except BaseException:
-            listener.close()
-            raise
-        return listener
-
-    def remove_own_socket(self) -> bool:
-        """Unlink the endpoint if it is the socket this claim's record names."""
-        bound = self._bound or self._recorded()
-        try:
-            st = os.lstat(self.path)
-        except FileNotFoundError:
-            return False
-        if bound is None or not stat.S_ISSOCK(st.st_mode) or _identity(st) != bound:
-            return False
-        os.unlink(self.path)
-        return True
-
-    def _recorded(self) -> tuple[int, int, int] | None:
-        try:
-            data = json.loads(os.pread(self._fd, 4096, 0) or b"{}")
-        except ValueError:
-            return None
-        if not isinstance(data, dict) or data.get("endpoint") != str(self.path):
-            return None
-        found = (data.get("dev"), data.get("ino"), data.get("mtime_ns"))
-        if not all(isinstance(n, int) for n in found):
-            return None
-        return found  # type: ignore[return-value]
-
-    def release(self) -> None:
-        """Remove this cache's socket (if it is still there) and the record."""
-        if self._fd < 0:
-            return
-        with contextlib.suppress(OSError):
-            self.remove_own_socket()
-        with contextlib.suppress(OSError):
-            self._record.unlink()
-        with contextlib.suppress(OSError):
-            self._record.parent.rmdir()  # when nothing else of pykata is there
-        os.close(self._fd)
-        self._fd = -1
-
-
-def _open_record(record: Path, create: bool) -> int:
-    """The record's descriptor; -1 when there is none and `create` is false."""
-    flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_CREAT if create else 0)
-    for _ in range(10):
-        try:
-            if create:
-                private_dir(record.parent)  # again: a releasing cache may remove it
-            return os.open(record, flags, 0o600)
-        except FileNotFoundError:
-            if not create:
-                return -1
-    raise PykataError(f"cannot create {record}: its directory is removed over and over")
-
-
-def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
-    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
-
-
-def _identity(st: os.stat_result) -> tuple[int, int, int]:
-    return st.st_dev, st.st_ino, st.st_mtime_ns

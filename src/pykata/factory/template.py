@@ -61,6 +61,7 @@ from pykata.hypervisor.base import NetworkInterface
 from pykata.hypervisor.qemu import QemuVM, VmConfig
 from pykata.runtime.agent_client import AgentClient
 from pykata.runtime.paths import private_dir, run_root
+from pykata.runtime.pod_network import template_mac
 
 log = logging.getLogger(__name__)
 
@@ -126,12 +127,6 @@ class Template:
 
 def template_root(config: Config) -> Path:
     return Path(config.factory.template_path or run_root() / "template")
-
-
-def template_mac(index: int) -> str:
-    """The MAC of a template VM's NIC `index`: every clone starts with it,
-    and the sandbox gives the guest's link the pod's MAC."""
-    return f"02:70:6b:74:00:{index:02x}"
 
 
 def unclonable(vm: VmConfig) -> str:

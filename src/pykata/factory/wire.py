@@ -10,14 +10,18 @@ message nobody expects are closed.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
+import select
 import socket
 import struct
 from typing import Any
 
 MAX_MESSAGE = 65536
-MAX_FDS = 4
+MAX_FDS = 8
+# getsockopt: a pidfd of a unix socket's peer (Linux 6.5; not in Python 3.11).
+_SO_PEERPIDFD = 77
 
 
 class WireError(Exception):
@@ -85,4 +89,46 @@ def peer_uid_pid(sock: socket.socket) -> tuple[int, int]:
 def close_fds(fds: list[int]) -> None:
     for fd in fds:
         os.close(fd)
+
+
+class PeerGone(Exception):
+    """The process at the other end of a request cannot be watched."""
+
+
+def requester_pidfd(conn: socket.socket, pid: int) -> int:
+    """A pidfd of the process that sent the request on `conn` (the shim the
+    adopted VM lives as long as); PeerGone when it is gone or cannot be
+    named from here."""
+    try:
+        pidfd: int = conn.getsockopt(socket.SOL_SOCKET, _SO_PEERPIDFD)
+    except OSError as exc:
+        if exc.errno != errno.ENOPROTOOPT:
+            raise PeerGone(f"the requesting process is gone ({exc.strerror})") from None
+        # A kernel before 6.5: by the pid it had when it connected.
+        pidfd = _pidfd_by_pid(pid)
+    if exited(pidfd):
+        os.close(pidfd)
+        raise PeerGone("the requesting process is gone")
+    return pidfd
+
+
+def _pidfd_by_pid(pid: int) -> int:
+    if pid <= 0:
+        raise PeerGone("the requesting process is in a PID namespace the VM cache "
+                          "cannot see into")
+    try:
+        return os.pidfd_open(pid)
+    except ProcessLookupError:
+        raise PeerGone("the requesting process is gone") from None
+    except OSError as exc:
+        raise PeerGone(f"the requesting process {pid} cannot be watched "
+                          f"({exc.strerror})") from None
+
+
+def exited(pidfd: int) -> bool:
+    """A pidfd polls readable once its process has exited."""
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    return bool(poller.poll(0))
+
 

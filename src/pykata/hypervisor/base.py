@@ -88,3 +88,6 @@ class Hypervisor(Protocol):
     async def kill(self) -> None: ...
 
     def failure_report(self, lines: int = ...) -> str: ...
+
+    def moved_to(self, run_dir: Path) -> None:
+        """Its directory (logs, share) was renamed to `run_dir`."""

@@ -34,8 +34,11 @@ class CappedLog:
     a full stderr pipe, the guest's serial port on a full console socket).
     """
 
-    def __init__(self, path: Path, limit: int) -> None:
+    def __init__(self, path: Path, limit: int, *, append: bool = False) -> None:
+        """`append`: go on with the file that is there (a VM taken over from
+        another process keeps its log), rather than start it anew."""
         self.path = path
+        self._append_first = append
         self._half = max(4096, limit // 2)
         self._task: asyncio.Task[None] | None = None
         self._dir_fd = -1
@@ -84,9 +87,11 @@ class CappedLog:
             data = data[written:]
 
     def _open(self) -> int:
-        self._written = 0
-        return os.open(self.path.name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
-                       | os.O_NOFOLLOW, 0o600, dir_fd=self._dir_fd)
+        keep, self._append_first = self._append_first, False
+        fd = os.open(self.path.name, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+                     | (os.O_APPEND if keep else os.O_TRUNC), 0o600, dir_fd=self._dir_fd)
+        self._written = os.fstat(fd).st_size if keep else 0
+        return fd
 
     def _close_file(self) -> None:
         if self._fd >= 0:

@@ -157,10 +157,16 @@ class _CapData(ctypes.Structure):
 _CAP_V3 = 0x20080522
 
 
-def confining_hook(parent_pid: int) -> Callable[[], None]:
+def confining_hook(parent_pid: int, *, die_with_parent: bool = True) -> Callable[[], None]:
     """A pre-exec hook for QEMU. Everything is prepared here, before fork:
     the forked child only makes system calls (importing or allocating there
-    could deadlock on a lock another thread held at fork time)."""
+    could deadlock on a lock another thread held at fork time).
+
+    `die_with_parent`: QEMU gets SIGKILL when `parent_pid` dies, so a killed
+    owner takes its VM along. Off only for a VM the VM cache keeps warm: a
+    pod's owner takes it over, and it must outlive the cache (the guest
+    powers off when the cache's end of its agent channel closes, see
+    `factory.cache`)."""
     libc = ctypes.CDLL(None, use_errno=True)
     prctl, capget, capset = libc.prctl, libc.capget, libc.capset
     for fn in (prctl, capget, capset):
@@ -179,7 +185,8 @@ def confining_hook(parent_pid: int) -> Callable[[], None]:
         os._exit(126)
 
     def hook() -> None:
-        prctl(PR_SET_PDEATHSIG, ulong(signal.SIGKILL), ulong(0), ulong(0), ulong(0))
+        if die_with_parent:
+            prctl(PR_SET_PDEATHSIG, ulong(signal.SIGKILL), ulong(0), ulong(0), ulong(0))
         if os.getppid() != parent_pid:
             # The owner died before the death signal was armed: nobody would
             # ever stop this VM.
@@ -201,21 +208,5 @@ def confining_hook(parent_pid: int) -> Callable[[], None]:
         if prctl(PR_SET_SECCOMP, ulong(SECCOMP_MODE_FILTER), ctypes.byref(prog),
                  ulong(0), ulong(0)) != 0:
             fail(b"seccomp")
-
-    return hook
-
-
-def dies_with_parent_hook(parent_pid: int) -> Callable[[], None]:
-    """A pre-exec hook for a helper that must not outlive `parent_pid` (the
-    pod monitor, whose death takes the VM): PDEATHSIG, checked as above."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    prctl = libc.prctl
-    prctl.restype = ctypes.c_int
-    ulong = ctypes.c_ulong
-
-    def hook() -> None:
-        prctl(PR_SET_PDEATHSIG, ulong(signal.SIGKILL), ulong(0), ulong(0), ulong(0))
-        if os.getppid() != parent_pid:
-            os._exit(1)
 
     return hook

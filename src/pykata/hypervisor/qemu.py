@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
+import select
 import signal
 import socket
 from dataclasses import dataclass, field
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from pykata.errors import HypervisorError
+from pykata.host.probes import host_tsc_khz
 from pykata.hypervisor import migration
 from pykata.hypervisor import qemu_args as qa
 from pykata.hypervisor.base import (
@@ -33,7 +36,6 @@ from pykata.hypervisor.base import (
 )
 from pykata.hypervisor.capped_log import CappedLog, read_tail
 from pykata.hypervisor.confine import confining_hook
-from pykata.hypervisor.host import host_tsc_khz
 from pykata.hypervisor.qmp import QmpConnection
 from pykata.untrusted import guest_text
 
@@ -72,6 +74,9 @@ class VmConfig:
     memory_shared: bool = True
     # Start paused, to be restored from a saved state (QemuVM.restore_state).
     incoming: bool = False
+    # Not killed when the process that starts it dies: a VM the VM cache
+    # keeps warm, which a pod's owner takes over and the cache may not outlive.
+    outlives_owner: bool = False
 
     @property
     def console_log(self) -> Path:
@@ -128,16 +133,76 @@ class VmConfig:
             raise HypervisorError(f"shared directory {self.shared_dir} does not exist")
 
 
+@dataclass
+class Handover:
+    """A running QEMU's descriptors, as one process hands the VM to another
+    (the VM cache to a pod's owner). QMP stays behind: the new owner stops
+    the VM with signals."""
+
+    pid: int
+    pidfd: int
+    agent: int
+    console: int
+    output: int  # QEMU's stdout and stderr
+    token: int = -1  # the vsock token's port, kept open with the VM
+
+    def fds(self) -> list[int]:
+        return [fd for fd in (self.pidfd, self.agent, self.console, self.output, self.token)
+                if fd >= 0]
+
+
+class _HandedProcess:
+    """A QEMU this process did not start, watched and signalled through its
+    pidfd (what asyncio's Process is for a child)."""
+
+    def __init__(self, pid: int, pidfd: int) -> None:
+        self.pid = pid
+        self._pidfd = pidfd
+        self._exited = asyncio.Event()
+
+    @property
+    def returncode(self) -> int | None:
+        if not self._exited.is_set() and select.select([self._pidfd], [], [], 0)[0]:
+            self._exited.set()
+        # Not this process's child: its exit status is its parent's to know.
+        return 0 if self._exited.is_set() else None
+
+    async def wait(self) -> int:
+        if self.returncode is None:
+            loop = asyncio.get_running_loop()
+            loop.add_reader(self._pidfd, self._exited.set)
+            try:
+                await self._exited.wait()
+            finally:
+                loop.remove_reader(self._pidfd)
+        return 0
+
+    def send_signal(self, signum: int) -> None:
+        if self.returncode is None:
+            signal.pidfd_send_signal(self._pidfd, signum)
+
+    def close(self) -> None:
+        if self._pidfd >= 0:
+            os.close(self._pidfd)
+            self._pidfd = -1
+
+
 class QemuVM:
-    """One running QEMU process and the two channels pykata holds to it."""
+    """One running QEMU process and the channels pykata holds to it."""
 
     def __init__(self, config: VmConfig) -> None:
         self.config = config
-        self._proc: asyncio.subprocess.Process | None = None
+        self._proc: asyncio.subprocess.Process | _HandedProcess | None = None
         self._qmp: QmpConnection | None = None
         self.agent_socket: socket.socket | None = None
         self._logs: list[CappedLog] = []
-        self._console: asyncio.StreamWriter | None = None
+        # The host ends of the console and of QEMU's output pipe (their copies
+        # are read by the log copiers).
+        self._console: socket.socket | None = None
+        self._output = -1
+        # What reads those copies; a StreamWriter closes its transport when
+        # it is collected, so it is kept here too.
+        self._readers: list[asyncio.BaseTransport | asyncio.StreamWriter] = []
         self._token_socket: socket.socket | None = None
 
     @property
@@ -180,19 +245,22 @@ class QemuVM:
         qmp_host, qmp_vm = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         agent_host, agent_vm = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         console_host, console_vm = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        output_r, output_w = os.pipe2(os.O_CLOEXEC)
+        self._console, self._output = console_host, output_r
         try:
-            await self._launch(qmp_vm.fileno(), agent_vm.fileno(), console_vm.fileno())
-            await self._capture_output(console_host)
+            await self._launch(qmp_vm.fileno(), agent_vm.fileno(), console_vm.fileno(),
+                               output_w)
+            await self._capture_output(append=False)
         except BaseException:
             qmp_host.close()
             agent_host.close()
-            console_host.close()
             await self.kill()
             raise
         finally:
             qmp_vm.close()
             agent_vm.close()
             console_vm.close()
+            os.close(output_w)
         if self.config.vsock_cid:
             # The token waits in the socket until the agent reads its port;
             # the socket stays open with the VM (QEMU's end would see a hangup).
@@ -208,35 +276,85 @@ class QemuVM:
                 raise
             raise HypervisorError(f"QEMU failed to start: {self.failure_report()}") from exc
 
-    async def _launch(self, qmp_fd: int, agent_fd: int, console_fd: int) -> None:
+    async def _launch(self, qmp_fd: int, agent_fd: int, console_fd: int, output_fd: int
+                      ) -> None:
         cmd = self.command(qmp_fd, agent_fd, console_fd)
         log.debug("starting %s", " ".join(cmd))
         try:
             self._proc = await asyncio.create_subprocess_exec(
                 *cmd,
                 stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
+                stdout=output_fd,
                 stderr=asyncio.subprocess.STDOUT,
                 pass_fds=(qmp_fd, agent_fd, console_fd,
                           *(nic.tap_fd for nic in self.config.network if nic.tap_fd >= 0),
                           *(nic.vhost_fd for nic in self.config.network if nic.vhost_fd >= 0)),
                 start_new_session=True,
-                preexec_fn=confining_hook(os.getpid()),
+                preexec_fn=confining_hook(
+                    os.getpid(), die_with_parent=not self.config.outlives_owner),
             )
         except OSError as exc:
             raise HypervisorError(
                 f"cannot run QEMU at {self.config.qemu_path}: {exc.strerror}"
             ) from exc
 
-    async def _capture_output(self, console: socket.socket) -> None:
-        assert self._proc is not None and self._proc.stdout is not None
+    async def _capture_output(self, *, append: bool) -> None:
+        """Copy QEMU's output and the guest console into their bounded files,
+        each from a copy of our descriptor (ours can be handed over)."""
+        assert self._console is not None and self._output >= 0
+        loop = asyncio.get_running_loop()
         limit = self.config.console_limit
-        stderr = CappedLog(self.config.stderr_log, max(16384, limit // 4))
-        stderr.start(self._proc.stdout)
-        reader, self._console = await asyncio.open_connection(sock=console)
-        guest = CappedLog(self.config.console_log, limit)
-        guest.start(reader)
-        self._logs = [stderr, guest]
+        output = asyncio.StreamReader()
+        transport, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(output),
+            os.fdopen(os.dup(self._output), "rb", buffering=0))
+        self._readers.append(transport)
+        console, writer = await asyncio.open_connection(sock=self._console.dup())
+        self._readers.append(writer)
+        self._logs = [CappedLog(self.config.stderr_log, max(16384, limit // 4), append=append),
+                      CappedLog(self.config.console_log, limit, append=append)]
+        self._logs[0].start(output)
+        self._logs[1].start(console)
+
+    @classmethod
+    async def take_over(cls, config: VmConfig, handed: Handover) -> QemuVM:
+        """The VM another process started and handed over (`handover`): this
+        process owns it from now on, and closes `handed`'s descriptors."""
+        vm = cls(config)
+        vm._proc = _HandedProcess(handed.pid, handed.pidfd)
+        vm.agent_socket = socket.socket(fileno=handed.agent)
+        vm._console = socket.socket(fileno=handed.console)
+        vm._output = handed.output
+        if handed.token >= 0:
+            vm._token_socket = socket.socket(fileno=handed.token)
+        try:
+            await vm._capture_output(append=True)
+        except BaseException:
+            await vm.kill()
+            raise
+        return vm
+
+    async def handover(self) -> Handover:
+        """Stop reading the VM's output and give up QMP: its descriptors, for
+        another process to `take_over` (sent as SCM_RIGHTS, which copies
+        them). `forget` closes ours afterwards; until then `kill` still works."""
+        if self._proc is None or self._console is None or self.agent_socket is None:
+            raise HypervisorError("only a running VM can be handed over")
+        await self._stop_copiers(wait=0.0)
+        if self._qmp is not None:
+            await self._qmp.close()
+            self._qmp = None
+        return Handover(
+            pid=self._proc.pid, pidfd=os.pidfd_open(self._proc.pid),
+            agent=self.agent_socket.fileno(), console=self._console.fileno(),
+            output=self._output,
+            token=self._token_socket.fileno() if self._token_socket is not None else -1)
+
+    def forget(self, handed: Handover) -> None:
+        """After a handover: close this process's copies, leave QEMU running."""
+        os.close(handed.pidfd)
+        self._proc = None
+        self._close_channels()
 
     async def save_state(self, state_file: Path, timeout: float = 60.0) -> None:
         """Pause the VM and save its device state (its RAM stays in its
@@ -262,16 +380,29 @@ class QemuVM:
     def failure_report(self, lines: int = 15) -> str:
         return failure_report(self.config.stderr_log, self.config.console_log, lines)
 
+    def moved_to(self, run_dir: Path) -> None:
+        """Its directory was renamed: reports read the logs at the new path
+        (QEMU's own open files and the log copiers follow the rename)."""
+        self.config = dataclasses.replace(self.config, run_dir=run_dir)
+
     async def wait(self) -> int:
-        """Wait until QEMU exits; return its exit status."""
+        """Wait until QEMU exits and what it and the guest wrote last is in
+        their logs (for `failure_report`); return its exit status."""
         assert self._proc is not None, "VM not started"
-        return await self._proc.wait()
+        status = await self._proc.wait()
+        for capped in self._logs:
+            await capped.wait(2.0)
+        return status
 
     async def stop(self, grace: float = _STOP_GRACE_SECONDS) -> None:
-        """Ask QEMU to quit; kill it if it has not exited within `grace` seconds."""
+        """Ask QEMU to quit (QMP, or SIGTERM for a VM taken over); kill it if
+        it has not exited within `grace` seconds."""
         if self.running and self._qmp is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._qmp.execute("quit"), grace)
+        elif self.running and self._proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                self._proc.send_signal(signal.SIGTERM)
         if self.running:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.wait(), grace)
@@ -284,23 +415,32 @@ class QemuVM:
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGKILL)
             await proc.wait()
-        for capped in self._logs:
-            # What QEMU wrote before it died is what an error report shows.
-            await capped.wait(2.0)
-            capped.stop()
-        self._logs = []
-        if self._console is not None:
-            self._console.close()
-            self._console = None
+        if isinstance(proc, _HandedProcess):
+            proc.close()
+        # What QEMU wrote before it died is what an error report shows.
+        await self._stop_copiers(wait=2.0)
         if self._qmp is not None:
             await self._qmp.close()
             self._qmp = None
-        if self.agent_socket is not None:
-            self.agent_socket.close()
-            self.agent_socket = None
-        if self._token_socket is not None:
-            self._token_socket.close()
-            self._token_socket = None
+        self._close_channels()
+
+    async def _stop_copiers(self, wait: float) -> None:
+        for capped in self._logs:
+            await capped.wait(wait)
+            capped.stop()
+        self._logs = []
+        for transport in self._readers:
+            transport.close()
+        self._readers = []
+
+    def _close_channels(self) -> None:
+        for sock in (self._console, self.agent_socket, self._token_socket):
+            if sock is not None:
+                sock.close()
+        self._console = self.agent_socket = self._token_socket = None
+        if self._output >= 0:
+            os.close(self._output)
+            self._output = -1
 
 
 def _render(device: Device, machine_type: str, *, agent_fd: int, console_fd: int

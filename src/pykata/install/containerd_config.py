@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pykata.channels import RUNTIME_TYPE
 from pykata.errors import ConfigError, PykataError
-from pykata.shim.cli import RUNTIME_TYPE
 
 HANDLER = "pykata"
 CRI_PLUGIN = "io.containerd.grpc.v1.cri"

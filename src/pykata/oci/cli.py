@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import NoReturn
 
 from pykata import __version__
 from pykata.errors import PykataError
@@ -200,10 +200,6 @@ def _early_log_flags(argv: list[str]) -> tuple[str, str]:
                 else:
                     fmt = value
     return log, fmt
-
-
-def write_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2) + "\n")
 
 
 if __name__ == "__main__":

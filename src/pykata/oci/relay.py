@@ -1,5 +1,5 @@
 """A host process standing for an exec'd process (runc exec --pid-file): it
-relays the process's stdio through the container's monitor, passes the
+relays the process's stdio through the pod's control socket, passes the
 signals it gets on to the process, and exits with its exit status."""
 
 from __future__ import annotations
@@ -11,13 +11,10 @@ import os
 import signal
 from typing import Any
 
-from google.protobuf import empty_pb2
-
 from pykata.errors import PykataError
-from pykata.monitor.client import MonitorClient
-from pykata.monitor.main import FORWARDED_SIGNALS, WRITE_OUT_SECONDS
-from pykata.protocols import monitor_pb2
-from pykata.runtime import hostio
+from pykata.host import hostio
+from pykata.oci.monitor import FORWARDED_SIGNALS, WRITE_OUT_SECONDS
+from pykata.runtime.control_client import PodClient
 from pykata.runtime.lifecycle import OUTPUT_DRAIN_SECONDS, VM_DIED_STATUS
 from pykata.runtime.stdio import StdioRelay
 
@@ -28,16 +25,14 @@ async def relay_exec(socket_path: str, container_id: str, exec_id: str,
     """Start `process` in the container and relay it until it exits; returns
     its exit status. `on_started()` is called once it runs (or with the
     error that stopped it from starting, which is then raised)."""
-    client = await MonitorClient.connect(socket_path, container_id)
+    client = await PodClient.connect(socket_path, f"container {container_id}")
     pending: set[asyncio.Task[Any]] = set()
     loop = asyncio.get_running_loop()
     writers: list[hostio.FdWriter] = []
     relay: StdioRelay | None = None
     try:
         try:
-            await client.call("Exec", monitor_pb2.ExecRequest(
-                exec_id=exec_id, process=json.dumps(process).encode(), relay_pid=os.getpid(),
-            ), empty_pb2.Empty)
+            await client.exec(container_id, exec_id, json.dumps(process).encode(), os.getpid())
         except PykataError as exc:
             if on_started is not None:
                 on_started(exc)

@@ -100,7 +100,7 @@ def monitor_alive(record: ContainerState) -> bool:
 def pin_netns(state_dir: Path) -> Path:
     """Pin the calling thread's network namespace at `state_dir`/netns (a
     directory only root can write: the container's, just claimed)."""
-    from pykata.runtime import syscalls as sc
+    from pykata.host import syscalls as sc
 
     pin = state_dir / NETNS_PIN
     try:
@@ -120,7 +120,7 @@ def pin_netns(state_dir: Path) -> Path:
 
 def release_netns(state_dir: Path) -> None:
     """Unpin the namespace `pin_netns` kept in `state_dir` (none: nothing to do)."""
-    from pykata.runtime.mounts import unmount
+    from pykata.host.mounts import unmount
 
     pin = state_dir / NETNS_PIN
     # Lazily: a process that still has the pin open (a `setns` in flight)
@@ -133,7 +133,7 @@ def release_netns(state_dir: Path) -> None:
 def pinned_netns() -> list[Path]:
     """Every nsfs mount named like a pin: pykata-oci's pins, maybe others
     (`ip netns add netns`); the caller tells them apart by the record beside."""
-    from pykata.runtime.mounts import mounts_of_type
+    from pykata.host.mounts import mounts_of_type
 
     return [point for point in mounts_of_type("nsfs") if point.name == NETNS_PIN]
 

@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 
 from pykata.errors import InvalidStateError, NotFoundError, PykataError, SpecError
 from pykata.oci.store import Store, monitor_alive
+from pykata.runtime.lifecycle import Lifecycle, Status
 from pykata.runtime.state import ContainerState
 
 T = TypeVar("T")
@@ -43,6 +44,10 @@ def dispatch(args: argparse.Namespace, store: Store) -> int:
     return handler(args, store)
 
 
+def write_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+
+
 def _arun(coro: Coroutine[Any, Any, T]) -> T:
     import asyncio  # not at the top: `state` and `list` never need it
 
@@ -58,7 +63,7 @@ def _bundle(args: argparse.Namespace) -> Path:
 
 def _prepare(args: argparse.Namespace, store: Store, *, foreground: bool) -> Any:
     """Check the bundle and flags, claim the id: everything before a VM boots."""
-    from pykata.monitor.launch import Launch
+    from pykata.oci.launch import Launch
     from pykata.runtime.hooks import spec_hooks
     from pykata.runtime.spec import load_bundle
 
@@ -103,7 +108,7 @@ def _refuse_preserved_fds(args: argparse.Namespace) -> None:
 
 def _fork_monitor(launch: Any, console_socket: str) -> int:
     """Fork the monitor and wait until the container is created (or failed)."""
-    from pykata.monitor.main import run_forked
+    from pykata.oci.monitor import run_forked
 
     if launch.terminal and console_socket:
         launch.stdio, launch.pty_master = _console_stdio(console_socket)
@@ -116,7 +121,7 @@ def _fork_monitor(launch: Any, console_socket: str) -> int:
 def _console_stdio(console_socket: str) -> tuple[tuple[int, int, int], int]:
     """A pty whose master went to the console socket: the slave as stdio, and
     a copy of the master (see hostio.wait_read)."""
-    from pykata.runtime import hostio
+    from pykata.host import hostio
 
     master, slave = hostio.open_pty()
     try:
@@ -130,7 +135,7 @@ def _console_stdio(console_socket: str) -> tuple[tuple[int, int, int], int]:
 
 def _fork_and_wait(body: Callable[[int], int], handed_over: set[int], what: str) -> int:
     """Fork a child that runs `body(ready_fd)` and exits with its result;
-    wait for its one-line JSON report ({"ok": true} or an error). The
+    wait for its `ReadyReport`. The
     descriptors in `handed_over` are the child's from then on. Returns the
     child's pid; a failure is raised once the child has cleaned up and exited."""
     ready_r, ready_w = os.pipe()
@@ -157,34 +162,15 @@ def _fork_and_wait(body: Callable[[int], int], handed_over: set[int], what: str)
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, 0)
         raise
-    try:
-        message = json.loads(answer) if answer else {"error": f"{what} died while starting"}
-    except ValueError:
-        message = {"error": f"{what} sent {answer[:200]!r}"}
-    if not message.get("ok"):
+    from pykata.runtime.ready import ReadyReport
+
+    report = ReadyReport.decode(answer, what)
+    if not report.ok:
         # It tears down before it exits: wait, so nothing is left when we report.
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, 0)
-        raise _monitor_error(message)
+        report.raise_error()
     return pid
-
-
-def _monitor_error(message: dict[str, Any]) -> PykataError:
-    """The monitor's report as the error `create` prints. A process that
-    cannot be executed is worded as runc words it, because docker maps those
-    words to its exit statuses: 127 for "executable file not found", 126
-    for "permission denied"."""
-    text = str(message.get("error", "creating the container failed"))
-    hint = str(message.get("hint") or "") or None
-    status = message.get("status")
-    if status == 127 and "executable file not found" not in text:
-        text += ": executable file not found in $PATH"
-    elif status == 126 and "permission denied" not in text:
-        text += ": permission denied"
-    error = PykataError(text, hint=hint)
-    if isinstance(status, int) and status in (126, 127):
-        error.exit_code = status
-    return error
 
 
 def _dup_or_null(fd: int) -> int:
@@ -263,7 +249,7 @@ def _write_monitor_pid_file(path: str, pid: int) -> None:
 def _discard(store: Store, launch: Any) -> None:
     """Undo a create that failed: a monitor that died without its teardown
     (SIGKILL) leaves its VM's mounts and directories."""
-    from pykata.monitor.main import sandbox_key
+    from pykata.oci.monitor import sandbox_key
     from pykata.runtime.paths import SandboxPaths, run_root
     from pykata.runtime.sandbox import cleanup_host_state
 
@@ -274,23 +260,34 @@ def _discard(store: Store, launch: Any) -> None:
     store.remove(launch.id)
 
 
+def _require(record: ContainerState, operation: str) -> None:
+    """The pod core's rule for `operation` on the container's saved status
+    (the monitor checks again, on its live status, before it acts)."""
+    Lifecycle("container", record.id, Status(record.status)).require(operation)
+
+
+def _loaded(store: Store, container_id: str, operation: str) -> ContainerState:
+    record = store.load(container_id)
+    _require(record, operation)
+    return record
+
+
+def _call(record: ContainerState, method: str, *args: Any) -> Any:
+    """`method` of the container's pod client, with `args`, in one connection."""
+    from pykata.runtime.control_client import PodClient
+
+    async def call() -> Any:
+        async with await PodClient.connect(record.control_socket,
+                                           f"container {record.id}") as client:
+            return await getattr(client, method)(*args)
+
+    return _arun(call())
+
+
 def start(args: argparse.Namespace, store: Store) -> int:
-    record = store.load(args.id)
-    if record.status != "created":
-        raise InvalidStateError(f"cannot start container {args.id}: it is {record.status}",
-                                hint="only a created container can start")
-    _arun(_simple(record, "Start"))
+    record = _loaded(store, args.id, "start")
+    _call(record, "start", record.id)
     return 0
-
-
-async def _simple(record: ContainerState, method: str) -> None:
-    from pykata.monitor.client import MonitorClient
-
-    client = await MonitorClient.connect(record.monitor_socket, record.id)
-    try:
-        await client.simple(method)
-    finally:
-        await client.close()
 
 
 def run(args: argparse.Namespace, store: Store) -> int:
@@ -303,7 +300,7 @@ def run(args: argparse.Namespace, store: Store) -> int:
             raise
         return 0
     launch = _prepare(args, store, foreground=True)
-    from pykata.cli.console_io import raw_terminal
+    from pykata.host.terminal import raw_terminal
 
     use_tty = launch.terminal and not args.console_socket
     try:
@@ -354,15 +351,11 @@ def oci_state(record: ContainerState) -> dict[str, Any]:
 
 
 def state(args: argparse.Namespace, store: Store) -> int:
-    from pykata.oci.cli import write_json
-
     write_json(oci_state(store.load(args.id)))
     return 0
 
 
 def list_(args: argparse.Namespace, store: Store) -> int:
-    from pykata.oci.cli import write_json
-
     records = []
     for cid in store.ids():
         with contextlib.suppress(PykataError):
@@ -405,30 +398,9 @@ def parse_signal(text: str) -> int:
 
 def kill(args: argparse.Namespace, store: Store) -> int:
     signum = parse_signal(args.signal)
-    record = store.load(args.id)
-    if record.status == "stopped":
-        raise InvalidStateError(f"container {args.id} is not running",
-                                hint="the container has exited")
-    _arun(_kill(record, signum, args.all))
+    record = _loaded(store, args.id, "kill")
+    _call(record, "kill", record.id, signum, "", args.all)
     return 0
-
-
-async def _kill(record: ContainerState, signum: int, all_processes: bool) -> None:
-    from pykata.monitor.client import MonitorClient
-    from pykata.protocols import monitor_pb2
-
-    client = await MonitorClient.connect(record.monitor_socket, record.id)
-    try:
-        await client.call("Kill", monitor_pb2.KillRequest(signal=signum, all=all_processes),
-                          _empty())
-    finally:
-        await client.close()
-
-
-def _empty() -> Any:
-    from google.protobuf import empty_pb2
-
-    return empty_pb2.Empty
 
 
 def delete(args: argparse.Namespace, store: Store) -> int:
@@ -455,13 +427,11 @@ def _delete(store: Store, container_id: str, *, force: bool) -> None:
             raise
         store.remove(container_id)
         return
-    if record.status in ("running", "paused") and not force:
-        raise InvalidStateError(
-            f"cannot delete container {container_id} that is not stopped: {record.status}",
-            hint="stop it first, or use `delete --force`")
+    if not force:
+        _require(record, "delete")
     if monitor_alive(record):
         with contextlib.suppress(PykataError, OSError):
-            _arun(_simple(record, "Shutdown"))
+            _call(record, "shutdown")
         _wait_gone(record, SHUTDOWN_WAIT)
         if monitor_alive(record):
             _signal_pid(record.monitor_pid, signal.SIGKILL)
@@ -589,13 +559,11 @@ def _exec_process(args: argparse.Namespace, record: ContainerState) -> dict[str,
 
 
 def exec_(args: argparse.Namespace, store: Store) -> int:
-    record = store.load(args.id)
-    if record.status == "paused" and not args.ignore_paused:
+    record = _loaded(store, args.id, "exec")
+    # runc's own rule on top of the core's: a paused container only with the flag.
+    if record.status == Status.PAUSED.value and not args.ignore_paused:
         raise InvalidStateError(f"cannot exec in paused container {args.id}",
-                                hint="resume it first")
-    if record.status not in ("running", "paused"):
-        raise InvalidStateError(f"cannot exec in container {args.id}: it is {record.status}",
-                                hint="exec needs a running container")
+                                hint="resume it first, or pass --ignore-paused")
     _refuse_preserved_fds(args)
     process = _exec_process(args, record)
     terminal = bool(process.get("terminal"))
@@ -605,13 +573,13 @@ def exec_(args: argparse.Namespace, store: Store) -> int:
     exec_id = f"exec-{os.urandom(8).hex()}"
     if args.detach:
         return _exec_detached(args, record, exec_id, process, terminal)
-    from pykata.cli.console_io import raw_terminal
+    from pykata.host.terminal import raw_terminal
     from pykata.oci.relay import relay_exec
 
     stdio, master = _exec_stdio(terminal, args.console_socket)
     with raw_terminal(0) if terminal and not args.console_socket else contextlib.nullcontext():
         _write_pid_file(args.pid_file, os.getpid())
-        return _arun(relay_exec(record.monitor_socket, record.id, exec_id, process, stdio,
+        return _arun(relay_exec(record.control_socket, record.id, exec_id, process, stdio,
                                 terminal, pty_master=master))
 
 
@@ -624,8 +592,8 @@ def _exec_stdio(terminal: bool, console_socket: str) -> tuple[tuple[int, int, in
 
 def _exec_detached(args: argparse.Namespace, record: ContainerState, exec_id: str,
                    process: dict[str, Any], terminal: bool) -> int:
+    from pykata.host import hostio
     from pykata.oci.relay import relay_exec
-    from pykata.runtime import hostio
 
     stdio, master = _exec_stdio(terminal, args.console_socket)
 
@@ -649,7 +617,7 @@ def _exec_detached(args: argparse.Namespace, record: ContainerState, exec_id: st
             reported.append(True)
 
         try:
-            return _arun(relay_exec(record.monitor_socket, record.id, exec_id, process,
+            return _arun(relay_exec(record.control_socket, record.id, exec_id, process,
                                     moved, terminal, on_started=started, pty_master=master))
         except BaseException as exc:
             if not reported:
@@ -665,44 +633,22 @@ def _exec_detached(args: argparse.Namespace, record: ContainerState, exec_id: st
 
 
 def ps(args: argparse.Namespace, store: Store) -> int:
-    record = store.load(args.id)
-    if record.status == "stopped":
-        raise InvalidStateError(f"container {args.id} is not running")
-    response = _arun(_monitor_state(record))
+    record = _loaded(store, args.id, "stats")
     if args.format == "json":
         # The host processes that stand for the container's processes: what a
         # caller can find in the host's `ps` (docker top does that).
         from pykata.runtime.state import process_start_time
 
-        pids = [record.monitor_pid, *(p for p in response.exec_pids.values()
-                                      if process_start_time(p))]
+        state_ = _call(record, "state")
+        execs = [p.host_pid for c in state_.containers if c.id == record.id for p in c.execs]
+        pids = [record.monitor_pid, *(p for p in execs if p and process_start_time(p))]
         print(json.dumps(pids))
         return 0
-    guest = _arun(_guest_pids(record))
+    guest = _call(record, "guest_pids", record.id)
     print("PID (in the VM)")
     for pid in guest:
         print(pid)
     return 0
-
-
-async def _monitor_state(record: ContainerState) -> Any:
-    from pykata.monitor.client import MonitorClient
-
-    client = await MonitorClient.connect(record.monitor_socket, record.id)
-    try:
-        return await client.state()
-    finally:
-        await client.close()
-
-
-async def _guest_pids(record: ContainerState) -> list[int]:
-    from pykata.monitor.client import MonitorClient
-
-    client = await MonitorClient.connect(record.monitor_socket, record.id)
-    try:
-        return await client.agent.list_processes(record.id)
-    finally:
-        await client.close()
 
 
 def _interval(text: str) -> float:
@@ -720,18 +666,16 @@ def _interval(text: str) -> float:
 
 def events(args: argparse.Namespace, store: Store) -> int:
     interval = _interval(args.interval)
-    record = store.load(args.id)
-    if record.status == "stopped":
-        raise InvalidStateError(f"container {args.id} is not running")
+    record = _loaded(store, args.id, "stats")
     return _arun(_events(record, once=args.stats, interval=interval))
 
 
 async def _events(record: ContainerState, *, once: bool, interval: float) -> int:
     import asyncio
 
-    from pykata.monitor.client import MonitorClient
+    from pykata.runtime.control_client import PodClient
 
-    client = await MonitorClient.connect(record.monitor_socket, record.id)
+    client = await PodClient.connect(record.control_socket, f"container {record.id}")
     try:
         while True:
             try:
@@ -770,18 +714,14 @@ def stats_json(stats: Any) -> dict[str, Any]:
 
 
 def pause(args: argparse.Namespace, store: Store) -> int:
-    record = store.load(args.id)
-    if record.status != "running":
-        raise InvalidStateError(f"cannot pause container {args.id}: it is {record.status}")
-    _arun(_simple(record, "Pause"))
+    record = _loaded(store, args.id, "pause")
+    _call(record, "pause", record.id)
     return 0
 
 
 def resume(args: argparse.Namespace, store: Store) -> int:
-    record = store.load(args.id)
-    if record.status != "paused":
-        raise InvalidStateError(f"cannot resume container {args.id}: it is {record.status}")
-    _arun(_simple(record, "Resume"))
+    record = _loaded(store, args.id, "resume")
+    _call(record, "resume", record.id)
     return 0
 
 
@@ -819,10 +759,8 @@ def update(args: argparse.Namespace, store: Store) -> int:
             resources.setdefault("cpu", {})[key] = getattr(args, flag)
     if args.cpuset_cpus:
         resources.setdefault("cpu", {})["cpus"] = args.cpuset_cpus
-    record = store.load(args.id)
-    if record.status == "stopped":
-        raise InvalidStateError(f"container {args.id} is not running")
-    _arun(_update(record, resources))
+    record = _loaded(store, args.id, "update")
+    _call(record, "update", record.id, json.dumps(resources).encode())
     return 0
 
 
@@ -831,18 +769,6 @@ def _read(path: str) -> str:
         return Path(path).read_text()
     except OSError as exc:
         raise SpecError(f"cannot read {path}: {exc.strerror}") from exc
-
-
-async def _update(record: ContainerState, resources: dict[str, Any]) -> None:
-    from pykata.monitor.client import MonitorClient
-    from pykata.protocols import monitor_pb2
-
-    client = await MonitorClient.connect(record.monitor_socket, record.id)
-    try:
-        await client.call("Update", monitor_pb2.UpdateRequest(
-            resources=json.dumps(resources).encode()), _empty())
-    finally:
-        await client.close()
 
 
 # --- spec / features / unsupported ------------------------------------------
@@ -879,8 +805,6 @@ FEATURES: dict[str, Any] = {
 
 
 def features(args: argparse.Namespace, store: Store) -> int:
-    from pykata.oci.cli import write_json
-
     write_json(FEATURES)
     return 0
 

@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import Any
 
 from pykata.errors import AgentError, PykataError, SpecError
+from pykata.host.mounts import Mount, MountError
 from pykata.protocols import agent_pb2, oci_pb2
 from pykata.protocols.oci_spec import InvalidSpecError, process_from_json, spec_from_json
 from pykata.runtime.agent_client import AgentClient
 from pykata.runtime.mount_points import MountPoint, make_mount_points
-from pykata.runtime.mounts import Mount, MountError
 from pykata.runtime.paths import SandboxPaths, check_id
 from pykata.runtime.resources import ContainerRootfs, ContainerVolume
 from pykata.runtime.sandbox import Sandbox

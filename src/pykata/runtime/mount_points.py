@@ -24,7 +24,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from pykata.errors import SpecError
-from pykata.runtime import safepath
+from pykata.host import safepath
 from pykata.runtime.volumes import is_bind
 
 

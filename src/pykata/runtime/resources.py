@@ -1,10 +1,17 @@
-"""What a sandbox gives its guest, each as a resource with three steps.
+"""What a pod gives its guest, each as a resource: made on the host, given
+to the VM, released after.
 
-`prepare` makes the thing on the host (directories, mounts); `attach` says
-how the guest reaches it (a VM device, a storage the agent mounts, a path
-in the container's spec); `release` undoes `prepare`, removing only what it
-made. The sandbox and its containers go through these steps in order and
-release in reverse, so a start that fails part-way leaves nothing behind.
+A sandbox's resources (`SandboxResource`: its shared filesystem, its
+network) are prepared before the VM boots, and the VM is made with their
+devices (`microvm` has no hot-plug: every device exists at boot, see
+`Sandbox.vm_config`); once the agent
+answers they set themselves up in the guest; teardown releases them in
+reverse, and what a dead owner left is removed from the sandbox's saved
+state (`cleanup_host_state`). A container's resources (its rootfs, its
+volumes) are prepared when it is created and attached to its spec (the
+guest path crun finds them at); they go when the container is deleted.
+Each removes only what it made, so a start that fails part-way leaves
+nothing behind and takes nobody else's state along.
 """
 
 from __future__ import annotations
@@ -14,9 +21,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from pykata.channels import SHARED_FS_TAG
-from pykata.hypervisor.base import Device, SharedDirectory
+from pykata.host.mounts import Mount
 from pykata.protocols import agent_pb2
-from pykata.runtime.mounts import Mount
+from pykata.runtime.agent_client import AgentClient
 from pykata.runtime.paths import GUEST_SHARED_DIR
 from pykata.runtime.share import ContainerShare, SandboxShare
 from pykata.runtime.volumes import Volume
@@ -26,10 +33,19 @@ from pykata.runtime.volumes import Volume
 NINEP_OPTIONS = ("trans=virtio", "version=9p2000.L", "msize=524288", "cache=mmap")
 
 
-class Resource(Protocol):
-    def prepare(self) -> None: ...
+class SandboxResource(Protocol):
+    async def prepare(self) -> None:
+        """Make it on the host, before the VM boots."""
 
-    def release(self) -> None: ...
+    def storages(self) -> Sequence[agent_pb2.Storage]:
+        """What the agent mounts for it at CreateSandbox."""
+
+    async def setup_guest(self, agent: AgentClient, boot: str) -> None:
+        """Set it up in the guest once the sandbox exists there (`boot`:
+        how the VM started; a restored one still has its template's MACs)."""
+
+    def release(self) -> None:
+        """Undo `prepare` (only what it made); safe to repeat."""
 
 
 class SharedFilesystem:
@@ -39,15 +55,15 @@ class SharedFilesystem:
     def __init__(self, share: SandboxShare) -> None:
         self.share = share
 
-    def prepare(self) -> None:
+    async def prepare(self) -> None:
         self.share.prepare()
 
-    def devices(self) -> list[Device]:
-        return [SharedDirectory(self.share.paths.shared_dir, SHARED_FS_TAG)]
+    def storages(self) -> Sequence[agent_pb2.Storage]:
+        return [agent_pb2.Storage(driver="9p", source=SHARED_FS_TAG, fstype="9p",
+                                  options=list(NINEP_OPTIONS), mount_point=GUEST_SHARED_DIR)]
 
-    def guest_storage(self) -> agent_pb2.Storage:
-        return agent_pb2.Storage(driver="9p", source=SHARED_FS_TAG, fstype="9p",
-                                 options=list(NINEP_OPTIONS), mount_point=GUEST_SHARED_DIR)
+    async def setup_guest(self, agent: AgentClient, boot: str) -> None:
+        pass  # mounted by CreateSandbox (`storages`)
 
     def release(self) -> None:
         # Its mounts live under the sandbox's directory, which the sandbox's

@@ -1,41 +1,42 @@
-"""A sandbox: one VM, its agent connection, its shared directory, its containers.
+"""A sandbox: one VM, its agent connection and its resources (the shared
+filesystem, the network), on the host.
 
-Lifecycle: `Sandbox.start()` (directories → share → VM → agent →
-CreateSandbox) and `Sandbox.stop()` (DestroySandbox → VM quits → mounts and
-directories removed). A start that fails part-way undoes what it did: no QEMU,
-mount or directory of the sandbox is left behind. A sandbox removes only the
-state it created: a start refused because the key is in use leaves the other
-sandbox's state alone.
+`Sandbox.start()`: the network is checked (refused before anything is
+made), then the VM comes from the sandbox's `VmSource`: one handed over
+running (the VM cache; its directory moves to this sandbox's), or one booted
+for it after its directory, share and network were prepared. The guest then
+gets its CreateSandbox and its resources set up. `Sandbox.stop()`:
+DestroySandbox, the VM quits, mounts and directories go. A start that fails
+part-way undoes what it did: no QEMU, mount, tap or directory of the
+sandbox is left behind. A sandbox removes only the state it created: a
+start refused because the key is in use leaves the other sandbox's alone.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import os
 import secrets
-import socket
 import time
-from collections.abc import Awaitable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
 
 from pykata.channels import TOKEN_SIZE
 from pykata.config import Config
-from pykata.errors import AgentError, HypervisorError, NetworkError, PykataError
-from pykata.hypervisor.base import Hypervisor, NetworkInterface
-from pykata.hypervisor.host import probe_vsock, resolve_accel
-from pykata.hypervisor.qemu import QemuVM, VmConfig
+from pykata.errors import PykataError
+from pykata.host import vsock
+from pykata.host.mounts import remove_unmounted
+from pykata.host.probes import probe_vsock, resolve_accel
+from pykata.hypervisor.base import Hypervisor
+from pykata.hypervisor.qemu import Handover, QemuVM, VmConfig
 from pykata.network import tcfilter
 from pykata.protocols import agent_pb2
-from pykata.runtime import mirrors, vsock
 from pykata.runtime.agent_client import AgentClient
-from pykata.runtime.mounts import remove_unmounted
 from pykata.runtime.paths import SandboxPaths, check_id, private_dir, rename_noreplace
-from pykata.runtime.resources import SharedFilesystem
+from pykata.runtime.pod_network import PodNetwork
+from pykata.runtime.resources import SandboxResource, SharedFilesystem
 from pykata.runtime.share import SandboxShare
 from pykata.runtime.state import (
     SandboxState,
@@ -44,13 +45,9 @@ from pykata.runtime.state import (
     read_state,
     write_state,
 )
-from pykata.ttrpc import Code
-
-if TYPE_CHECKING:
-    from pykata.factory.template import Template
+from pykata.runtime.vm_source import BootedVm, ColdBoot, VmSource, VmWant
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -75,46 +72,57 @@ class PhaseTimes:
     sandbox_create: float = 0.0
 
 
+@dataclass
+class _PodRecord:
+    """What the pod on top of this sandbox last said of itself."""
+
+    status: str = ""
+    containers: dict[str, dict[str, str]] = field(default_factory=dict)
+
+
 class Sandbox:
     def __init__(self, sandbox_id: str, config: Config, options: SandboxOptions,
-                 key: str | None = None, *, front_end: str = "run") -> None:
+                 key: str | None = None, *, front_end: str = "run",
+                 source: VmSource | None = None, share: SandboxShare | None = None) -> None:
         """`key` names the sandbox's state on the host (unique per pod: see
         `paths`); it defaults to the id, which the guest sees. `front_end`
-        ("run", "shim", "oci") is recorded in the saved state."""
-        self.id = sandbox_id
+        ("run", "shim", "oci", "factory") is recorded in the saved state."""
+        self.id = check_id("sandbox id", sandbox_id)
         self.front_end = front_end
-        self.monitor_socket = ""
-        self._created = time.time()
         self.config = config
         self.options = options
+        self.source: VmSource = source or ColdBoot(config.agent.dial_timeout)
         self.paths = SandboxPaths.for_key(key or sandbox_id)
-        self.share = SandboxShare(self.paths, config.runtime.scratch_size)
+        self.share = share or SandboxShare(self.paths, config.runtime.scratch_size)
         self.shared_fs = SharedFilesystem(self.share)
-        self.vm: Hypervisor | None = None
-        self._vm_config_used: VmConfig | None = None
-        self.agent: AgentClient | None = None
-        self.times = PhaseTimes()
-        self._stopped = False
-        self._owns_state = False
-        self._endpoints: list[tcfilter.Endpoint] = []
-        # The namespace's identity, once checked; whether this sandbox's
-        # taps and redirects exist (the state records them only then).
-        self._netns_id: tcfilter.NetnsId | None = None
-        self._mirroring = False
-        # How the VM started: "cold" (booted) or "template" (restored), and
-        # whether it was kept warm by the VM cache before this pod took it.
-        self.boot = ""
-        self.from_cache = False
-        self._create_in_guest = True
-        self._vm_name = self.paths.key
         # The namespace mirrored into the VM: options.netns, unless the
         # configuration's internetworking_model is "none".
-        self._netns = (options.netns if config.runtime.internetworking_model == "tcfilter"
-                       else "")
+        self.network = PodNetwork(
+            options.netns if config.runtime.internetworking_model == "tcfilter" else "",
+            vhost=not config.qemu.disable_vhost_net, sandboxes=self.paths.sandboxes,
+            key=self.paths.key, record=self._write_state,
+            live=lambda state: not owner_gone(state))
+        self.resources: list[SandboxResource] = [self.shared_fs, self.network]
+        self.control_socket = ""
+        self.vm: Hypervisor | None = None
+        self.agent: AgentClient | None = None
+        # How the VM started: "cold" (booted), "template" (restored), or
+        # "cache" (kept warm by the VM cache before this pod took it).
+        self.boot = ""
+        self.vm_name = self.paths.key
+        self.times = PhaseTimes()
+        self._created = time.time()
+        self._pod = _PodRecord()
+        self._stopped = False
+        self._owns_state = False
 
     @property
     def console_log(self) -> Path:
         return self.paths.run_dir / "console.log"
+
+    @property
+    def from_cache(self) -> bool:
+        return self.boot == "cache"
 
     def vm_config(self) -> VmConfig:
         """The VM this sandbox would boot, from its configuration and options."""
@@ -141,70 +149,69 @@ class Sandbox:
         )
 
     async def start(self, *, create: bool = True) -> None:
-        """Boot the VM and bring its agent up; undo everything if any step fails.
-        With `create` false the guest gets no CreateSandbox: a VM kept warm
-        for a pod not known yet (`adopt`)."""
-        self._create_in_guest = create
-        if self._netns:
-            # Refused before anything is made: a namespace another VM
-            # mirrors, or one the VM cannot mirror. Netlink work runs on
-            # threads that enter the namespace.
-            self._netns_id = tcfilter.netns_identity(Path(self._netns))
-            self._refuse_if_mirrored()
-            self._endpoints = await asyncio.to_thread(tcfilter.scan, Path(self._netns))
+        """Get the VM and bring the guest's sandbox up; undo everything if any
+        step fails. With `create` false the guest gets no CreateSandbox: a VM
+        kept warm for a pod not known yet (the VM cache)."""
+        await self.network.check()
         vm_config = self.vm_config()
-        self._make_dirs()
+        want = VmWant(self.id, self.paths.key, vm_config, needs_network=self.network.wanted)
+        handed = await self.source.take(want) if create else None
         try:
-            self.shared_fs.prepare()
-            if self._endpoints:
-                await _to_the_end(asyncio.to_thread(self._mirror))
-                if not self.config.qemu.disable_vhost_net:
-                    tcfilter.open_vhost(self._endpoints)
-                vm_config = dataclasses.replace(vm_config, network=tuple(
-                    NetworkInterface(e.tap_fd, e.mac, e.mtu, e.vhost_fd)
-                    for e in self._endpoints))
-            await self._boot(vm_config, await self._template_for(vm_config))
+            if handed is not None:
+                await self._move_in(handed)
+            else:
+                await self._prepare_and_boot(vm_config)
+            if create:
+                t0 = time.monotonic()
+                await self._create_in_guest()
+                self.times.sandbox_create = time.monotonic() - t0
         except BaseException:
             await self._teardown()
             raise
-        finally:
-            # QEMU holds its own copies now: a tap lives exactly as long as it.
-            tcfilter.close_taps(self._endpoints)
         self._write_state()
 
-    def _refuse_if_mirrored(self) -> None:
-        """Refuse this sandbox's namespace if a live sandbox mirrors it (a
-        dead one's leftover redirects are refused by tcfilter, which names
-        `pykata cleanup`)."""
-        assert self._netns_id is not None
-        others = (s for s in mirrors.sandbox_states(self.paths.sandboxes)
-                  if s.key != self.paths.key)
-        for holder in mirrors.holders(self._netns_id, others):
-            if not owner_gone(holder):
-                raise NetworkError(
-                    f"network namespace {self._netns} is already mirrored into the VM of "
-                    f"sandbox {holder.id} ({holder.front_end}, owner pid {holder.owner_pid}, "
-                    f"as {holder.netns}): a VM's network cannot be joined by another VM",
-                    hint="give this pod a network namespace of its own; containers that "
-                         f"must share that network belong in the pod of {holder.id}")
+    async def _prepare_and_boot(self, vm_config: VmConfig) -> None:
+        self._make_dirs()
+        try:
+            for resource in self.resources:
+                await resource.prepare()
+            self._take(await self.source.boot(
+                replace(vm_config, network=tuple(self.network.devices())), self.id))
+        finally:
+            self.network.close_taps()
 
-    def _mirror(self) -> None:
-        """Attach the taps and redirects and record them in the state, under
-        the run root's mirror lock (a blocking call: run on a thread). The
-        namespace is checked again under the lock: another start may have
-        taken it since the first check."""
-        path = Path(self._netns)
-        with mirrors.exclusive(self.paths.sandboxes):
-            self._refuse_if_mirrored()
-            tcfilter.attach(path, self._endpoints, self._netns_id)
-            self._mirroring = True
-            try:
-                self._write_state()
-            except BaseException:
-                # Unrecorded, they would outlive this sandbox: undo now.
-                self._mirroring = False
-                tcfilter.detach(path, self._endpoints, self._netns_id)
-                raise
+    def _take(self, booted: BootedVm) -> None:
+        self.vm, self.agent, self.boot = booted.vm, booted.agent, booted.boot
+        self.vm_name = booted.vm_name or self.vm_name
+        self.times.vm_launch, self.times.agent_ready = booted.vm_launch, booted.agent_ready
+
+    async def _move_in(self, handed: BootedVm) -> None:
+        """Make a VM handed over running (with its directory: its share,
+        logs and QEMU's open files) this sandbox's: its directory moves to
+        this sandbox's path (QEMU's export and open logs follow a rename)."""
+        assert handed.run_dir is not None
+        try:
+            private_dir(self.paths.sandboxes)
+            rename_noreplace(handed.run_dir, self.paths.run_dir)
+        except BaseException as exc:
+            await discard_handed(handed)
+            if isinstance(exc, FileExistsError):
+                raise PykataError(f"sandbox {self.id} already exists ({self.paths.run_dir})",
+                                  hint="choose another id, or remove the sandbox first"
+                                  ) from None
+            raise
+        self._owns_state = True
+        self._take(handed)
+        handed.vm.moved_to(self.paths.run_dir)
+        self._write_state()
+
+    async def _create_in_guest(self) -> None:
+        assert self.agent is not None
+        await self.agent.create_sandbox(agent_pb2.CreateSandboxRequest(
+            hostname=self.options.hostname, sandbox_id=self.id,
+            storages=[s for r in self.resources for s in r.storages()]))
+        for resource in self.resources:
+            await resource.setup_guest(self.agent, self.boot)
 
     def _make_dirs(self) -> None:
         private_dir(self.paths.root)
@@ -221,222 +228,12 @@ class Sandbox:
         # tell an abandoned sandbox (owner dead) from one still starting.
         self._write_state()
 
-    async def _template_for(self, vm_config: VmConfig) -> Template | None:
-        """The VM template to restore this sandbox's VM from, built now if
-        its shape has none; None (and a log line saying why) for a cold boot."""
-        if not self.config.factory.enable_template:
-            return None
-        from pykata.factory import template as templates
-
-        reason = (templates.unclonable(vm_config)
-                  or templates.shape_refusal(self.config, vm_config))
-        if reason:
-            log.info("sandbox %s boots cold: %s", self.id, reason)
-            return None
-        root = templates.template_root(self.config)
-        found, why = templates.find(root, vm_config)
-        if found is not None:
-            return found
-        log.warning("sandbox %s: %s; building one", self.id, why)
-        try:
-            return await templates.build(root, vm_config, self.config.agent.dial_timeout,
-                                         bounds=templates.limits(self.config))
-        except (templates.TemplateBusy, templates.TemplateCapReached) as exc:
-            log.warning("sandbox %s boots cold: %s", self.id, exc)
-        except (PykataError, OSError) as exc:
-            log.warning("sandbox %s boots cold: building a VM template failed: %s",
-                        self.id, exc)
-        return None
-
-    async def _boot(self, vm_config: VmConfig, template: Template | None = None) -> None:
-        t0 = time.monotonic()
-        if template is not None:
-            try:
-                t1 = await self._restore(vm_config, template)
-            except (HypervisorError, AgentError) as exc:
-                log.warning("sandbox %s boots cold: restoring VM template %s failed: %s",
-                            self.id, template.key, exc)
-                await self._drop_vm()
-                template = None
-        if template is None:
-            self._vm_config_used = vm_config
-            self.vm = QemuVM(vm_config)
-            await self.vm.start()
-            t1 = time.monotonic()
-            await self._wait_for_agent()
-            self.boot = "cold"
-        else:
-            self.boot = "template"
-        assert self.agent is not None
-        t2 = time.monotonic()
-        if self._create_in_guest:
-            await self._create_sandbox_in_guest()
-        self.times = PhaseTimes(t1 - t0, t2 - t1, time.monotonic() - t2)
-
-    async def _create_sandbox_in_guest(self) -> None:
-        assert self.agent is not None
-        await self.agent.create_sandbox(agent_pb2.CreateSandboxRequest(
-            hostname=self.options.hostname, storages=[self.shared_fs.guest_storage()],
-            sandbox_id=self.id,
-        ))
-        if self._endpoints:
-            await self._configure_guest_network()
-
-    async def adopt(self, sandbox_id: str, key: str, options: SandboxOptions) -> None:
-        """Make this warm sandbox (started with `create` false) the pod
-        `sandbox_id`: its directory, with the share QEMU exports, moves to
-        the pod's key (a rename: QEMU's export and its open logs follow), and
-        the guest gets its CreateSandbox. The VM must have the shape
-        `options` asks for: the caller checks it."""
-        if self._create_in_guest or self.vm is None:
-            raise PykataError("only a warm sandbox can be adopted")
-        new_paths = SandboxPaths.for_key(key)
-        check_id("sandbox id", sandbox_id)
-        try:
-            rename_noreplace(self.paths.run_dir, new_paths.run_dir)
-        except FileExistsError:
-            raise PykataError(
-                f"sandbox {sandbox_id} already exists ({new_paths.run_dir})",
-                hint="choose another id, or remove the sandbox first") from None
-        self.paths = new_paths
-        if self.monitor_socket:
-            self.monitor_socket = str(new_paths.run_dir / Path(self.monitor_socket).name)
-        self.share = SandboxShare(self.paths, self.config.runtime.scratch_size)
-        self.shared_fs = SharedFilesystem(self.share)
-        if isinstance(self.vm, QemuVM):
-            self.vm.config = dataclasses.replace(self.vm.config, run_dir=new_paths.run_dir)
-        self.id = sandbox_id
-        self.options = options
-        self.front_end = "shim"
-        self.from_cache = True
-        self._create_in_guest = True
-        self._write_state()
-        t0 = time.monotonic()
-        await self._create_sandbox_in_guest()
-        self.times = dataclasses.replace(self.times, sandbox_create=time.monotonic() - t0)
-
-    async def _restore(self, vm_config: VmConfig, template: Template) -> float:
-        """Start this sandbox's VM from `template`: its memory mapped private,
-        its device state loaded, then made its own (clock, randomness).
-        Returns when (monotonic) the VM ran again."""
-        from pykata.factory.template import in_use
-
-        clone = dataclasses.replace(vm_config, memory_path=template.memory,
-                                    memory_shared=False, incoming=True)
-        async with in_use(template):
-            self._vm_config_used = clone
-            self.vm = QemuVM(clone)
-            await self.vm.start()
-            await self.vm.restore_state(template.state)
-        restored = time.monotonic()
-        await self._wait_for_agent(first_stream_id=template.next_stream_id)
-        assert self.agent is not None
-        # Before any container runs: every clone resumed with the same
-        # random pool and a clock stopped at the template's save.
-        await self.agent.set_guest_time(time.time_ns())
-        await self.agent.reseed_random(os.urandom(64))
-        return restored
-
-    async def _drop_vm(self) -> None:
-        if self.agent is not None:
-            await self.agent.close()
-            self.agent = None
-        if self.vm is not None:
-            await self.vm.kill()
-            self.vm = None
-
-    async def _configure_guest_network(self) -> None:
-        """Give the guest the pod's addresses, MTU, routes and neighbours, on
-        the NICs that carry the pod interfaces' MACs."""
-        assert self.agent is not None
-        # A clone's links still carry the template's MACs: each is named by
-        # its template MAC's link and gets the pod interface's MAC.
-        guest_links = (await self.agent.interface_names_by_mac()
-                       if self.boot == "template" else {})
-        from pykata.factory.template import template_mac
-
-        for i, e in enumerate(self._endpoints):
-            await self.agent.update_interface(agent_pb2.Interface(
-                device=guest_links.get(template_mac(i), ""),
-                name=e.name, hwAddr=e.mac, mtu=e.mtu, IPAddresses=[
-                    agent_pb2.IPAddress(family=_family(a.family), address=a.address,
-                                        mask=str(a.prefix_len))
-                    for a in e.addresses if not a.address.startswith("fe80")]))
-        routes, neighbors = await asyncio.to_thread(
-            tcfilter.scan_routes_and_neighbors, Path(self._netns), self._endpoints)
-        await self.agent.update_routes([agent_pb2.Route(
-            dest=r.dest, gateway=r.gateway, device=r.device, source=r.source, scope=r.scope,
-            family=_family(r.family)) for r in routes])
-        if neighbors:
-            await self.agent.add_arp_neighbors([agent_pb2.ARPNeighbor(
-                toIPAddress=agent_pb2.IPAddress(family=_family(n.family), address=n.address),
-                device=n.device, lladdr=n.mac, state=tcfilter.NUD_PERMANENT)
-                for n in neighbors])
-
-    async def _dial(self, timeout: float, first_stream_id: int = 1) -> None:
-        """Connect to the agent (vsock) or take the channel QEMU holds, then
-        Health.Check until it answers."""
-        assert self.vm is not None
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        assert self._vm_config_used is not None
-        cid = self._vm_config_used.vsock_cid
-        if cid:
-            sock = await vsock.connect(cid, timeout)
-            # The agent serves only a connection that opens with the token.
-            await loop.sock_sendall(sock, self._vm_config_used.vsock_token)
-        else:
-            assert self.vm.agent_socket is not None
-            sock = self.vm.agent_socket
-        self.agent = await AgentClient.over_socket(sock, first_stream_id=first_stream_id)
-        await self.agent.check(max(0.001, deadline - loop.time()))
-
-    async def _wait_for_agent(self, first_stream_id: int = 1) -> None:
-        """Dial the agent until it answers, QEMU exits, or dial_timeout passes."""
-        assert self.vm is not None
-        timeout = self.config.agent.dial_timeout
-        check = asyncio.ensure_future(self._dial(timeout, first_stream_id))
-        exited = asyncio.ensure_future(self.vm.wait())
-        try:
-            done, _ = await asyncio.wait({check, exited}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in (check, exited):
-                task.cancel()
-        if exited not in done and check.exception() is not None:
-            # A VM that dies closes the agent socket first; give QEMU's exit
-            # a moment to be seen, so the error says what really happened.
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self.vm.wait()), 2)
-            if not self.vm.running:
-                done = {exited}
-        if exited in done:
-            raise HypervisorError(
-                f"the VM of sandbox {self.id} stopped while booting:\n"
-                f"{self.vm.failure_report()}"
-            )
-        try:
-            check.result()
-        except (AgentError, TimeoutError) as exc:
-            if isinstance(exc, AgentError) and exc.code != Code.DEADLINE_EXCEEDED:
-                raise AgentError(
-                    f"the agent of sandbox {self.id} failed to answer: {exc}\n"
-                    f"{self.vm.failure_report()}"
-                ) from exc
-            raise AgentError(
-                f"the agent of sandbox {self.id} did not answer within {timeout:g} s "
-                f"(dial_timeout); the VM was stopped.\n{self.vm.failure_report()}",
-                hint="raise [agent] dial_timeout if the host is slow",
-            ) from exc
-        except Exception as exc:
-            raise AgentError(
-                f"the agent of sandbox {self.id} failed to answer: {exc}\n"
-                f"{self.vm.failure_report()}"
-            ) from exc
-
     async def explain(self, exc: PykataError) -> PykataError:
         """`exc`, or, when the VM has stopped, an error saying so with its
         failure report: a VM that dies shows up first as a lost agent
         connection, which alone tells the user nothing."""
+        from pykata.errors import HypervisorError
+
         if self.vm is None:
             return exc
         with contextlib.suppress(asyncio.TimeoutError):
@@ -467,15 +264,52 @@ class Sandbox:
             if self.vm is not None:
                 await self.vm.stop()
         finally:
+            for resource in reversed(self.resources):
+                resource.release()
             # Host state goes even if stopping the VM failed: nothing mounted
             # for a sandbox outlives it. The redirects go by the state's record
-            # of them, as for a dead owner's (written right after the attach).
+            # of them, as for a dead owner's.
             if self._owns_state:
                 # Not awaited: a cancelled teardown must still remove it all.
                 cleanup_host_state(self.paths)
                 self._owns_state = False
-            self._endpoints = []
-            self._mirroring = False
+
+    async def hand_over(self) -> tuple[Handover, dict[str, object]]:
+        """Give this sandbox's running VM (started without CreateSandbox) to
+        another process: its descriptors, and what the new owner needs to take
+        it in (`runtime.vm_source.BootedVm`): its directory, QEMU's pid and
+        name, the agent channel's next stream id. Then `forget` it (sent), or
+        `kill` it (not sent: nobody else may hold it)."""
+        if not isinstance(self.vm, QemuVM) or self.agent is None or not self.vm.running:
+            raise PykataError(f"sandbox {self.id} has no running VM to hand over")
+        handover = await self.vm.handover()
+        return handover, {"run_dir": str(self.paths.run_dir), "qemu_pid": handover.pid,
+                          "vm_name": self.vm_name, "boot": self.boot,
+                          "next_stream_id": self.agent.next_stream_id}
+
+    async def forget(self, handover: Handover) -> None:
+        """After `hand_over` was sent: this process's copies go, and with them
+        everything this sandbox owned (the VM, its directory are another's)."""
+        assert isinstance(self.vm, QemuVM)
+        self.vm.forget(handover)
+        if self.agent is not None:
+            await self.agent.close()
+        self.vm = self.agent = None
+        self._owns_state = False
+        self._stopped = True
+
+    def set_control_socket(self, path: Path) -> None:
+        """Where the owner serves the pod's control socket (recorded for
+        other pykata commands)."""
+        self.control_socket = str(path)
+        if self._owns_state:
+            self._write_state()
+
+    def record_pod(self, status: str, containers: dict[str, dict[str, str]]) -> None:
+        """Save the pod's status and its containers' along with the sandbox."""
+        self._pod = _PodRecord(status, containers)
+        if self._owns_state and not self._stopped:
+            self._write_state()
 
     def _write_state(self) -> None:
         write_state(self.paths.state_file, SandboxState(
@@ -487,16 +321,19 @@ class Sandbox:
             console_log=str(self.console_log),
             created=self._created,
             qemu_pid=(self.vm.pid or 0) if self.vm is not None else 0,
-            monitor_socket=self.monitor_socket,
+            control_socket=self.control_socket,
             # Only once they exist: a start that fails before has none to undo,
             # and must not undo another sandbox's.
-            netns=self._netns if self._mirroring else "",
-            mirrored={e.name: e.index for e in self._endpoints} if self._mirroring else {},
-            netns_dev=self._netns_id.dev if self._mirroring and self._netns_id else 0,
-            netns_ino=self._netns_id.ino if self._mirroring and self._netns_id else 0,
+            netns=self.network.netns if self.network.mirroring else "",
+            mirrored=self.network.mirrored,
+            netns_dev=(self.network.identity.dev
+                       if self.network.mirroring and self.network.identity else 0),
+            netns_ino=(self.network.identity.ino
+                       if self.network.mirroring and self.network.identity else 0),
             boot=self.boot,
-            from_cache=self.from_cache,
-            vm_name=self._vm_name,
+            vm_name=self.vm_name,
+            status=self._pod.status,
+            containers=self._pod.containers,
         ))
 
 
@@ -543,28 +380,13 @@ def cleanup_host_state(paths: SandboxPaths) -> None:
         log.error("sandbox %s: %s", paths.key, exc)
 
 
-async def _to_the_end(work: Awaitable[T]) -> T:
-    """`work`'s result, awaited to its end even if this task is cancelled
-    meanwhile (the cancellation is raised after it). For a thread that
-    changes host state: it cannot be stopped half-way, and the teardown that
-    follows a cancellation must find what it made recorded."""
-    task = asyncio.ensure_future(work)
-    cancelled = False
-    while not task.done():
-        try:
-            await asyncio.wait({task})
-        except asyncio.CancelledError:
-            cancelled = True
-    if cancelled:
-        if task.exception() is not None:  # undone by the thread itself
-            log.info("cancelled while it failed: %s", task.exception())
-        raise asyncio.CancelledError
-    return task.result()
-
-
-def _family(family: int) -> agent_pb2.IPFamily.ValueType:
-    """The agent API's address family for a socket one."""
-    return agent_pb2.v6 if family == socket.AF_INET6 else agent_pb2.v4
+async def discard_handed(handed: BootedVm) -> None:
+    """End a VM handed over that no sandbox took: the VM, then its directory."""
+    with contextlib.suppress(Exception):
+        await handed.agent.close()
+    await handed.vm.kill()
+    if handed.run_dir is not None:
+        cleanup_host_state(SandboxPaths(handed.run_dir.name, handed.run_dir.parent.parent))
 
 
 def _guest_assets(kernel: str, initrd: str) -> tuple[Path, Path]:

@@ -22,8 +22,8 @@ from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 
 from pykata.errors import ContainerError
-from pykata.runtime import safepath
-from pykata.runtime.mounts import (
+from pykata.host import safepath
+from pykata.host.mounts import (
     Mount,
     MountError,
     mount_beneath,

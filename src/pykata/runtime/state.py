@@ -25,7 +25,8 @@ from typing import Any, TypeVar
 
 from pykata.errors import PykataError
 
-STATE_VERSION = 1
+# 2: a sandbox records its pod's status and its containers', and its control socket.
+STATE_VERSION = 2
 STATE_FILE = "state.json"
 
 
@@ -45,7 +46,8 @@ class SandboxState:
     console_log: str
     created: float
     qemu_pid: int = 0
-    monitor_socket: str = ""
+    # The pod's control socket (runtime.control), served by the owner.
+    control_socket: str = ""
     # The pod network namespace whose interfaces (name: index) carry pykata's
     # tc redirects: what `pykata cleanup` removes once the owner is gone.
     # Recorded once they exist, never before: a start that failed made none.
@@ -56,12 +58,15 @@ class SandboxState:
     # path, and cleanup never works in a namespace the path leads to since.
     netns_dev: int = 0
     netns_ino: int = 0
-    # "cold" (booted) or "template" (restored from a VM template); "" while starting.
+    # "cold" (booted), "template" (restored from a VM template) or "cache"
+    # (kept warm by the VM cache); "" while starting.
     boot: str = ""
-    # The VM was kept warm by the VM cache before this sandbox took it.
-    from_cache: bool = False
     # QEMU's -name is pykata-<vm_name> (a cached VM keeps its warm name).
     vm_name: str = ""
+    # The pod's status (creating, running, stopped) and its containers':
+    # container id -> {exec id ("" for the init): status}.
+    status: str = ""
+    containers: dict[str, dict[str, str]] = field(default_factory=dict)
     version: int = STATE_VERSION
 
 
@@ -82,7 +87,7 @@ class ContainerState:
     # contract): the monitor, which also holds the VM.
     monitor_pid: int = 0
     monitor_start: int = 0
-    monitor_socket: str = ""
+    control_socket: str = ""
     exit_status: int = -1
     exited_at: str = ""
     version: int = STATE_VERSION

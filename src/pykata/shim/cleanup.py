@@ -15,13 +15,13 @@ import sys
 from pathlib import Path
 
 from pykata.errors import PykataError
+from pykata.host.mounts import unmount_all
 from pykata.protocols import shim_pb2
 from pykata.runtime.lifecycle import VM_DIED_STATUS
-from pykata.runtime.mounts import unmount_all
 from pykata.runtime.paths import SandboxPaths
 from pykata.runtime.sandbox import cleanup_host_state, qemu_running, read_sandbox_state
-from pykata.shim.cli import ShimFlags
 from pykata.shim.events import now
+from pykata.shim.flags import ShimFlags
 from pykata.shim.start import (
     _answers,
     group_of,

@@ -64,6 +64,8 @@ class FifoReader:
         self._transport: asyncio.ReadTransport | None = None
 
     async def read(self) -> bytes:
+        if self._fd < 0 and self._reader is None:
+            return b""
         if self._reader is None:
             loop = asyncio.get_running_loop()
             self._reader = asyncio.StreamReader()
@@ -74,11 +76,13 @@ class FifoReader:
         return await self._reader.read(256 * 1024)
 
     def close(self) -> None:
+        """Safe to repeat: the descriptor is closed once."""
         if self._transport is not None:
             self._transport.close()
-        else:
+        elif self._fd >= 0:
             with contextlib.suppress(OSError):
                 os.close(self._fd)
+        self._fd = -1
 
 
 class ProcessFifos:

@@ -14,9 +14,10 @@ import signal
 import socket
 
 from pykata import config as config_mod
+from pykata.channels import RUNTIME_TYPE
 from pykata.shim import shimlog
-from pykata.shim.cli import RUNTIME_TYPE, ShimFlags
 from pykata.shim.events import EventPublisher
+from pykata.shim.flags import ShimFlags
 from pykata.shim.service import TASK_REQUESTS, TaskService
 from pykata.shim.start import FileIdentity, file_identity, pod_lock, release_pod_files
 from pykata.ttrpc import Server

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 
 from pykata.channels import CONTAINER_TYPE_KEY, SANDBOX_ID_KEY
 from pykata.runtime.keys import pod_key
-from pykata.shim.cli import ShimFlags
+from pykata.shim.flags import ShimFlags
 
 ADDRESS_FILE = "address"
 

@@ -1,5 +1,6 @@
-"""The monitor process: boots the VM, creates the container, serves its
-control socket, relays the init's stdio, and exits with its exit status.
+"""The monitor: the owner of an OCI container's pod. It holds the `Pod`
+(the VM, the container), serves the pod's control socket (which every later
+verb talks to), relays the init's stdio, and exits with its exit status.
 
 It is forked by `create` and stays in the caller's process tree (after
 `create` exits it is reparented to the caller's subreaper: containerd's runc
@@ -12,8 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
-import json
 import logging
 import os
 import signal
@@ -22,19 +21,20 @@ from pathlib import Path
 from typing import Any
 
 from pykata.errors import PykataError
-from pykata.monitor.launch import Launch
-from pykata.monitor.service import MonitorService
+from pykata.host import hostio
+from pykata.oci.launch import Launch
 from pykata.oci.store import NETNS_PIN, pin_netns, release_netns
-from pykata.runtime import hostio
-from pykata.runtime.container import Container, bind_rootfs, spec_readonly_root
+from pykata.runtime.container import bind_rootfs
+from pykata.runtime.control import ControlHooks
 from pykata.runtime.hooks import run_hooks, spec_hooks, strip_host_hooks
-from pykata.runtime.lifecycle import OUTPUT_DRAIN_SECONDS, VM_DIED_STATUS, Lifecycle, Status
-from pykata.runtime.mount_points import spec_mount_points
-from pykata.runtime.sandbox import Sandbox
-from pykata.runtime.spec import network_namespace, network_namespace_path, spec_hostname
+from pykata.runtime.lifecycle import VM_DIED_STATUS, Status
+from pykata.runtime.owner import OwnedPod, new_pod, start_pod
+from pykata.runtime.pod import Pod, PodEvent, PodPolicy
+from pykata.runtime.process import PodProcess
+from pykata.runtime.ready import ReadyReport
+from pykata.runtime.spec import network_namespace, network_namespace_path
 from pykata.runtime.state import ContainerState, process_start_time, rfc3339, write_state
-from pykata.runtime.stdio import StdioRelay
-from pykata.ttrpc import Server
+from pykata.runtime.stdio import Sink, Source
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +49,6 @@ CLONE_NEWNET = 0x40000000
 # After the output drained from the guest, how long the caller may take to
 # read the rest of it from the container's stdio.
 WRITE_OUT_SECONDS = 60.0
-
-
-def monitor_socket(sandbox: Sandbox) -> Path:
-    return sandbox.paths.run_dir / "monitor.sock"
 
 
 def sandbox_key(state_dir: Path, container_id: str) -> str:
@@ -99,31 +95,72 @@ def isolate_network(spec: dict[str, Any], state_dir: Path) -> bool:
     return True
 
 
+class DescriptorIO:
+    """The container's stdio on the descriptors `create` was given (or the
+    slave of its pty), as the pod relays them (`ProcessIO`). What is queued
+    is written out at teardown (`written`), for as long as the caller reads."""
+
+    def __init__(self, stdio: tuple[int, int, int], terminal: bool) -> None:
+        self._writers = [hostio.FdWriter(stdio[1])]
+        if not terminal:
+            self._writers.append(hostio.FdWriter(stdio[2]))
+        self._reader = hostio.FdReader(stdio[0])
+
+    @property
+    def stdout(self) -> Sink | None:
+        return self._writers[0].write
+
+    @property
+    def stderr(self) -> Sink | None:
+        return self._writers[1].write if len(self._writers) > 1 else None
+
+    @property
+    def stdin(self) -> Source | None:
+        return self._reader.read
+
+    async def close(self) -> None:
+        pass  # the writers finish at teardown, not before the exit is saved
+
+    def close_stdin(self) -> None:
+        pass
+
+    async def written(self, timeout: float) -> None:
+        for writer in self._writers:
+            # A reader that stopped reading must not hold the monitor forever.
+            await writer.close(timeout)
+
+
 class Monitor:
     def __init__(self, launch: Launch) -> None:
         self.launch = launch
         from pykata import config as config_mod
 
         self.config = config_mod.load(launch.config_path)
-        self.lifecycle = Lifecycle("container", launch.id)
-        self.sandbox: Sandbox | None = None
-        self.container: Container | None = None
-        self.service: MonitorService | None = None
-        self.server: Server | None = None
-        self.relay: StdioRelay | None = None
-        self._writers: list[hostio.FdWriter] = []
-        self._shutdown = asyncio.Event()
+        self.owned: OwnedPod | None = None
+        self.pod: Pod | None = None
+        self.io: DescriptorIO | None = None
         self._pending: set[asyncio.Task[Any]] = set()
         self.created = rfc3339(time.time())
+
+    @property
+    def init(self) -> PodProcess | None:
+        container = self.pod.containers.get(self.launch.id) if self.pod else None
+        return container.init if container is not None else None
 
     # --- state ----------------------------------------------------------
 
     def save(self) -> None:
-        sandbox = self.sandbox
+        """The container's record under --root, from the pod's state: what
+        `state` and `list` read without asking the monitor."""
+        pod, init = self.pod, self.init
+        sandbox = pod.sandbox if pod is not None else None
+        status = init.status if init is not None else Status.CREATING
+        if pod is not None and pod.lifecycle.stopped and init is None:
+            status = Status.STOPPED
         write_state(self.launch.state_dir / "state.json", ContainerState(
             id=self.launch.id,
             bundle=str(self.launch.bundle),
-            status=self.lifecycle.status.value,
+            status=status.value,
             sandbox_key=sandbox.paths.key if sandbox else "",
             run_root=str(sandbox.paths.root) if sandbox else "",
             created=self.created,
@@ -132,89 +169,72 @@ class Monitor:
             annotations=self.launch.annotations,
             monitor_pid=os.getpid(),
             monitor_start=process_start_time(os.getpid()),
-            monitor_socket=sandbox.monitor_socket if sandbox else "",
-            exit_status=self.service.exit_status if self.service else -1,
-            exited_at=rfc3339(time.time()) if self.lifecycle.stopped else "",
+            control_socket=sandbox.control_socket if sandbox else "",
+            exit_status=init.exit_status if init is not None and init.lifecycle.stopped else -1,
+            exited_at=rfc3339(init.exited_at) if init is not None and init.exited_at else "",
         ))
 
-    def oci_state(self) -> dict[str, Any]:
+    def oci_state(self, status: str) -> dict[str, Any]:
         return {
             "ociVersion": self.launch.spec.get("ociVersion", "1.0.2"),
             "id": self.launch.id,
-            "status": self.lifecycle.status.value,
+            "status": status,
             "pid": os.getpid(),
             "bundle": str(self.launch.bundle),
             "annotations": self.launch.annotations,
         }
 
+    def _on_event(self, event: PodEvent) -> None:
+        if event.container_id in ("", self.launch.id):
+            self.save()
+
     # --- create ---------------------------------------------------------
 
     async def create(self) -> None:
         """Everything `create` waits for; undone by `teardown` if it fails."""
-        from pykata.shim.annotations import sandbox_options
-
-        launch = self.launch
-        options = sandbox_options(launch.annotations, self.config)
-        options = dataclasses.replace(options,
-                                      netns=container_netns(launch.spec, launch.state_dir),
-                                      hostname=spec_hostname(launch.spec, options.hostname))
-        self.sandbox = sandbox = Sandbox(
-            launch.id, self.config, options, key=sandbox_key(launch.state_dir, launch.id),
-            front_end="oci")
-        sandbox.monitor_socket = str(monitor_socket(sandbox))
-        # Before the VM boots: a prestart hook sets up the network namespace
-        # the VM's devices are made from (docker's libnetwork-setkey).
-        await self._run_host_hooks("prestart")
-        await self._run_host_hooks("createRuntime")
-        await sandbox.start()
-        self.container = container = Container(sandbox, launch.id)
-        self.service = MonitorService(container, self.lifecycle, self.save,
-                                      self._poststart, self._shutdown.set)
+        from pykata.factory.sources import vm_source
+        from pykata.runtime.pod_options import pod_options
         from pykata.runtime.volumes import plan_volumes
 
+        launch = self.launch
+        options = pod_options(launch.spec, self.config,
+                              netns=container_netns(launch.spec, launch.state_dir))
+        self.pod = new_pod(launch.id, self.config, options,
+                           key=sandbox_key(launch.state_dir, launch.id), front_end="oci",
+                           source=vm_source(self.config),
+                           policy=PodPolicy(ends_with_init=True), on_event=self._on_event)
         spec = strip_host_hooks(launch.spec)
         volumes = plan_volumes(spec.get("mounts") or [], launch.bundle)
-        container.share_rootfs(bind_rootfs(launch.rootfs), readonly=spec_readonly_root(spec),
-                              mount_points=spec_mount_points(spec))
-        try:
-            await container.create(spec, volumes=volumes)
-        except PykataError as exc:
-            raise await sandbox.explain(exc) from exc
-        self._start_stdio()
-        self.lifecycle.move(Status.CREATED)
-        self.server = Server()
-        self.service.register(self.server)
-        await self.server.serve_unix(sandbox.monitor_socket)
-        os.chmod(sandbox.monitor_socket, 0o600)
+        # Before the VM boots: a prestart hook sets up the network namespace
+        # the VM's devices are made from (docker's libnetwork-setkey).
+        await self._run_host_hooks("prestart", "creating")
+        await self._run_host_hooks("createRuntime", "creating")
+        self.owned = await start_pod(self.pod, ControlHooks(on_start=self._poststart,
+                                                            on_shutdown=self._shutdown))
+        self.io = DescriptorIO(launch.stdio, launch.terminal)
+        rootfs = bind_rootfs(launch.rootfs)
+        await self.pod.create_container(launch.id, spec, lambda _c: rootfs, io=self.io,
+                                        volumes=volumes, bundle=str(launch.bundle))
         self.save()
 
-    def _start_stdio(self) -> None:
-        assert self.sandbox is not None and self.sandbox.agent is not None
-        stdin, stdout, stderr = self.launch.stdio
-        out = hostio.FdWriter(stdout)
-        self._writers.append(out)
-        err = None
-        if not self.launch.terminal:
-            err = hostio.FdWriter(stderr)
-            self._writers.append(err)
-        self.relay = StdioRelay(self.sandbox.agent, self.launch.id, self.launch.id)
-        self.relay.start(out.write, err.write if err else None, hostio.FdReader(stdin).read,
-                         terminal=self.launch.terminal)
-
-    async def _run_host_hooks(self, phase: str) -> None:
+    async def _run_host_hooks(self, phase: str, status: str) -> None:
         hooks = spec_hooks(self.launch.spec, phase)
-        if not hooks:
-            return
-        state = self.oci_state()
-        if phase == "prestart" or phase == "createRuntime":
-            state["status"] = "creating"
-        await run_hooks(hooks, state, phase=phase)
+        if hooks:
+            await run_hooks(hooks, self.oci_state(status), phase=phase)
 
-    async def _poststart(self) -> None:
+    async def _poststart(self, container_id: str, exec_id: str) -> None:
+        if exec_id:
+            return
         try:
-            await self._run_host_hooks("poststart")
+            await self._run_host_hooks("poststart", "running")
         except PykataError as exc:
             log.warning("poststart hook: %s", exc)
+
+    async def _shutdown(self) -> None:
+        """`delete`: the container is killed (given a moment to report its
+        exit), and the monitor ends."""
+        assert self.pod is not None
+        await self.pod.shutdown()
 
     # --- run ------------------------------------------------------------
 
@@ -224,74 +244,41 @@ class Monitor:
         task.add_done_callback(self._pending.discard)
 
     def _forward(self, signum: int) -> None:
-        if self.container is None or self.lifecycle.stopped:
-            return
-        self._spawn(_quiet(self.container.kill(signum)))
+        if self.pod is not None and self.init is not None and not self.init.lifecycle.stopped:
+            self._spawn(_quiet(self.pod.kill(self.launch.id, "", signum)))
 
     def _resize(self) -> None:
-        if self.container is None or not self.launch.terminal:
+        if self.pod is None or not self.launch.terminal:
             return
         size = hostio.window_size(self.launch.stdio[0])
         if size is not None:
-            self._spawn(_quiet(self.container.agent.resize(
-                self.launch.id, self.launch.id, *size)))
+            self._spawn(_quiet(self.pod.resize(self.launch.id, "", *size)))
 
     async def run(self) -> int:
-        """Wait for the init's exit (or Shutdown), record it, end the VM."""
-        assert self.container is not None and self.service is not None
+        """Wait until the pod ends (the init exited, the VM died, or Shutdown);
+        return the init's exit status."""
+        assert self.pod is not None
         loop = asyncio.get_running_loop()
         for sig in FORWARDED_SIGNALS:
             loop.add_signal_handler(sig, self._forward, sig)
         loop.add_signal_handler(signal.SIGWINCH, self._resize)
         self._resize()
-        wait = asyncio.ensure_future(self.container.wait())
-        shutdown = asyncio.ensure_future(self._shutdown.wait())
-        vm = asyncio.ensure_future(self._vm_exit())
-        done, _ = await asyncio.wait({wait, shutdown, vm}, return_when=asyncio.FIRST_COMPLETED)
-        code = VM_DIED_STATUS
-        if wait in done and wait.exception() is None:
-            code = wait.result()
-            if self.relay is not None:
-                await self.relay.drain(OUTPUT_DRAIN_SECONDS)
-        elif shutdown in done:
-            with contextlib.suppress(PykataError, asyncio.TimeoutError):
-                await asyncio.wait_for(self.container.kill(signal.SIGKILL), 5)
-            with contextlib.suppress(PykataError, asyncio.TimeoutError):
-                code = await asyncio.wait_for(asyncio.shield(wait), 5)
-        else:
-            log.error("the VM stopped before the container exited")
-        for task in (wait, shutdown, vm):
-            task.cancel()
-        self.service.exit_status = code
-        self.lifecycle.move(Status.STOPPED)
+        await self.pod.ended.wait()
+        init = self.init
+        code = init.exit_status if init is not None and init.lifecycle.stopped \
+            else VM_DIED_STATUS
         self.save()
         return code
 
-    async def _vm_exit(self) -> None:
-        assert self.sandbox is not None and self.sandbox.vm is not None
-        await self.sandbox.vm.wait()
-
     async def teardown(self) -> None:
-        if self.server is not None:
-            await self.server.aclose()
-            with contextlib.suppress(OSError):
-                monitor_socket_path = self.sandbox.monitor_socket if self.sandbox else ""
-                if monitor_socket_path:
-                    os.unlink(monitor_socket_path)
-        if self.relay is not None:
-            await self.relay.close()
-        for writer in self._writers:
-            # A reader that stopped reading must not hold the VM forever.
-            await writer.close(WRITE_OUT_SECONDS)
+        if self.owned is not None:
+            await self.owned.close()
+        if self.io is not None:
+            await self.io.written(WRITE_OUT_SECONDS)
         if self.launch.pty_master >= 0:
             await asyncio.to_thread(hostio.wait_read, self.launch.pty_master, 2.0)
             os.close(self.launch.pty_master)
             self.launch.pty_master = -1
-        if self.container is not None:
-            with contextlib.suppress(PykataError):
-                await self.container.delete()
-        if self.sandbox is not None:
-            await self.sandbox.stop()
 
 
 async def _quiet(call: Any) -> None:
@@ -305,31 +292,12 @@ async def _main(launch: Launch, ready_fd: int) -> int:
         try:
             await monitor.create()
         except BaseException as exc:
-            _report(ready_fd, exc)
+            ReadyReport.failure(exc, "creating the container").send(ready_fd)
             raise
-        os.write(ready_fd, b'{"ok": true}\n')
-        os.close(ready_fd)
+        ReadyReport.success(monitor.pod.vm_pid if monitor.pod else 0).send(ready_fd)
         return await monitor.run()
     finally:
         await monitor.teardown()
-
-
-def _report(ready_fd: int, exc: BaseException) -> None:
-    message: dict[str, object]
-    if isinstance(exc, PykataError):
-        from pykata.runtime.exit_status import start_failure_status
-
-        message = {"error": exc.message, "hint": exc.hint or "", "kind": type(exc).__name__,
-                   "status": start_failure_status(exc)}
-    elif isinstance(exc, asyncio.CancelledError | KeyboardInterrupt):
-        message = {"error": "interrupted while creating the container", "hint": "",
-                   "kind": "Interrupted"}
-    else:
-        log.exception("monitor failed")
-        message = {"error": f"internal error: {exc!r}", "hint": "", "kind": "InternalError"}
-    with contextlib.suppress(OSError):
-        os.write(ready_fd, json.dumps(message).encode() + b"\n")
-        os.close(ready_fd)
 
 
 def run_forked(launch: Launch, ready_fd: int) -> int:
@@ -355,7 +323,7 @@ def run_forked(launch: Launch, ready_fd: int) -> int:
     try:
         pinned = isolate_network(launch.spec, launch.state_dir)
     except PykataError as exc:
-        _report(ready_fd, exc)
+        ReadyReport.failure(exc, "creating the container").send(ready_fd)
         return 1
     try:
         return asyncio.run(_main(launch, ready_fd))

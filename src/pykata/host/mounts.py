@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from pykata.errors import PykataError
-from pykata.runtime import safepath
-from pykata.runtime import syscalls as sc
+from pykata.host import safepath
+from pykata.host import syscalls as sc
 
 # What every mount pykata makes for a guest carries on the host.
 GUEST_MOUNT_ATTRS = sc.MOUNT_ATTR_NOSUID | sc.MOUNT_ATTR_NODEV | sc.MOUNT_ATTR_NOEXEC

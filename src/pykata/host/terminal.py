@@ -1,6 +1,6 @@
 """The command line's own terminal: raw mode and its size.
 
-Its stdio as async sources and sinks is `runtime.hostio` (FdReader, FdWriter).
+Its stdio as async sources and sinks is `host.hostio` (FdReader, FdWriter).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Per-pod VM settings from `io.katacontainers.config.hypervisor.*` annotations.
+"""A pod's sandbox options: from its spec (its network namespace, hostname)
+and from `io.katacontainers.config.hypervisor.*` annotations.
 
 Annotations come from whoever writes the pod spec: untrusted input. One is
 honoured only when the configuration's `enable_annotations` lists its name
@@ -8,13 +9,16 @@ that says which setting would allow it, rather than silently ignored.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable, Mapping
+from typing import Any
 
 from pykata import kernel_params
 from pykata.config import Config
 from pykata.errors import ConfigError
 from pykata.runtime.sandbox import SandboxOptions
+from pykata.runtime.spec import network_namespace_path, spec_hostname
 
 PREFIX = "io.katacontainers.config."
 HYPERVISOR_PREFIX = PREFIX + "hypervisor."
@@ -73,3 +77,15 @@ def sandbox_options(annotations: Mapping[str, str], config: Config) -> SandboxOp
             raise ConfigError(f"annotation {key}={value!r} is invalid: {exc}",
                               hint=getattr(exc, "hint", None)) from None
     return SandboxOptions(**chosen)  # type: ignore[arg-type]
+
+
+def pod_options(spec: dict[str, Any], config: Config, *, netns: str | None = None
+                ) -> SandboxOptions:
+    """The options of the sandbox a pod's first container makes: what its
+    annotations ask for (checked against the allowlist), its hostname, and
+    the network namespace the VM mirrors: `netns` when the front end made
+    one for it, else the one the spec names."""
+    options = sandbox_options(spec.get("annotations") or {}, config)
+    return dataclasses.replace(
+        options, netns=network_namespace_path(spec) if netns is None else netns,
+        hostname=spec_hostname(spec, options.hostname))
