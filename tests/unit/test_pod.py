@@ -298,3 +298,64 @@ async def test_the_control_socket_serves_the_same_rules(tmp_path: Path) -> None:
             await client.kill("web", 15)
     await server.aclose()
     await pod.stop()
+
+
+async def test_a_stop_cancelled_half_way_still_ends_the_vm(tmp_path: Path) -> None:
+    """A caller cancelled during the teardown (containerd's connection closed,
+    a deadline) must not leave the pod stopped on paper with its VM running:
+    the teardown goes on, and the next stop waits for it."""
+    pod, source, _ = await _started(tmp_path)
+    await pod.create_container("web", spec("sleep"), _rootfs(tmp_path), io=None)
+    real_stop = pod.sandbox.stop
+    entered = asyncio.Event()
+
+    async def slow_stop() -> None:
+        entered.set()
+        await asyncio.sleep(0.3)
+        await real_stop()
+
+    pod.sandbox.stop = slow_stop  # type: ignore[method-assign]
+    first = asyncio.ensure_future(pod.stop())
+    await entered.wait()
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    assert not pod.lifecycle.stopped  # not on paper before the VM is gone
+    await pod.stop()
+    assert pod.lifecycle.stopped and source.vms[0].stopped_by_host
+    assert not pod.sandbox.paths.run_dir.exists()
+
+
+async def test_an_exec_of_the_command_line_is_forgotten_once_it_ends(tmp_path: Path) -> None:
+    """`pykata-oci exec` adds and starts a process nobody deletes: the pod
+    forgets it once its exit is recorded, or at once if it cannot start."""
+    pod, _, _ = await _started(tmp_path, ends_with_init=True)
+    await pod.create_container("web", spec("sleep"), _rootfs(tmp_path), io=None)
+    await pod.start_process("web")
+    for i in range(5):
+        proc = await pod.exec("web", f"probe-{i}", {"args": ["echo", "ok"], "cwd": "/"},
+                              io=None, host_pid=4242)
+        await proc.exited.wait()
+    with pytest.raises(AgentError):
+        await pod.exec("web", "broken", {"args": ["missing"], "cwd": "/"}, io=None)
+    for _ in range(100):
+        if not pod.container("web").execs:
+            break
+        await asyncio.sleep(0.01)
+    assert pod.container("web").execs == {}
+    await pod.stop()
+
+
+async def test_an_exit_is_told_even_when_the_state_cannot_be_saved(tmp_path: Path) -> None:
+    """/run full: the exit still reaches its waiters (containerd's Wait)."""
+    pod, _, events = await _started(tmp_path)
+    await pod.create_container("web", spec("exit", "4"), _rootfs(tmp_path), io=None)
+
+    def full(status: str, containers: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    pod.sandbox.record_pod = full  # type: ignore[method-assign, assignment]
+    await pod.start_process("web")
+    proc = await asyncio.wait_for(pod.wait("web"), 5)
+    assert proc.exit_status == 4 and "exited" in _kinds(events)
+    await pod.stop()

@@ -613,3 +613,22 @@ async def test_register_methods_from_a_dict() -> None:
     async with served_socketpair(server) as (client, _task):
         response = await client.call("dict.Service", "Echo", KeyValue(key="d"), KeyValue)
     assert response.key == "d"
+
+
+async def test_a_client_closed_at_once_closes_its_connection() -> None:
+    """A client closed before its reader ever ran still closes its transport:
+    the event loop stops watching the descriptor, and the socket is closed
+    (the VM cache closes a warm VM's agent client so, at hand-over)."""
+    import socket
+
+    from pykata.ttrpc import Client
+
+    ours, theirs = socket.socketpair()
+    fd = ours.fileno()
+    reader, writer = await asyncio.open_connection(sock=ours)
+    client = Client(reader, writer)
+    await client.aclose()
+    assert fd not in asyncio.get_running_loop()._selector.get_map()  # type: ignore[attr-defined]
+    assert ours.fileno() == -1 and client.closed
+    assert theirs.recv(1) == b""  # the other end sees the close
+    theirs.close()

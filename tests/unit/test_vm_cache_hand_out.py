@@ -245,7 +245,7 @@ async def test_a_vm_whose_owner_dies_is_ended_by_the_cache(pool: Pool) -> None:
     owner.kill()
     await owner.wait()
     await _until(lambda: first.vm.proc.poll() is not None, "the cache to end the VM")
-    assert not first.paths.run_dir.exists()
+    await _until(lambda: not first.paths.run_dir.exists(), "the cache to remove its directory")
 
 
 def test_a_pid_that_names_no_process_is_refused() -> None:
@@ -255,3 +255,50 @@ def test_a_pid_that_names_no_process_is_refused() -> None:
     for pid, why in ((gone.pid, "gone"), (0, "PID namespace")):
         with pytest.raises(wire.PeerGone, match=why):
             wire._pidfd_by_pid(pid)
+
+
+async def test_a_vsock_vm_is_never_asked_of_the_cache(tmp_path: Path) -> None:
+    """A VM on vsock has no agent channel to hand over: the pod boots its own,
+    without a VM leaving the pool for nothing."""
+    import dataclasses
+
+    from pykata.runtime.vm_source import VmWant
+    from tests.unit.pod_fakes import fake_config
+
+    cfg = fake_config(tmp_path)
+    source = cache.CacheSource(cfg, ColdBoot(60))
+    from pykata.hypervisor.qemu import VmConfig
+
+    vm = VmConfig(name="p", run_dir=tmp_path, qemu_path="/bin/true",
+                  kernel=tmp_path / "vmlinux", initrd=tmp_path / "initrd.img", vsock_cid=7)
+    assert await source.take(VmWant("p", "p", vm, needs_network=False)) is None
+    assert await source.take(VmWant("p", "p", dataclasses.replace(vm, vsock_cid=0),
+                                    needs_network=True)) is None
+
+
+async def test_a_forgotten_vm_leaves_the_loop_watching_nothing_of_it(tmp_path: Path) -> None:
+    """After a hand-over the cache's copy of the agent channel goes, and with
+    it the event loop's watch: a number the cache reuses must not wake on
+    the guest's traffic (the new owner's copy keeps the socket open)."""
+    from pykata.hypervisor.qemu import QemuVM, VmConfig
+    from pykata.runtime.agent_client import AgentClient
+    from pykata.runtime.sandbox import Sandbox, SandboxOptions
+    from tests.unit.pod_fakes import fake_config
+
+    cfg = fake_config(tmp_path / "assets")
+    os.environ["PYKATA_RUN_ROOT"] = str(tmp_path / "run")
+    sandbox = Sandbox("warm-0000000000000001", cfg, SandboxOptions())
+    ours, guest = socket.socketpair()
+    kept_by_owner = os.dup(ours.fileno())  # what SCM_RIGHTS gave the new owner
+    vm = QemuVM(VmConfig(name="w", run_dir=tmp_path, qemu_path="/bin/true",
+                         kernel=tmp_path / "k", initrd=tmp_path / "i"))
+    vm.agent_socket = ours
+    sandbox.vm, sandbox.agent = vm, await AgentClient.over_socket(ours)
+    fd = ours.fileno()
+    pidfd = os.pidfd_open(os.getpid())
+    await sandbox.forget(Handover(pid=os.getpid(), pidfd=pidfd, agent=fd, console=-1,
+                                  output=-1))
+    loop = asyncio.get_running_loop()
+    assert fd not in loop._selector.get_map()  # type: ignore[attr-defined]
+    os.close(kept_by_owner)
+    guest.close()

@@ -116,6 +116,12 @@ class VmCache:
 
     async def serve(self) -> None:
         """Serve until SIGTERM, SIGINT or a "shutdown" request."""
+        from pykata.host.probes import probe_vsock
+
+        if self.count and probe_vsock().value == "vsock":
+            raise PykataError("the VM cache serves only VMs on the virtio-serial agent "
+                              "channel, and this host's VMs use vsock",
+                              hint="set vm_cache_number = 0 in [factory]: pods boot their own")
         claim = claim_endpoint(self.endpoint)
         try:
             listener = claim.listen()
@@ -155,7 +161,7 @@ class VmCache:
                                   source=self._source)
                 try:
                     await sandbox.start(create=False)
-                except PykataError as exc:
+                except Exception as exc:  # the pool must not stay short for good
                     log.error("VM cache: a warm VM failed to start: %s", exc)
                     with contextlib.suppress(asyncio.TimeoutError):
                         await asyncio.wait_for(self._stopping.wait(), _RETRY_SECONDS)
@@ -181,7 +187,12 @@ class VmCache:
     async def _accept(self, listener: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            conn, _ = await loop.sock_accept(listener)
+            try:
+                conn, _ = await loop.sock_accept(listener)
+            except OSError as exc:  # out of descriptors, say: serve on later
+                log.error("VM cache: accepting a request failed: %s", exc)
+                await asyncio.sleep(1.0)
+                continue
             self._background(self._client(conn))
 
     async def _client(self, conn: socket.socket) -> None:
@@ -232,20 +243,23 @@ class VmCache:
             return
         self._warm.remove(warm)
         self._spawn(1)
+        qemu = -1
         try:
             handover, meta = await warm.sandbox.hand_over()
+            qemu = os.dup(handover.pidfd)
             wire.send(conn, {"ok": True, **meta, "fds": [n for n, fd in zip(
                 _FDS, (handover.pidfd, handover.agent, handover.console, handover.output,
                        handover.token), strict=True) if fd >= 0]}, handover.fds())
         except BaseException as exc:
             # Not handed out, and no longer whole (its logs stopped): it ends.
-            os.close(owner)
+            for fd in (owner, qemu):
+                if fd >= 0:
+                    os.close(fd)
             await warm.sandbox.kill()
             if isinstance(exc, (OSError, PykataError, wire.WireError)):
                 log.warning("VM cache: handing a VM out failed: %s", exc)
                 return
             raise
-        qemu = os.dup(handover.pidfd)
         run_dir = warm.sandbox.paths
         await warm.sandbox.forget(handover)
         self._handed_out += 1
@@ -264,8 +278,12 @@ class VmCache:
                 log.warning("VM cache: the owner of VM %s is gone: ending it", warm.key)
                 with contextlib.suppress(ProcessLookupError):
                     signal.pidfd_send_signal(qemu, signal.SIGKILL)
-                if warm.run_dir.exists():
-                    cleanup_host_state(warm)
+                while not wire.exited(qemu):
+                    await asyncio.sleep(0.05)
+            # The owner moves the directory as its first step: one still under
+            # the warm name, its VM gone, is nobody's (a take-over that failed).
+            if warm.run_dir.exists():
+                cleanup_host_state(warm)
         finally:
             for fd in (owner, qemu):
                 loop.remove_reader(fd)
@@ -289,6 +307,12 @@ class CacheSource:
         self.fallback = fallback
 
     async def take(self, want: VmWant) -> BootedVm | None:
+        if want.config.vsock_cid:
+            # A VM kept warm would need its own context id, and its agent
+            # channel is not a descriptor that can be handed over.
+            log.info("pod %s boots its own VM: the VM cache serves no vsock VMs",
+                     want.sandbox_id)
+            return None
         if want.needs_network:
             log.info("pod %s boots its own VM: a VM kept warm has no network interfaces "
                      "(microvm has no hot-plug)", want.sandbox_id)
@@ -335,7 +359,11 @@ class CacheSource:
             wire.close_fds(fds)
             raise
         config = dataclasses.replace(want.config, name=vm_name, run_dir=run_dir.run_dir)
-        vm = await QemuVM.take_over(config, handover)
+        try:
+            vm = await QemuVM.take_over(config, handover)
+        except BaseException:
+            cleanup_host_state(run_dir)
+            raise
         try:
             assert vm.agent_socket is not None
             agent = await AgentClient.over_socket(vm.agent_socket, first_stream_id=stream)

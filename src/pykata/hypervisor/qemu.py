@@ -159,22 +159,22 @@ class _HandedProcess:
         self.pid = pid
         self._pidfd = pidfd
         self._exited = asyncio.Event()
+        self._watching = False
 
     @property
     def returncode(self) -> int | None:
-        if not self._exited.is_set() and select.select([self._pidfd], [], [], 0)[0]:
+        if (not self._exited.is_set() and self._pidfd >= 0
+                and select.select([self._pidfd], [], [], 0)[0]):
             self._exited.set()
         # Not this process's child: its exit status is its parent's to know.
         return 0 if self._exited.is_set() else None
 
     async def wait(self) -> int:
-        if self.returncode is None:
-            loop = asyncio.get_running_loop()
-            loop.add_reader(self._pidfd, self._exited.set)
-            try:
-                await self._exited.wait()
-            finally:
-                loop.remove_reader(self._pidfd)
+        if self.returncode is None and not self._watching and self._pidfd >= 0:
+            # One reader for every waiter, removed by `close`.
+            asyncio.get_running_loop().add_reader(self._pidfd, self._exited.set)
+            self._watching = True
+        await self._exited.wait()
         return 0
 
     def send_signal(self, signum: int) -> None:
@@ -183,8 +183,12 @@ class _HandedProcess:
 
     def close(self) -> None:
         if self._pidfd >= 0:
+            if self._watching:
+                with contextlib.suppress(Exception):
+                    asyncio.get_running_loop().remove_reader(self._pidfd)
             os.close(self._pidfd)
             self._pidfd = -1
+        self._exited.set()
 
 
 class QemuVM:

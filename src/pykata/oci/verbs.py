@@ -640,7 +640,8 @@ def ps(args: argparse.Namespace, store: Store) -> int:
         from pykata.runtime.state import process_start_time
 
         state_ = _call(record, "state")
-        execs = [p.host_pid for c in state_.containers if c.id == record.id for p in c.execs]
+        execs = [p.host_pid for c in state_.containers if c.id == record.id
+                 for p in c.execs if p.status == "running"]
         pids = [record.monitor_pid, *(p for p in execs if p and process_start_time(p))]
         print(json.dumps(pids))
         return 0

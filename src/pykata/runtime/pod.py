@@ -130,6 +130,7 @@ class Pod:
         self._lock = asyncio.Lock()
         self._background: set[asyncio.Task[Any]] = set()
         self._stopping = False
+        self._teardown: asyncio.Task[None] | None = None
 
     # --- what the front ends read -----------------------------------------
 
@@ -178,19 +179,32 @@ class Pod:
             await self._stop()
 
     async def _stop(self) -> None:
-        if self.lifecycle.stopped:
-            return
+        # Shielded: a caller cancelled half-way (a closed connection, a
+        # deadline) must not leave the pod stopped on paper with its VM, mounts
+        # and redirects still there; the next `stop` waits for the same end.
+        if self._teardown is None:
+            if self.lifecycle.stopped:
+                return
+            self._teardown = asyncio.ensure_future(self._tear_down())
+        await asyncio.shield(self._teardown)
+
+    async def _tear_down(self) -> None:
         self._stopping = True
         try:
             for pod_container in list(self.containers.values()):
-                await self._remove(pod_container)
-            await self.sandbox.stop()
+                try:
+                    await self._remove(pod_container)
+                except Exception:
+                    log.exception("removing container %s", pod_container.id)
         finally:
-            self.lifecycle.move(Status.STOPPED)
-            self.ended.set()
-            for task in list(self._background):
-                task.cancel()
-            self._emit(PodEvent("stopped"))
+            try:
+                await self.sandbox.stop()
+            finally:
+                self.lifecycle.move(Status.STOPPED)
+                self.ended.set()
+                for task in list(self._background):
+                    task.cancel()
+                self._emit(PodEvent("stopped"))
 
     async def shutdown(self) -> None:
         """Asked to end now (the control socket's Shutdown, `delete
@@ -308,10 +322,25 @@ class Pod:
 
     async def exec(self, container_id: str, exec_id: str, process: dict[str, Any], *,
                    io: ProcessIO | None, host_pid: int = 0) -> PodProcess:
-        """Add and start an extra process at once (the command line's exec)."""
+        """Add and start an extra process at once (the command line's exec),
+        forgotten once its exit is recorded or its start failed: nobody
+        deletes it later (a container may get an exec every few seconds, a
+        healthcheck's, for its whole life)."""
         proc = await self.add_exec(container_id, exec_id, process, io=io)
         proc.host_pid = host_pid
-        return await self.start_process(container_id, exec_id)
+        try:
+            await self.start_process(container_id, exec_id)
+        except BaseException:
+            with contextlib.suppress(PykataError):
+                await self.delete_process(container_id, exec_id)
+            raise
+        self._spawn(self._forget_after_exit(proc))
+        return proc
+
+    async def _forget_after_exit(self, proc: PodProcess) -> None:
+        await proc.exited.wait()
+        with contextlib.suppress(PykataError):
+            await self.delete_process(proc.container_id, proc.exec_id)
 
     async def kill(self, container_id: str, exec_id: str, signum: int, *,
                    all_processes: bool = False) -> None:
@@ -437,7 +466,9 @@ class Pod:
         await self._exited(proc, code)
 
     async def _exited(self, proc: PodProcess, code: int) -> None:
-        await proc.finish(code, self._announce_exit)
+        # Shielded: the recording of an exit outlives its watcher's
+        # cancellation (a pod stopping), or its waiters would never wake.
+        await asyncio.shield(proc.finish(code, self._announce_exit))
 
     def _announce_exit(self, proc: PodProcess) -> None:
         """A process's exit is recorded: saved and told before its waiters wake."""
@@ -516,7 +547,15 @@ class Pod:
                 log.exception("handling pod event %s", event.kind)
 
     def _save(self) -> None:
-        """Rewrite the sandbox's saved state with the pod's statuses."""
+        """Rewrite the sandbox's saved state with the pod's statuses. The pod
+        in memory is what its owner acts on: a save that fails (/run full) is
+        logged, and the pod goes on (an exit is still told its waiters)."""
+        try:
+            self._record()
+        except OSError as exc:
+            log.error("saving the state of pod %s: %s", self.id, exc)
+
+    def _record(self) -> None:
         self.sandbox.record_pod(self.lifecycle.status.value, {
             cid: {"": c.init.status.value,
                   **{eid: p.status.value for eid, p in c.execs.items()}}

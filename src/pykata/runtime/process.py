@@ -114,9 +114,11 @@ class PodProcess:
         self.exit_status = code
         self.exited_at = time.time()
         self.lifecycle.move(Status.STOPPED)
-        if announce is not None:
-            announce(self)
-        self.exited.set()
+        try:
+            if announce is not None:
+                announce(self)
+        finally:
+            self.exited.set()
         log.info("process %s exited with status %d", self.label, code,
                  extra={"container": self.container_id, "exec_id": self.exec_id})
 

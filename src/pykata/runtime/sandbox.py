@@ -291,9 +291,13 @@ class Sandbox:
         """After `hand_over` was sent: this process's copies go, and with them
         everything this sandbox owned (the VM, its directory are another's)."""
         assert isinstance(self.vm, QemuVM)
-        self.vm.forget(handover)
+        # The agent connection first: it is registered with the event loop on
+        # the channel's descriptor, which must not be closed under it (the
+        # new owner's copy keeps the socket open, and the loop would go on
+        # watching a number this process reuses).
         if self.agent is not None:
             await self.agent.close()
+        self.vm.forget(handover)
         self.vm = self.agent = None
         self._owns_state = False
         self._stopped = True

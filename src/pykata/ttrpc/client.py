@@ -143,6 +143,10 @@ class Client:
             self._state = ClientState.CLOSING
             self._reader_task.cancel()
         await asyncio.wait([self._reader_task])
+        if not self._closed.is_set():
+            # Cancelled before its first step, the reader never shut down:
+            # the transport (and the loop's watch of its descriptor) stays.
+            await self._shutdown(None)
 
     async def __aenter__(self) -> Client:
         return self
