@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import json
 import logging
 import signal
@@ -76,15 +75,13 @@ class PodPolicy:
 class PodEvent:
     """Something that happened to the pod, for its front end to pass on."""
 
-    kind: str  # one of EVENT_KINDS
+    # created, started, exec-added, exec-started, exited, paused, resumed,
+    # deleted, oom or stopped.
+    kind: str
     container_id: str = ""
     exec_id: str = ""
     exit_status: int = 0
     exited_at: float = 0.0
-
-
-EVENT_KINDS = frozenset({"created", "started", "exec-added", "exec-started", "exited",
-                         "paused", "resumed", "deleted", "oom", "stopped"})
 
 
 class PodContainer:
@@ -582,10 +579,3 @@ def parse_json_object(raw: bytes | str, what: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise SpecError(f"{what} must be a JSON object")
     return data
-
-
-def with_terminal(process: dict[str, Any], terminal: bool) -> dict[str, Any]:
-    """A copy of a process spec with its terminal flag set as the caller asked."""
-    out = copy.deepcopy(process)
-    out["terminal"] = terminal
-    return out

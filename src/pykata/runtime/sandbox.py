@@ -120,10 +120,6 @@ class Sandbox:
     def console_log(self) -> Path:
         return self.paths.run_dir / "console.log"
 
-    @property
-    def from_cache(self) -> bool:
-        return self.boot == "cache"
-
     def vm_config(self) -> VmConfig:
         """The VM this sandbox would boot, from its configuration and options."""
         q = self.config.qemu
