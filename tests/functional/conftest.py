@@ -171,6 +171,23 @@ def leftovers(allowed: set[str] = frozenset()) -> list[str]:  # type: ignore[ass
                 found += [f"state: {p}" for p in entry.iterdir() if p.name not in allowed]
             else:
                 found.append(f"state: {entry}")
+    found += [f"cgroup: {path}" for path in cgroup_leftovers()]
+    return found
+
+
+def cgroup_leftovers() -> list[Path]:
+    """Host cgroups of the tests' pods: the cgroup test's own tops and the
+    containerd test namespace's (`/pykata-test/<id>`), which the pods' owners
+    made and must remove. (An empty parent stays when two pods made it at
+    once: each removes only what it made itself.)"""
+    from pykata.host.cgroups import host_layout
+
+    found = []
+    for hierarchy in host_layout().hierarchies:
+        for entry in hierarchy.mount.iterdir():
+            if entry.is_dir() and (entry.name.startswith("pykata-cgtest-")
+                                   or entry.name == "pykata-test"):
+                found += [p for p in entry.iterdir() if p.is_dir()]
     return found
 
 

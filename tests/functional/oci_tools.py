@@ -40,7 +40,8 @@ class Oci:
 
     def __call__(self, *args: str, input: bytes | None = None, timeout: float = 180,
                  stdin: Any = subprocess.DEVNULL) -> Result:
-        if args[:1] == ("create",):
+        verb = next((a for a in args if not a.startswith("-")), "")
+        if verb == "create":
             # The container keeps create's stdio (as with runc): pipes read
             # here would stay open until it exits. Errors are in the log.
             code = subprocess.run(self.argv(*args), stdin=subprocess.DEVNULL,

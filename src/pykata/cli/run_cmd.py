@@ -146,7 +146,13 @@ def run(args: argparse.Namespace) -> int:
 
         cfg = replace(cfg, runtime=replace(cfg.runtime, enable_debug=True))
     spec, rootfs, volumes = _spec_and_rootfs(args)
-    options = SandboxOptions(vcpus=args.cpus, memory_mib=args.memory, netns=args.netns)
+    from pykata.runtime.pod_cgroup import container_request, placement_from_spec
+
+    options = SandboxOptions(
+        vcpus=args.cpus, memory_mib=args.memory, netns=args.netns,
+        # A bundle's cgroupsPath places the pod on the host as any front end's.
+        cgroup=placement_from_spec(spec) if cfg.runtime.sandbox_cgroup_only else None,
+        cgroup_request=container_request(spec))
     interactive = args.interactive or (args.tty and os.isatty(0))
     try:
         with raw_terminal(0) if args.tty and interactive else contextlib.nullcontext():

@@ -87,8 +87,21 @@ class RuntimeConfig:
     # How a pod's network namespace reaches its VM: "tcfilter" mirrors each
     # interface onto a tap with tc redirects; "none" gives the VM loopback only.
     internetworking_model: str = "tcfilter"
+    # Every host process of a pod (its owner, QEMU) runs in the cgroup its
+    # spec names, held to the pod's limits plus the overheads below.
+    sandbox_cgroup_only: bool = True
+    # What the VM itself needs on top of the containers' limits: an idle pod
+    # costs about 200 MiB and well under 0.01 CPU on the host.
+    sandbox_overhead_memory_mib: int = 256
+    sandbox_overhead_millicpus: int = 50
 
     def validate(self, where: str) -> None:
+        if not 0 <= self.sandbox_overhead_memory_mib <= 1024 * 1024:
+            raise ConfigError(f"{where}: sandbox_overhead_memory_mib must be between 0 and "
+                              "1048576 (MiB)")
+        if not 0 <= self.sandbox_overhead_millicpus <= 1024 * 1000:
+            raise ConfigError(f"{where}: sandbox_overhead_millicpus must be between 0 and "
+                              "1024000 (thousandths of a CPU)")
         if self.internetworking_model not in INTERNETWORKING_MODELS:
             raise ConfigError(
                 f"{where}: internetworking_model = {self.internetworking_model!r} is not "

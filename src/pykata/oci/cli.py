@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-format", default="text", choices=("text", "json"))
     p.add_argument("--debug", action="store_true", help="log debug messages")
     p.add_argument("--systemd-cgroup", action="store_true",
-                   help="accepted; cgroups are set up inside the VM")
+                   help="linux.cgroupsPath is in systemd's slice:prefix:name form")
     p.add_argument("--rootless", default="auto", help="accepted (pykata runs as root)")
     p.add_argument("--criu", default="", help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="verb", metavar="COMMAND", parser_class=_Parser)

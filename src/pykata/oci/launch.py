@@ -24,6 +24,8 @@ class Launch:
     # see hostio.wait_read. -1 without a pty.
     pty_master: int = -1
     owner: str = ""
+    # --systemd-cgroup: cgroupsPath is in systemd's slice:prefix:name form.
+    systemd_cgroup: bool = False
     annotations: dict[str, str] = field(default_factory=dict)
 
     @property

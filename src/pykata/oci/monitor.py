@@ -198,7 +198,8 @@ class Monitor:
 
         launch = self.launch
         options = pod_options(launch.spec, self.config,
-                              netns=container_netns(launch.spec, launch.state_dir))
+                              netns=container_netns(launch.spec, launch.state_dir),
+                              systemd_cgroup=launch.systemd_cgroup)
         self.pod = new_pod(launch.id, self.config, options,
                            key=sandbox_key(launch.state_dir, launch.id), front_end="oci",
                            source=vm_source(self.config),

@@ -65,6 +65,7 @@ def _prepare(args: argparse.Namespace, store: Store, *, foreground: bool) -> Any
     """Check the bundle and flags, claim the id: everything before a VM boots."""
     from pykata.oci.launch import Launch
     from pykata.runtime.hooks import spec_hooks
+    from pykata.runtime.pod_cgroup import placement_from_spec
     from pykata.runtime.spec import load_bundle
 
     _refuse_preserved_fds(args)
@@ -84,6 +85,8 @@ def _prepare(args: argparse.Namespace, store: Store, *, foreground: bool) -> Any
     if not isinstance(annotations, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in annotations.items()):
         raise SpecError(f"{bundle / 'config.json'}: annotations must map strings to strings")
+    # Before the id is claimed: a bad cgroupsPath leaves nothing behind.
+    placement_from_spec(spec, systemd=getattr(args, "systemd_cgroup", False))
     poststop = spec_hooks(spec, "poststop")
     state_dir = store.claim(args.id)
     try:
@@ -95,6 +98,7 @@ def _prepare(args: argparse.Namespace, store: Store, *, foreground: bool) -> Any
         id=args.id, bundle=bundle, spec=spec, rootfs=rootfs, state_dir=state_dir,
         config_path=os.environ.get("PYKATA_CONFIG"), debug=args.debug,
         stdio=(0, 1, 2), terminal=terminal, annotations=annotations,
+        systemd_cgroup=getattr(args, "systemd_cgroup", False),
     )
 
 

@@ -46,6 +46,13 @@ from pykata.runtime.container import Container, spec_readonly_root
 from pykata.runtime.lifecycle import VM_DIED_STATUS, Lifecycle, Status
 from pykata.runtime.mount_points import spec_mount_points
 from pykata.runtime.paths import check_id
+from pykata.runtime.pod_cgroup import (
+    NO_REQUEST,
+    ContainerRequest,
+    container_request,
+    merge_update,
+    pod_limits,
+)
 from pykata.runtime.process import PodProcess, ProcessIO
 from pykata.runtime.sandbox import Sandbox
 from pykata.runtime.volumes import Volume
@@ -87,11 +94,14 @@ class PodEvent:
 class PodContainer:
     """A container of the pod: its host side, its init process, its execs."""
 
-    def __init__(self, container: Container, init: PodProcess, bundle: str) -> None:
+    def __init__(self, container: Container, init: PodProcess, bundle: str,
+                 request: ContainerRequest = NO_REQUEST) -> None:
         self.container = container
         self.init = init
         self.bundle = bundle
         self.execs: dict[str, PodProcess] = {}
+        # What it asks of the pod's host limits (its linux.resources).
+        self.request = request
 
     @property
     def id(self) -> str:
@@ -240,13 +250,17 @@ class Pod:
             terminal = bool((spec.get("process") or {}).get("terminal"))
             init = PodProcess(container_id, "", terminal=terminal, io=io,
                               stdio_paths=stdio_paths)
-            pod_container = PodContainer(Container(self.sandbox, container_id), init, bundle)
+            pod_container = PodContainer(Container(self.sandbox, container_id), init, bundle,
+                                         container_request(spec))
+            # The pod's host limits grow before the container can use them.
+            self._resize_host([*self.containers.values(), pod_container])
             try:
                 await self._create(pod_container, spec, rootfs, volumes)
             except BaseException:
                 await init.discard()
                 with contextlib.suppress(PykataError):
                     await pod_container.container.delete()
+                self._shrink_host(list(self.containers.values()))
                 raise
             self.containers[container_id] = pod_container
             self._save()
@@ -381,13 +395,21 @@ class Pod:
 
     async def update(self, container_id: str, resources: dict[str, Any]) -> None:
         """New cgroup limits (a runtime-spec LinuxResources object) for the
-        container, applied in the guest."""
-        self.container(container_id).lifecycle.require("update")
+        container, applied in the guest and to the pod's host cgroup."""
+        pod_container = self.container(container_id)
+        pod_container.lifecycle.require("update")
         try:
             proto = resources_from_json(resources)
         except InvalidSpecError as exc:
             raise SpecError(f"invalid resources: {exc}") from exc
+        request = merge_update(pod_container.request, resources)
+        others = [c.request for c in self.containers.values() if c is not pod_container]
+        limits = pod_limits([*others, request], self.sandbox.config.runtime)
+        # Refused before the guest changes anything.
+        self.sandbox.host_cgroup.check(limits)
         await self._agent().update_container(container_id, proto)
+        self.sandbox.host_cgroup.resize(limits)
+        pod_container.request = request
 
     async def stats(self, container_id: str) -> agent_pb2.StatsContainerResponse:
         self.container(container_id).lifecycle.require("stats")
@@ -447,8 +469,23 @@ class Pod:
             await proc.discard()
         await pod_container.container.delete()
         self.containers.pop(pod_container.id, None)
+        if not self._stopping:
+            self._shrink_host(list(self.containers.values()))
         log.info("container %s deleted", pod_container.id,
                  extra={"container": pod_container.id})
+
+    def _resize_host(self, containers: Sequence[PodContainer]) -> None:
+        limits = pod_limits([c.request for c in containers] or
+                            [self.sandbox.options.cgroup_request], self.sandbox.config.runtime)
+        self.sandbox.host_cgroup.resize(limits)
+
+    def _shrink_host(self, containers: Sequence[PodContainer]) -> None:
+        # Memory the pod still uses cannot be taken back at once: the
+        # larger limit stays, and says why in the log.
+        try:
+            self._resize_host(containers)
+        except PykataError as exc:
+            log.warning("pod %s keeps its host limits: %s", self.id, exc)
 
     # --- watching the guest -----------------------------------------------------
 

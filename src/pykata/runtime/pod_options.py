@@ -17,6 +17,7 @@ from typing import Any
 from pykata import kernel_params
 from pykata.config import Config
 from pykata.errors import ConfigError
+from pykata.runtime.pod_cgroup import container_request, placement_from_spec
 from pykata.runtime.sandbox import SandboxOptions
 from pykata.runtime.spec import network_namespace_path, spec_hostname
 
@@ -79,13 +80,17 @@ def sandbox_options(annotations: Mapping[str, str], config: Config) -> SandboxOp
     return SandboxOptions(**chosen)  # type: ignore[arg-type]
 
 
-def pod_options(spec: dict[str, Any], config: Config, *, netns: str | None = None
-                ) -> SandboxOptions:
+def pod_options(spec: dict[str, Any], config: Config, *, netns: str | None = None,
+                systemd_cgroup: bool = False) -> SandboxOptions:
     """The options of the sandbox a pod's first container makes: what its
-    annotations ask for (checked against the allowlist), its hostname, and
-    the network namespace the VM mirrors: `netns` when the front end made
-    one for it, else the one the spec names."""
+    annotations ask for (checked against the allowlist), its hostname, the
+    network namespace the VM mirrors (`netns` when the front end made one for
+    it, else the one the spec names), and its host cgroup (`systemd_cgroup`:
+    the engine uses systemd's form of cgroupsPath)."""
     options = sandbox_options(spec.get("annotations") or {}, config)
+    placement = (placement_from_spec(spec, systemd=systemd_cgroup)
+                 if config.runtime.sandbox_cgroup_only else None)
     return dataclasses.replace(
         options, netns=network_namespace_path(spec) if netns is None else netns,
-        hostname=spec_hostname(spec, options.hostname))
+        hostname=spec_hostname(spec, options.hostname), cgroup=placement,
+        cgroup_request=container_request(spec))

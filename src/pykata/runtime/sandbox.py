@@ -25,8 +25,9 @@ from pathlib import Path
 
 from pykata.channels import TOKEN_SIZE
 from pykata.config import Config
-from pykata.errors import PykataError
+from pykata.errors import HypervisorError, PykataError
 from pykata.host import vsock
+from pykata.host.cgroups import Limits
 from pykata.host.mounts import remove_unmounted
 from pykata.host.probes import probe_vsock, resolve_accel
 from pykata.hypervisor.base import Hypervisor
@@ -35,6 +36,14 @@ from pykata.network import tcfilter
 from pykata.protocols import agent_pb2
 from pykata.runtime.agent_client import AgentClient
 from pykata.runtime.paths import SandboxPaths, check_id, private_dir, rename_noreplace
+from pykata.runtime.pod_cgroup import (
+    NO_REQUEST,
+    CgroupPlacement,
+    ContainerRequest,
+    PodCgroup,
+    pod_limits,
+    remove_recorded,
+)
 from pykata.runtime.pod_network import PodNetwork
 from pykata.runtime.resources import SandboxResource, SharedFilesystem
 from pykata.runtime.share import SandboxShare
@@ -61,6 +70,10 @@ class SandboxOptions:
     # A network namespace whose interfaces the VM mirrors (tcfilter); "" for
     # loopback only.
     netns: str = ""
+    # The host cgroup the pod's processes run in (None: its owner's), and
+    # what the container the pod is made for asks of its limits.
+    cgroup: CgroupPlacement | None = None
+    cgroup_request: ContainerRequest = NO_REQUEST
 
 
 @dataclass
@@ -103,6 +116,9 @@ class Sandbox:
             key=self.paths.key, record=self._write_state,
             live=lambda state: not owner_gone(state))
         self.resources: list[SandboxResource] = [self.shared_fs, self.network]
+        self.host_cgroup = PodCgroup(
+            options.cgroup, config.runtime,
+            options.memory_mib or config.qemu.default_memory, record=self._record_cgroups)
         self.control_socket = ""
         self.vm: Hypervisor | None = None
         self.agent: AgentClient | None = None
@@ -149,25 +165,36 @@ class Sandbox:
         step fails. With `create` false the guest gets no CreateSandbox: a VM
         kept warm for a pod not known yet (the VM cache)."""
         await self.network.check()
+        limits = pod_limits([self.options.cgroup_request], self.config.runtime)
+        self.host_cgroup.check(limits)
         vm_config = self.vm_config()
         want = VmWant(self.id, self.paths.key, vm_config, needs_network=self.network.wanted)
         handed = await self.source.take(want) if create else None
         try:
             if handed is not None:
                 await self._move_in(handed)
+                self.host_cgroup.prepare(limits)
+                self.host_cgroup.adopt(handed.vm.pid or 0)
             else:
-                await self._prepare_and_boot(vm_config)
+                await self._prepare_and_boot(vm_config, limits)
             if create:
                 t0 = time.monotonic()
                 await self._create_in_guest()
                 self.times.sandbox_create = time.monotonic() - t0
-        except BaseException:
+        except BaseException as exc:
+            # Read before the teardown removes the cgroup: a VM the host's
+            # memory limit killed says only that its console stopped.
+            note = self.host_cgroup.death_note()
             await self._teardown()
+            if note and isinstance(exc, PykataError):
+                raise HypervisorError(f"{exc.message}\n{note}", hint=exc.hint) from exc
             raise
         self._write_state()
 
-    async def _prepare_and_boot(self, vm_config: VmConfig) -> None:
+    async def _prepare_and_boot(self, vm_config: VmConfig, limits: Limits) -> None:
         self._make_dirs()
+        # Before anything the VM is made of: QEMU starts in the pod's cgroup.
+        self.host_cgroup.prepare(limits)
         try:
             for resource in self.resources:
                 await resource.prepare()
@@ -228,16 +255,16 @@ class Sandbox:
         """`exc`, or, when the VM has stopped, an error saying so with its
         failure report: a VM that dies shows up first as a lost agent
         connection, which alone tells the user nothing."""
-        from pykata.errors import HypervisorError
-
         if self.vm is None:
             return exc
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(asyncio.shield(self.vm.wait()), 2)
         if self.vm.running:
             return exc
+        note = self.host_cgroup.death_note()
         return HypervisorError(
-            f"the VM of sandbox {self.id} stopped ({exc}):\n{self.vm.failure_report()}")
+            f"the VM of sandbox {self.id} stopped ({exc}):\n{self.vm.failure_report()}"
+            + (f"\n{note}" if note else ""))
 
     async def stop(self) -> None:
         """Destroy the sandbox in the guest, stop the VM, remove host state."""
@@ -262,6 +289,7 @@ class Sandbox:
         finally:
             for resource in reversed(self.resources):
                 resource.release()
+            self.host_cgroup.release()
             # Host state goes even if stopping the VM failed: nothing mounted
             # for a sandbox outlives it. The redirects go by the state's record
             # of them, as for a dead owner's.
@@ -334,7 +362,12 @@ class Sandbox:
             vm_name=self.vm_name,
             status=self._pod.status,
             containers=self._pod.containers,
+            cgroups=self.host_cgroup.created,
         ))
+
+    def _record_cgroups(self) -> None:
+        if self._owns_state and not self._stopped:
+            self._write_state()
 
 
 def read_sandbox_state(paths: SandboxPaths) -> SandboxState:
@@ -367,6 +400,8 @@ def cleanup_host_state(paths: SandboxPaths) -> None:
     """
     with contextlib.suppress(PykataError):
         state = read_sandbox_state(paths)
+        if state.cgroups:
+            remove_recorded(state.cgroups)
         if state.netns and state.mirrored:
             recorded = (tcfilter.NetnsId(state.netns_dev, state.netns_ino)
                         if state.netns_ino else None)

@@ -67,6 +67,9 @@ class SandboxState:
     # container id -> {exec id ("" for the init): status}.
     status: str = ""
     containers: dict[str, dict[str, str]] = field(default_factory=dict)
+    # The host cgroup directories pykata made for the pod (parents first):
+    # what teardown, or `pykata cleanup` after a dead owner, removes.
+    cgroups: list[str] = field(default_factory=list)
     version: int = STATE_VERSION
 
 
@@ -154,6 +157,9 @@ def _is(value: Any, hint: Any) -> bool:
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         return any(_is(value, h) for h in typing.get_args(hint))
+    if origin is list:
+        (item_type,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_is(v, item_type) for v in value)
     if origin is dict:
         key_type, value_type = typing.get_args(hint)
         return isinstance(value, dict) and all(

@@ -1,0 +1,584 @@
+"""The host's cgroups: which hierarchies are mounted, where a cgroup path
+lands in each, and making, limiting, joining and removing a cgroup.
+
+Three layouts exist: cgroup v2 alone (one hierarchy, its controllers enabled
+level by level through `cgroup.subtree_control`), v1 (a hierarchy per
+controller or group of controllers, each mounted on its own), and hybrid
+(v1 hierarchies plus a v2 one with no controllers, usually at
+/sys/fs/cgroup/unified). A cgroup is made in every hierarchy, so a process
+placed in it is there in all of them, as a container runtime on the host
+would place it.
+
+Paths come from a spec: an absolute path is taken from each hierarchy's
+root, a relative one from the cgroup the calling process is in, and
+systemd's `slice:prefix:name` form is laid out as systemd lays it out
+(`expand_systemd`). Every component is checked: nothing here can name a
+directory outside a cgroup filesystem, nor the root cgroup itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from pykata.errors import HostError
+
+MOUNTINFO = Path("/proc/self/mountinfo")
+CGROUP_SUPER_MAGIC = 0x27E0EB
+CGROUP2_SUPER_MAGIC = 0x63677270
+# Controllers a pod's cgroup is given on cgroup v2 where the host has them:
+# cpu and memory for its limits, pids and io for what engines report of it.
+V2_CONTROLLERS = ("cpu", "memory", "pids", "io")
+# How long a removal waits for processes that just exited to leave.
+REMOVE_WAIT_SECONDS = 2.0
+_NAME_MAX = 255
+
+
+class CgroupError(HostError):
+    pass
+
+
+@dataclass(frozen=True)
+class Hierarchy:
+    """One mounted cgroup hierarchy."""
+
+    mount: Path
+    # Which cgroup of the hierarchy the mount shows (a container's view may
+    # start below the hierarchy's root).
+    root: str
+    version: int
+    # v1: the hierarchy's controllers ("cpu", "cpuacct", "name=systemd");
+    # v2: those its root cgroup offers (cgroup.controllers).
+    controllers: frozenset[str]
+
+    def has(self, controller: str) -> bool:
+        return controller in self.controllers
+
+    def key(self) -> str:
+        """How /proc/PID/cgroup names this hierarchy (its second field)."""
+        if self.version == 2:
+            return ""
+        return ",".join(sorted(self.controllers))
+
+
+@dataclass(frozen=True)
+class Layout:
+    hierarchies: tuple[Hierarchy, ...]
+
+    @property
+    def mode(self) -> str:
+        """"v2", "v1", "hybrid", or "none" (no cgroup filesystem mounted)."""
+        versions = {h.version for h in self.hierarchies}
+        if not versions:
+            return "none"
+        if versions == {2}:
+            return "v2"
+        return "hybrid" if 2 in versions else "v1"
+
+    def with_controller(self, controller: str) -> Hierarchy | None:
+        for h in self.hierarchies:
+            if h.has(controller):
+                return h
+        return None
+
+
+def _unescape(field_: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as octal.
+    out, i = [], 0
+    while i < len(field_):
+        if field_[i] == "\\" and field_[i + 1:i + 4].isdigit() and len(field_[i + 1:i + 4]) == 3:
+            out.append(chr(int(field_[i + 1:i + 4], 8)))
+            i += 4
+        else:
+            out.append(field_[i])
+            i += 1
+    return "".join(out)
+
+
+def parse_mountinfo(text: str) -> Layout:
+    """The cgroup hierarchies in a mountinfo file's text; a hierarchy mounted
+    twice counts once (the first mount)."""
+    found: list[Hierarchy] = []
+    seen: set[tuple[int, str]] = set()
+    for line in text.splitlines():
+        left, sep, right = line.partition(" - ")
+        if not sep:
+            continue
+        fields_ = left.split()
+        tail = right.split()
+        if len(fields_) < 5 or len(tail) < 3:
+            continue
+        fstype, options = tail[0], tail[2]
+        root, mount = _unescape(fields_[3]), Path(_unescape(fields_[4]))
+        if fstype == "cgroup2":
+            if (2, "") in seen:
+                continue
+            seen.add((2, ""))
+            found.append(Hierarchy(mount, root, 2, _v2_controllers(mount)))
+        elif fstype == "cgroup":
+            controllers = frozenset(
+                o for o in options.split(",")
+                if o not in ("rw", "ro") and (o.startswith("name=") or "=" not in o)
+                and o not in _V1_MOUNT_FLAGS)
+            key = (1, ",".join(sorted(controllers)))
+            if not controllers or key in seen:
+                continue
+            seen.add(key)
+            found.append(Hierarchy(mount, root, 1, controllers))
+    return Layout(tuple(found))
+
+
+# Options of a v1 cgroup mount that are not controllers.
+_V1_MOUNT_FLAGS = frozenset({"relatime", "noatime", "nosuid", "nodev", "noexec", "xattr",
+                             "clone_children", "noprefix", "cpuset_v2_mode", "favordynmods",
+                             "nsdelegate", "memory_recursiveprot", "memory_localevents"})
+
+
+def _v2_controllers(mount: Path) -> frozenset[str]:
+    try:
+        return frozenset((mount / "cgroup.controllers").read_text().split())
+    except OSError:
+        return frozenset()
+
+
+def host_layout(mountinfo: Path = MOUNTINFO) -> Layout:
+    try:
+        return parse_mountinfo(mountinfo.read_text())
+    except OSError as exc:
+        raise CgroupError(f"cannot read {mountinfo}: {exc.strerror}") from None
+
+
+def process_cgroups(pid: int | str = "self") -> dict[str, str]:
+    """Each hierarchy's cgroup of a process, by `Hierarchy.key`."""
+    found: dict[str, str] = {}
+    try:
+        text = Path(f"/proc/{pid}/cgroup").read_text()
+    except OSError as exc:
+        raise CgroupError(f"cannot read the cgroups of process {pid}: {exc.strerror}"
+                          ) from None
+    for line in text.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) == 3:
+            found[",".join(sorted(parts[1].split(","))) if parts[1] else ""] = parts[2]
+    return found
+
+
+# --- paths -------------------------------------------------------------------
+
+SYSTEMD_DEFAULT_SLICE = "system.slice"
+
+
+def is_systemd_path(path: str) -> bool:
+    """Whether `path` is in systemd's `slice:prefix:name` form."""
+    parts = path.split(":")
+    return len(parts) == 3 and not path.startswith("/") and "/" not in path
+
+
+def expand_systemd(path: str) -> str:
+    """`slice:prefix:name` as the absolute cgroup path systemd gives that unit:
+    the slice's ancestors first (`a-b.slice` is `a.slice/a-b.slice`), then
+    `prefix-name.scope` (or `name` itself when it is a slice)."""
+    if not is_systemd_path(path):
+        raise CgroupError(f"cgroupsPath {path!r} is not in systemd's slice:prefix:name form",
+                          hint="give a path such as system.slice:pykata:ID, or drop "
+                               "--systemd-cgroup to use a cgroupfs path")
+    slice_, prefix, name = path.split(":")
+    if not name:
+        raise CgroupError(f"cgroupsPath {path!r} has no unit name",
+                          hint="the form is slice:prefix:name")
+    out = _expand_slice(slice_ or SYSTEMD_DEFAULT_SLICE, path)
+    if name.endswith(".slice"):
+        # The unit is itself a slice: it must sit in the one named before it.
+        return _expand_slice(name, path)
+    unit = f"{prefix}-{name}.scope" if prefix else f"{name}.scope"
+    return f"{out}/{unit}" if out != "/" else f"/{unit}"
+
+
+def _expand_slice(slice_: str, whole: str) -> str:
+    if slice_ == "-.slice":
+        return "/"
+    if not slice_.endswith(".slice"):
+        raise CgroupError(f"cgroupsPath {whole!r}: {slice_!r} is not a slice",
+                          hint="a slice's name ends in .slice")
+    stem = slice_.removesuffix(".slice")
+    if not stem or stem.startswith("-") or stem.endswith("-") or "--" in stem:
+        raise CgroupError(f"cgroupsPath {whole!r}: {slice_!r} is not a valid slice name")
+    levels, acc = [], ""
+    for word in stem.split("-"):
+        acc = f"{acc}-{word}" if acc else word
+        levels.append(f"{acc}.slice")
+    return "/" + "/".join(levels)
+
+
+def check_relative_parts(path: str, *, what: str) -> list[str]:
+    """The components of a cgroup path, each a plain directory name."""
+    parts = [p for p in path.split("/") if p]
+    for part in parts:
+        if part in (".", "..") or "\0" in part or len(part.encode()) > _NAME_MAX:
+            raise CgroupError(f"{what} {path!r} is not a plain cgroup path",
+                              hint="use directory names only: no '.', '..' or empty parts")
+    return parts
+
+
+@dataclass(frozen=True)
+class CgroupPath:
+    """Where a pod's cgroup goes: absolute (from each hierarchy's root) or
+    relative to the owner's current cgroup in each hierarchy."""
+
+    parts: tuple[str, ...]
+    absolute: bool
+
+    @classmethod
+    def parse(cls, cgroups_path: str, *, systemd: bool) -> CgroupPath:
+        if systemd:
+            cgroups_path = expand_systemd(cgroups_path)
+        parts = check_relative_parts(cgroups_path, what="cgroupsPath")
+        if not parts:
+            raise CgroupError(f"cgroupsPath {cgroups_path!r} names the root cgroup",
+                              hint="give the pod a cgroup of its own, such as /pykata/ID")
+        return cls(tuple(parts), cgroups_path.startswith("/"))
+
+    def __str__(self) -> str:
+        return ("/" if self.absolute else "") + "/".join(self.parts)
+
+    def in_hierarchy(self, current: str) -> PurePosixPath:
+        """The cgroup (from the hierarchy's root) this path names for a
+        process whose cgroup there is `current`."""
+        base = PurePosixPath("/") if self.absolute else PurePosixPath(current or "/")
+        return base.joinpath(*self.parts)
+
+
+def directory_of(h: Hierarchy, cgroup: PurePosixPath) -> Path:
+    """The directory of `cgroup` in the mount of `h`."""
+    root = PurePosixPath(h.root or "/")
+    try:
+        rel = cgroup.relative_to(root)
+    except ValueError:
+        raise CgroupError(f"cgroup {cgroup} is outside the part of the hierarchy mounted at "
+                          f"{h.mount} ({root})",
+                          hint="give a cgroupsPath inside the cgroups this host shows") from None
+    return h.mount.joinpath(*rel.parts)
+
+
+def on_cgroupfs(path: Path) -> bool:
+    """Whether `path` is a directory of a cgroup filesystem (statfs)."""
+    import ctypes
+
+    class _Statfs(ctypes.Structure):
+        _fields_ = [("f_type", ctypes.c_long), ("rest", ctypes.c_byte * 112)]
+
+    from pykata.host.syscalls import libc
+
+    buf = _Statfs()
+    if libc().statfs(os.fsencode(path), ctypes.byref(buf)) != 0:
+        return False
+    return buf.f_type in (CGROUP_SUPER_MAGIC, CGROUP2_SUPER_MAGIC)
+
+
+# --- limits ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a cgroup is held to on the host; None: no limit."""
+
+    cpu_quota_us: int | None = None
+    cpu_period_us: int = 100_000
+    cpu_shares: int | None = None
+    memory_bytes: int | None = None
+
+    def needs(self) -> set[str]:
+        wanted = set()
+        if self.cpu_quota_us is not None or self.cpu_shares is not None:
+            wanted.add("cpu")
+        if self.memory_bytes is not None:
+            wanted.add("memory")
+        return wanted
+
+
+def shares_to_weight(shares: int) -> int:
+    """cgroup v1 cpu.shares (2..262144) as v2's cpu.weight (1..10000)."""
+    shares = min(max(shares, 2), 262144)
+    return 1 + ((shares - 2) * 9999) // 262142
+
+
+def v1_writes(h: Hierarchy, limits: Limits) -> list[tuple[str, str]]:
+    """The files (and values) setting `limits` in v1 hierarchy `h`, in order."""
+    writes: list[tuple[str, str]] = []
+    if h.has("cpu"):
+        # The period first: a quota is checked against the period in force.
+        writes.append(("cpu.cfs_period_us", str(limits.cpu_period_us)))
+        writes.append(("cpu.cfs_quota_us",
+                       str(limits.cpu_quota_us) if limits.cpu_quota_us is not None else "-1"))
+        if limits.cpu_shares is not None:
+            writes.append(("cpu.shares", str(limits.cpu_shares)))
+    if h.has("memory"):
+        writes.append(("memory.limit_in_bytes",
+                       str(limits.memory_bytes) if limits.memory_bytes is not None else "-1"))
+    return writes
+
+
+def v2_writes(limits: Limits, available: Iterable[str]) -> list[tuple[str, str]]:
+    have = set(available)
+    writes: list[tuple[str, str]] = []
+    if "cpu" in have:
+        quota = str(limits.cpu_quota_us) if limits.cpu_quota_us is not None else "max"
+        writes.append(("cpu.max", f"{quota} {limits.cpu_period_us}"))
+        if limits.cpu_shares is not None:
+            writes.append(("cpu.weight", str(shares_to_weight(limits.cpu_shares))))
+    if "memory" in have:
+        writes.append(("memory.max", str(limits.memory_bytes)
+                       if limits.memory_bytes is not None else "max"))
+    return writes
+
+
+# --- a cgroup in every hierarchy ---------------------------------------------------
+
+
+@dataclass
+class HostCgroup:
+    """A cgroup in each hierarchy of the host: what pykata made of it, and
+    where the processes it moved in came from."""
+
+    path: CgroupPath
+    layout: Layout
+    # The directory of the cgroup in each hierarchy.
+    dirs: dict[Hierarchy, Path] = field(default_factory=dict)
+    # Directories pykata made (parents before children).
+    created: list[Path] = field(default_factory=list)
+    # Where the owner was before it joined, per hierarchy.
+    _previous: dict[Hierarchy, Path] = field(default_factory=dict)
+
+    @classmethod
+    def plan(cls, path: CgroupPath, layout: Layout) -> HostCgroup:
+        if not layout.hierarchies:
+            raise CgroupError("this host has no cgroup filesystem mounted",
+                              hint="mount the cgroup hierarchies (/sys/fs/cgroup), or set "
+                                   "[runtime] sandbox_cgroup_only = false")
+        current = process_cgroups()
+        dirs = {h: directory_of(h, path.in_hierarchy(current.get(h.key(), "/")))
+                for h in layout.hierarchies}
+        return cls(path, layout, dirs)
+
+    def check_controllers(self, limits: Limits) -> None:
+        """Refuse limits the host has no controller for."""
+        for controller in sorted(limits.needs()):
+            v1 = self.layout.with_controller(controller)
+            if v1 is not None and v1.version == 1:
+                continue
+            v2 = next((h for h in self.layout.hierarchies if h.version == 2), None)
+            if v2 is not None and controller in v2.controllers:
+                continue
+            raise CgroupError(
+                f"the pod's {controller} limit cannot be applied on the host: no cgroup "
+                f"hierarchy here has the {controller} controller",
+                hint=f"enable the {controller} controller (cgroup v2: in the root's "
+                     "cgroup.subtree_control), or set [runtime] sandbox_cgroup_only = false")
+
+    def create(self) -> None:
+        """Make the cgroup in every hierarchy (missing parents too); on v2,
+        enable the controllers pods use on the way down. Undone by `remove`
+        if it fails part-way."""
+        try:
+            for h, target in self.dirs.items():
+                self._make(h, target)
+        except BaseException:
+            self.remove()
+            raise
+
+    def _make(self, h: Hierarchy, target: Path) -> None:
+        rel = target.relative_to(h.mount)
+        here = h.mount
+        for part in rel.parts:
+            if h.version == 2:
+                self._enable_below(here)
+            here = here / part
+            for _attempt in range(5):
+                try:
+                    os.mkdir(here, 0o755)
+                except FileExistsError:
+                    break
+                except FileNotFoundError:
+                    # A parent another pod made went away just now: make it again.
+                    if not here.parent.exists():
+                        self._make(h, here.parent)
+                    continue
+                except OSError as exc:
+                    raise CgroupError(f"cannot create the cgroup {here}: {exc.strerror}",
+                                      hint="check that pykata runs as root and that the "
+                                           "cgroupsPath is one this host allows") from None
+                else:
+                    self.created.append(here)
+                    if h.version == 1 and h.has("cpuset"):
+                        _inherit_cpuset(here)
+                    break
+
+    def _enable_below(self, directory: Path) -> None:
+        try:
+            offered = set((directory / "cgroup.controllers").read_text().split())
+            enabled = set((directory / "cgroup.subtree_control").read_text().split())
+        except OSError as exc:
+            raise CgroupError(f"cannot read the controllers of {directory}: {exc.strerror}"
+                              ) from None
+        missing = [c for c in V2_CONTROLLERS if c in offered and c not in enabled]
+        if not missing:
+            return
+        try:
+            _write(directory / "cgroup.subtree_control", " ".join(f"+{c}" for c in missing))
+        except CgroupError as exc:
+            raise CgroupError(
+                f"cannot enable the {', '.join(missing)} controllers below {directory}: "
+                f"{exc.message}",
+                hint="cgroup v2 lets controllers pass only through cgroups that hold no "
+                     "processes: choose a cgroupsPath whose parents hold none") from None
+
+    def available(self, h: Hierarchy) -> set[str]:
+        """The controllers a v2 cgroup of this pod has."""
+        try:
+            return set((self.dirs[h] / "cgroup.controllers").read_text().split())
+        except OSError:
+            return set()
+
+    def apply(self, limits: Limits) -> None:
+        """Write `limits` in every hierarchy that holds one of them."""
+        for h, directory in self.dirs.items():
+            writes = (v1_writes(h, limits) if h.version == 1
+                      else v2_writes(limits, self.available(h)))
+            for name, value in writes:
+                _write(directory / name, value, limit=True)
+
+    def move_charges(self) -> None:
+        """On v1, a process moved in brings its memory charges along (a VM
+        booted elsewhere, then handed to the pod); v2 cannot."""
+        for h, directory in self.dirs.items():
+            if h.version == 1 and h.has("memory"):
+                with contextlib.suppress(CgroupError):
+                    _write(directory / "memory.move_charge_at_immigrate", "3")
+
+    def join(self, pid: int) -> None:
+        """Move process `pid` (all its threads) into the cgroup."""
+        for directory in self.dirs.values():
+            _write(directory / "cgroup.procs", str(pid))
+
+    def join_self(self) -> None:
+        """Move this process in, remembering where it was."""
+        current = process_cgroups()
+        for h in self.dirs:
+            here = current.get(h.key())
+            if here is not None:
+                with contextlib.suppress(CgroupError):
+                    self._previous[h] = directory_of(h, PurePosixPath(here))
+        self.join(os.getpid())
+
+    def leave_self(self) -> None:
+        """Move this process back where it was (or to the nearest parent that
+        is still there)."""
+        for h in self.dirs:
+            back = self._previous.get(h, h.mount)
+            while back != h.mount and not back.is_dir():
+                back = back.parent
+            with contextlib.suppress(CgroupError):
+                _write(back / "cgroup.procs", str(os.getpid()))
+        self._previous.clear()
+
+    def remove(self) -> list[str]:
+        """Remove what was made (children first); returns what could not be
+        removed and why."""
+        left = remove_dirs(self.created)
+        self.created = [p for p in self.created if p.exists()]
+        return left
+
+    def oom_kills(self) -> int:
+        """How many processes the host's memory limit killed in the cgroup."""
+        for h, directory in self.dirs.items():
+            name = ("memory.oom_control" if h.version == 1 else "memory.events")
+            if h.version == 1 and not h.has("memory"):
+                continue
+            with contextlib.suppress(OSError, ValueError):
+                for line in (directory / name).read_text().splitlines():
+                    key, _, value = line.partition(" ")
+                    if key == "oom_kill":
+                        return int(value)
+        return 0
+
+    def memory_usage(self) -> int | None:
+        for h, directory in self.dirs.items():
+            name = ("memory.usage_in_bytes" if h.version == 1 else "memory.current")
+            if h.version == 1 and not h.has("memory"):
+                continue
+            with contextlib.suppress(OSError, ValueError):
+                return int((directory / name).read_text())
+        return None
+
+
+def remove_dirs(created: Sequence[Path]) -> list[str]:
+    """rmdir each of `created` deepest first, when it is still a cgroup and
+    empty; a cgroup whose processes are leaving is given a moment. A parent
+    another pod's cgroup still sits in stays (that pod removes it)."""
+    problems: list[str] = []
+    for path in sorted(created, key=lambda p: len(p.parts), reverse=True):
+        if not path.exists():
+            continue
+        if not on_cgroupfs(path):
+            problems.append(f"{path}: not on a cgroup filesystem, left alone")
+            continue
+        deadline = time.monotonic() + REMOVE_WAIT_SECONDS
+        while True:
+            try:
+                os.rmdir(path)
+                break
+            except FileNotFoundError:
+                break
+            except OSError as exc:
+                busy = exc.errno in (errno.EBUSY, errno.ENOTEMPTY)
+                if busy and _has_children(path):
+                    break  # another pod's cgroup is below it
+                if not busy or time.monotonic() > deadline:
+                    problems.append(f"{path}: {exc.strerror}")
+                    break
+                time.sleep(0.05)
+    return problems
+
+
+def _has_children(path: Path) -> bool:
+    with contextlib.suppress(OSError):
+        return any(entry.is_dir(follow_symlinks=False) for entry in os.scandir(path))
+    return False
+
+
+def _inherit_cpuset(directory: Path) -> None:
+    # A v1 cpuset cgroup starts with no CPUs and no memory nodes, and no
+    # process can join it until it has some: it gets its parent's.
+    for name in ("cpuset.cpus", "cpuset.mems"):
+        mine = directory / name
+        try:
+            if mine.read_text().strip():
+                continue
+            _write(mine, (directory.parent / name).read_text().strip())
+        except OSError as exc:
+            raise CgroupError(f"cannot set {mine}: {exc.strerror}") from None
+
+
+def _write(path: Path, value: str, *, limit: bool = False) -> None:
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError as exc:
+        raise CgroupError(f"cannot open {path}: {exc.strerror}") from None
+    try:
+        os.write(fd, value.encode())
+    except OSError as exc:
+        hint = None
+        if limit and exc.errno == errno.EBUSY and path.name.startswith("memory."):
+            hint = ("the pod already uses more memory than that on the host: give it a "
+                    "larger limit")
+        elif limit and exc.errno == errno.EINVAL and path.name.startswith("cpu."):
+            hint = "a parent cgroup's CPU quota is lower: raise it, or give the pod less"
+        raise CgroupError(f"cannot write {value!r} to {path}: {exc.strerror}",
+                          hint=hint) from None
+    finally:
+        os.close(fd)
