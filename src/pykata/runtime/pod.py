@@ -48,6 +48,7 @@ from pykata.runtime.mount_points import spec_mount_points
 from pykata.runtime.paths import check_id
 from pykata.runtime.process import PodProcess, ProcessIO
 from pykata.runtime.sandbox import Sandbox
+from pykata.runtime.spec_versions import check_process, check_resources
 from pykata.runtime.volumes import Volume
 
 log = logging.getLogger(__name__)
@@ -311,6 +312,7 @@ class Pod:
             process_from_json(process)
         except InvalidSpecError as exc:
             raise SpecError(f"invalid process spec: {exc}") from exc
+        check_process(process, "process", exec_process=True)
         proc = PodProcess(container_id, exec_id, terminal=bool(process.get("terminal")),
                           io=io, spec=process, stdio_paths=stdio_paths)
         pod_container.execs[exec_id] = proc
@@ -387,6 +389,8 @@ class Pod:
             proto = resources_from_json(resources)
         except InvalidSpecError as exc:
             raise SpecError(f"invalid resources: {exc}") from exc
+        for note in check_resources(resources, "resources"):
+            log.warning("container %s: %s: dropped", container_id, note)
         await self._agent().update_container(container_id, proto)
 
     async def stats(self, container_id: str) -> agent_pb2.StatsContainerResponse:
