@@ -28,14 +28,19 @@ from tests.functional.oci_tools import Oci, Waiter
 DATA = Path(__file__).resolve().parents[1] / "data"
 LOOP = "while :; do sleep 0.2; done"
 # What the container's init reports of itself: I/O priority, nice and policy,
-# machine (personality), domain name, umask, and its cgroup's files.
+# machine (personality), domain name, umask, its cgroup's files, and the
+# status of a command making a system call its seccomp filter kills.
 OBSERVE = ("ionice; cut -d' ' -f19,41 /proc/self/stat; uname -m; "
            "cat /proc/sys/kernel/domainname; umask; "
            "cat /sys/fs/cgroup/cpu.idle /sys/fs/cgroup/cpu.max.burst "
-           "/sys/fs/cgroup/memory.high")
+           "/sys/fs/cgroup/memory.high; "
+           "{ hostname x; echo $?; link / /l; echo $?; } 2>/dev/null")
 # ...as the 1.3.0 data spec sets them: IDLE class, nice 5 and SCHED_BATCH (3),
-# LINUX32, pykata.test, umask 23 (octal 0027), idle 1, burst 20000, memory.high.
-APPLIED = ["idle", "5 3", "i686", "pykata.test", "0027", "1", "20000", "201326592"]
+# LINUX32, pykata.test, umask 23 (octal 0027), idle 1, burst 20000, memory.high,
+# and SIGSYS (128 + 31) from SCMP_ACT_KILL_PROCESS (sethostname) and
+# SCMP_ACT_KILL_THREAD (link).
+APPLIED = ["idle", "5 3", "i686", "pykata.test", "0027", "1", "20000", "201326592",
+           "159", "159"]
 
 
 @pytest.fixture
@@ -95,7 +100,7 @@ def test_pykata_oci_applies_the_1_3_0_fields(oci: Oci, tmp_path: Path) -> None:
         while not (b / "rootfs" / "init.txt").exists() and time.monotonic() < deadline:
             time.sleep(0.2)
         time.sleep(0.5)
-        assert (b / "rootfs" / "init.txt").read_text().split("\n")[:8] == APPLIED
+        assert (b / "rootfs" / "init.txt").read_text().split("\n")[:len(APPLIED)] == APPLIED
         _exec_checks(oci, tmp_path)
         _update_checks(oci, tmp_path)
         assert oci("kill", "v13", "KILL").returncode == 0
@@ -152,6 +157,13 @@ REFUSED = [
     ("idmap", lambda s: s["mounts"].append({"destination": "/v", "type": "bind",
                                             "source": "/tmp", "options": ["rbind", "idmap"]}),
      "mounts[8].options: idmap"),
+    ("numa", lambda s: s["linux"].update(memoryPolicy={"mode": "MPOL_BIND", "nodes": "0"}),
+     "linux.memoryPolicy"),
+    ("notify", lambda s: s["linux"]["seccomp"].update(
+        listenerPath="/run/agent.sock",
+        syscalls=[{"names": ["mount"], "action": "SCMP_ACT_NOTIFY"}]),
+     "linux.seccomp.listenerPath"),
+    ("vm", lambda s: s.update(vm={"hwConfig": {"vcpus": 2}}), ": vm: not supported"),
 ]
 
 
@@ -174,11 +186,16 @@ def test_refused_fields_fail_create_and_leave_nothing(
 
 def test_pykata_run_applies_a_1_3_0_bundle(cli: Cli, tmp_path: Path) -> None:
     """`pykata run --bundle` of the 1.3.0 data spec: the same fields, seen by
-    the container's process, and its exit status."""
-    b = bundle(tmp_path / "b", "1.3.0", f"{OBSERVE}; exit 4")
+    the container's process, and its exit status; a mount destination
+    relative to "/" (runtime-spec 1.2.0) is mounted there."""
+    b = bundle(tmp_path / "b", "1.3.0",
+               f"{OBSERVE}; grep -c ' /rel tmpfs ' /proc/mounts; exit 4")
+    _edit(b, lambda s: s["mounts"].append(
+        {"destination": "rel", "type": "tmpfs", "source": "tmpfs"}))
     result = cli("run", "--bundle", str(b))
     assert result.returncode == 4, result
-    assert result.out.split("\n")[:8] == APPLIED, result
+    lines = result.out.split("\n")
+    assert lines[:len(APPLIED)] == APPLIED and lines[len(APPLIED)] == "1", result
 
 
 def test_a_failing_poststart_hook_fails_start_of_a_1_3_0_bundle(
@@ -233,7 +250,7 @@ def test_containerd_runs_1_2_0_and_1_3_0_specs(
         while not (b13 / "rootfs" / "out.txt").exists() and time.monotonic() < deadline:
             time.sleep(0.2)
         time.sleep(0.5)
-        lines = (b13 / "rootfs" / "out.txt").read_text().split("\n")[:8]
+        lines = (b13 / "rootfs" / "out.txt").read_text().split("\n")[:len(APPLIED)]
         # containerd 1.6 drops what its spec types lack (ioPriority, scheduler).
         expected = list(APPLIED)
         if "ioPriority" not in seen["process"]:
@@ -252,3 +269,9 @@ def test_containerd_runs_1_2_0_and_1_3_0_specs(
     assert refused.returncode != 0, refused.out
     assert "linux.namespaces: time" in refused.err, refused.err
     containerd.ctr("container", "rm", "vbad")
+    # Refused before a VM booted: no QEMU, shim, mount or state remains (the
+    # shims of the tasks before it may still be on their way out).
+    deadline = time.monotonic() + 10
+    while unexpected_leftovers() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not unexpected_leftovers()

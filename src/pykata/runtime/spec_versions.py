@@ -199,7 +199,8 @@ def _check_mount(mount: dict[str, Any], where: str) -> None:
     if mount.get("uidMappings") or mount.get("gidMappings") or idmap:
         field = f"options: {idmap[0]}" if idmap else "uidMappings"
         _refuse(f"{where}.{field}", "an idmapped mount cannot be made in the guest: the "
-                "files reach the VM over 9p, which pykata's guest kernel cannot idmap",
+                "files reach the VM over 9p or virtio-fs, which pykata's guest kernel "
+                "cannot idmap",
                 "leave the mapping out, or give the files the owners the container expects")
 
 
