@@ -203,7 +203,7 @@ def test_run_exit_statuses_and_spec_features_version(oci: Oci, tmp_path: Path) -
     features = json.loads(oci("features").out)
     assert "poststop" in features["hooks"]
     version = oci("--version")
-    assert version.returncode == 0 and "spec: 1.0" in version.out
+    assert version.returncode == 0 and "spec: 1.3.0" in version.out
 
 
 def test_bad_input_is_refused_and_leaves_nothing(oci: Oci, tmp_path: Path) -> None:

@@ -150,9 +150,10 @@ def test_errors_go_to_the_log_as_json_lines(tmp_path: Path, capsys: pytest.Captu
 
 def test_version_and_features(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["--version"]) == 0
-    assert "spec: 1.0.2" in capsys.readouterr().out
+    assert "spec: 1.3.0" in capsys.readouterr().out
     assert cli.main(["features"]) == 0
-    assert "poststop" in json.loads(capsys.readouterr().out)["hooks"]
+    features = json.loads(capsys.readouterr().out)
+    assert "poststop" in features["hooks"] and features["ociVersionMax"] == "1.3.0"
 
 
 def test_a_link_planted_beside_the_pid_file_is_never_written_through(

@@ -256,9 +256,7 @@ def test_required_zero_values_are_written() -> None:
 def test_unknown_and_unsupported_keys_are_dropped() -> None:
     """Keys without a field are reported in `dropped` and left out."""
     config = realistic_config()
-    config["domainname"] = "example.org"
-    config["process"]["user"]["umask"] = 18
-    config["linux"]["resources"]["unified"] = {"memory.high": "1G"}
+    config["linux"]["resources"]["rdma"] = {"mlx5_1": {"hcaHandles": 3}}
     config["linux"]["seccomp"]["listenerPath"] = "/run/seccomp.sock"
     config["mounts"][0]["uidMappings"] = []
     config["Version"] = "proto field names are not OCI keys"
@@ -267,9 +265,7 @@ def test_unknown_and_unsupported_keys_are_dropped() -> None:
     out = spec_to_json(spec_from_json(config, dropped=dropped))
     assert sorted(dropped) == sorted(
         [
-            "domainname",
-            "process.user.umask",
-            "linux.resources.unified",
+            "linux.resources.rdma",
             "linux.seccomp.listenerPath",
             "mounts[0].uidMappings",
             "Version",
@@ -277,7 +273,36 @@ def test_unknown_and_unsupported_keys_are_dropped() -> None:
         ]
     )
     assert out == without_zero_value_two(realistic_config())
-    assert "linux.resources.unified" in UNSUPPORTED_OCI_KEYS
+    assert "linux.resources.rdma" in UNSUPPORTED_OCI_KEYS
+
+
+def test_newer_spec_fields_are_carried() -> None:
+    """The runtime-spec 1.0.2 to 1.3.0 fields the guest applies survive the
+    protocol, zeros that mean something included (umask 0, idle 0, nice 0)."""
+    config = realistic_config()
+    config["ociVersion"] = "1.3.0"
+    config["domainname"] = "example.org"
+    config["process"]["user"]["umask"] = 0
+    config["process"]["ioPriority"] = {"class": "IOPRIO_CLASS_BE", "priority": 0}
+    config["process"]["scheduler"] = {"policy": "SCHED_OTHER", "nice": 0,
+                                      "flags": ["SCHED_FLAG_RESET_ON_FORK"]}
+    config["linux"]["personality"] = {"domain": "LINUX32"}
+    config["linux"]["resources"]["unified"] = {"memory.high": "1073741824"}
+    config["linux"]["resources"]["cpu"].update(burst=0, idle=0)
+    config["linux"]["resources"]["memory"]["checkBeforeUpdate"] = True
+    dropped: list[str] = []
+    out = spec_to_json(spec_from_json(config, dropped=dropped))
+    assert dropped == []
+    assert out["domainname"] == "example.org"
+    assert out["process"]["user"]["umask"] == 0
+    assert out["process"]["ioPriority"] == {"class": "IOPRIO_CLASS_BE", "priority": 0}
+    assert out["process"]["scheduler"] == {"policy": "SCHED_OTHER",
+                                           "flags": ["SCHED_FLAG_RESET_ON_FORK"]}
+    assert out["linux"]["personality"] == {"domain": "LINUX32"}
+    assert out["linux"]["resources"]["unified"] == {"memory.high": "1073741824"}
+    assert out["linux"]["resources"]["cpu"]["burst"] == 0
+    assert out["linux"]["resources"]["cpu"]["idle"] == 0
+    assert out["linux"]["resources"]["memory"]["checkBeforeUpdate"] is True
 
 
 def test_null_means_absent() -> None:

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pykata.agent import guest_spec
+from pykata.agent import guest_spec, process_attrs
 from pykata.agent.console import ConsoleSocket
 from pykata.agent.crun import Crun, wait_pid_file
 from pykata.agent.process import Process, Stdio
@@ -56,6 +56,8 @@ class Container:
         self.is_sandbox = False
         self.processes: dict[str, Process] = {}
         self.mounts: list[Path] = []
+        # runtime-spec 1.1.0's memory.checkBeforeUpdate, from its spec.
+        self.check_memory_before_update = False
 
     @property
     def init(self) -> Process:
@@ -128,9 +130,11 @@ class Containers:
         annotations = spec.get("annotations", {})
         container.is_sandbox = annotations.get(CONTAINER_TYPE_KEY) == "sandbox"
         sandbox_pid = None if container.is_sandbox else self._sandbox_pid()
+        container.check_memory_before_update = _checks_memory_before_update(spec)
         guest_spec.for_guest(
             spec, container.id, sandbox_pid=sandbox_pid, share_pid_ns=req.sandbox_pidns
         )
+        attrs = process_attrs.take(spec["process"], exec_process=False)
         write_sysctls(guest_spec.take_pod_sysctls(spec))
         if spec.get("hooks"):
             hooks_log = str(self._crun.hooks_log(container.id))
@@ -155,6 +159,9 @@ class Containers:
         )
         container.processes[container.init_exec_id] = proc
         proc.exited.add_done_callback(lambda _f: _mark_stopped(container))
+        if attrs:
+            # It waits for `crun start`: nothing of the container's has run.
+            process_attrs.apply(proc.pid, attrs)
 
     async def _launch(
         self, container: Container, exec_id: str, terminal: bool, run: Any, pid_file: Path
@@ -213,13 +220,15 @@ class Containers:
         if exec_id in container.processes or exec_id == container.id:
             raise StatusError(Code.ALREADY_EXISTS, f"process {exec_id!r} already exists")
         process = message_to_json(req.process)
+        attrs = process_attrs.take(process, exec_process=True)
         process_file = container.bundle / f"{exec_id}.process.json"
         pid_file = container.bundle / f"{exec_id}.pid"
         _write_json(process_file, process)
         proc = await self._launch(
             container, exec_id, bool(process.get("terminal")),
             lambda stdio, console: self._crun.exec(
-                container.id, process_file, pid_file, stdio, console, _executable(process)
+                container.id, process_file, pid_file, stdio, console, _executable(process),
+                attrs,
             ),
             pid_file,
         )
@@ -285,13 +294,41 @@ class Containers:
 
     async def update(self, container_id: str, resources: oci_pb2.LinuxResources) -> None:
         container = self.get(container_id)
+        wanted = message_to_json(resources)
+        memory = wanted.get("memory", {})
+        if memory.get("checkBeforeUpdate", container.check_memory_before_update):
+            _check_memory_limit(container, memory.get("limit"))
         path = container.bundle / "resources.json"
-        _write_json(path, guest_spec.guest_resources(message_to_json(resources), container.id))
+        _write_json(path, guest_spec.guest_resources(wanted, container.id))
         await self._crun.update(container_id, path)
 
     async def remove_all(self) -> None:
         for container in self.all():
             await self._discard(container)
+
+
+def _checks_memory_before_update(spec: dict[str, Any]) -> bool:
+    resources = spec.get("linux", {}).get("resources", {})
+    return resources.get("memory", {}).get("checkBeforeUpdate") is True
+
+
+def _check_memory_limit(container: Container, limit: int | None) -> None:
+    """runtime-spec 1.1.0: with memory.checkBeforeUpdate a new limit below the
+    current use is refused (cgroup v2 would have the OOM killer enforce it)."""
+    if limit is None or limit < 0:
+        return
+    current_file = guest_spec.CGROUP_ROOT / guest_spec.CGROUP_PARENT.lstrip("/") \
+        / container.id / "memory.current"
+    try:
+        current = int(current_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise StatusError(Code.FAILED_PRECONDITION,
+                          f"memory.checkBeforeUpdate: cannot read {current_file}: {exc}") from exc
+    if limit < current:
+        raise StatusError(
+            Code.FAILED_PRECONDITION,
+            f"linux.resources.memory.limit {limit} is below the container's current memory "
+            f"use, {current} bytes, and memory.checkBeforeUpdate is set: not updated")
 
 
 def _console_path() -> Path:

@@ -13,6 +13,7 @@ import os
 import re
 from pathlib import Path
 
+from pykata.agent.process_attrs import INHERITED, ProcessAttrs, inherited_by_spawns
 from pykata.agent.reaper import Reaper
 from pykata.agent.spawn import CommandResult, run, spawn
 from pykata.ttrpc import Code, StatusError
@@ -132,13 +133,17 @@ class Crun:
         args: list[str],
         stdio: tuple[int | None, int | None, int | None],
         executable: str = "",
+        attrs: ProcessAttrs = INHERITED,
     ) -> None:
         """Run `crun create` or `crun exec --detach`, which return once the
         process exists; the process keeps `stdio`, crun exits. `executable`
-        (the process's args[0]) names the program in an error about it."""
+        (the process's args[0]) names the program in an error about it;
+        crun starts with `attrs`, which its process inherits."""
         log_file = self._log(container_id)
         argv = [*_base(log_file), *args]
-        _pid, done = spawn(self._reaper, argv, stdin=stdio[0], stdout=stdio[1], stderr=stdio[2])
+        with inherited_by_spawns(attrs):
+            _pid, done = spawn(self._reaper, argv, stdin=stdio[0], stdout=stdio[1],
+                               stderr=stdio[2])
         code = await done
         if code != 0:
             message = last_error(log_file) or f"crun exited with status {code}"
@@ -167,11 +172,12 @@ class Crun:
         stdio: tuple[int | None, int | None, int | None],
         console_socket: Path | None = None,
         executable: str = "",
+        attrs: ProcessAttrs = INHERITED,
     ) -> None:
         args = ["exec", "--detach", "--process", str(process_file), "--pid-file", str(pid_file)]
         if console_socket is not None:
             args += ["--console-socket", str(console_socket)]
-        await self.launch(container_id, [*args, container_id], stdio, executable)
+        await self.launch(container_id, [*args, container_id], stdio, executable, attrs)
 
     async def start(self, container_id: str) -> None:
         await self._call(container_id, "start", container_id)

@@ -10,6 +10,12 @@ Container engines write specs for runc on the host; what they say about the
 host is dropped here rather than refused, so a spec docker 20.10 or podman 4.3
 writes creates a container unchanged (tests/unit/test_guest_spec.py keeps
 their specs).
+
+Newer engines write runtime-spec 1.2 and 1.3, which the guest's crun 1.8.1
+refuses by version alone: the host checked the newer fields
+(pykata.runtime.spec_versions), and crun gets the spec as version 1.0.2 with
+the newer settings it would ignore taken out for the agent to apply (see
+pykata.agent.process_attrs) or turned into ones it knows (cpu.burst).
 """
 
 from __future__ import annotations
@@ -17,6 +23,14 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 from typing import Any
+
+from pykata.spec_fields import (
+    GUEST_SECCOMP_ARCHES,
+    GUEST_VERSION,
+    parse_version,
+    unified_key_problem,
+)
+from pykata.ttrpc import Code, StatusError
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +66,7 @@ def for_guest(
     one PID namespace for all its containers; `controllers` are the guest's
     cgroup controllers (None: read them).
     """
+    _guest_version(spec)
     linux = spec.setdefault("linux", {})
     # Whatever the engine's cgroup driver wrote ("system.slice:docker:ID" for
     # systemd, "/docker/ID" for cgroupfs) names a host cgroup; the guest has
@@ -66,6 +81,9 @@ def for_guest(
         linux["resources"] = guest_resources(resources, container_id, controllers)
     linux.pop("mountLabel", None)
     linux.pop("intelRdt", None)
+    seccomp = linux.get("seccomp")
+    if isinstance(seccomp, dict) and seccomp.get("architectures"):
+        seccomp["architectures"] = _guest_arches(seccomp["architectures"], container_id)
     process = spec.get("process")
     if isinstance(process, dict):
         # The guest kernel has no AppArmor or SELinux: crun would fail to
@@ -126,7 +144,56 @@ def guest_resources(
         # interfaces are the pod's, shaped on the host if at all.
         log.info("container %s: linux.resources.network does not apply in the guest",
                  container_id)
+    _newer_resources(out)
     return out
+
+
+def _newer_resources(resources: dict[str, Any]) -> None:
+    """runtime-spec 1.1.0's resources, as crun 1.8.1 can take them."""
+    unified = resources.get("unified")
+    for key in unified or {}:
+        problem = unified_key_problem(key)
+        if problem:
+            raise StatusError(Code.INVALID_ARGUMENT, f"linux.resources.unified: {problem}")
+    memory = resources.get("memory")
+    if isinstance(memory, dict) and "checkBeforeUpdate" in memory:
+        # The agent checks it at an update (Containers.update); crun ignores it.
+        resources["memory"] = {k: v for k, v in memory.items() if k != "checkBeforeUpdate"}
+    cpu = resources.get("cpu")
+    if isinstance(cpu, dict) and cpu.get("burst") is not None:
+        # crun 1.8.1 ignores cpu.burst but writes any unified file, after
+        # cpu.max, which a burst may not exceed.
+        resources["cpu"] = {k: v for k, v in cpu.items() if k != "burst"}
+        resources["unified"] = {"cpu.max.burst": str(cpu["burst"]), **(unified or {})}
+
+
+def _guest_version(spec: dict[str, Any]) -> None:
+    """crun 1.8.1 refuses a version without "1.0" in it ("unknown version
+    specified"); any 1.x spec the host sent (or one naming no version) is
+    handed over as 1.0.2."""
+    version = spec.get("ociVersion") or GUEST_VERSION
+    try:
+        major = parse_version(version)[0] if isinstance(version, str) else None
+    except ValueError:
+        major = None
+    if major != 1:
+        raise StatusError(Code.INVALID_ARGUMENT,
+                          f"ociVersion {version!r}: only runtime-spec 1.x specs are run")
+    spec["ociVersion"] = GUEST_VERSION
+
+
+def _guest_arches(arches: list[str], container_id: str) -> list[str]:
+    """Only the architectures an x86_64 kernel can be entered with: a rule for
+    another never matches here, and crun's libseccomp may not know its name
+    (crun 1.8.1: "seccomp unknown architecture LOONGARCH64")."""
+    kept = [arch for arch in arches if arch in GUEST_SECCOMP_ARCHES]
+    if not kept:
+        raise StatusError(Code.INVALID_ARGUMENT,
+                          "linux.seccomp.architectures: none is an x86 architecture")
+    if len(kept) < len(arches):
+        log.info("container %s: seccomp architectures %s dropped: not x86", container_id,
+                 ", ".join(a for a in arches if a not in GUEST_SECCOMP_ARCHES))
+    return kept
 
 
 def cgroup_controllers(root: Path = CGROUP_ROOT) -> frozenset[str]:

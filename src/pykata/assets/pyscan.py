@@ -59,7 +59,8 @@ EXCLUDED_MODULES = (
     # Reached only through optional imports the agent never takes: asyncio
     # and hashlib run without ssl/_hashlib (and skip libssl's 5 MB), and no
     # agent path sends mail, parses XML, speaks HTTP, spawns a
-    # multiprocessing pool, calls C through ctypes or decodes CJK text.
+    # multiprocessing pool or decodes CJK text. (ctypes stays: the agent sets
+    # a process's I/O priority and scheduling through it.)
     "_bz2",
     "_codecs_cn",
     "_codecs_hk",
@@ -67,7 +68,6 @@ EXCLUDED_MODULES = (
     "_codecs_jp",
     "_codecs_kr",
     "_codecs_tw",
-    "_ctypes",
     "_decimal",
     "_hashlib",
     "_lzma",
@@ -76,7 +76,6 @@ EXCLUDED_MODULES = (
     "_posixshmem",
     "_ssl",
     "bz2",
-    "ctypes",
     "decimal",
     "email",
     "ftplib",

@@ -18,10 +18,10 @@ from typing import NoReturn
 from pykata import __version__
 from pykata.errors import PykataError
 from pykata.oci.store import Store, default_root
+from pykata.spec_fields import MAX_VERSION
 
-OCI_VERSION = "1.0.2"
 VERSION_TEXT = (f"pykata-oci version {__version__}\ncommit: pykata-{__version__}\n"
-                f"spec: {OCI_VERSION}")
+                f"spec: {MAX_VERSION}")
 
 
 class UsageError(PykataError):

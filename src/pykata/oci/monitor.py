@@ -33,6 +33,7 @@ from pykata.runtime.pod import Pod, PodEvent, PodPolicy
 from pykata.runtime.process import PodProcess
 from pykata.runtime.ready import ReadyReport
 from pykata.runtime.spec import network_namespace, network_namespace_path
+from pykata.runtime.spec_versions import poststart_failure_stops
 from pykata.runtime.state import ContainerState, process_start_time, rfc3339, write_state
 from pykata.runtime.stdio import Sink, Source
 
@@ -221,7 +222,8 @@ class Monitor:
     async def _run_host_hooks(self, phase: str, status: str) -> None:
         hooks = spec_hooks(self.launch.spec, phase)
         if hooks:
-            await run_hooks(hooks, self.oci_state(status), phase=phase)
+            await run_hooks(hooks, self.oci_state(status), phase=phase,
+                            fail_poststart=poststart_failure_stops(self.launch.spec))
 
     async def _poststart(self, container_id: str, exec_id: str) -> None:
         if exec_id:
@@ -229,7 +231,15 @@ class Monitor:
         try:
             await self._run_host_hooks("poststart", "running")
         except PykataError as exc:
-            log.warning("poststart hook: %s", exc)
+            if not poststart_failure_stops(self.launch.spec):
+                log.warning("poststart hook: %s", exc)
+                return
+            # runtime-spec 1.3.0, lifecycle step 9: the error fails `start`,
+            # and the container is stopped.
+            assert self.pod is not None
+            with contextlib.suppress(PykataError):
+                await self.pod.kill(self.launch.id, "", signal.SIGKILL)
+            raise
 
     async def _shutdown(self) -> None:
         """`delete`: the container is killed (given a moment to report its

@@ -791,7 +791,7 @@ def spec(args: argparse.Namespace, store: Store) -> int:
 
 FEATURES: dict[str, Any] = {
     "ociVersionMin": "1.0.0",
-    "ociVersionMax": "1.0.2",
+    "ociVersionMax": "1.3.0",  # pykata.spec_fields.MAX_VERSION
     "hooks": ["prestart", "createRuntime", "createContainer", "startContainer",
               "poststart", "poststop"],
     "mountOptions": ["ro", "rw", "bind", "rbind", "nosuid", "nodev", "noexec", "private",

@@ -18,15 +18,20 @@ declared `optional` here. That only adds presence tracking on our side:
 the wire encoding of a set value is identical, and a peer built from the
 upstream file simply sees the value (or its absence) as before.
 
-Not carried (no field in the Kata message, so json_format drops them):
-domainname, process.{scheduler,ioPriority,execCPUAffinity,commandLine},
-process.user.umask, mounts[].{uidMappings,gidMappings},
-linux.{timeOffsets,personality}, linux.resources.{rdma,unified},
-linux.resources.memory.{useHierarchy,checkBeforeUpdate},
-linux.resources.cpu.{burst,idle},
+Fields of runtime-spec 1.0.2 to 1.3.0 that Kata's messages lack are
+pykata's additions, numbered from 100 up in each message so that a field
+Kata adds later at its next free number cannot collide; a Kata peer skips
+them as unknown fields. Which of them the guest applies, and which the host
+refuses before they are sent, is pykata.runtime.spec_versions' business.
+
+Not carried (no field here, so json_format drops them; the host refuses or
+drops them with a note first, see pykata.runtime.spec_versions):
+process.{execCPUAffinity,commandLine}, mounts[].{uidMappings,gidMappings},
+linux.{timeOffsets,memoryPolicy,netDevices}, linux.resources.rdma,
+linux.resources.memory.useHierarchy,
 linux.seccomp.{listenerPath,listenerMetadata},
-linux.intelRdt.{closID,memBwSchema,enableCMT,enableMBM}, and the
-solaris/windows/vm/zos sections.
+linux.intelRdt.{closID,memBwSchema,schemata,enableCMT,enableMBM,enableMonitoring},
+and the freebsd/solaris/windows/vm/zos sections.
 """
 
 from collections import abc as _abc
@@ -76,8 +81,11 @@ class Spec(_message.Message):
     HOOKS_FIELD_NUMBER: _builtins.int
     ANNOTATIONS_FIELD_NUMBER: _builtins.int
     LINUX_FIELD_NUMBER: _builtins.int
+    DOMAINNAME_FIELD_NUMBER: _builtins.int
     Version: _builtins.str
     Hostname: _builtins.str
+    Domainname: _builtins.str
+    """runtime-spec 1.1.0: the container's UTS domain name."""
     @_builtins.property
     def Process(self) -> Global___Process: ...
     @_builtins.property
@@ -101,10 +109,11 @@ class Spec(_message.Message):
         Hooks: Global___Hooks | None = ...,
         Annotations: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         Linux: Global___Linux | None = ...,
+        Domainname: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["Hooks", b"Hooks", "Linux", b"Linux", "Process", b"Process", "Root", b"Root"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["Annotations", b"Annotations", "Hooks", b"Hooks", "Hostname", b"Hostname", "Linux", b"Linux", "Mounts", b"Mounts", "Process", b"Process", "Root", b"Root", "Version", b"Version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["Annotations", b"Annotations", "Domainname", b"Domainname", "Hooks", b"Hooks", "Hostname", b"Hostname", "Linux", b"Linux", "Mounts", b"Mounts", "Process", b"Process", "Root", b"Root", "Version", b"Version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -128,6 +137,8 @@ class Process(_message.Message):
     APPARMORPROFILE_FIELD_NUMBER: _builtins.int
     OOMSCOREADJ_FIELD_NUMBER: _builtins.int
     SELINUXLABEL_FIELD_NUMBER: _builtins.int
+    IOPRIORITY_FIELD_NUMBER: _builtins.int
+    SCHEDULER_FIELD_NUMBER: _builtins.int
     Terminal: _builtins.bool
     Cwd: _builtins.str
     """Working directory, inside the container's root."""
@@ -148,6 +159,12 @@ class Process(_message.Message):
     def Capabilities(self) -> Global___LinuxCapabilities: ...
     @_builtins.property
     def Rlimits(self) -> _containers.RepeatedCompositeFieldContainer[Global___POSIXRlimit]: ...
+    @_builtins.property
+    def IOPriority(self) -> Global___LinuxIOPriority:
+        """runtime-spec 1.1.0; crun 1.8.1 ignores both, the agent applies them."""
+
+    @_builtins.property
+    def Scheduler(self) -> Global___LinuxScheduler: ...
     def __init__(
         self,
         *,
@@ -163,16 +180,87 @@ class Process(_message.Message):
         ApparmorProfile: _builtins.str = ...,
         OOMScoreAdj: _builtins.int | None = ...,
         SelinuxLabel: _builtins.str = ...,
+        IOPriority: Global___LinuxIOPriority | None = ...,
+        Scheduler: Global___LinuxScheduler | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["Capabilities", b"Capabilities", "ConsoleSize", b"ConsoleSize", "OOMScoreAdj", b"OOMScoreAdj", "User", b"User", "_OOMScoreAdj", b"_OOMScoreAdj"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["Capabilities", b"Capabilities", "ConsoleSize", b"ConsoleSize", "IOPriority", b"IOPriority", "OOMScoreAdj", b"OOMScoreAdj", "Scheduler", b"Scheduler", "User", b"User", "_OOMScoreAdj", b"_OOMScoreAdj"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ApparmorProfile", b"ApparmorProfile", "Args", b"Args", "Capabilities", b"Capabilities", "ConsoleSize", b"ConsoleSize", "Cwd", b"Cwd", "Env", b"Env", "NoNewPrivileges", b"NoNewPrivileges", "OOMScoreAdj", b"OOMScoreAdj", "Rlimits", b"Rlimits", "SelinuxLabel", b"SelinuxLabel", "Terminal", b"Terminal", "User", b"User", "_OOMScoreAdj", b"_OOMScoreAdj"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ApparmorProfile", b"ApparmorProfile", "Args", b"Args", "Capabilities", b"Capabilities", "ConsoleSize", b"ConsoleSize", "Cwd", b"Cwd", "Env", b"Env", "IOPriority", b"IOPriority", "NoNewPrivileges", b"NoNewPrivileges", "OOMScoreAdj", b"OOMScoreAdj", "Rlimits", b"Rlimits", "Scheduler", b"Scheduler", "SelinuxLabel", b"SelinuxLabel", "Terminal", b"Terminal", "User", b"User", "_OOMScoreAdj", b"_OOMScoreAdj"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__OOMScoreAdj: _TypeAlias = _typing.Literal["OOMScoreAdj"]  # noqa: Y015
     _WhichOneofArgType__OOMScoreAdj: _TypeAlias = _typing.Literal["_OOMScoreAdj", b"_OOMScoreAdj"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType__OOMScoreAdj) -> _WhichOneofReturnType__OOMScoreAdj | None: ...
 
 Global___Process: _TypeAlias = Process  # noqa: Y015
+
+@_typing.final
+class LinuxIOPriority(_message.Message):
+    """The I/O scheduling class ("IOPRIO_CLASS_RT", "IOPRIO_CLASS_BE",
+    "IOPRIO_CLASS_IDLE") and the level within it, 0 (highest) to 7.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CLASS_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    Class: _builtins.str
+    Priority: _builtins.int
+    def __init__(
+        self,
+        *,
+        Class: _builtins.str = ...,
+        Priority: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["Class", b"Class", "Priority", b"Priority"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LinuxIOPriority: _TypeAlias = LinuxIOPriority  # noqa: Y015
+
+@_typing.final
+class LinuxScheduler(_message.Message):
+    """sched_setattr(2) of the process: a policy ("SCHED_BATCH", ...), its nice
+    value or static priority, flags ("SCHED_FLAG_RESET_ON_FORK", ...), and the
+    deadline scheduler's three times in nanoseconds.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POLICY_FIELD_NUMBER: _builtins.int
+    NICE_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    FLAGS_FIELD_NUMBER: _builtins.int
+    RUNTIME_FIELD_NUMBER: _builtins.int
+    DEADLINE_FIELD_NUMBER: _builtins.int
+    PERIOD_FIELD_NUMBER: _builtins.int
+    Policy: _builtins.str
+    Nice: _builtins.int
+    Priority: _builtins.int
+    Runtime: _builtins.int
+    Deadline: _builtins.int
+    Period: _builtins.int
+    @_builtins.property
+    def Flags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        Policy: _builtins.str = ...,
+        Nice: _builtins.int = ...,
+        Priority: _builtins.int = ...,
+        Flags: _abc.Iterable[_builtins.str] | None = ...,
+        Runtime: _builtins.int = ...,
+        Deadline: _builtins.int = ...,
+        Period: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["Deadline", b"Deadline", "Flags", b"Flags", "Nice", b"Nice", "Period", b"Period", "Policy", b"Policy", "Priority", b"Priority", "Runtime", b"Runtime"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LinuxScheduler: _TypeAlias = LinuxScheduler  # noqa: Y015
 
 @_typing.final
 class Box(_message.Message):
@@ -206,10 +294,13 @@ class User(_message.Message):
     GID_FIELD_NUMBER: _builtins.int
     ADDITIONALGIDS_FIELD_NUMBER: _builtins.int
     USERNAME_FIELD_NUMBER: _builtins.int
+    UMASK_FIELD_NUMBER: _builtins.int
     UID: _builtins.int
     GID: _builtins.int
     Username: _builtins.str
     """Only meaningful on Windows; kept for wire compatibility."""
+    Umask: _builtins.int
+    """OCI: *uint32; absent leaves the umask alone, 0 is a real umask."""
     @_builtins.property
     def AdditionalGids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     def __init__(
@@ -219,12 +310,15 @@ class User(_message.Message):
         GID: _builtins.int = ...,
         AdditionalGids: _abc.Iterable[_builtins.int] | None = ...,
         Username: _builtins.str = ...,
+        Umask: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["Umask", b"Umask", "_Umask", b"_Umask"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["AdditionalGids", b"AdditionalGids", "GID", b"GID", "UID", b"UID", "Username", b"Username"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["AdditionalGids", b"AdditionalGids", "GID", b"GID", "UID", b"UID", "Umask", b"Umask", "Username", b"Username", "_Umask", b"_Umask"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__Umask: _TypeAlias = _typing.Literal["Umask"]  # noqa: Y015
+    _WhichOneofArgType__Umask: _TypeAlias = _typing.Literal["_Umask", b"_Umask"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__Umask) -> _WhichOneofReturnType__Umask | None: ...
 
 Global___User: _TypeAlias = User  # noqa: Y015
 
@@ -461,6 +555,7 @@ class Linux(_message.Message):
     READONLYPATHS_FIELD_NUMBER: _builtins.int
     MOUNTLABEL_FIELD_NUMBER: _builtins.int
     INTELRDT_FIELD_NUMBER: _builtins.int
+    PERSONALITY_FIELD_NUMBER: _builtins.int
     CgroupsPath: _builtins.str
     RootfsPropagation: _builtins.str
     MountLabel: _builtins.str
@@ -484,6 +579,10 @@ class Linux(_message.Message):
     def ReadonlyPaths(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
     def IntelRdt(self) -> Global___LinuxIntelRdt: ...
+    @_builtins.property
+    def Personality(self) -> Global___LinuxPersonality:
+        """runtime-spec 1.0.2; crun applies it."""
+
     def __init__(
         self,
         *,
@@ -500,14 +599,42 @@ class Linux(_message.Message):
         ReadonlyPaths: _abc.Iterable[_builtins.str] | None = ...,
         MountLabel: _builtins.str = ...,
         IntelRdt: Global___LinuxIntelRdt | None = ...,
+        Personality: Global___LinuxPersonality | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["IntelRdt", b"IntelRdt", "Resources", b"Resources", "Seccomp", b"Seccomp"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["IntelRdt", b"IntelRdt", "Personality", b"Personality", "Resources", b"Resources", "Seccomp", b"Seccomp"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["CgroupsPath", b"CgroupsPath", "Devices", b"Devices", "GIDMappings", b"GIDMappings", "IntelRdt", b"IntelRdt", "MaskedPaths", b"MaskedPaths", "MountLabel", b"MountLabel", "Namespaces", b"Namespaces", "ReadonlyPaths", b"ReadonlyPaths", "Resources", b"Resources", "RootfsPropagation", b"RootfsPropagation", "Seccomp", b"Seccomp", "Sysctl", b"Sysctl", "UIDMappings", b"UIDMappings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["CgroupsPath", b"CgroupsPath", "Devices", b"Devices", "GIDMappings", b"GIDMappings", "IntelRdt", b"IntelRdt", "MaskedPaths", b"MaskedPaths", "MountLabel", b"MountLabel", "Namespaces", b"Namespaces", "Personality", b"Personality", "ReadonlyPaths", b"ReadonlyPaths", "Resources", b"Resources", "RootfsPropagation", b"RootfsPropagation", "Seccomp", b"Seccomp", "Sysctl", b"Sysctl", "UIDMappings", b"UIDMappings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Linux: _TypeAlias = Linux  # noqa: Y015
+
+@_typing.final
+class LinuxPersonality(_message.Message):
+    """personality(2): the execution domain ("LINUX" or "LINUX32"); no flag
+    values are defined yet.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DOMAIN_FIELD_NUMBER: _builtins.int
+    FLAGS_FIELD_NUMBER: _builtins.int
+    Domain: _builtins.str
+    @_builtins.property
+    def Flags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        Domain: _builtins.str = ...,
+        Flags: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["Domain", b"Domain", "Flags", b"Flags"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LinuxPersonality: _TypeAlias = LinuxPersonality  # noqa: Y015
 
 @_typing.final
 class LinuxIDMapping(_message.Message):
@@ -618,6 +745,26 @@ Global___LinuxDevice: _TypeAlias = LinuxDevice  # noqa: Y015
 class LinuxResources(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class UnifiedEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     DEVICES_FIELD_NUMBER: _builtins.int
     MEMORY_FIELD_NUMBER: _builtins.int
     CPU_FIELD_NUMBER: _builtins.int
@@ -625,6 +772,7 @@ class LinuxResources(_message.Message):
     BLOCKIO_FIELD_NUMBER: _builtins.int
     HUGEPAGELIMITS_FIELD_NUMBER: _builtins.int
     NETWORK_FIELD_NUMBER: _builtins.int
+    UNIFIED_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def Devices(self) -> _containers.RepeatedCompositeFieldContainer[Global___LinuxDeviceCgroup]: ...
     @_builtins.property
@@ -639,6 +787,12 @@ class LinuxResources(_message.Message):
     def HugepageLimits(self) -> _containers.RepeatedCompositeFieldContainer[Global___LinuxHugepageLimit]: ...
     @_builtins.property
     def Network(self) -> Global___LinuxNetwork: ...
+    @_builtins.property
+    def Unified(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """cgroup v2 files of the container's cgroup and what to write in them
+        ("pids.max": "42").
+        """
+
     def __init__(
         self,
         *,
@@ -649,10 +803,11 @@ class LinuxResources(_message.Message):
         BlockIO: Global___LinuxBlockIO | None = ...,
         HugepageLimits: _abc.Iterable[Global___LinuxHugepageLimit] | None = ...,
         Network: Global___LinuxNetwork | None = ...,
+        Unified: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["BlockIO", b"BlockIO", "CPU", b"CPU", "Memory", b"Memory", "Network", b"Network", "Pids", b"Pids"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["BlockIO", b"BlockIO", "CPU", b"CPU", "Devices", b"Devices", "HugepageLimits", b"HugepageLimits", "Memory", b"Memory", "Network", b"Network", "Pids", b"Pids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["BlockIO", b"BlockIO", "CPU", b"CPU", "Devices", b"Devices", "HugepageLimits", b"HugepageLimits", "Memory", b"Memory", "Network", b"Network", "Pids", b"Pids", "Unified", b"Unified"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -671,6 +826,7 @@ class LinuxMemory(_message.Message):
     KERNELTCP_FIELD_NUMBER: _builtins.int
     SWAPPINESS_FIELD_NUMBER: _builtins.int
     DISABLEOOMKILLER_FIELD_NUMBER: _builtins.int
+    CHECKBEFOREUPDATE_FIELD_NUMBER: _builtins.int
     Limit: _builtins.int
     Reservation: _builtins.int
     Swap: _builtins.int
@@ -679,6 +835,10 @@ class LinuxMemory(_message.Message):
     KernelTCP: _builtins.int
     Swappiness: _builtins.int
     DisableOOMKiller: _builtins.bool
+    CheckBeforeUpdate: _builtins.bool
+    """runtime-spec 1.1.0: refuse an update whose limit is below the current
+    use (crun 1.8.1 ignores it; the agent checks).
+    """
     def __init__(
         self,
         *,
@@ -689,11 +849,14 @@ class LinuxMemory(_message.Message):
         KernelTCP: _builtins.int | None = ...,
         Swappiness: _builtins.int | None = ...,
         DisableOOMKiller: _builtins.bool | None = ...,
+        CheckBeforeUpdate: _builtins.bool | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["DisableOOMKiller", b"DisableOOMKiller", "Kernel", b"Kernel", "KernelTCP", b"KernelTCP", "Limit", b"Limit", "Reservation", b"Reservation", "Swap", b"Swap", "Swappiness", b"Swappiness", "_DisableOOMKiller", b"_DisableOOMKiller", "_Kernel", b"_Kernel", "_KernelTCP", b"_KernelTCP", "_Limit", b"_Limit", "_Reservation", b"_Reservation", "_Swap", b"_Swap", "_Swappiness", b"_Swappiness"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["CheckBeforeUpdate", b"CheckBeforeUpdate", "DisableOOMKiller", b"DisableOOMKiller", "Kernel", b"Kernel", "KernelTCP", b"KernelTCP", "Limit", b"Limit", "Reservation", b"Reservation", "Swap", b"Swap", "Swappiness", b"Swappiness", "_CheckBeforeUpdate", b"_CheckBeforeUpdate", "_DisableOOMKiller", b"_DisableOOMKiller", "_Kernel", b"_Kernel", "_KernelTCP", b"_KernelTCP", "_Limit", b"_Limit", "_Reservation", b"_Reservation", "_Swap", b"_Swap", "_Swappiness", b"_Swappiness"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["DisableOOMKiller", b"DisableOOMKiller", "Kernel", b"Kernel", "KernelTCP", b"KernelTCP", "Limit", b"Limit", "Reservation", b"Reservation", "Swap", b"Swap", "Swappiness", b"Swappiness", "_DisableOOMKiller", b"_DisableOOMKiller", "_Kernel", b"_Kernel", "_KernelTCP", b"_KernelTCP", "_Limit", b"_Limit", "_Reservation", b"_Reservation", "_Swap", b"_Swap", "_Swappiness", b"_Swappiness"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["CheckBeforeUpdate", b"CheckBeforeUpdate", "DisableOOMKiller", b"DisableOOMKiller", "Kernel", b"Kernel", "KernelTCP", b"KernelTCP", "Limit", b"Limit", "Reservation", b"Reservation", "Swap", b"Swap", "Swappiness", b"Swappiness", "_CheckBeforeUpdate", b"_CheckBeforeUpdate", "_DisableOOMKiller", b"_DisableOOMKiller", "_Kernel", b"_Kernel", "_KernelTCP", b"_KernelTCP", "_Limit", b"_Limit", "_Reservation", b"_Reservation", "_Swap", b"_Swap", "_Swappiness", b"_Swappiness"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__CheckBeforeUpdate: _TypeAlias = _typing.Literal["CheckBeforeUpdate"]  # noqa: Y015
+    _WhichOneofArgType__CheckBeforeUpdate: _TypeAlias = _typing.Literal["_CheckBeforeUpdate", b"_CheckBeforeUpdate"]  # noqa: Y015
     _WhichOneofReturnType__DisableOOMKiller: _TypeAlias = _typing.Literal["DisableOOMKiller"]  # noqa: Y015
     _WhichOneofArgType__DisableOOMKiller: _TypeAlias = _typing.Literal["_DisableOOMKiller", b"_DisableOOMKiller"]  # noqa: Y015
     _WhichOneofReturnType__Kernel: _TypeAlias = _typing.Literal["Kernel"]  # noqa: Y015
@@ -708,6 +871,8 @@ class LinuxMemory(_message.Message):
     _WhichOneofArgType__Swap: _TypeAlias = _typing.Literal["_Swap", b"_Swap"]  # noqa: Y015
     _WhichOneofReturnType__Swappiness: _TypeAlias = _typing.Literal["Swappiness"]  # noqa: Y015
     _WhichOneofArgType__Swappiness: _TypeAlias = _typing.Literal["_Swappiness", b"_Swappiness"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__CheckBeforeUpdate) -> _WhichOneofReturnType__CheckBeforeUpdate | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__DisableOOMKiller) -> _WhichOneofReturnType__DisableOOMKiller | None: ...
     @_typing.overload
@@ -738,6 +903,8 @@ class LinuxCPU(_message.Message):
     REALTIMEPERIOD_FIELD_NUMBER: _builtins.int
     CPUS_FIELD_NUMBER: _builtins.int
     MEMS_FIELD_NUMBER: _builtins.int
+    BURST_FIELD_NUMBER: _builtins.int
+    IDLE_FIELD_NUMBER: _builtins.int
     Shares: _builtins.int
     Quota: _builtins.int
     Period: _builtins.int
@@ -746,6 +913,11 @@ class LinuxCPU(_message.Message):
     Cpus: _builtins.str
     """cpuset lists such as "0-3,6"."""
     Mems: _builtins.str
+    Burst: _builtins.int
+    """runtime-spec 1.1.0. Burst: microseconds of accumulated quota a period may
+    use on top (cpu.max.burst); Idle 1 makes the cgroup SCHED_IDLE.
+    """
+    Idle: _builtins.int
     def __init__(
         self,
         *,
@@ -756,11 +928,17 @@ class LinuxCPU(_message.Message):
         RealtimePeriod: _builtins.int | None = ...,
         Cpus: _builtins.str = ...,
         Mems: _builtins.str = ...,
+        Burst: _builtins.int | None = ...,
+        Idle: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["Period", b"Period", "Quota", b"Quota", "RealtimePeriod", b"RealtimePeriod", "RealtimeRuntime", b"RealtimeRuntime", "Shares", b"Shares", "_Period", b"_Period", "_Quota", b"_Quota", "_RealtimePeriod", b"_RealtimePeriod", "_RealtimeRuntime", b"_RealtimeRuntime", "_Shares", b"_Shares"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["Burst", b"Burst", "Idle", b"Idle", "Period", b"Period", "Quota", b"Quota", "RealtimePeriod", b"RealtimePeriod", "RealtimeRuntime", b"RealtimeRuntime", "Shares", b"Shares", "_Burst", b"_Burst", "_Idle", b"_Idle", "_Period", b"_Period", "_Quota", b"_Quota", "_RealtimePeriod", b"_RealtimePeriod", "_RealtimeRuntime", b"_RealtimeRuntime", "_Shares", b"_Shares"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["Cpus", b"Cpus", "Mems", b"Mems", "Period", b"Period", "Quota", b"Quota", "RealtimePeriod", b"RealtimePeriod", "RealtimeRuntime", b"RealtimeRuntime", "Shares", b"Shares", "_Period", b"_Period", "_Quota", b"_Quota", "_RealtimePeriod", b"_RealtimePeriod", "_RealtimeRuntime", b"_RealtimeRuntime", "_Shares", b"_Shares"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["Burst", b"Burst", "Cpus", b"Cpus", "Idle", b"Idle", "Mems", b"Mems", "Period", b"Period", "Quota", b"Quota", "RealtimePeriod", b"RealtimePeriod", "RealtimeRuntime", b"RealtimeRuntime", "Shares", b"Shares", "_Burst", b"_Burst", "_Idle", b"_Idle", "_Period", b"_Period", "_Quota", b"_Quota", "_RealtimePeriod", b"_RealtimePeriod", "_RealtimeRuntime", b"_RealtimeRuntime", "_Shares", b"_Shares"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__Burst: _TypeAlias = _typing.Literal["Burst"]  # noqa: Y015
+    _WhichOneofArgType__Burst: _TypeAlias = _typing.Literal["_Burst", b"_Burst"]  # noqa: Y015
+    _WhichOneofReturnType__Idle: _TypeAlias = _typing.Literal["Idle"]  # noqa: Y015
+    _WhichOneofArgType__Idle: _TypeAlias = _typing.Literal["_Idle", b"_Idle"]  # noqa: Y015
     _WhichOneofReturnType__Period: _TypeAlias = _typing.Literal["Period"]  # noqa: Y015
     _WhichOneofArgType__Period: _TypeAlias = _typing.Literal["_Period", b"_Period"]  # noqa: Y015
     _WhichOneofReturnType__Quota: _TypeAlias = _typing.Literal["Quota"]  # noqa: Y015
@@ -771,6 +949,10 @@ class LinuxCPU(_message.Message):
     _WhichOneofArgType__RealtimeRuntime: _TypeAlias = _typing.Literal["_RealtimeRuntime", b"_RealtimeRuntime"]  # noqa: Y015
     _WhichOneofReturnType__Shares: _TypeAlias = _typing.Literal["Shares"]  # noqa: Y015
     _WhichOneofArgType__Shares: _TypeAlias = _typing.Literal["_Shares", b"_Shares"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__Burst) -> _WhichOneofReturnType__Burst | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__Idle) -> _WhichOneofReturnType__Idle | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__Period) -> _WhichOneofReturnType__Period | None: ...
     @_typing.overload

@@ -60,16 +60,16 @@ def _words(text: str) -> tuple[str, ...]:
 
 #: OCI config.json keys (as paths) with no field in the agent protocol's
 #: messages. They are silently dropped on input; so is any other unknown key.
+#: The host checks them before a spec gets here (pykata.runtime.spec_versions):
+#: each is refused, or dropped with a logged note when it names the host.
 UNSUPPORTED_OCI_KEYS: Final = _words(
     """
-    domainname process.scheduler process.ioPriority process.execCPUAffinity
-    process.commandLine process.user.umask mounts[].uidMappings mounts[].gidMappings
-    linux.timeOffsets linux.personality linux.resources.rdma linux.resources.unified
-    linux.resources.memory.useHierarchy linux.resources.memory.checkBeforeUpdate
-    linux.resources.cpu.burst linux.resources.cpu.idle linux.seccomp.listenerPath
-    linux.seccomp.listenerMetadata linux.intelRdt.closID
-    linux.intelRdt.memBwSchema linux.intelRdt.enableCMT linux.intelRdt.enableMBM
-    solaris windows vm zos
+    process.execCPUAffinity process.commandLine mounts[].uidMappings mounts[].gidMappings
+    linux.timeOffsets linux.memoryPolicy linux.netDevices linux.resources.rdma
+    linux.resources.memory.useHierarchy linux.seccomp.listenerPath
+    linux.seccomp.listenerMetadata linux.intelRdt.closID linux.intelRdt.memBwSchema
+    linux.intelRdt.schemata linux.intelRdt.enableCMT linux.intelRdt.enableMBM
+    linux.intelRdt.enableMonitoring freebsd solaris windows vm zos
     """
 )
 
@@ -87,6 +87,8 @@ _ALWAYS: Final = frozenset(
     LinuxHugepageLimit.Pagesize LinuxHugepageLimit.Limit LinuxInterfacePriority.Name
     LinuxInterfacePriority.Priority LinuxSeccomp.DefaultAction LinuxSyscall.Action
     LinuxSeccompArg.Index LinuxSeccompArg.Value LinuxSeccompArg.Op
+    LinuxIOPriority.Class LinuxIOPriority.Priority LinuxScheduler.Policy
+    LinuxPersonality.Domain
     """
     )
 )

@@ -20,7 +20,9 @@ createContainer hook fails create, and the runtime stops and deletes the
 container; a failing startContainer hook fails start; a failing poststart or
 poststop hook is only logged as a warning, and the remaining hooks still run.
 `run_hooks` applies the last rule itself; the caller stops and deletes the
-container when it raises.
+container when it raises. runtime-spec 1.3.0 makes a failing poststart hook
+fail start and stop the container (`fail_poststart`, which the caller sets
+for such bundles).
 
 Each hook gets the container's state JSON on stdin, exactly the environment
 it lists (none when it lists none) and its `args` as argv (args[0] is argv0;
@@ -139,7 +141,7 @@ def strip_host_hooks(spec: Mapping[str, Any]) -> dict[str, Any]:
 
 
 async def run_hooks(hooks: Sequence[Mapping[str, Any]], state: Mapping[str, Any], *,
-                    phase: str) -> None:
+                    phase: str, fail_poststart: bool = False) -> None:
     """Run `hooks` of `phase` on the host, one after the other, each with
     `state` (the runtime-spec state: ociVersion, id, status, pid, bundle,
     annotations) as JSON on its stdin.
@@ -147,8 +149,8 @@ async def run_hooks(hooks: Sequence[Mapping[str, Any]], state: Mapping[str, Any]
     For prestart and createRuntime the first failure raises HookError (or
     SpecError for a malformed hook) and the hooks after it do not run; for
     poststart and poststop a failure is logged as a warning and the next
-    hook runs. createContainer and startContainer hooks run in the guest,
-    never here (ValueError).
+    hook runs (poststart's raises too with `fail_poststart`). createContainer
+    and startContainer hooks run in the guest, never here (ValueError).
     """
     _check_phase(phase)
     if phase not in HOST_PHASES:
@@ -161,7 +163,7 @@ async def run_hooks(hooks: Sequence[Mapping[str, Any]], state: Mapping[str, Any]
             hook = _parse(entry, f"hooks.{phase}[{index}]")
             await _run(hook, stdin, phase, cwd)
         except (HookError, SpecError) as exc:
-            if phase not in _WARN_ONLY:
+            if phase not in _WARN_ONLY or (fail_poststart and phase == "poststart"):
                 raise
             log.warning("%s (the lifecycle goes on)", exc)
 

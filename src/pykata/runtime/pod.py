@@ -55,6 +55,7 @@ from pykata.runtime.pod_cgroup import (
 )
 from pykata.runtime.process import PodProcess, ProcessIO
 from pykata.runtime.sandbox import Sandbox
+from pykata.runtime.spec_versions import check_process, check_resources
 from pykata.runtime.volumes import Volume
 
 log = logging.getLogger(__name__)
@@ -325,6 +326,7 @@ class Pod:
             process_from_json(process)
         except InvalidSpecError as exc:
             raise SpecError(f"invalid process spec: {exc}") from exc
+        check_process(process, "process", exec_process=True)
         proc = PodProcess(container_id, exec_id, terminal=bool(process.get("terminal")),
                           io=io, spec=process, stdio_paths=stdio_paths)
         pod_container.execs[exec_id] = proc
@@ -402,6 +404,8 @@ class Pod:
             proto = resources_from_json(resources)
         except InvalidSpecError as exc:
             raise SpecError(f"invalid resources: {exc}") from exc
+        for note in check_resources(resources, "resources"):
+            log.warning("container %s: %s: dropped", container_id, note)
         request = merge_update(pod_container.request, resources)
         others = [c.request for c in self.containers.values() if c is not pod_container]
         limits = pod_limits([*others, request], self.sandbox.config.runtime)

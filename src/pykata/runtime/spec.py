@@ -12,6 +12,11 @@ from typing import Any
 
 from pykata.errors import SpecError
 from pykata.protocols.oci_spec import InvalidSpecError, spec_from_json
+from pykata.runtime.spec_versions import (
+    absolute_mount_destinations,
+    check_bundle_fields,
+    check_version,
+)
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -37,16 +42,17 @@ def load_bundle(bundle: Path) -> tuple[dict[str, Any], Path]:
     except ValueError as exc:
         raise SpecError(f"{config} is not valid JSON: {exc}") from exc
     check_spec(spec, str(config))
+    absolute_mount_destinations(spec)
     root = Path(spec["root"]["path"])
     return spec, root if root.is_absolute() else bundle / root
 
 
 def check_spec(spec: Any, where: str) -> None:
-    """The checks runc makes before anything starts, with the field named."""
+    """The checks runc makes before anything starts, with the field named, and
+    those of the newer runtime-spec fields (pykata.runtime.spec_versions)."""
     if not isinstance(spec, dict):
         raise SpecError(f"{where}: the top level must be a JSON object")
-    if not isinstance(spec.get("ociVersion"), str):
-        raise SpecError(f"{where}: ociVersion must be a string")
+    check_version(spec.get("ociVersion"), where)
     process = spec.get("process")
     if not isinstance(process, dict):
         raise SpecError(f"{where}: process must be an object")
@@ -63,6 +69,7 @@ def check_spec(spec: Any, where: str) -> None:
         spec_from_json(spec)
     except InvalidSpecError as exc:
         raise SpecError(f"{where}: {exc}") from exc
+    check_bundle_fields(spec, where)
 
 
 def default_spec(
