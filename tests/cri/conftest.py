@@ -143,9 +143,11 @@ class Pod:
         return [line for line in qemu_processes() if f"pykata-{self.key} " in line + " "]
 
     def create(self, name: str, argv: Sequence[str], *, envs: dict[str, str] | None = None,
-               working_dir: str = "") -> str:
+               working_dir: str = "",
+               resources: cri.LinuxContainerResources | None = None) -> str:
         container_id = self.client.create_container(
-            self.id, container_config(name, argv, envs=envs, working_dir=working_dir),
+            self.id, container_config(name, argv, envs=envs, working_dir=working_dir,
+                                      resources=resources),
             self.config)
         self.containers[name] = container_id
         return container_id
@@ -197,7 +199,9 @@ def pod_config(peer: CriPeer, name: str, *, hostname: str = "",
 
 
 def container_config(name: str, argv: Sequence[str], *, envs: dict[str, str] | None = None,
-                     working_dir: str = "") -> cri.ContainerConfig:
+                     working_dir: str = "",
+                     resources: cri.LinuxContainerResources | None = None
+                     ) -> cri.ContainerConfig:
     return cri.ContainerConfig(
         metadata=cri.ContainerMetadata(name=name),
         image=cri.ImageSpec(image=BUSYBOX_IMAGE),
@@ -207,6 +211,7 @@ def container_config(name: str, argv: Sequence[str], *, envs: dict[str, str] | N
         labels={"pykata.test/container": name},
         log_path=f"{name}.log",
         linux=cri.LinuxContainerConfig(
+            resources=resources,
             security_context=cri.LinuxContainerSecurityContext(
                 namespace_options=cri.NamespaceOption(
                     network=cri.POD, pid=cri.CONTAINER, ipc=cri.POD))),

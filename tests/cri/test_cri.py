@@ -12,10 +12,12 @@ import ipaddress
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
 from pykata.assets.busybox_image import BUSYBOX
+from pykata.host.cgroups import host_layout
 from pykata.protocols import cri_pb2 as cri
 from pykata.runtime.paths import SandboxPaths
 from pykata.runtime.sandbox import read_sandbox_state
@@ -23,6 +25,7 @@ from tests.cri.client import CriClient, CriError
 from tests.cri.conftest import IDLE, Pod, PodFactory, is_not_found, wait_state
 from tests.cri.cri_peer import GATEWAY, GATEWAY_NAME, SMALL_MEMORY, SUBNET, CriPeer
 
+MIB = 1024 * 1024
 SERVER_PORT = 8080
 HOST_PORT = 18080
 GREETING = "hello from pod a"
@@ -273,3 +276,43 @@ def test_a_handlers_config_path_chooses_pykatas_configuration(make_pod: PodFacto
         assert f" -m {SMALL_MEMORY}M " in vm + " ", vm
     finally:
         pod.remove()
+
+
+def _sandbox_cgroup(pod: Pod, controller: str) -> Path:
+    """The pod sandbox's cgroup (the kubelet's parent, then the sandbox id)."""
+    hierarchy = next(h for h in host_layout().hierarchies if h.has(controller))
+    return hierarchy.mount / pod.peer.cgroup_parent.lstrip("/") / pod.id
+
+
+def test_a_pods_sandbox_cgroup_holds_its_vm_sized_as_its_containers(
+        handler: str, make_pod: PodFactory) -> None:
+    """With pykata the sandbox cgroup the kubelet names holds the pod's QEMU,
+    limited to the sum of its containers' limits and the configured overhead
+    (50 millicpus, 256 MiB), following each container's create and removal.
+    With runc it holds the pause process, unlimited."""
+    pod = make_pod("sized", handler)
+    try:
+        half = cri.LinuxContainerResources(cpu_period=100_000, cpu_quota=50_000,
+                                           memory_limit_in_bytes=256 * MIB)
+        quarter = cri.LinuxContainerResources(cpu_period=100_000, cpu_quota=25_000,
+                                              memory_limit_in_bytes=128 * MIB)
+        pod.start("one", IDLE, resources=half)
+        pod.start("two", IDLE, resources=quarter)
+        cpu, memory = _sandbox_cgroup(pod, "cpu"), _sandbox_cgroup(pod, "memory")
+        procs = {int(p) for p in (memory / "cgroup.procs").read_text().split()}
+        assert procs, f"nothing in {memory}"
+        quota = int((cpu / "cpu.cfs_quota_us").read_text())
+        limit = int((memory / "memory.limit_in_bytes").read_text())
+        if not handler.startswith("pykata"):
+            assert not pod.qemu() and quota == -1, quota
+            return
+        (vm,) = pod.qemu()
+        assert int(vm.split()[0]) in procs, (vm, procs)
+        assert (quota, limit) == (80_000, 640 * MIB)
+        pod.client.stop_container(pod.containers["two"], 10)
+        pod.client.remove_container(pod.containers.pop("two"))
+        assert int((cpu / "cpu.cfs_quota_us").read_text()) == 55_000
+        assert int((memory / "memory.limit_in_bytes").read_text()) == 512 * MIB
+    finally:
+        pod.remove()
+    assert not any(_sandbox_cgroup(pod, c).exists() for c in ("cpu", "memory"))

@@ -163,6 +163,34 @@ def test_a_memory_limit_too_small_for_the_vm_is_refused_and_nothing_is_left(
     assert oci("list").out.count("c2") == 0
 
 
+def test_a_vm_the_hosts_limit_kills_is_reported_so(
+        tmp_path: Path, top: str, guest_assets: assets.AssetPaths) -> None:
+    """Without overhead, a container within its own 240 MiB limit still
+    takes the VM past the host's 240 MiB: the host kills QEMU, and pykata
+    says it was the pod's limit, naming what to raise."""
+    config = tmp_path / "configuration.toml"
+    config.write_text("[runtime]\nsandbox_overhead_memory_mib = 0\n")
+    fill = "dd if=/dev/zero of=/dev/shm/fill bs=1M count=150 && echo filled; sleep 30"
+    bundle = _bundle(tmp_path / "b", ["sh", "-c", fill], f"/{top}/c5",
+                     memory={"limit": 240 * MIB})
+    spec = json.loads((bundle / "config.json").read_text())
+    for mount in spec["mounts"]:
+        if mount["destination"] == "/dev/shm":
+            mount["options"] = [o for o in mount["options"] if not o.startswith("size=")]
+            mount["options"].append("size=200m")
+    (bundle / "config.json").write_text(json.dumps(spec))
+    result = subprocess.run(
+        [sys.executable, "-m", "pykata.cli.main", "run", "--bundle", str(bundle)],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYKATA_CONFIG": str(config)})
+    assert result.returncode == 137, result.stdout + result.stderr
+    assert "filled" not in result.stdout, result.stdout
+    assert f"the host's memory limit for the pod (240 MiB in cgroup /{top}/c5) killed" in (
+        result.stderr), result.stderr
+    assert "sandbox_overhead_memory_mib" in result.stderr, result.stderr
+    assert not any((h.mount / top).exists() for h in host_layout().hierarchies)
+
+
 def test_a_killed_owner_leaves_no_cgroup_after_delete(oci: Oci, tmp_path: Path,
                                                       top: str) -> None:
     path = f"/{top}/c3"

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from pykata.factory import cache, wire
+from pykata.host.cgroups import host_layout
 from pykata.hypervisor.capped_log import read_tail, rolled
 from pykata.runtime.keys import pod_key
 from pykata.runtime.paths import SandboxPaths
@@ -92,6 +93,10 @@ def test_pods_take_cached_vms_and_the_cache_refills(
         assert [line.split()[0] for line in shim_processes() if state.key in line] == [
             str(state.owner_pid)]
         assert _parent(state.qemu_pid) == vm_cache.proc.pid
+        # ...yet its VM was moved into the pod's cgroup (ctr's /<namespace>/<id>).
+        for hierarchy in host_layout().hierarchies:
+            procs = (hierarchy.mount / NAMESPACE / cid / "cgroup.procs").read_text().split()
+            assert {str(state.qemu_pid), str(state.owner_pid)} <= set(procs), hierarchy
         warm = [int(line.split()[0]) for line in started_qemu_processes()
                 if "-name pykata-warm-" in line]
         assert warm and {_parent(pid) for pid in warm} == {vm_cache.proc.pid}

@@ -427,17 +427,18 @@ def test_runtimeclass_manifest_is_the_deploy_file() -> None:
     assert parse_simple_yaml(manifest) == {
         "apiVersion": "node.k8s.io/v1", "kind": "RuntimeClass",
         "metadata": {"name": "pykata"}, "handler": "pykata",
-        "overhead": {"podFixed": {"memory": "512Mi", "cpu": "1"}},
+        "overhead": {"podFixed": {"memory": "256Mi", "cpu": "50m"}},
     }
 
 
 def test_runtimeclass_follows_the_configuration(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cfg = tmp_path / "big.toml"
-    cfg.write_text("[hypervisor.qemu]\ndefault_memory = 2048\ndefault_vcpus = 2\n")
+    cfg.write_text("[runtime]\nsandbox_overhead_memory_mib = 2048\n"
+                   "sandbox_overhead_millicpus = 2000\n")
     assert main(["install", "runtimeclass", "--pykata-config", str(cfg)]) == 0
     podfixed = parse_simple_yaml(capsys.readouterr().out)["overhead"]["podFixed"]
-    assert podfixed == {"memory": "2048Mi", "cpu": "2"}
+    assert podfixed == {"memory": "2048Mi", "cpu": "2000m"}
     out = tmp_path / "rc.yaml"
     assert main(["install", "runtimeclass", "--pykata-config", str(cfg),
                  "--manifest", str(out)]) == 0

@@ -314,9 +314,9 @@ def plan_uninstall(settings: Settings) -> Plan:
 # The RuntimeClass
 
 def runtimeclass_manifest(cfg: config_mod.Config) -> str:
-    """The RuntimeClass for the `pykata` handler. Its pod overhead is the VM's
-    size in the configuration (each pod's VM gets that much, whatever its
-    containers ask for)."""
+    """The RuntimeClass for the `pykata` handler. Its pod overhead is the one
+    pykata adds to a pod's host cgroup ([runtime] sandbox_overhead_*), so the
+    scheduler, the kubelet's pod cgroup and pykata's sandbox cgroup agree."""
     return (
         "apiVersion: node.k8s.io/v1\n"
         "kind: RuntimeClass\n"
@@ -325,8 +325,8 @@ def runtimeclass_manifest(cfg: config_mod.Config) -> str:
         f"handler: {HANDLER}\n"
         "overhead:\n"
         "  podFixed:\n"
-        f"    memory: {cfg.qemu.default_memory}Mi\n"
-        f'    cpu: "{cfg.qemu.default_vcpus}"\n'
+        f"    memory: {cfg.runtime.sandbox_overhead_memory_mib}Mi\n"
+        f"    cpu: {cfg.runtime.sandbox_overhead_millicpus}m\n"
     )
 
 
@@ -365,7 +365,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     rc = verbs.add_parser(
         "runtimeclass", help="print the Kubernetes RuntimeClass for pykata",
         description=f"Print (or write) the RuntimeClass {HANDLER!r}, its pod overhead the "
-                    "VM size of the pykata configuration. Apply it with "
+                    "one the pykata configuration adds to a pod's host cgroup "
+                    "([runtime] sandbox_overhead_*). Apply it with "
                     "`pykata install runtimeclass | kubectl apply -f -`.")
     rc.add_argument("--pykata-config", metavar="FILE",
                     help="the pykata configuration to take the VM size from "

@@ -497,7 +497,9 @@ class Pod:
         try:
             code = await container.wait(proc.agent_exec_id)
         except PykataError as exc:
-            if not self._stopping:
+            # A lost connection is most often a VM that died, which the VM's
+            # watcher reports with its cause; anything else is said here.
+            if not self._stopping and await self.sandbox.explain(exc) is exc:
                 log.error("waiting for %s: %s", proc.label, exc,
                           extra={"container": proc.container_id})
             code = VM_DIED_STATUS
@@ -528,8 +530,10 @@ class Pod:
         await vm.wait()
         if self._stopping:
             return
-        log.error("the VM of pod %s stopped unexpectedly:\n%s", self.id,
-                  vm.failure_report(), extra={"sandbox": self.id})
+        note = self.sandbox.host_cgroup.death_note()
+        log.error("the VM of pod %s stopped unexpectedly:\n%s%s", self.id,
+                  vm.failure_report(), f"\n{note}" if note else "",
+                  extra={"sandbox": self.id})
         for pod_container in list(self.containers.values()):
             for proc in pod_container.processes():
                 # An init counts even before its start: Wait must learn of it.
