@@ -287,8 +287,9 @@ def _sandbox_cgroup(pod: Pod, controller: str) -> Path:
 def test_a_pods_sandbox_cgroup_holds_its_vm_sized_as_its_containers(
         handler: str, make_pod: PodFactory) -> None:
     """With pykata the sandbox cgroup the kubelet names holds the pod's QEMU,
-    limited to the sum of its containers' limits and the configured overhead
-    (50 millicpus, 256 MiB), following each container's create and removal.
+    limited to the sum of its live containers' limits and the configured
+    overhead (50 millicpus, 256 MiB), following each container's create and
+    removal.
     With runc it holds the pause process, unlimited."""
     pod = make_pod("sized", handler)
     try:
@@ -296,6 +297,13 @@ def test_a_pods_sandbox_cgroup_holds_its_vm_sized_as_its_containers(
                                            memory_limit_in_bytes=256 * MIB)
         quarter = cri.LinuxContainerResources(cpu_period=100_000, cpu_quota=25_000,
                                               memory_limit_in_bytes=128 * MIB)
+        # An init container that has exited asks for nothing more (the
+        # kubelet's rule): had it been counted, the sums below would differ.
+        whole = cri.LinuxContainerResources(cpu_period=100_000, cpu_quota=100_000,
+                                            memory_limit_in_bytes=300 * MIB)
+        init = pod.create("init", ["true"], resources=whole)
+        pod.client.start_container(init)
+        wait_state(pod.client, init, cri.CONTAINER_EXITED)
         pod.start("one", IDLE, resources=half)
         pod.start("two", IDLE, resources=quarter)
         cpu, memory = _sandbox_cgroup(pod, "cpu"), _sandbox_cgroup(pod, "memory")

@@ -207,6 +207,31 @@ def test_a_killed_owner_leaves_no_cgroup_after_delete(oci: Oci, tmp_path: Path,
     assert not any((h.mount / top).exists() for h in host_layout().hierarchies)
 
 
+def test_a_killed_pykata_run_leaves_no_cgroup_after_cleanup(
+        tmp_path: Path, top: str, guest_assets: assets.AssetPaths) -> None:
+    """`pykata run` SIGKILLed: its QEMU dies with it, its cgroups stay (nobody
+    was left to remove them) until `pykata cleanup`, which removes them."""
+    path = f"/{top}/c6"
+    bundle = _bundle(tmp_path / "b", ["sh", "-c", "echo up; sleep 600"], path)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pykata.cli.main", "run", "--bundle", str(bundle)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == b"up\n"
+    qemu = {p for d in _dirs(path).values() for p in _procs(d)} - {proc.pid}
+    assert qemu, "no QEMU in the pod's cgroup"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 30
+    while any(Path(f"/proc/{p}").exists() for p in qemu) and time.monotonic() < deadline:
+        time.sleep(0.1)  # QEMU ends with its owner
+    assert all(d.exists() for d in _dirs(path).values())
+    result = subprocess.run([sys.executable, "-m", "pykata.cli.main", "cleanup"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert not any((h.mount / top).exists() for h in host_layout().hierarchies), result.stdout
+
+
 def test_systemd_paths_and_a_parent_pykata_did_not_make(oci: Oci, tmp_path: Path) -> None:
     """`--systemd-cgroup` with slice:prefix:name: the scope goes where systemd
     would put it; the slice that already existed stays after delete."""

@@ -15,7 +15,11 @@ from pykata.host.cgroups import (
     CgroupError,
     CgroupPath,
     Hierarchy,
+    HostCgroup,
+    Layout,
     Limits,
+    _check_unused,
+    _within_parent_quota,
     directory_of,
     expand_systemd,
     is_systemd_path,
@@ -34,6 +38,7 @@ from pykata.runtime.pod_cgroup import (
     minimum_memory_mib,
     placement_from_spec,
     pod_limits,
+    widest,
 )
 
 V1_MOUNTINFO = """\
@@ -260,3 +265,82 @@ def test_the_state_record_keeps_the_cgroups_pykata_made(tmp_path: Path) -> None:
     path.write_text(path.read_text().replace('["/sys/fs/cgroup/cpu/x"]', "[1]"))
     with pytest.raises(StateFileError):
         read_state(path, SandboxState)
+
+
+# --- review mends: hostile names, v2 placement, limits that must not break a pod -------
+
+
+@pytest.mark.parametrize("path", ["/pods/cgroup.procs", "/memory.max", "/a/cpuset.cpus/b",
+                                  "/a/b\nc", "/a/\x7f", "/a/\udcff"])
+def test_names_like_control_files_or_with_control_characters_are_refused(path: str) -> None:
+    with pytest.raises(CgroupError):
+        CgroupPath.parse(path, systemd=False)
+
+
+def test_names_with_dots_that_are_no_controller_are_kept() -> None:
+    path = CgroupPath.parse("/kubepods.slice/pod-1.scope/memoryhog.x", systemd=False)
+    assert path.parts == ("kubepods.slice", "pod-1.scope", "memoryhog.x")
+
+
+def test_on_v2_a_relative_path_goes_beside_the_owners_cgroup() -> None:
+    relative = CgroupPath.parse("pods/abc", systemd=False)
+    assert relative.in_hierarchy("/user.slice/session.scope", v2=True) == PurePosixPath(
+        "/user.slice/pods/abc")
+    assert relative.in_hierarchy("/user.slice/session.scope") == PurePosixPath(
+        "/user.slice/session.scope/pods/abc")
+
+
+def test_an_owner_outside_its_cgroup_namespace_places_no_relative_path() -> None:
+    with pytest.raises(CgroupError, match="outside its cgroup namespace"):
+        CgroupPath.parse("pods/abc", systemd=False).in_hierarchy("/../../tmp")
+
+
+def test_while_limits_change_the_wider_of_both_holds() -> None:
+    old = Limits(cpu_quota_us=50_000, memory_bytes=512 * MIB)
+    new = Limits(cpu_quota_us=80_000, memory_bytes=256 * MIB, cpu_shares=10)
+    assert widest(old, new) == Limits(cpu_quota_us=80_000, memory_bytes=512 * MIB)
+    assert widest(old, Limits()).memory_bytes is None
+
+
+def _fake_v1(tmp_path: Path, controller: str) -> tuple[Hierarchy, Path]:
+    h = Hierarchy(tmp_path, "/", 1, frozenset({controller}))
+    pod = tmp_path / "parent" / "pod"
+    pod.mkdir(parents=True)
+    return h, pod
+
+
+def test_a_v1_quota_is_held_to_its_parents(tmp_path: Path) -> None:
+    h, pod = _fake_v1(tmp_path, "cpu")
+    (pod.parent / "cpu.cfs_quota_us").write_text("52000\n")
+    (pod.parent / "cpu.cfs_period_us").write_text("100000\n")
+    held = _within_parent_quota(h, pod, Limits(cpu_quota_us=55_000))
+    assert held.cpu_quota_us == 52_000
+    assert _within_parent_quota(h, pod, Limits(cpu_quota_us=40_000)).cpu_quota_us == 40_000
+    (pod.parent / "cpu.cfs_quota_us").write_text("-1\n")
+    assert _within_parent_quota(h, pod, Limits(cpu_quota_us=55_000)).cpu_quota_us == 55_000
+
+
+def test_a_cgroup_in_use_is_not_taken_over(tmp_path: Path) -> None:
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "cgroup.procs").write_text("1\n")
+    with pytest.raises(CgroupError, match="holds 1 process"):
+        _check_unused(busy)
+    parent = tmp_path / "parent"
+    (parent / "child").mkdir(parents=True)
+    (parent / "cgroup.procs").write_text("")
+    with pytest.raises(CgroupError, match="child cgroups"):
+        _check_unused(parent)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "cgroup.procs").write_text("")
+    _check_unused(empty)
+
+
+def test_memory_in_use_is_never_taken_away(tmp_path: Path) -> None:
+    h, pod = _fake_v1(tmp_path, "memory")
+    (pod / "memory.usage_in_bytes").write_text(str(300 * MIB))
+    cgroup = HostCgroup(CgroupPath(("parent", "pod"), True), Layout((h,)), {h: pod})
+    with pytest.raises(CgroupError, match="uses 300 MiB"):
+        cgroup.apply(Limits(memory_bytes=256 * MIB))
+    assert not (pod / "memory.limit_in_bytes").exists()

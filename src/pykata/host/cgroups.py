@@ -19,7 +19,9 @@ directory outside a cgroup filesystem, nor the root cgroup itself.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
+import logging
 import os
 import time
 from collections.abc import Iterable, Sequence
@@ -27,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from pykata.errors import HostError
+
+log = logging.getLogger(__name__)
 
 MOUNTINFO = Path("/proc/self/mountinfo")
 CGROUP_SUPER_MAGIC = 0x27E0EB
@@ -37,6 +41,11 @@ V2_CONTROLLERS = ("cpu", "memory", "pids", "io")
 # How long a removal waits for processes that just exited to leave.
 REMOVE_WAIT_SECONDS = 2.0
 _NAME_MAX = 255
+# Controllers whose files ("memory.max", "cpuset.cpus") a cgroup directory
+# holds: a child named like one would block or shadow them.
+_CONTROLLER_NAMES = frozenset({
+    "blkio", "cpu", "cpuacct", "cpuset", "devices", "freezer", "hugetlb", "io", "memory",
+    "misc", "net_cls", "net_prio", "perf_event", "pids", "rdma", "cgroup"})
 
 
 class CgroupError(HostError):
@@ -219,9 +228,19 @@ def check_relative_parts(path: str, *, what: str) -> list[str]:
     """The components of a cgroup path, each a plain directory name."""
     parts = [p for p in path.split("/") if p]
     for part in parts:
-        if part in (".", "..") or "\0" in part or len(part.encode()) > _NAME_MAX:
+        try:
+            size = len(part.encode())
+        except UnicodeEncodeError:
+            size = _NAME_MAX + 1
+        control = any(ord(c) < 32 or ord(c) == 127 for c in part)
+        if part in (".", "..") or control or size > _NAME_MAX:
             raise CgroupError(f"{what} {path!r} is not a plain cgroup path",
-                              hint="use directory names only: no '.', '..' or empty parts")
+                              hint="use directory names only: no '.', '..', empty parts or "
+                                   "control characters")
+        if part.partition(".")[0] in _CONTROLLER_NAMES and "." in part:
+            raise CgroupError(f"{what} {path!r}: {part!r} is named like a cgroup control "
+                              "file", hint="choose directory names that do not begin with "
+                                           "a controller's name and a dot")
     return parts
 
 
@@ -246,11 +265,19 @@ class CgroupPath:
     def __str__(self) -> str:
         return ("/" if self.absolute else "") + "/".join(self.parts)
 
-    def in_hierarchy(self, current: str) -> PurePosixPath:
+    def in_hierarchy(self, current: str, *, v2: bool = False) -> PurePosixPath:
         """The cgroup (from the hierarchy's root) this path names for a
-        process whose cgroup there is `current`."""
-        base = PurePosixPath("/") if self.absolute else PurePosixPath(current or "/")
-        return base.joinpath(*self.parts)
+        process whose cgroup there is `current`. On v2 a relative path is
+        taken beside the owner's cgroup, as runc does: a v2 cgroup that holds
+        processes can pass no controllers to children."""
+        if self.absolute:
+            return PurePosixPath("/").joinpath(*self.parts)
+        base = PurePosixPath(current or "/")
+        if ".." in base.parts or not base.is_absolute():
+            raise CgroupError(f"this process's cgroup {current!r} lies outside its cgroup "
+                              "namespace: a relative cgroupsPath cannot be placed",
+                              hint="give an absolute cgroupsPath")
+        return (base.parent if v2 else base).joinpath(*self.parts)
 
 
 def directory_of(h: Hierarchy, cgroup: PurePosixPath) -> Path:
@@ -361,7 +388,8 @@ class HostCgroup:
                               hint="mount the cgroup hierarchies (/sys/fs/cgroup), or set "
                                    "[runtime] sandbox_cgroup_only = false")
         current = process_cgroups()
-        dirs = {h: directory_of(h, path.in_hierarchy(current.get(h.key(), "/")))
+        dirs = {h: directory_of(h, path.in_hierarchy(current.get(h.key(), "/"),
+                                                     v2=h.version == 2))
                 for h in layout.hierarchies}
         return cls(path, layout, dirs)
 
@@ -387,6 +415,8 @@ class HostCgroup:
         try:
             for h, target in self.dirs.items():
                 self._make(h, target)
+                if target not in self.created:
+                    _check_unused(target)
         except BaseException:
             self.remove()
             raise
@@ -407,6 +437,8 @@ class HostCgroup:
                     # A parent another pod made went away just now: make it again.
                     if not here.parent.exists():
                         self._make(h, here.parent)
+                        if h.version == 2:
+                            self._enable_below(here.parent)
                     continue
                 except OSError as exc:
                     raise CgroupError(f"cannot create the cgroup {here}: {exc.strerror}",
@@ -445,10 +477,29 @@ class HostCgroup:
             return set()
 
     def apply(self, limits: Limits) -> None:
-        """Write `limits` in every hierarchy that holds one of them."""
+        """Write `limits` in every hierarchy that holds one of them. Memory
+        the pod uses already is never taken away: v2 would OOM-kill the VM
+        to fit a lower memory.max, v1 refuses it part-way."""
+        usage = self.memory_usage()
+        if limits.memory_bytes is not None and usage is not None and (
+                usage > limits.memory_bytes):
+            raise CgroupError(
+                f"the pod uses {usage >> 20} MiB of memory on the host, more than a limit "
+                f"of {limits.memory_bytes >> 20} MiB",
+                hint="keep the pod's memory limit at or above what it uses")
         for h, directory in self.dirs.items():
-            writes = (v1_writes(h, limits) if h.version == 1
-                      else v2_writes(limits, self.available(h)))
+            if h.version == 1:
+                writes = v1_writes(h, _within_parent_quota(h, directory, limits))
+            else:
+                available = self.available(h)
+                missing = {c for c in limits.needs() & set(V2_CONTROLLERS)
+                           if c not in available and self.layout.with_controller(c) is None}
+                if missing:
+                    raise CgroupError(
+                        f"the cgroup {directory} has no {', '.join(sorted(missing))} "
+                        "controller: its limits cannot be applied",
+                        hint="enable the controller in its parents' cgroup.subtree_control")
+                writes = v2_writes(limits, available)
             for name, value in writes:
                 _write(directory / name, value, limit=True)
 
@@ -482,8 +533,14 @@ class HostCgroup:
             back = self._previous.get(h, h.mount)
             while back != h.mount and not back.is_dir():
                 back = back.parent
-            with contextlib.suppress(CgroupError):
+            try:
                 _write(back / "cgroup.procs", str(os.getpid()))
+            except CgroupError:
+                # Its old cgroup will not take it back (a v2 parent that now
+                # passes controllers down): the root always does, and the
+                # pod's cgroup must be left empty to be removed.
+                with contextlib.suppress(CgroupError):
+                    _write(h.mount / "cgroup.procs", str(os.getpid()))
         self._previous.clear()
 
     def remove(self) -> list[str]:
@@ -543,6 +600,38 @@ def remove_dirs(created: Sequence[Path]) -> list[str]:
                     break
                 time.sleep(0.05)
     return problems
+
+
+def _check_unused(directory: Path) -> None:
+    """A cgroup pykata did not make is the pod's only if nothing uses it."""
+    try:
+        procs = (directory / "cgroup.procs").read_text().split()
+    except OSError as exc:
+        raise CgroupError(f"cannot read {directory / 'cgroup.procs'}: {exc.strerror}") from None
+    if procs or _has_children(directory):
+        what = f"{len(procs)} process(es)" if procs else "child cgroups"
+        raise CgroupError(f"the cgroup {directory} exists already and holds {what}: it "
+                          "belongs to something else",
+                          hint="give the pod a cgroupsPath of its own")
+
+
+def _within_parent_quota(h: Hierarchy, directory: Path, limits: Limits) -> Limits:
+    """v1 refuses a CFS quota above its parent's (EINVAL): a pod's overhead
+    rounding must not fail where the kubelet's pod cgroup is a little lower."""
+    if not h.has("cpu") or limits.cpu_quota_us is None:
+        return limits
+    try:
+        quota = int((directory.parent / "cpu.cfs_quota_us").read_text())
+        period = int((directory.parent / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return limits
+    if quota <= 0 or period <= 0:
+        return limits
+    allowed = quota * limits.cpu_period_us // period
+    if limits.cpu_quota_us <= allowed:
+        return limits
+    log.info("pod CPU quota %d µs held to its parent's %d µs", limits.cpu_quota_us, allowed)
+    return dataclasses.replace(limits, cpu_quota_us=max(allowed, 1000))
 
 
 def _has_children(path: Path) -> bool:

@@ -25,7 +25,7 @@ import contextlib
 import json
 import logging
 import signal
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +52,7 @@ from pykata.runtime.pod_cgroup import (
     container_request,
     merge_update,
     pod_limits,
+    widest,
 )
 from pykata.runtime.process import PodProcess, ProcessIO
 from pykata.runtime.sandbox import Sandbox
@@ -253,9 +254,9 @@ class Pod:
                               stdio_paths=stdio_paths)
             pod_container = PodContainer(Container(self.sandbox, container_id), init, bundle,
                                          container_request(spec))
-            # The pod's host limits grow before the container can use them.
-            self._resize_host([*self.containers.values(), pod_container])
             try:
+                # The pod's host limits grow before the container can use them.
+                self._resize_host([*self.containers.values(), pod_container])
                 await self._create(pod_container, spec, rootfs, volumes)
             except BaseException:
                 await init.discard()
@@ -407,13 +408,22 @@ class Pod:
         for note in check_resources(resources, "resources"):
             log.warning("container %s: %s: dropped", container_id, note)
         request = merge_update(pod_container.request, resources)
-        others = [c.request for c in self.containers.values() if c is not pod_container]
+        others = [c.request for c in _live(self.containers.values()) if c is not pod_container]
         limits = pod_limits([*others, request], self.sandbox.config.runtime)
-        # Refused before the guest changes anything.
-        self.sandbox.host_cgroup.check(limits)
-        await self._agent().update_container(container_id, proto)
-        self.sandbox.host_cgroup.resize(limits)
+        host = self.sandbox.host_cgroup
+        host.check(limits)
+        # The host grows first (refused before the guest changes anything),
+        # and shrinks once the guest has taken the new limits.
+        before = host.limits
+        host.resize(widest(before, limits))
+        try:
+            await self._agent().update_container(container_id, proto)
+        except BaseException:
+            with contextlib.suppress(PykataError):
+                host.fit(before)
+            raise
         pod_container.request = request
+        host.fit(limits)
 
     async def stats(self, container_id: str) -> agent_pb2.StatsContainerResponse:
         self.container(container_id).lifecycle.require("stats")
@@ -479,9 +489,15 @@ class Pod:
                  extra={"container": pod_container.id})
 
     def _resize_host(self, containers: Sequence[PodContainer]) -> None:
-        limits = pod_limits([c.request for c in containers] or
+        """The pod's host limits for its live containers (an exited one, an
+        init container or a restarted one's old self, asks for nothing more,
+        as the kubelet counts); unchanged when none is live."""
+        live = _live(containers)
+        if not live and containers:
+            return
+        limits = pod_limits([c.request for c in live] or
                             [self.sandbox.options.cgroup_request], self.sandbox.config.runtime)
-        self.sandbox.host_cgroup.resize(limits)
+        self.sandbox.host_cgroup.fit(limits)
 
     def _shrink_host(self, containers: Sequence[PodContainer]) -> None:
         # Memory the pod still uses cannot be taken back at once: the
@@ -521,6 +537,8 @@ class Pod:
                 "failed with 'No space left on device' (raise [runtime] scratch_size in %s)",
                 proc.container_id, self.sandbox.config.runtime.scratch_size,
                 self.sandbox.config.source)
+        if not proc.exec_id and not self._stopping:
+            self._shrink_host(list(self.containers.values()))
         if self.policy.ends_with_init and not proc.exec_id:
             self.ended.set()
 
@@ -624,3 +642,8 @@ def parse_json_object(raw: bytes | str, what: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise SpecError(f"{what} must be a JSON object")
     return data
+
+
+def _live(containers: Iterable[PodContainer]) -> list[PodContainer]:
+    """The containers whose init has not exited."""
+    return [c for c in containers if c.init.status is not Status.STOPPED]

@@ -152,6 +152,18 @@ def pod_limits(requests: Sequence[ContainerRequest], config: RuntimeConfig) -> L
                   cpu_shares=min(shares, 262144) if shares else None, memory_bytes=memory)
 
 
+def widest(a: Limits, b: Limits) -> Limits:
+    """Each limit the larger of the two (no limit wins): what holds both
+    while a change is under way."""
+    def larger(x: int | None, y: int | None) -> int | None:
+        return None if x is None or y is None else max(x, y)
+
+    return Limits(cpu_quota_us=larger(a.cpu_quota_us, b.cpu_quota_us),
+                  cpu_period_us=CPU_PERIOD_US,
+                  cpu_shares=larger(a.cpu_shares, b.cpu_shares),
+                  memory_bytes=larger(a.memory_bytes, b.memory_bytes))
+
+
 def minimum_memory_mib(vm_memory_mib: int) -> int:
     """The least host memory a pod whose VM has `vm_memory_mib` can run in."""
     return MINIMUM_BASE_MIB + math.ceil(vm_memory_mib * MINIMUM_PER_GUEST_RAM)
@@ -241,10 +253,29 @@ class PodCgroup:
         if self.cgroup is None or limits == self.limits:
             return
         check_memory(limits, self.vm_memory_mib, self.config)
-        self.cgroup.apply(limits)
+        try:
+            self.cgroup.apply(limits)
+        except CgroupError:
+            # apply may have stopped part-way: hold what was asked and what
+            # was there, whichever is larger, so no hierarchy is left lower.
+            with contextlib.suppress(CgroupError):
+                self.cgroup.apply(widest(self.limits, limits))
+                self.limits = widest(self.limits, limits)
+            raise
         self.limits = limits
         log.info("pod cgroup %s resized (%s)", self.placement and self.placement.path,
                  _describe(limits))
+
+    def fit(self, limits: Limits) -> None:
+        """Resize to `limits`; where the pod's use refuses a smaller limit,
+        keep the larger of old and new (logged): a pod is never broken by
+        giving back less than asked."""
+        try:
+            self.resize(limits)
+        except CgroupError as exc:
+            self.resize(widest(self.limits, limits))
+            log.warning("pod cgroup %s keeps larger limits (%s): %s",
+                        self.placement and self.placement.path, _describe(self.limits), exc)
 
     def release(self) -> None:
         """This process leaves, and what pykata made goes; safe to repeat."""
