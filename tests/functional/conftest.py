@@ -175,11 +175,23 @@ def leftovers(allowed: set[str] = frozenset()) -> list[str]:  # type: ignore[ass
     return found
 
 
+def _in_use(cgroup: Path) -> bool:
+    """Whether a process is in the cgroup or below: a running pod's (another
+    test session's, at the same time, included), not a leak."""
+    for directory, _, _ in os.walk(cgroup):
+        try:
+            if (Path(directory) / "cgroup.procs").read_text().strip():
+                return True
+        except OSError:
+            continue
+    return False
+
+
 def cgroup_leftovers() -> list[Path]:
     """Host cgroups of the tests' pods: the cgroup test's own tops and the
     containerd test namespace's (`/pykata-test/<id>`), which the pods' owners
-    made and must remove. (An empty parent stays when two pods made it at
-    once: each removes only what it made itself.)"""
+    made and must remove, once no process is in them. (An empty parent stays
+    when two pods made it at once: each removes only what it made itself.)"""
     from pykata.host.cgroups import host_layout
 
     found = []
@@ -187,7 +199,7 @@ def cgroup_leftovers() -> list[Path]:
         for entry in hierarchy.mount.iterdir():
             if entry.is_dir() and (entry.name.startswith("pykata-cgtest-")
                                    or entry.name == "pykata-test"):
-                found += [p for p in entry.iterdir() if p.is_dir()]
+                found += [p for p in entry.iterdir() if p.is_dir() and not _in_use(p)]
     return found
 
 

@@ -160,13 +160,22 @@ def steady_client(netns: str, address: str, port: int, expect: str) -> Iterator[
         client.join()
 
 
+def _another_sessions(name: str) -> bool:
+    """A pod_and_peer namespace of another test session that still runs (its
+    name ends in that session's pid): its pods are not this one's leaks."""
+    if not name.startswith(("pykata-pod-", "pykata-peer-")):
+        return False
+    digits = name[len(name.rstrip("0123456789")):]
+    return bool(digits) and int(digits) != os.getpid() and Path(f"/proc/{digits}").exists()
+
+
 def network_leftovers() -> list[str]:
     """pykata's taps and tc ingress qdiscs still present in test namespaces."""
     found: list[str] = []
     if not NETNS_DIR.is_dir():
         return found
     for entry in sorted(NETNS_DIR.iterdir()):
-        if not entry.name.startswith("pykata-"):
+        if not entry.name.startswith("pykata-") or _another_sessions(entry.name):
             continue
         links = subprocess.run(["ip", "-n", entry.name, "-o", "link", "show"],
                                capture_output=True, text=True).stdout

@@ -232,6 +232,34 @@ def test_a_killed_pykata_run_leaves_no_cgroup_after_cleanup(
     assert not any((h.mount / top).exists() for h in host_layout().hierarchies), result.stdout
 
 
+def test_an_exec_relay_runs_in_the_pods_cgroup(oci: Oci, tmp_path: Path, top: str) -> None:
+    """`pykata-oci exec` stays on the host for the exec'd process's life: it
+    is the pod's, and counted with it."""
+    path = f"/{top}/c7"
+    assert _run(oci, _bundle(tmp_path / "b", IDLE, path), "c7") == 0, (
+        tmp_path / "oci-log.json").read_text()
+    try:
+        pid_file = tmp_path / "exec.pid"
+        relay = subprocess.Popen(oci.argv("exec", "--pid-file", str(pid_file), "c7",
+                                          "sleep", "20"),
+                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 60
+            while not pid_file.exists() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            pid = int(pid_file.read_text())
+            assert pid == relay.pid
+            for h, directory in _dirs(path).items():
+                assert pid in _procs(directory), h
+        finally:
+            relay.kill()
+            relay.wait()
+    finally:
+        result = oci("delete", "--force", "c7")
+    assert result.returncode == 0, result.err
+
+
 def test_systemd_paths_and_a_parent_pykata_did_not_make(oci: Oci, tmp_path: Path) -> None:
     """`--systemd-cgroup` with slice:prefix:name: the scope goes where systemd
     would put it; the slice that already existed stays after delete."""

@@ -177,6 +177,16 @@ def process_cgroups(pid: int | str = "self") -> dict[str, str]:
     return found
 
 
+def join_cgroups_of(pid: int) -> None:
+    """Move this process into every cgroup process `pid` is in (a pod's
+    helper joins its owner)."""
+    theirs = process_cgroups(pid)
+    for h in host_layout().hierarchies:
+        where = theirs.get(h.key())
+        if where is not None:
+            _write(directory_of(h, PurePosixPath(where)) / "cgroup.procs", str(os.getpid()))
+
+
 # --- paths -------------------------------------------------------------------
 
 SYSTEMD_DEFAULT_SLICE = "system.slice"

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import secrets
 import signal
@@ -581,10 +582,27 @@ def exec_(args: argparse.Namespace, store: Store) -> int:
     from pykata.oci.relay import relay_exec
 
     stdio, master = _exec_stdio(terminal, args.console_socket)
+    _join_pod_cgroup(record)
     with raw_terminal(0) if terminal and not args.console_socket else contextlib.nullcontext():
         _write_pid_file(args.pid_file, os.getpid())
         return _arun(relay_exec(record.control_socket, record.id, exec_id, process, stdio,
                                 terminal, pty_master=master))
+
+
+def _join_pod_cgroup(record: ContainerState) -> None:
+    """An exec relay is one of the pod's host processes: it joins the
+    cgroups of the pod's owner (the pod's own with sandbox_cgroup_only, or
+    the caller's), so the pod's accounting includes it."""
+    from pykata.host.cgroups import CgroupError, join_cgroups_of
+
+    if not monitor_alive(record):  # a reused pid is someone else's
+        return
+    try:
+        join_cgroups_of(record.monitor_pid)
+    except CgroupError as exc:
+        # Logged, not printed: stderr may be the exec'd process's own.
+        logging.getLogger(__name__).warning("the exec relay stays in its caller's "
+                                            "cgroups: %s", exc)
 
 
 def _exec_stdio(terminal: bool, console_socket: str) -> tuple[tuple[int, int, int], int]:
@@ -603,6 +621,7 @@ def _exec_detached(args: argparse.Namespace, record: ContainerState, exec_id: st
 
     def relay(ready_w: int) -> int:
         os.setsid()
+        _join_pod_cgroup(record)
         if terminal:
             hostio.make_controlling(stdio[0])
         # The exec's stdio moves off 0-2, which go to /dev/null: nothing
