@@ -78,13 +78,6 @@ def test_tsc_rate_trusted_only_when_cpuinfo_states_it() -> None:
     assert host.host_tsc_khz(_CPUINFO.format(flags="tsc")) is None
 
 
-def test_shared_fs_choice() -> None:
-    """virtio-fs is refused as not implemented; auto and virtio-9p choose 9p."""
-    assert host.probe_shared_fs("virtio-fs").value == "unsupported"
-    assert host.probe_shared_fs("virtio-9p").value == "virtio-9p"
-    assert host.probe_shared_fs("auto").value == "virtio-9p"
-
-
 def test_nics_on_taps_the_caller_opened(tmp_path: Path) -> None:
     from pykata.hypervisor.base import NetworkInterface
 

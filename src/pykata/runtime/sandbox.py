@@ -34,6 +34,7 @@ from pykata.hypervisor.base import Hypervisor
 from pykata.hypervisor.qemu import Handover, QemuVM, VmConfig
 from pykata.network import tcfilter
 from pykata.protocols import agent_pb2
+from pykata.runtime import fs_choice
 from pykata.runtime.agent_client import AgentClient
 from pykata.runtime.paths import SandboxPaths, check_id, private_dir, rename_noreplace
 from pykata.runtime.pod_cgroup import (
@@ -164,6 +165,9 @@ class Sandbox:
         """Get the VM and bring the guest's sandbox up; undo everything if any
         step fails. With `create` false the guest gets no CreateSandbox: a VM
         kept warm for a pod not known yet (the VM cache)."""
+        # Before anything is made: a shared_fs setting that cannot be
+        # honoured is refused, never replaced by another filesystem.
+        fs_choice.require(self.config)
         await self.network.check()
         limits = pod_limits([self.options.cgroup_request], self.config.runtime)
         self.host_cgroup.check(limits)
