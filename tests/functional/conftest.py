@@ -126,10 +126,21 @@ def cli(guest_assets: assets.AssetPaths) -> Cli:
 
 
 def qemu_processes() -> list[str]:
-    """This session's QEMU processes (their console log lies under its run root)."""
+    """This session's QEMU processes: their 9p export lies under its run root,
+    or (virtio-fs: no path on QEMU's command line) they inherited its
+    PYKATA_RUN_ROOT from their owner."""
     out = subprocess.run(["pgrep", "-a", "-f", "qemu-system.*-name pykata-"],
                          capture_output=True, text=True).stdout
-    return [line for line in out.splitlines() if f"path={run_root()}/" in line]
+    mine = f"PYKATA_RUN_ROOT={run_root()}".encode()
+    return [line for line in out.splitlines() if f"path={run_root()}/" in line
+            or mine in _environ(line.split()[0]).split(b"\0")]
+
+
+def virtiofsd_processes() -> list[str]:
+    """This session's virtiofsd processes (they serve an export under its run root)."""
+    out = subprocess.run(["pgrep", "-a", "-f", "virtiofsd"], capture_output=True,
+                         text=True).stdout
+    return [line for line in out.splitlines() if f"source={run_root()}/" in line]
 
 
 def _environ(pid: str) -> bytes:
@@ -156,6 +167,9 @@ def leftovers(allowed: set[str] = frozenset()) -> list[str]:  # type: ignore[ass
     for line in qemu_processes():
         if not any(f"pykata-{sid} " in line + " " for sid in allowed):
             found.append(f"process: {line}")
+    for line in virtiofsd_processes():
+        if not any(f"/sandboxes/{sid}/" in line for sid in allowed):
+            found.append(f"virtiofsd: {line}")
     found += [f"shim: {line}" for line in shim_processes()]
     root = run_root()
     with open("/proc/self/mountinfo") as f:
@@ -296,7 +310,9 @@ def end_leftovers() -> None:
     from pykata.cli.cleanup_cmd import stale_sandboxes
     from pykata.runtime.sandbox import cleanup_host_state
 
-    for line in [*started_qemu_processes(), *shim_processes()]:
+    virtiofsds = [line for line in virtiofsd_processes()
+                  if not any(f"/sandboxes/{sid}/" in line for sid in _shared_ids)]
+    for line in [*started_qemu_processes(), *shim_processes(), *virtiofsds]:
         with contextlib.suppress(ProcessLookupError, ValueError):
             os.kill(int(line.split()[0]), signal.SIGKILL)
     time.sleep(0.5)

@@ -6,7 +6,7 @@
     <root>/sandboxes/<key>/scratch/    a tmpfs bounded by [runtime] scratch_size:
         share/                         the directories of the share (host-only)
         containers/<id>/               overlay upper and work dirs of `pykata run`
-    <root>/sandboxes/<key>/shared/     scratch/share bound read-only: the 9p
+    <root>/sandboxes/<key>/shared/     scratch/share bound read-only: the
                                        export; rootfs and volumes mounted below
 
 A sandbox's key is unique per pod: the shim derives it from containerd's
