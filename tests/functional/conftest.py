@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +78,40 @@ def private_run_root(require_root: None) -> Iterator[Path]:
     _clear_run_root(root)
 
 
+SHARED_FS_ENV = "PYKATA_TEST_SHARED_FS"
+
+
+def session_config_text() -> str:
+    """The packaged configuration, with the shared filesystem the session
+    asks for ($PYKATA_TEST_SHARED_FS: virtio-9p or virtio-fs; unset: the
+    packaged "auto"), so a suite runs on either (scripts/test runs the
+    guest-hostile suite on both)."""
+    text = config.DEFAULT_CONFIG.read_text()
+    wanted = os.environ.get(SHARED_FS_ENV, "")
+    if wanted:
+        if wanted not in ("virtio-9p", "virtio-fs"):
+            pytest.fail(f"{SHARED_FS_ENV}={wanted!r}: use virtio-9p or virtio-fs")
+        text, count = re.subn(r'^shared_fs = ".*"$', f'shared_fs = "{wanted}"', text,
+                              flags=re.MULTILINE)
+        assert count == 1, "the packaged configuration has no shared_fs line"
+    return text
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_config(private_run_root: Path, tmp_path_factory: pytest.TempPathFactory
+                   ) -> Iterator[None]:
+    """With $PYKATA_TEST_SHARED_FS, every pykata the tests start without a
+    --config of their own reads the session's configuration ($PYKATA_CONFIG)."""
+    if not os.environ.get(SHARED_FS_ENV):
+        yield
+        return
+    path = tmp_path_factory.mktemp("session-config") / "configuration.toml"
+    path.write_text(session_config_text())
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PYKATA_CONFIG", str(path))
+        yield
+
+
 @pytest.fixture(scope="session")
 def guest_assets(require_root: None) -> assets.AssetPaths:
     """The kernel and initrd, built if out of date (the kernel takes minutes once)."""
@@ -85,7 +120,7 @@ def guest_assets(require_root: None) -> assets.AssetPaths:
 
 @pytest.fixture(scope="session")
 def pykata_config(guest_assets: assets.AssetPaths) -> config.Config:
-    return config.load(config.DEFAULT_CONFIG)
+    return config.parse(tomllib.loads(session_config_text()), str(config.DEFAULT_CONFIG))
 
 
 @dataclass
@@ -412,7 +447,7 @@ def containerd(
     """A private containerd 1.6 with the busybox test image imported."""
     base = tmp_path_factory.mktemp("containerd")
     config_file = base / "pykata.toml"
-    config_file.write_text(config.DEFAULT_CONFIG.read_text())
+    config_file.write_text(session_config_text())
     peer = PrivateContainerd(base, config_file)
     peer.start()
     try:
