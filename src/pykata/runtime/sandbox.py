@@ -393,16 +393,12 @@ def read_sandbox_state(paths: SandboxPaths) -> SandboxState:
 
 
 def owner_gone(state: SandboxState) -> bool:
-    """Whether the process that held the sandbox's VM, and the VM (its
-    QEMU and virtiofsd), are gone."""
+    """Whether the process that held the sandbox's VM, and the VM, are gone.
+    A virtiofsd still serving it (it exits with QEMU and its owner, so only
+    by some fault) does not keep the sandbox: cleanup ends it by its record."""
     return (not process_alive(state.owner_pid, state.owner_start)
-            and not qemu_running(state) and not virtiofsd_running(state))
+            and not qemu_running(state))
 
-
-def virtiofsd_running(state: SandboxState) -> bool:
-    """Whether `state.virtiofsd_pid` still serves this sandbox's export."""
-    run_dir = Path(state.console_log).parent
-    return virtiofsd.serves(state.virtiofsd_pid, run_dir / "shared")
 
 
 def qemu_running(state: SandboxState) -> bool:
