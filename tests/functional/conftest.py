@@ -317,7 +317,7 @@ def no_leftovers(request: pytest.FixtureRequest) -> Iterator[None]:
     assert not left, "pykata left this behind:\n" + "\n".join(left)
 
 
-_POD_LOGS = ("console.log", "console.log.1", "qemu.stderr", "state.json")
+_POD_LOGS = ("console.log", "console.log.1", "qemu.stderr", "virtiofsd.log", "state.json")
 
 
 def save_pod_logs(test_name: str) -> None:
