@@ -393,8 +393,8 @@ def clear_run_root(root: Path, reaper: Reaper) -> None:
     from pykata.cli.cleanup_cmd import stale_sandboxes
     from pykata.runtime.sandbox import cleanup_host_state
 
-    found = subprocess.run(["pgrep", "-f", f"qemu-system.*path={root}/"], capture_output=True,
-                           text=True).stdout.split()
+    found = subprocess.run(["pgrep", "-f", f"(qemu-system|virtiofsd).*(path|source)={root}/"],
+                           capture_output=True, text=True).stdout.split()
     for pid in found:
         with contextlib.suppress(ProcessLookupError):
             os.kill(int(pid), signal.SIGKILL)

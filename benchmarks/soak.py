@@ -78,13 +78,18 @@ def _read(path: str) -> bytes:
 
 
 def pykata_processes(root: Path) -> list[int]:
-    """QEMU and shim processes of this run root."""
+    """QEMU, virtiofsd and shim processes of this run root (a QEMU on
+    virtio-fs names no path of it: its environment does)."""
     found = []
+    mine = f"PYKATA_RUN_ROOT={root}".encode()
     for pid in _pids():
         cmdline = _read(f"/proc/{pid}/cmdline")
-        qemu = b"qemu-system" in cmdline and f"path={root}/".encode() in cmdline
+        qemu = b"qemu-system" in cmdline and (
+            f"path={root}/".encode() in cmdline
+            or mine in _read(f"/proc/{pid}/environ").split(b"\0"))
+        virtiofsd = b"virtiofsd" in cmdline and f"\0source={root}/".encode() in cmdline
         shim = b"pykata.shim" in cmdline and f"\0{root}/shims/".encode() in cmdline
-        if qemu or shim:
+        if qemu or virtiofsd or shim:
             found.append(pid)
     return found
 

@@ -20,7 +20,6 @@ from pathlib import Path
 import grpc
 import pytest
 
-from pykata import config
 from pykata.protocols import cri_pb2 as cri
 from pykata.runtime.keys import pod_key
 from pykata.runtime.paths import run_root
@@ -33,6 +32,7 @@ from tests.functional.conftest import (  # noqa: F401 - pykata's session fixture
     private_run_root,
     qemu_processes,
     require_root,
+    session_config_text,
     unexpected_leftovers,
     without_shared_sandboxes,
 )
@@ -56,7 +56,7 @@ def cri_peer(request: pytest.FixtureRequest) -> Iterator[CriPeer]:
         earlier = Path(str(owner.get("run_root") or ""))
         if earlier.parent == TEST_RUN_ROOTS and earlier.name != str(os.getpid()):
             _clear_run_root(earlier)
-    peer = CriPeer(config.DEFAULT_CONFIG.read_text())
+    peer = CriPeer(session_config_text())
     problems: list[str] = []
     try:
         peer.start()

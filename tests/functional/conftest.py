@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +78,40 @@ def private_run_root(require_root: None) -> Iterator[Path]:
     _clear_run_root(root)
 
 
+SHARED_FS_ENV = "PYKATA_TEST_SHARED_FS"
+
+
+def session_config_text() -> str:
+    """The packaged configuration, with the shared filesystem the session
+    asks for ($PYKATA_TEST_SHARED_FS: virtio-9p or virtio-fs; unset: the
+    packaged "auto"), so a suite runs on either (scripts/test runs the
+    guest-hostile suite on both)."""
+    text = config.DEFAULT_CONFIG.read_text()
+    wanted = os.environ.get(SHARED_FS_ENV, "")
+    if wanted:
+        if wanted not in ("virtio-9p", "virtio-fs"):
+            pytest.fail(f"{SHARED_FS_ENV}={wanted!r}: use virtio-9p or virtio-fs")
+        text, count = re.subn(r'^shared_fs = ".*"$', f'shared_fs = "{wanted}"', text,
+                              flags=re.MULTILINE)
+        assert count == 1, "the packaged configuration has no shared_fs line"
+    return text
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_config(private_run_root: Path, tmp_path_factory: pytest.TempPathFactory
+                   ) -> Iterator[None]:
+    """With $PYKATA_TEST_SHARED_FS, every pykata the tests start without a
+    --config of their own reads the session's configuration ($PYKATA_CONFIG)."""
+    if not os.environ.get(SHARED_FS_ENV):
+        yield
+        return
+    path = tmp_path_factory.mktemp("session-config") / "configuration.toml"
+    path.write_text(session_config_text())
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PYKATA_CONFIG", str(path))
+        yield
+
+
 @pytest.fixture(scope="session")
 def guest_assets(require_root: None) -> assets.AssetPaths:
     """The kernel and initrd, built if out of date (the kernel takes minutes once)."""
@@ -85,7 +120,7 @@ def guest_assets(require_root: None) -> assets.AssetPaths:
 
 @pytest.fixture(scope="session")
 def pykata_config(guest_assets: assets.AssetPaths) -> config.Config:
-    return config.load(config.DEFAULT_CONFIG)
+    return config.parse(tomllib.loads(session_config_text()), str(config.DEFAULT_CONFIG))
 
 
 @dataclass
@@ -126,10 +161,21 @@ def cli(guest_assets: assets.AssetPaths) -> Cli:
 
 
 def qemu_processes() -> list[str]:
-    """This session's QEMU processes (their console log lies under its run root)."""
+    """This session's QEMU processes: their 9p export lies under its run root,
+    or (virtio-fs: no path on QEMU's command line) they inherited its
+    PYKATA_RUN_ROOT from their owner."""
     out = subprocess.run(["pgrep", "-a", "-f", "qemu-system.*-name pykata-"],
                          capture_output=True, text=True).stdout
-    return [line for line in out.splitlines() if f"path={run_root()}/" in line]
+    mine = f"PYKATA_RUN_ROOT={run_root()}".encode()
+    return [line for line in out.splitlines() if f"path={run_root()}/" in line
+            or mine in _environ(line.split()[0]).split(b"\0")]
+
+
+def virtiofsd_processes() -> list[str]:
+    """This session's virtiofsd processes (they serve an export under its run root)."""
+    out = subprocess.run(["pgrep", "-a", "-f", "virtiofsd"], capture_output=True,
+                         text=True).stdout
+    return [line for line in out.splitlines() if f"source={run_root()}/" in line]
 
 
 def _environ(pid: str) -> bytes:
@@ -156,6 +202,9 @@ def leftovers(allowed: set[str] = frozenset()) -> list[str]:  # type: ignore[ass
     for line in qemu_processes():
         if not any(f"pykata-{sid} " in line + " " for sid in allowed):
             found.append(f"process: {line}")
+    for line in virtiofsd_processes():
+        if not any(f"/sandboxes/{sid}/" in line for sid in allowed):
+            found.append(f"virtiofsd: {line}")
     found += [f"shim: {line}" for line in shim_processes()]
     root = run_root()
     with open("/proc/self/mountinfo") as f:
@@ -280,7 +329,7 @@ def no_leftovers(request: pytest.FixtureRequest) -> Iterator[None]:
     assert not left, "pykata left this behind:\n" + "\n".join(left)
 
 
-_POD_LOGS = ("console.log", "console.log.1", "qemu.stderr", "state.json")
+_POD_LOGS = ("console.log", "console.log.1", "qemu.stderr", "virtiofsd.log", "state.json")
 
 
 def save_pod_logs(test_name: str) -> None:
@@ -308,7 +357,9 @@ def end_leftovers() -> None:
     from pykata.cli.cleanup_cmd import stale_sandboxes
     from pykata.runtime.sandbox import cleanup_host_state
 
-    for line in [*started_qemu_processes(), *shim_processes()]:
+    virtiofsds = [line for line in virtiofsd_processes()
+                  if not any(f"/sandboxes/{sid}/" in line for sid in _shared_ids)]
+    for line in [*started_qemu_processes(), *shim_processes(), *virtiofsds]:
         with contextlib.suppress(ProcessLookupError, ValueError):
             os.kill(int(line.split()[0]), signal.SIGKILL)
     time.sleep(0.5)
@@ -408,7 +459,7 @@ def containerd(
     """A private containerd 1.6 with the busybox test image imported."""
     base = tmp_path_factory.mktemp("containerd")
     config_file = base / "pykata.toml"
-    config_file.write_text(config.DEFAULT_CONFIG.read_text())
+    config_file.write_text(session_config_text())
     peer = PrivateContainerd(base, config_file)
     peer.start()
     try:

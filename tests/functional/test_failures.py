@@ -199,3 +199,22 @@ def test_sigterm_while_starting_leaves_nothing(cli: Cli) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_shared_fs_that_cannot_be_honoured_stops_the_start(
+        cli: Cli, tmp_path: Path, guest_assets: AssetPaths) -> None:
+    """shared_fs = "virtio-fs" where it cannot be served (no virtiofsd at the
+    configured path): `pykata run` fails naming the setting, its file, what is
+    missing and the fix, before any VM starts (no_leftovers checks that nothing
+    was made), instead of running the container over 9p; `pykata check`
+    reports the same refusal."""
+    missing = tmp_path / "virtiofsd"
+    config = _config(tmp_path, guest_assets, shared_fs="virtio-fs",
+                     virtio_fs_daemon=str(missing))
+    result = cli("--config", config, "run", "--", "true")
+    assert result.returncode != 0
+    assert 'shared_fs = "virtio-fs"' in result.err and config in result.err
+    assert str(missing) in result.err and 'shared_fs = "virtio-9p"' in result.err
+    check = cli("--config", config, "check")
+    assert check.returncode != 0
+    assert any(line.startswith("FAIL shared filesystem") for line in check.out.splitlines())

@@ -5,8 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from pykata import config
-from tests.functional.conftest import shim_processes
+from tests.functional.conftest import session_config_text, shim_processes
 from tests.functional.containerd_peer import IMAGE, RUNTIME, PrivateContainerd
 from tests.hostile.conftest import privileged_spec, run_spec
 
@@ -19,7 +18,7 @@ def test_kernel_params_that_take_over_the_guest_are_refused(
     """kernel_params is allowed by the configuration, yet init=, rdinit=,
     panic=0, console=, pykata.*, sysctl.*, environment-shaped words and any
     word off the allowlist are refused by name before any VM boots."""
-    shim_config(config.DEFAULT_CONFIG.read_text().replace(
+    shim_config(session_config_text().replace(
         "enable_annotations = []", 'enable_annotations = ["kernel_params"]'))
     for value, named in (("init=/bin/sh", "init="), ("rdinit=/bin/sh", "rdinit="),
                          ("panic=0", "panic="), ("console=ttyS1", "console="),
@@ -49,7 +48,7 @@ def test_words_the_kernel_hands_to_init_reach_neither_init_nor_the_agent(
     starts), and neither /init nor the agent has any of them in its
     environment: the agent's is /init's fixed list."""
     words = "PYKATA_STAGE=2 PYTHONINSPECT=1 PYTHONWARNINGS=error PYTHONHASHSEED=7 single"
-    shim_config(config.DEFAULT_CONFIG.read_text().replace(
+    shim_config(session_config_text().replace(
         'kernel_params = ""', f'kernel_params = "{words}"'))
     script = ("grep -o PYKATA_STAGE=2 /proc/cmdline; "
               "for pid in 1 $(pidof python3); do echo \"== $pid\"; "

@@ -339,7 +339,8 @@ def fake_config(tmp_path: Path) -> Config:
     kernel, initrd = tmp_path / "vmlinux", tmp_path / "initrd.img"
     kernel.write_bytes(b"")
     initrd.write_bytes(b"")
-    return Config(qemu=QemuConfig(kernel=str(kernel), initrd=str(initrd), accel="tcg"))
+    return Config(qemu=QemuConfig(kernel=str(kernel), initrd=str(initrd), accel="tcg",
+                                  shared_fs="virtio-9p"))
 
 
 def fake_pod(tmp_path: Path, *, ends_with_init: bool = False, source: FakeSource | None = None,

@@ -78,13 +78,6 @@ def test_tsc_rate_trusted_only_when_cpuinfo_states_it() -> None:
     assert host.host_tsc_khz(_CPUINFO.format(flags="tsc")) is None
 
 
-def test_shared_fs_choice() -> None:
-    """virtio-fs is refused as not implemented; auto and virtio-9p choose 9p."""
-    assert host.probe_shared_fs("virtio-fs").value == "unsupported"
-    assert host.probe_shared_fs("virtio-9p").value == "virtio-9p"
-    assert host.probe_shared_fs("auto").value == "virtio-9p"
-
-
 def test_nics_on_taps_the_caller_opened(tmp_path: Path) -> None:
     from pykata.hypervisor.base import NetworkInterface
 
@@ -138,3 +131,51 @@ def test_no_free_page_reporting_with_ram_in_a_file(tmp_path: Path) -> None:
                                   memory_shared=False)).command(7, 9, 11))
     assert "virtio-balloon" not in on_file
     assert "free-page-reporting=on" in " ".join(QemuVM(_vm(tmp_path)).command(7, 9, 11))
+
+
+def test_virtio_fs_command_line(tmp_path: Path) -> None:
+    """With virtio-fs: RAM from a shared memfd (virtiofsd maps it), modern
+    virtio-mmio (libvhost-user refuses legacy), the vhost-user-fs device on
+    the connected socket QEMU inherits, and no 9p."""
+    vm = _vm(tmp_path, shared_dir=tmp_path, shared_fs="virtio-fs",
+             virtiofsd="/usr/lib/qemu/virtiofsd")
+    cmd = QemuVM(vm).command(7, 9, 11, 13)
+    text = " ".join(cmd)
+    assert "memory-backend-memfd,id=pykata-ram,size=512M,share=on" in text
+    assert "memory-backend=pykata-ram" in text
+    assert cmd[cmd.index("-global") + 1] == "virtio-mmio.force-legacy=false"
+    assert "-chardev socket,id=virtiofs,fd=13" in text
+    assert "vhost-user-fs-device,chardev=virtiofs,tag=kataShared" in text
+    assert "9p" not in text and "fsdev" not in text
+    q35 = " ".join(qa.render([qa.VirtioFs(5, "q35"), qa.ModernVirtioMmio("q35")]))
+    assert "vhost-user-fs-pci" in q35 and "force-legacy" not in q35
+
+
+def test_virtio_fs_is_refused_on_a_templates_ram(tmp_path: Path) -> None:
+    """A VM restored from a template maps its RAM private and QEMU 7.2 cannot
+    save a vhost-user-fs device: such a VM is refused before anything starts."""
+    for path in ("vmlinux", "initrd"):
+        (tmp_path / path).write_bytes(b"")
+    vm = _vm(tmp_path, shared_dir=tmp_path, shared_fs="virtio-fs", qemu_path="/bin/true",
+             virtiofsd="/bin/true", memory_path=tmp_path / "memory", memory_shared=False)
+    with pytest.raises(HypervisorError, match="template"):
+        vm.check()
+
+
+def test_virtiofsd_arguments_and_checks(tmp_path: Path) -> None:
+    """virtiofsd's confinement and behaviour are on its command line; a
+    missing binary names the fix; a path with a comma (fuse's option
+    separator) is refused."""
+    from pykata.hypervisor.virtiofsd import VirtiofsdConfig
+
+    args = VirtiofsdConfig("/usr/lib/qemu/virtiofsd", tmp_path).args(5, 4096)
+    assert args[:2] == ["/usr/lib/qemu/virtiofsd", "--fd=5"]
+    options = {args[i + 1] for i, a in enumerate(args) if a == "-o"}
+    assert {f"source={tmp_path}", "sandbox=namespace", "cache=auto", "xattr",
+            "announce_submounts", "no_posix_lock", "no_flock",
+            "modcaps=-mknod:-fsetid:-setfcap"} <= options
+    assert "--thread-pool-size=0" in args and "--rlimit-nofile=4096" in args
+    with pytest.raises(HypervisorError, match="qemu-system-common"):
+        VirtiofsdConfig(str(tmp_path / "none"), tmp_path).check()
+    with pytest.raises(HypervisorError, match="comma"):
+        VirtiofsdConfig("/bin/true", tmp_path / "a,b").check()

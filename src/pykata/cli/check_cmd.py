@@ -12,7 +12,8 @@ from pathlib import Path
 
 from pykata import config as config_mod
 from pykata.errors import PykataError
-from pykata.host.probes import probe_shared_fs, probe_vsock, resolve_accel
+from pykata.host.probes import probe_vsock, resolve_accel
+from pykata.runtime import fs_choice
 
 
 @dataclass(frozen=True)
@@ -72,11 +73,12 @@ def _networking(cfg: config_mod.Config) -> CheckItem:
 def gather(cfg: config_mod.Config) -> list[CheckItem]:
     accel = resolve_accel(cfg.qemu.accel)
     vsock = probe_vsock()
-    share = probe_shared_fs(cfg.qemu.shared_fs)
+    share = fs_choice.choose(cfg)
     items = [
         CheckItem("acceleration", accel.value, accel.reason),
         CheckItem("agent transport", vsock.value, vsock.reason),
-        CheckItem("shared filesystem", share.value, share.reason, share.value != "unsupported"),
+        CheckItem("shared filesystem", share.kind or "refused",
+                  share.reason or f"{share.refusal} ({share.hint})", not share.refusal),
         _qemu(cfg.qemu.path),
         CheckItem("machine type", cfg.qemu.machine_type, "from [hypervisor.qemu] machine_type"),
         _networking(cfg),

@@ -39,12 +39,25 @@ def to_toml(data: dict[str, Any], prefix: str = "") -> str:
     return "\n".join(lines)
 
 
+def in_effect(cfg: config_mod.Config) -> dict[str, str]:
+    """What the settings resolve to on this host: "auto" values made concrete,
+    with the reason (the same choice a pod's start makes)."""
+    from pykata.runtime import fs_choice
+
+    share = fs_choice.choose(cfg)
+    return {"shared_fs": share.kind or "refused",
+            "shared_fs_reason": share.reason or f"{share.refusal} ({share.hint})"}
+
+
 def run(args: argparse.Namespace) -> int:
     cfg = config_mod.load(args.config)
-    data = {"source": cfg.source, **cfg.to_dict()}
+    effect = in_effect(cfg)
+    data = {"source": cfg.source, **cfg.to_dict(), "in_effect": effect}
     if args.json:
         print(json.dumps(data, indent=2))
     else:
         print(f"# configuration in effect: {cfg.source}")
+        print(f"# shared filesystem pods get: {effect['shared_fs']} "
+              f"({effect['shared_fs_reason']})")
         print(to_toml(cfg.to_dict()).rstrip())
     return 0

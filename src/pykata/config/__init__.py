@@ -27,6 +27,7 @@ DEFAULT_CONFIG = Path(__file__).with_name("configuration.toml")
 _Section = TypeVar("_Section", "QemuConfig", "AgentConfig", "RuntimeConfig", "FactoryConfig")
 
 SHARED_FS_CHOICES = ("auto", "virtio-9p", "virtio-fs")
+VIRTIO_FS_CACHE_CHOICES = ("auto", "always", "none")
 ACCEL_CHOICES = ("auto", "kvm", "tcg")
 MACHINE_CHOICES = ("microvm", "q35")
 
@@ -42,6 +43,10 @@ class QemuConfig:
     default_vcpus: int = 1
     default_memory: int = 512
     shared_fs: str = "auto"
+    # virtiofsd for shared_fs = "virtio-fs": "" finds QEMU's (Debian's
+    # qemu-system-common) where it is installed; its cache mode.
+    virtio_fs_daemon: str = ""
+    virtio_fs_cache: str = "auto"
     enable_annotations: tuple[str, ...] = ()
     # The NICs' datapath: vhost-net in the host kernel where /dev/vhost-net
     # exists, unless disabled; QEMU's own otherwise.
@@ -61,6 +66,10 @@ class QemuConfig:
         _choice(where, "machine_type", self.machine_type, MACHINE_CHOICES)
         _choice(where, "accel", self.accel, ACCEL_CHOICES)
         _choice(where, "shared_fs", self.shared_fs, SHARED_FS_CHOICES)
+        _choice(where, "virtio_fs_cache", self.virtio_fs_cache, VIRTIO_FS_CACHE_CHOICES)
+        if self.virtio_fs_daemon and not os.path.isabs(self.virtio_fs_daemon):
+            raise ConfigError(f"{where}: virtio_fs_daemon must be an absolute path, not "
+                              f"{self.virtio_fs_daemon!r}")
         if not 1 <= self.default_vcpus <= 64:
             raise ConfigError(f"{where}: default_vcpus must be between 1 and 64")
         if not 64 <= self.default_memory <= 1024 * 1024:

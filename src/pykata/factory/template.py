@@ -135,6 +135,10 @@ def unclonable(vm: VmConfig) -> str:
         return "its agent channel is vsock (a clone would need its own context id)"
     if vm.shared_dir is None:
         return "it has no shared directory"
+    if vm.uses_virtio_fs:
+        # runtime.fs_choice gives a configuration with templates 9p; this
+        # guards a VmConfig made some other way.
+        return "its shared filesystem is virtio-fs, which QEMU 7.2 cannot save"
     return ""
 
 

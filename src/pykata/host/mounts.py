@@ -107,6 +107,19 @@ def mount_beneath(m: Mount, base: Path, rel: str | PurePosixPath, *,
         os.close(target)
 
 
+def share_propagation(base: Path, rel: str | PurePosixPath) -> None:
+    """Make the mount at `base`/`rel` (not those below it) a shared one: the
+    mounts made below it later reach the mount namespaces that hold a slave
+    copy of it (virtiofsd's), and nothing flows back from them."""
+    root = safepath.open_beneath(base, rel, directory=True)
+    try:
+        sc.mount_setattr(root, set_flags=0, recursive=False, propagation=sc.MS_SHARED)
+    except OSError as exc:
+        raise MountError(f"making {base / rel} a shared mount failed: {_reason(exc)}") from exc
+    finally:
+        os.close(root)
+
+
 def _source_is_dir(m: Mount) -> bool:
     if not m.is_bind:
         return True

@@ -97,20 +97,6 @@ def find_virtiofsd() -> str | None:
     return shutil.which("virtiofsd")
 
 
-def probe_shared_fs(setting: str) -> Probe:
-    """The shared filesystem a sandbox gets. Only 9p is implemented so far."""
-    if setting == "virtio-fs":
-        return Probe("unsupported", "virtio-fs is not implemented yet; set shared_fs = "
-                                    '"virtio-9p" or "auto"')
-    if setting == "virtio-9p":
-        return Probe("virtio-9p", "set in the configuration (shared_fs)")
-    daemon = find_virtiofsd()
-    if daemon:
-        return Probe("virtio-9p", f"virtiofsd found at {daemon}, but pykata does not "
-                                  "implement virtio-fs yet; 9p is built into QEMU")
-    return Probe("virtio-9p", "virtiofsd is not installed; 9p is built into QEMU")
-
-
 @functools.cache
 def host_tsc_khz(cpuinfo: str | None = None) -> int | None:
     """The host TSC rate in kHz when the host states it, else None.

@@ -26,10 +26,12 @@ class AgentChannel:
 
 @dataclass(frozen=True)
 class SharedDirectory:
-    """A host directory the guest mounts by `tag` (9p here)."""
+    """A host directory the guest mounts by `tag`, over `kind`: "virtio-9p"
+    (the hypervisor serves it) or "virtio-fs" (a virtiofsd process does)."""
 
     path: Path
     tag: str = SHARED_FS_TAG
+    kind: str = "virtio-9p"
 
 
 @dataclass(frozen=True)

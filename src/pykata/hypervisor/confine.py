@@ -157,8 +157,11 @@ class _CapData(ctypes.Structure):
 _CAP_V3 = 0x20080522
 
 
-def confining_hook(parent_pid: int, *, die_with_parent: bool = True) -> Callable[[], None]:
-    """A pre-exec hook for QEMU. Everything is prepared here, before fork:
+def confining_hook(parent_pid: int, *, die_with_parent: bool = True,
+                   capabilities: tuple[int, ...] = KEPT_CAPABILITIES,
+                   name: bytes = b"QEMU") -> Callable[[], None]:
+    """A pre-exec hook for QEMU (and, with its own `capabilities`, for
+    virtiofsd: `hypervisor.virtiofsd`). Everything is prepared here, before fork:
     the forked child only makes system calls (importing or allocating there
     could deadlock on a lock another thread held at fork time).
 
@@ -174,14 +177,15 @@ def confining_hook(parent_pid: int, *, die_with_parent: bool = True) -> Callable
     rows = setid_filter()
     filters = (_SockFilter * len(rows))(*(_SockFilter(c, jt, jf, k) for c, jt, jf, k in rows))
     prog = _SockFprog(len(rows), filters)
-    dropped = [c for c in range(_last_capability() + 1) if c not in KEPT_CAPABILITIES]
-    kept_mask = sum(1 << c for c in KEPT_CAPABILITIES)
+    dropped = [c for c in range(_last_capability() + 1) if c not in capabilities]
+    kept_mask = sum(1 << c for c in capabilities if c < 32)
+    kept_high = sum(1 << (c - 32) for c in capabilities if c >= 32)
     header = _CapHeader(_CAP_V3, 0)
     data = (_CapData * 2)()
     ulong = ctypes.c_ulong
 
     def fail(step: bytes) -> None:
-        os.write(2, b"pykata: confining QEMU failed at " + step + b"\n")
+        os.write(2, b"pykata: confining " + name + b" failed at " + step + b"\n")
         os._exit(126)
 
     def hook() -> None:
@@ -201,7 +205,7 @@ def confining_hook(parent_pid: int, *, die_with_parent: bool = True) -> Callable
             fail(b"capget")
         # Now, not only at exec: nothing between here and QEMU keeps more.
         data[0].effective = data[0].permitted = kept_mask
-        data[1].effective = data[1].permitted = 0
+        data[1].effective = data[1].permitted = kept_high
         data[0].inheritable = data[1].inheritable = 0
         if capset(ctypes.byref(header), data) != 0:
             fail(b"capset")

@@ -25,6 +25,7 @@ from pykata.errors import HypervisorError
 from pykata.host.probes import host_tsc_khz
 from pykata.hypervisor import migration
 from pykata.hypervisor import qemu_args as qa
+from pykata.hypervisor import virtiofsd as vfs
 from pykata.hypervisor.base import (
     AgentChannel,
     Console,
@@ -77,6 +78,19 @@ class VmConfig:
     # Not killed when the process that starts it dies: a VM the VM cache
     # keeps warm, which a pod's owner takes over and the cache may not outlive.
     outlives_owner: bool = False
+    # How the guest gets shared_dir: "virtio-9p" (QEMU's 9p server) or
+    # "virtio-fs" (a virtiofsd of its own, at `virtiofsd`, in that cache mode).
+    shared_fs: str = "virtio-9p"
+    virtiofsd: str = ""
+    virtio_fs_cache: str = "auto"
+
+    @property
+    def uses_virtio_fs(self) -> bool:
+        return self.shared_dir is not None and self.shared_fs == "virtio-fs"
+
+    def virtiofsd_config(self) -> vfs.VirtiofsdConfig:
+        assert self.shared_dir is not None
+        return vfs.VirtiofsdConfig(self.virtiofsd, self.shared_dir, self.virtio_fs_cache)
 
     @property
     def console_log(self) -> Path:
@@ -111,7 +125,7 @@ class VmConfig:
         devices: list[Device] = [Console(self.console_limit), EntropySource(),
                                  AgentChannel(self.vsock_cid)]
         if self.shared_dir is not None:
-            devices.append(SharedDirectory(self.shared_dir))
+            devices.append(SharedDirectory(self.shared_dir, kind=self.shared_fs))
         devices.extend(self.network)
         if self.memory_path is None:
             # Not with RAM in a file: QEMU 7.2 discards a reported page by
@@ -131,6 +145,13 @@ class VmConfig:
                 )
         if self.shared_dir is not None and not self.shared_dir.is_dir():
             raise HypervisorError(f"shared directory {self.shared_dir} does not exist")
+        if self.uses_virtio_fs:
+            if self.memory_path is not None:
+                # virtiofsd maps the guest's RAM shared; a template's clone
+                # maps it private, and QEMU 7.2 cannot save a vhost-user-fs
+                # device at all (see factory.template).
+                raise HypervisorError("a VM whose RAM is a template's file cannot use virtio-fs")
+            self.virtiofsd_config().check()
 
 
 @dataclass
@@ -208,25 +229,36 @@ class QemuVM:
         # it is collected, so it is kept here too.
         self._readers: list[asyncio.BaseTransport | asyncio.StreamWriter] = []
         self._token_socket: socket.socket | None = None
+        self._virtiofsd: vfs.Virtiofsd | None = None
 
     @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc else None
 
     @property
+    def virtiofsd_pid(self) -> int | None:
+        """The VM's virtiofsd (None on 9p): it lives and ends with QEMU."""
+        return self._virtiofsd.pid if self._virtiofsd is not None else None
+
+    @property
     def running(self) -> bool:
         return self._proc is not None and self._proc.returncode is None
 
-    def _options(self, qmp_fd: int, agent_fd: int, console_fd: int) -> list[qa.QemuOption]:
+    def _options(self, qmp_fd: int, agent_fd: int, console_fd: int, virtiofs_fd: int = -1
+                 ) -> list[qa.QemuOption]:
         c = self.config
+        memory = qa.Memory(c.memory_mib, c.memory_path, c.memory_shared,
+                           memfd=c.uses_virtio_fs and c.memory_path is None)
         opts: list[qa.QemuOption] = [
             qa.Basics(name=f"pykata-{c.name}"),
-            qa.Machine(c.machine_type, c.accel, ram_backend=c.memory_path is not None),
+            qa.Machine(c.machine_type, c.accel, ram_backend=memory.backend),
             qa.Cpu(c.vcpus, c.accel),
-            qa.Memory(c.memory_mib, c.memory_path, c.memory_shared),
+            memory,
             qa.KernelBoot(c.kernel, c.initrd, c.kernel_cmdline()),
             qa.QmpFd(qmp_fd),
         ]
+        if c.uses_virtio_fs:
+            opts.append(qa.ModernVirtioMmio(c.machine_type))
         nics = 0
         for device in c.devices():
             if isinstance(device, NetworkInterface):
@@ -234,26 +266,37 @@ class QemuVM:
                                       c.machine_type, device.vhost_fd))
                 nics += 1
                 continue
-            opts += _render(device, c.machine_type, agent_fd=agent_fd, console_fd=console_fd)
+            opts += _render(device, c.machine_type, agent_fd=agent_fd, console_fd=console_fd,
+                            virtiofs_fd=virtiofs_fd)
         if c.incoming:
             opts.append(qa.Incoming())
         return opts
 
-    def command(self, qmp_fd: int, agent_fd: int, console_fd: int) -> list[str]:
-        return [self.config.qemu_path, *qa.render(self._options(qmp_fd, agent_fd, console_fd))]
+    def command(self, qmp_fd: int, agent_fd: int, console_fd: int, virtiofs_fd: int = -1
+                ) -> list[str]:
+        return [self.config.qemu_path,
+                *qa.render(self._options(qmp_fd, agent_fd, console_fd, virtiofs_fd))]
 
     async def start(self) -> None:
-        """Launch QEMU and connect QMP; on any failure nothing is left running."""
+        """Launch virtiofsd (with virtio-fs), then QEMU, and connect QMP; on
+        any failure nothing is left running."""
         self.config.check()
         self.config.run_dir.mkdir(parents=True, exist_ok=True)
+        virtiofs: socket.socket | None = None
         qmp_host, qmp_vm = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         agent_host, agent_vm = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         console_host, console_vm = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         output_r, output_w = os.pipe2(os.O_CLOEXEC)
         self._console, self._output = console_host, output_r
         try:
+            if self.config.uses_virtio_fs:
+                # Before QEMU: its vhost-user device talks to virtiofsd at once.
+                self._virtiofsd = vfs.Virtiofsd(
+                    self.config.virtiofsd_config(), self.config.run_dir,
+                    die_with_parent=not self.config.outlives_owner)
+                virtiofs = await self._virtiofsd.start()
             await self._launch(qmp_vm.fileno(), agent_vm.fileno(), console_vm.fileno(),
-                               output_w)
+                               output_w, virtiofs.fileno() if virtiofs is not None else -1)
             await self._capture_output(append=False)
         except BaseException:
             qmp_host.close()
@@ -265,6 +308,8 @@ class QemuVM:
             agent_vm.close()
             console_vm.close()
             os.close(output_w)
+            if virtiofs is not None:
+                virtiofs.close()
         if self.config.vsock_cid:
             # The token waits in the socket until the agent reads its port;
             # the socket stays open with the VM (QEMU's end would see a hangup).
@@ -280,9 +325,9 @@ class QemuVM:
                 raise
             raise HypervisorError(f"QEMU failed to start: {self.failure_report()}") from exc
 
-    async def _launch(self, qmp_fd: int, agent_fd: int, console_fd: int, output_fd: int
-                      ) -> None:
-        cmd = self.command(qmp_fd, agent_fd, console_fd)
+    async def _launch(self, qmp_fd: int, agent_fd: int, console_fd: int, output_fd: int,
+                      virtiofs_fd: int = -1) -> None:
+        cmd = self.command(qmp_fd, agent_fd, console_fd, virtiofs_fd)
         log.debug("starting %s", " ".join(cmd))
         try:
             self._proc = await asyncio.create_subprocess_exec(
@@ -291,6 +336,7 @@ class QemuVM:
                 stdout=output_fd,
                 stderr=asyncio.subprocess.STDOUT,
                 pass_fds=(qmp_fd, agent_fd, console_fd,
+                          *((virtiofs_fd,) if virtiofs_fd >= 0 else ()),
                           *(nic.tap_fd for nic in self.config.network if nic.tap_fd >= 0),
                           *(nic.vhost_fd for nic in self.config.network if nic.vhost_fd >= 0)),
                 start_new_session=True,
@@ -344,6 +390,9 @@ class QemuVM:
         them). `forget` closes ours afterwards; until then `kill` still works."""
         if self._proc is None or self._console is None or self.agent_socket is None:
             raise HypervisorError("only a running VM can be handed over")
+        if self._virtiofsd is not None:
+            # Its virtiofsd is this process's child and dies with it.
+            raise HypervisorError("a VM on virtio-fs cannot be handed over")
         await self._stop_copiers(wait=0.0)
         if self._qmp is not None:
             await self._qmp.close()
@@ -382,7 +431,9 @@ class QemuVM:
             raise HypervisorError(f"QEMU refused: {exc}\n{self.failure_report()}") from exc
 
     def failure_report(self, lines: int = 15) -> str:
-        return failure_report(self.config.stderr_log, self.config.console_log, lines)
+        report = failure_report(self.config.stderr_log, self.config.console_log, lines)
+        said = self._virtiofsd.failure_report() if self._virtiofsd is not None else ""
+        return f"{said}\n{report}" if said else report
 
     def moved_to(self, run_dir: Path) -> None:
         """Its directory was renamed: reports read the logs at the new path
@@ -421,6 +472,9 @@ class QemuVM:
             await proc.wait()
         if isinstance(proc, _HandedProcess):
             proc.close()
+        if self._virtiofsd is not None:
+            # After QEMU: virtiofsd exits by itself once QEMU's end closes.
+            await self._virtiofsd.stop()
         # What QEMU wrote before it died is what an error report shows.
         await self._stop_copiers(wait=2.0)
         if self._qmp is not None:
@@ -447,8 +501,8 @@ class QemuVM:
             self._output = -1
 
 
-def _render(device: Device, machine_type: str, *, agent_fd: int, console_fd: int
-            ) -> list[qa.QemuOption]:
+def _render(device: Device, machine_type: str, *, agent_fd: int, console_fd: int,
+            virtiofs_fd: int = -1) -> list[qa.QemuOption]:
     """QEMU's pieces for one device; descriptors are the ones QEMU inherits."""
     if isinstance(device, Console):
         return [qa.SerialConsoleFd(console_fd)]
@@ -464,6 +518,8 @@ def _render(device: Device, machine_type: str, *, agent_fd: int, console_fd: int
                     qa.TokenPort(agent_fd, machine_type)]
         return [qa.VirtioSerialAgent(agent_fd, machine_type)]
     if isinstance(device, SharedDirectory):
+        if device.kind == "virtio-fs":
+            return [qa.VirtioFs(virtiofs_fd, machine_type, device.tag)]
         return [qa.Share9p(device.path, machine_type, device.tag)]
     raise HypervisorError(f"QEMU cannot provide a {type(device).__name__}")
 

@@ -63,15 +63,22 @@ class Cpu:
 
 @dataclass(frozen=True)
 class Memory:
-    """Guest RAM: anonymous memory, or a file (`path`). A template VM maps its
-    file shared, so the guest's pages end up in it; a clone maps the
-    template's file private: it reads the template's pages from the page
-    cache, shared with every other clone, and a page it writes becomes its
-    own copy."""
+    """Guest RAM: anonymous memory, a file (`path`), or (`memfd`) a memfd
+    mapped shared. A template VM maps its file shared, so the guest's pages
+    end up in it; a clone maps the template's file private: it reads the
+    template's pages from the page cache, shared with every other clone, and
+    a page it writes becomes its own copy. virtio-fs needs the memfd:
+    virtiofsd maps the guest's RAM to read and write its buffers."""
 
     mib: int
     path: Path | None = None
     shared: bool = True
+    memfd: bool = False
+
+    @property
+    def backend(self) -> bool:
+        """Whether the RAM is the object RAM_BACKEND_ID (Machine's memory-backend)."""
+        return self.path is not None or self.memfd
 
     def args(self) -> list[str]:
         out = ["-m", f"{self.mib}M"]
@@ -79,6 +86,9 @@ class Memory:
             share = "on" if self.shared else "off"
             out += ["-object", f"memory-backend-file,id={RAM_BACKEND_ID},size={self.mib}M,"
                                f"mem-path={_escape(str(self.path))},share={share}"]
+        elif self.memfd:
+            out += ["-object",
+                    f"memory-backend-memfd,id={RAM_BACKEND_ID},size={self.mib}M,share=on"]
         return out
 
 
@@ -222,6 +232,39 @@ class Share9p:
             "multidevs=remap",
             "-device", f"virtio-9p-{bus},fsdev=shared,mount_tag={self.tag}",
         ]
+
+
+@dataclass(frozen=True)
+class VirtioFs:
+    """The export over virtio-fs: a vhost-user device whose backend is
+    virtiofsd, on an already-connected socket (`fd`, see
+    hypervisor.virtiofsd)."""
+
+    fd: int
+    machine_type: str
+    tag: str = SHARED_FS_TAG
+
+    def args(self) -> list[str]:
+        bus = _bus_suffix(self.machine_type)
+        # queue-size 1024: Kata's; a request larger than the queue is split.
+        return [
+            "-chardev", f"socket,id=virtiofs,fd={self.fd}",
+            "-device", f"vhost-user-fs-{bus},chardev=virtiofs,tag={self.tag},queue-size=1024",
+        ]
+
+
+@dataclass(frozen=True)
+class ModernVirtioMmio:
+    """virtio-mmio devices speak modern (1.0) virtio. `microvm` defaults to
+    legacy virtio, which libvhost-user (virtiofsd) refuses: QEMU then fails
+    with "vhost_set_mem_table failed: Input/output error"."""
+
+    machine_type: str
+
+    def args(self) -> list[str]:
+        if self.machine_type != "microvm":
+            return []
+        return ["-global", "virtio-mmio.force-legacy=false"]
 
 
 @dataclass(frozen=True)

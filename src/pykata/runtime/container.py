@@ -43,7 +43,7 @@ class Container:
 
     def share_rootfs(self, mounts: Sequence[Mount], *, readonly: bool = False,
                      mount_points: Sequence[MountPoint] = ()) -> None:
-        """Mount the container's rootfs where the guest sees it (9p share);
+        """Mount the container's rootfs where the guest sees it (the share);
         `readonly` (the spec's root.readonly) holds on the host, all the way
         down, so the `mount_points` it lacks are made in it first."""
         if not mounts:

@@ -2,11 +2,12 @@
 
     <root>/                            0700 root (default /run/pykata)
     <root>/shims/                      the shims' sockets
-    <root>/sandboxes/<key>/            0700: state.json, console.log, qemu.stderr
+    <root>/sandboxes/<key>/            0700: state.json, console.log, qemu.stderr,
+                                       virtiofsd.log (virtio-fs)
     <root>/sandboxes/<key>/scratch/    a tmpfs bounded by [runtime] scratch_size:
         share/                         the directories of the share (host-only)
         containers/<id>/               overlay upper and work dirs of `pykata run`
-    <root>/sandboxes/<key>/shared/     scratch/share bound read-only: the 9p
+    <root>/sandboxes/<key>/shared/     scratch/share bound read-only: the
                                        export; rootfs and volumes mounted below
 
 A sandbox's key is unique per pod: the shim derives it from containerd's

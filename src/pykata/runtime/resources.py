@@ -49,16 +49,26 @@ class SandboxResource(Protocol):
 
 
 class SharedFilesystem:
-    """The sandbox's 9p export: a VM device, and a storage the agent mounts
-    at GUEST_SHARED_DIR when the sandbox is created."""
+    """The sandbox's export, over 9p or virtio-fs (`kind`, `runtime.fs_choice`):
+    a VM device, and a storage the agent mounts at GUEST_SHARED_DIR when the
+    sandbox is created."""
 
-    def __init__(self, share: SandboxShare) -> None:
+    def __init__(self, share: SandboxShare, kind: str = "virtio-9p") -> None:
         self.share = share
+        self.kind = kind
+
+    def use(self, kind: str) -> None:
+        """Serve the export over `kind` (before `prepare`)."""
+        self.kind = kind
+        self.share.for_virtio_fs = kind == "virtio-fs"
 
     async def prepare(self) -> None:
         self.share.prepare()
 
     def storages(self) -> Sequence[agent_pb2.Storage]:
+        if self.kind == "virtio-fs":
+            return [agent_pb2.Storage(driver="virtio-fs", source=SHARED_FS_TAG,
+                                      fstype="virtiofs", mount_point=GUEST_SHARED_DIR)]
         return [agent_pb2.Storage(driver="9p", source=SHARED_FS_TAG, fstype="9p",
                                   options=list(NINEP_OPTIONS), mount_point=GUEST_SHARED_DIR)]
 

@@ -30,11 +30,14 @@ from pykata.host import vsock
 from pykata.host.cgroups import Limits
 from pykata.host.mounts import remove_unmounted
 from pykata.host.probes import probe_vsock, resolve_accel
+from pykata.hypervisor import virtiofsd
 from pykata.hypervisor.base import Hypervisor
 from pykata.hypervisor.qemu import Handover, QemuVM, VmConfig
 from pykata.network import tcfilter
 from pykata.protocols import agent_pb2
+from pykata.runtime import fs_choice
 from pykata.runtime.agent_client import AgentClient
+from pykata.runtime.fs_choice import SharedFsChoice
 from pykata.runtime.paths import SandboxPaths, check_id, private_dir, rename_noreplace
 from pykata.runtime.pod_cgroup import (
     NO_REQUEST,
@@ -136,9 +139,17 @@ class Sandbox:
     def console_log(self) -> Path:
         return self.paths.run_dir / "console.log"
 
+    def shared_fs_choice(self) -> SharedFsChoice:
+        """The sandbox's shared filesystem (`runtime.fs_choice`); ConfigError
+        when the configuration asks for one that cannot be honoured."""
+        choice = fs_choice.require(self.config)
+        self.shared_fs.use(choice.kind)
+        return choice
+
     def vm_config(self) -> VmConfig:
         """The VM this sandbox would boot, from its configuration and options."""
         q = self.config.qemu
+        fs = self.shared_fs_choice()
         kernel, initrd = _guest_assets(q.kernel, q.initrd)
         accel = resolve_accel(q.accel)
         use_vsock = probe_vsock().value == "vsock"
@@ -158,12 +169,18 @@ class Sandbox:
             vsock_cid=vsock.pick_cid() if use_vsock else 0,
             vsock_token=secrets.token_bytes(TOKEN_SIZE) if use_vsock else b"",
             console_limit=self.config.runtime.console_log_size * 1024,
+            shared_fs=fs.kind,
+            virtiofsd=fs.daemon,
+            virtio_fs_cache=q.virtio_fs_cache,
         )
 
     async def start(self, *, create: bool = True) -> None:
         """Get the VM and bring the guest's sandbox up; undo everything if any
         step fails. With `create` false the guest gets no CreateSandbox: a VM
         kept warm for a pod not known yet (the VM cache)."""
+        # Before anything is made: a shared_fs setting that cannot be
+        # honoured is refused, never replaced by another filesystem.
+        self.shared_fs_choice()
         await self.network.check()
         limits = pod_limits([self.options.cgroup_request], self.config.runtime)
         self.host_cgroup.check(limits)
@@ -349,6 +366,7 @@ class Sandbox:
             console_log=str(self.console_log),
             created=self._created,
             qemu_pid=(self.vm.pid or 0) if self.vm is not None else 0,
+            virtiofsd_pid=getattr(self.vm, "virtiofsd_pid", None) or 0,
             control_socket=self.control_socket,
             # Only once they exist: a start that fails before has none to undo,
             # and must not undo another sandbox's.
@@ -375,9 +393,12 @@ def read_sandbox_state(paths: SandboxPaths) -> SandboxState:
 
 
 def owner_gone(state: SandboxState) -> bool:
-    """Whether the process that held the sandbox's VM, and the VM, are gone."""
+    """Whether the process that held the sandbox's VM, and the VM, are gone.
+    A virtiofsd still serving it (it exits with QEMU and its owner, so only
+    by some fault) does not keep the sandbox: cleanup ends it by its record."""
     return (not process_alive(state.owner_pid, state.owner_start)
             and not qemu_running(state))
+
 
 
 def qemu_running(state: SandboxState) -> bool:
@@ -400,6 +421,9 @@ def cleanup_host_state(paths: SandboxPaths) -> None:
     """
     with contextlib.suppress(PykataError):
         state = read_sandbox_state(paths)
+        # Before the unmounts: a dead owner's virtiofsd (it dies with its
+        # QEMU and its owner; this is for one that did not) must stop serving.
+        virtiofsd.kill_recorded(state.virtiofsd_pid, paths.shared_dir)
         if state.cgroups:
             remove_recorded(state.cgroups)
         if state.netns and state.mirrored:

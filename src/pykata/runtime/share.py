@@ -11,6 +11,18 @@ What the guest can write, and where:
 Every one of these mounts is nosuid, nodev and noexec on the host.
 `pykata run`'s writable layer lives on the sandbox's scratch tmpfs, bounded
 by [runtime] scratch_size.
+
+9p is served by QEMU in the host's mount namespace, so it sees each mount
+as it is made. virtiofsd serves from a mount namespace of its own, made
+when the VM starts, holding a slave copy of the export: the export is then
+a shared mount (`for_virtio_fs`), so the rootfs and volumes mounted below it
+later reach virtiofsd, and what virtiofsd's namespace does never reaches the
+host. Each mount below keeps its own flags in the copy (read-only stays
+read-only) and stays private towards its own source: a mount the host makes
+later under a volume's source reaches neither. A container's mounts are
+unmounted lazily there: virtiofsd keeps a descriptor of every file the
+guest has looked up, which would make a plain unmount fail as busy until
+the guest forgets them (Kata unmounts them lazily too).
 """
 
 from __future__ import annotations
@@ -29,6 +41,7 @@ from pykata.host.mounts import (
     mount_beneath,
     mount_tmpfs,
     mounts_under,
+    share_propagation,
     unmount,
 )
 from pykata.runtime.paths import SandboxPaths
@@ -46,6 +59,8 @@ class SandboxShare:
     def __init__(self, paths: SandboxPaths, scratch_mib: int) -> None:
         self.paths = paths
         self.scratch_mib = scratch_mib
+        # Served by virtiofsd from its own mount namespace (see above).
+        self.for_virtio_fs = False
 
     def prepare(self) -> None:
         """Mount the scratch tmpfs and the export; the run dir must exist.
@@ -58,6 +73,8 @@ class SandboxShare:
         p.shared_dir.mkdir(mode=0o700)
         mount_beneath(Mount("bind", str(p.share_source), ("bind",)), p.run_dir, "shared",
                       readonly=True)
+        if self.for_virtio_fs:
+            share_propagation(p.run_dir, "shared")
 
     def container(self, container_id: str) -> ContainerShare:
         return ContainerShare(self, container_id)
@@ -84,6 +101,7 @@ class ContainerShare:
         self.id = container_id
         self.rel = SandboxPaths.container_share(container_id)
         self.created = False
+        self.lazy_unmount = share.for_virtio_fs
 
     @property
     def rootfs(self) -> Path:
@@ -127,7 +145,7 @@ class ContainerShare:
             return
         top = self.paths.shared_dir / self.rel
         for point in mounts_under(top):
-            unmount(point)
+            unmount(point, lazy=self.lazy_unmount)
         if mounts_under(top):
             raise MountError(f"mounts remain under {top}; leaving it in place")
         for path in (self.paths.share_source / self.rel, self.paths.scratch(self.id)):

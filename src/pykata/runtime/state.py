@@ -46,6 +46,9 @@ class SandboxState:
     console_log: str
     created: float
     qemu_pid: int = 0
+    # The VM's virtiofsd (0 on 9p): it dies with QEMU and with the owner;
+    # cleanup ends one still serving the sandbox's export, by this record.
+    virtiofsd_pid: int = 0
     # The pod's control socket (runtime.control), served by the owner.
     control_socket: str = ""
     # The pod network namespace whose interfaces (name: index) carry pykata's
