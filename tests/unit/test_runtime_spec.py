@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from pykata.errors import SpecError
-from pykata.host.mounts import _split_options, _unescape
+from pykata.host.mounts import _split_options, unescape_mountinfo
 from pykata.runtime.spec import check_spec, default_spec, load_bundle
 
 
@@ -60,4 +60,4 @@ def test_mount_options_split_and_mountinfo_unescape() -> None:
     octal escapes are decoded."""
     flags, data = _split_options(["ro", "nosuid", "lowerdir=/a", "rw", "upperdir=/b"])
     assert flags == 0x1 | 0x2 and data == "lowerdir=/a,upperdir=/b"
-    assert _unescape(r"/run/my\040dir\011x") == "/run/my dir\tx"
+    assert unescape_mountinfo(r"/run/my\040dir\011x") == "/run/my dir\tx"

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from pykata.errors import HostError
+from pykata.host.mounts import unescape_mountinfo
 
 log = logging.getLogger(__name__)
 
@@ -96,19 +97,6 @@ class Layout:
         return None
 
 
-def _unescape(field_: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as octal.
-    out, i = [], 0
-    while i < len(field_):
-        if field_[i] == "\\" and field_[i + 1:i + 4].isdigit() and len(field_[i + 1:i + 4]) == 3:
-            out.append(chr(int(field_[i + 1:i + 4], 8)))
-            i += 4
-        else:
-            out.append(field_[i])
-            i += 1
-    return "".join(out)
-
-
 def parse_mountinfo(text: str) -> Layout:
     """The cgroup hierarchies in a mountinfo file's text; a hierarchy mounted
     twice counts once (the first mount)."""
@@ -123,7 +111,7 @@ def parse_mountinfo(text: str) -> Layout:
         if len(fields_) < 5 or len(tail) < 3:
             continue
         fstype, options = tail[0], tail[2]
-        root, mount = _unescape(fields_[3]), Path(_unescape(fields_[4]))
+        root, mount = unescape_mountinfo(fields_[3]), Path(unescape_mountinfo(fields_[4]))
         if fstype == "cgroup2":
             if (2, "") in seen:
                 continue

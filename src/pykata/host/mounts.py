@@ -209,7 +209,7 @@ def mounts_under(prefix: Path) -> list[Path]:
     found = []
     with open("/proc/self/mountinfo") as f:
         for line in f:
-            point = Path(_unescape(line.split()[4]))
+            point = Path(unescape_mountinfo(line.split()[4]))
             if point == prefix or prefix in point.parents:
                 found.append(point)
     return sorted(found, key=lambda p: len(p.parts), reverse=True)
@@ -223,7 +223,7 @@ def mounts_of_type(fstype: str) -> list[Path]:
             fields = line.split()
             # Optional fields end with a lone "-"; the type follows it.
             if fields[fields.index("-", 6) + 1] == fstype:
-                found.append(Path(_unescape(fields[4])))
+                found.append(Path(unescape_mountinfo(fields[4])))
     return found
 
 
@@ -233,12 +233,12 @@ def mount_options(point: Path) -> set[str]:
     with open("/proc/self/mountinfo") as f:
         for line in f:
             fields = line.split()
-            if Path(_unescape(fields[4])) == point:
+            if Path(unescape_mountinfo(fields[4])) == point:
                 options = set(fields[5].split(","))
     return options
 
 
-def _unescape(field: str) -> str:
+def unescape_mountinfo(field: str) -> str:
     # mountinfo escapes space, tab, newline and backslash as \ooo octal.
     out, i = [], 0
     while i < len(field):
