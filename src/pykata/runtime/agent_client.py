@@ -17,6 +17,8 @@ import logging
 import math
 import re
 import socket
+import time
+from collections.abc import Callable
 from typing import TypeVar
 
 from google.protobuf import empty_pb2
@@ -61,6 +63,11 @@ _TIMEOUTS = {
 
 R = TypeVar("R", bound=Message)
 
+# Told of every finished agent call: its method, its seconds, and the error
+# it ended with (None on success). Metrics, the pod's event log and tracing
+# listen here, so the call path itself stays one place.
+RpcObserver = Callable[[str, float, BaseException | None], None]
+
 # The longest a guest's boot step may claim to have taken (GetBootProfile).
 MAX_BOOT_SECONDS = 3600.0
 
@@ -92,6 +99,7 @@ class StreamEnd(Exception):
 class AgentClient:
     def __init__(self, client: Client) -> None:
         self._client = client
+        self.observers: list[RpcObserver] = []
 
     @classmethod
     async def over_socket(cls, sock: socket.socket, *, first_stream_id: int = 1
@@ -115,21 +123,42 @@ class AgentClient:
     async def close(self) -> None:
         await self._client.aclose()
 
+    def _observe(self, method: str, started: float, error: BaseException | None) -> None:
+        seconds = time.monotonic() - started
+        for observer in self.observers:
+            # An observer's bug must not turn a good call into a failed one.
+            try:
+                observer(method, seconds, error)
+            except Exception:
+                log.exception("observer of agent call %s failed", method)
+
     async def _call(self, method: str, request: Message, response_type: type[R],
                     *, service: str = AGENT_SERVICE, timeout: float | None = None) -> R:
+        started = time.monotonic()
         try:
-            return await self._client.call(
+            reply = await self._client.call(
                 service, method, request, response_type,
                 timeout=timeout if timeout is not None else _TIMEOUTS.get(method),
             )
         except StatusError as exc:
-            raise _agent_error(method, exc) from exc
+            error: BaseException = _agent_error(method, exc)
+            self._observe(method, started, error)
+            raise error from exc
         except ConnectionClosedError as exc:
-            raise AgentError(f"agent connection lost during {method}") from exc
+            error = AgentError(f"agent connection lost during {method}")
+            self._observe(method, started, error)
+            raise error from exc
         except TtrpcError as exc:
             # A reply this side cannot decode: the guest is broken or hostile.
-            raise AgentError(f"{method}: the agent sent an invalid reply: "
-                             f"{guest_line(str(exc))}") from exc
+            error = AgentError(f"{method}: the agent sent an invalid reply: "
+                               f"{guest_line(str(exc))}")
+            self._observe(method, started, error)
+            raise error from exc
+        except BaseException as exc:
+            self._observe(method, started, exc)
+            raise
+        self._observe(method, started, None)
+        return reply
 
     async def forward(self, method: str, request: Message, response_type: type[R],
                       timeout: float | None) -> R:
@@ -137,16 +166,27 @@ class AgentClient:
         (the sandbox monitor serves its clients this way). The answer is not
         checked here: the end client's AgentClient checks it. A refusal comes
         back as the agent's StatusError, so the end client sees its code."""
+        started = time.monotonic()
         try:
-            return await self._client.call(AGENT_SERVICE, method, request, response_type,
-                                           timeout=timeout)
-        except StatusError:
+            reply = await self._client.call(AGENT_SERVICE, method, request, response_type,
+                                            timeout=timeout)
+        except StatusError as exc:
+            self._observe(method, started, exc)
             raise
         except ConnectionClosedError as exc:
-            raise StatusError(Code.UNAVAILABLE, f"agent connection lost during {method}") from exc
+            error = StatusError(Code.UNAVAILABLE, f"agent connection lost during {method}")
+            self._observe(method, started, error)
+            raise error from exc
         except TtrpcError as exc:
-            raise StatusError(Code.DATA_LOSS, f"the agent sent an invalid reply: "
-                                              f"{guest_line(str(exc))}") from exc
+            error = StatusError(Code.DATA_LOSS, f"the agent sent an invalid reply: "
+                                                f"{guest_line(str(exc))}")
+            self._observe(method, started, error)
+            raise error from exc
+        except BaseException as exc:
+            self._observe(method, started, exc)
+            raise
+        self._observe(method, started, None)
+        return reply
 
     async def check(self, timeout: float) -> None:
         """Health.Check, waiting up to `timeout` for the agent to come up.
