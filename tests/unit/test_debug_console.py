@@ -351,3 +351,22 @@ def test_exec_of_an_unknown_pod_says_so(capsys: pytest.CaptureFixture[str]) -> N
         find_pod("nosuch")
     assert cli_main(["exec", "nosuch", "--", "true"]) == 1
     assert "no running pod" in capsys.readouterr().err
+
+
+async def test_an_exit_status_out_of_range_from_the_guest_is_not_passed_on(
+        tmp_path: Path, run_root: Path) -> None:
+    """A hostile agent's exit status for a session is clamped like any
+    process's: pykata exec never exits with a number the guest made up."""
+    from pykata.runtime.agent_client import INVALID_EXIT_STATUS
+
+    pod, agent, server, path = await _pod(tmp_path, True)
+    async with await PodClient.connect(path, "pod1") as client:
+        call = asyncio.ensure_future(client.debug_console(_request("sleep")))
+        for _ in range(100):
+            if DEBUG_CONSOLE_ID in agent.containers:
+                break
+            await asyncio.sleep(0.02)
+        agent.end(DEBUG_CONSOLE_ID, "console-1", 70000)
+        assert await asyncio.wait_for(call, 5) == INVALID_EXIT_STATUS
+    assert f"exited with status {INVALID_EXIT_STATUS}" in (run_root / owner.AUDIT_LOG).read_text()
+    await _end(pod, server)

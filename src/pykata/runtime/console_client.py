@@ -95,15 +95,25 @@ async def run_session(socket_path: str, pod_name: str, args: list[str], stdio: S
         pending.add(task)
         task.add_done_callback(pending.discard)
 
-    def resize() -> None:
-        new = hostio.window_size(stdio.stdin)
-        if new is not None:
-            spawn(agent.resize(DEBUG_CONSOLE_ID, exec_id, *new))
+    # One resize in flight at a time, always of the terminal's size when it
+    # is sent: a burst of SIGWINCH cannot reach the guest out of order.
+    resized = asyncio.Event()
+
+    async def follow_size() -> None:
+        while True:
+            await resized.wait()
+            resized.clear()
+            new = hostio.window_size(stdio.stdin)
+            if new is not None:
+                with contextlib.suppress(PykataError):
+                    await agent.resize(DEBUG_CONSOLE_ID, exec_id, *new)
 
     handled: list[signal.Signals] = []
     if stdio.terminal:
-        loop.add_signal_handler(signal.SIGWINCH, resize)
+        loop.add_signal_handler(signal.SIGWINCH, resized.set)
         handled.append(signal.SIGWINCH)
+        follower = asyncio.ensure_future(follow_size())
+        pending.add(follower)
     else:
         def forward(signum: int) -> None:
             spawn(agent.signal_process(DEBUG_CONSOLE_ID, exec_id, signum))
@@ -121,6 +131,9 @@ async def run_session(socket_path: str, pod_name: str, args: list[str], stdio: S
     finally:
         for sig in handled:
             loop.remove_signal_handler(sig)
+        for task in list(pending):
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
         session.cancel()
         await asyncio.gather(session, return_exceptions=True)
         await relay.close()
