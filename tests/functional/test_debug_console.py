@@ -223,6 +223,35 @@ def test_one_command_exit_status_streams_and_the_record(run_pod: str) -> None:
     assert "uid=0" in line and "command=" in line and re.search(r"after \d+\.\ds", line)
 
 
+def test_a_session_whose_client_is_killed_leaves_nothing_running(run_pod: str) -> None:
+    """SIGKILL of `pykata exec` (no goodbye from it) ends its command in the
+    guest, children included: no root shell or process is left behind."""
+    client = subprocess.Popen([*PYKATA, "exec", run_pod, "--", "sh", "-c",
+                               "sleep 301; echo after"],
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL)
+
+    def sleepers() -> int:
+        listed = _exec(run_pod, "sh", "-c", "ps -o args | grep -c '^sleep 301' || true")
+        return int(listed.out.strip() or 0)
+
+    try:
+        deadline = time.monotonic() + 60
+        while sleepers() == 0:
+            assert time.monotonic() < deadline, "the session's command never ran"
+            time.sleep(0.5)
+    finally:
+        client.kill()
+        out, _ = client.communicate()
+    assert b"after" not in out
+    deadline = time.monotonic() + 30
+    while sleepers():
+        assert time.monotonic() < deadline, "the session's process outlived its client"
+        time.sleep(0.5)
+    record = (run_root() / AUDIT_LOG).read_text()
+    assert "its client went away" in record
+
+
 def test_a_pod_without_the_console_refuses_and_says_how(
         guest_assets: object, tmp_path: Path) -> None:
     """The default configuration: refused, naming the setting and the
