@@ -309,3 +309,30 @@ def test_a_pykata_oci_container_enabled_by_the_configuration(
         oci("kill", "oci-console", "KILL")
         waiter.finish()
         oci("delete", "--force", "oci-console")
+
+
+def test_a_pod_on_a_vm_from_the_cache(
+        containerd: PrivateContainerd, shim_config: Callable[[str], None],
+        tmp_path: Path) -> None:
+    """A containerd pod that took a warm VM from the VM cache (booted before
+    the pod existed) gets its console setting at CreateSandbox: the console
+    works there, with the annotation."""
+    from pykata.runtime.keys import pod_key
+    from tests.functional.cache_peer import running_cache
+    from tests.functional.containerd_peer import NAMESPACE
+
+    with running_cache(tmp_path / "cache", count=1, template=True,
+                       base_text=_config_text(annotation=True)) as cache:
+        shim_config(cache.config_file.read_text())
+        cid = "console-cached"
+        started = containerd.ctr("run", "-d", "--runtime", RUNTIME, "--annotation",
+                                 f"{ANNOTATION}=true", IMAGE, cid, "sleep", "600")
+        assert started.returncode == 0, started.err
+        try:
+            state = read_sandbox_state(SandboxPaths.for_key(
+                pod_key(str(containerd.socket), NAMESPACE, cid)))
+            assert state.boot == "cache"
+            result = _exec(cid, "sh", "-c", "hostname; exit 8")
+            assert result.returncode == 8, result.err
+        finally:
+            containerd.remove(cid)
