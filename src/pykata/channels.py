@@ -26,3 +26,7 @@ CONTROL_SERVICE = "pykata.pod.v1.Pod"
 # containerd's names for pykata's shim.
 SHIM_NAME = "containerd-shim-pykata-v2"
 RUNTIME_TYPE = "io.containerd.pykata.v2"
+# The pseudo-container id of the debug console's processes (`pykata exec`) in
+# the process calls; no container id can be it (ids start with a letter or
+# digit).
+DEBUG_CONSOLE_ID = "@console"

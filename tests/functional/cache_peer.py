@@ -51,12 +51,14 @@ def wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
 
 
 @contextmanager
-def running_cache(tmp_path: Path, *, count: int, template: bool) -> Iterator[RunningCache]:
+def running_cache(tmp_path: Path, *, count: int, template: bool,
+                  base_text: str | None = None) -> Iterator[RunningCache]:
     """A cache keeping `count` warm VMs (restored from a template, or booted),
-    ready; stopped (SIGTERM) and its templates destroyed afterwards."""
+    ready; stopped (SIGTERM) and its templates destroyed afterwards.
+    `base_text`: the configuration to start from (the packaged one)."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     conf = tmp_path / "pykata.toml"
-    conf.write_text(config.DEFAULT_CONFIG.read_text().replace(
+    conf.write_text((base_text or config.DEFAULT_CONFIG.read_text()).replace(
         'enable_template = false', f'enable_template = {str(template).lower()}').replace(
         'template_path = ""', f'template_path = "{tmp_path}/templates"').replace(
         'vm_cache_number = 0', f'vm_cache_number = {count}').replace(

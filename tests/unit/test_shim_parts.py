@@ -85,6 +85,9 @@ def test_annotation_values_and_names_are_checked() -> None:
     with pytest.raises(ConfigError, match="not supported"):
         annotations.sandbox_options({prefix + "path": "/bin/evil"}, _config(".*"))
     with pytest.raises(ConfigError, match="not supported"):
+        annotations.sandbox_options({annotations.PREFIX + "runtime.debug": "1"}, _config(".*"))
+    # Agent annotations have their own allowlist ([agent] enable_annotations).
+    with pytest.raises(ConfigError, match=r"not allowed.*\[agent\] enable_annotations"):
         annotations.sandbox_options({annotations.PREFIX + "agent.debug": "1"}, _config(".*"))
     params = annotations.sandbox_options({prefix + "kernel_params": "quiet"}, _config(".*"))
     assert params.kernel_params == "quiet"

@@ -22,11 +22,12 @@ from typing import Any
 from pykata.agent import guest_spec, process_attrs
 from pykata.agent.console import ConsoleSocket
 from pykata.agent.crun import Crun, wait_pid_file
+from pykata.agent.debug_console import DebugConsole
 from pykata.agent.process import Process, Stdio
 from pykata.agent.reaper import Reaper
 from pykata.agent.storage import mount_storage, unmount
 from pykata.agent.sysctls import write_sysctls
-from pykata.channels import CONTAINER_TYPE_KEY
+from pykata.channels import CONTAINER_TYPE_KEY, DEBUG_CONSOLE_ID
 from pykata.protocols import agent_pb2, oci_pb2
 from pykata.protocols.oci_spec import message_to_json, spec_to_json
 from pykata.ttrpc import Code, StatusError
@@ -71,6 +72,8 @@ class Containers:
         self._crun = Crun(reaper, state_root)
         self._containers: dict[str, Container] = {}
         self._lock = asyncio.Lock()
+        # The debug console's processes: DEBUG_CONSOLE_ID in the process calls.
+        self.console = DebugConsole(reaper)
 
     # --- lookup ---------------------------------------------------------
 
@@ -81,6 +84,8 @@ class Containers:
         return container
 
     def process(self, container_id: str, exec_id: str) -> Process:
+        if container_id == DEBUG_CONSOLE_ID:
+            return self.console.process(exec_id)
         container = self.get(container_id)
         key = exec_id or container.init_exec_id
         if key == container.id:
@@ -235,6 +240,9 @@ class Containers:
         container.processes[exec_id] = proc
 
     async def signal(self, container_id: str, exec_id: str, signum: int) -> None:
+        if container_id == DEBUG_CONSOLE_ID:
+            self.console.signal(exec_id, signum)
+            return
         self.get(container_id)
         if not exec_id:
             await self._crun.kill(container_id, signum, all_processes=True)
@@ -249,6 +257,8 @@ class Containers:
             os.kill(proc.pid, signum)
 
     async def wait(self, container_id: str, exec_id: str) -> int:
+        if container_id == DEBUG_CONSOLE_ID:
+            return await self.console.wait(exec_id)
         container = self.get(container_id)
         proc = self.process(container_id, exec_id)
         code = await asyncio.shield(proc.exited)
@@ -303,6 +313,7 @@ class Containers:
         await self._crun.update(container_id, path)
 
     async def remove_all(self) -> None:
+        self.console.close_all()
         for container in self.all():
             await self._discard(container)
 

@@ -62,6 +62,8 @@ class AgentService:
         finally:
             self._creating = False
         self._sandbox_id = req.sandbox_id or "sandbox"
+        if req.debug_console:
+            self.containers.console.enable()
         self._oom_task = asyncio.ensure_future(self._watch_oom())
         log.info("sandbox %s ready", self._sandbox_id)
         return _EMPTY
@@ -259,6 +261,12 @@ class AgentService:
         proc.resize(req.row, req.column)
         return _EMPTY
 
+    async def StartDebugConsole(
+        self, req: agent_pb2.StartDebugConsoleRequest, ctx: RequestContext
+    ) -> empty_pb2.Empty:
+        await self.containers.console.start(req)
+        return _EMPTY
+
     # --- out-of-memory events ----------------------------------------------
 
     async def GetOOMEvent(
@@ -334,6 +342,7 @@ _AGENT_REQUESTS = {
     "AddARPNeighbors": agent_pb2.AddARPNeighborsRequest,
     "ListInterfaces": agent_pb2.ListInterfacesRequest,
     "ListRoutes": agent_pb2.ListRoutesRequest,
+    "StartDebugConsole": agent_pb2.StartDebugConsoleRequest,
 }
 
 

@@ -79,6 +79,11 @@ class QemuConfig:
 @dataclass(frozen=True)
 class AgentConfig:
     dial_timeout: float = 60.0
+    # The debug console (`pykata exec`) for every pod.
+    debug_console_enabled: bool = False
+    # io.katacontainers.config.agent.<name> annotations a pod may set: the
+    # <name>s listed (regular expressions, matched in full).
+    enable_annotations: tuple[str, ...] = ()
 
     def validate(self, where: str) -> None:
         if self.dial_timeout <= 0:

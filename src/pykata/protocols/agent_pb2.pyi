@@ -997,6 +997,7 @@ class CreateSandboxRequest(_message.Message):
     GUEST_HOOK_PATH_FIELD_NUMBER: _builtins.int
     KERNEL_MODULES_FIELD_NUMBER: _builtins.int
     GUEST_USERNS_FIELD_NUMBER: _builtins.int
+    DEBUG_CONSOLE_FIELD_NUMBER: _builtins.int
     hostname: _builtins.str
     sandbox_pidns: _builtins.bool
     """Start a pause process whose PID namespace containers share."""
@@ -1005,6 +1006,10 @@ class CreateSandboxRequest(_message.Message):
     """Directory in the guest searched for OCI hooks."""
     guest_userns: _builtins.bool
     """Only in some newer agent versions: set up a shared user namespace."""
+    debug_console: _builtins.bool
+    """pykata: the debug console (StartDebugConsole) may be used in this
+    sandbox. Sent per pod, so VMs from a template or the VM cache get it too.
+    """
     @_builtins.property
     def dns(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """resolv.conf lines."""
@@ -1024,10 +1029,11 @@ class CreateSandboxRequest(_message.Message):
         guest_hook_path: _builtins.str = ...,
         kernel_modules: _abc.Iterable[Global___KernelModule] | None = ...,
         guest_userns: _builtins.bool = ...,
+        debug_console: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dns", b"dns", "guest_hook_path", b"guest_hook_path", "guest_userns", b"guest_userns", "hostname", b"hostname", "kernel_modules", b"kernel_modules", "sandbox_id", b"sandbox_id", "sandbox_pidns", b"sandbox_pidns", "storages", b"storages"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["debug_console", b"debug_console", "dns", b"dns", "guest_hook_path", b"guest_hook_path", "guest_userns", b"guest_userns", "hostname", b"hostname", "kernel_modules", b"kernel_modules", "sandbox_id", b"sandbox_id", "sandbox_pidns", b"sandbox_pidns", "storages", b"storages"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1756,3 +1762,45 @@ class BootProfile(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___BootProfile: _TypeAlias = BootProfile  # noqa: Y015
+
+@_typing.final
+class StartDebugConsoleRequest(_message.Message):
+    """--- pykata: the debug console ---"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXEC_ID_FIELD_NUMBER: _builtins.int
+    ARGS_FIELD_NUMBER: _builtins.int
+    TERMINAL_FIELD_NUMBER: _builtins.int
+    TERM_FIELD_NUMBER: _builtins.int
+    ROWS_FIELD_NUMBER: _builtins.int
+    COLUMNS_FIELD_NUMBER: _builtins.int
+    exec_id: _builtins.str
+    """The session's process id among the console's ([A-Za-z0-9_.+-], <= 128)."""
+    terminal: _builtins.bool
+    """On a pty the agent opens (else pipes)."""
+    term: _builtins.str
+    """The host terminal's TERM, for the process's environment."""
+    rows: _builtins.int
+    columns: _builtins.int
+    @_builtins.property
+    def args(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The command; empty for an interactive shell."""
+
+    def __init__(
+        self,
+        *,
+        exec_id: _builtins.str = ...,
+        args: _abc.Iterable[_builtins.str] | None = ...,
+        terminal: _builtins.bool = ...,
+        term: _builtins.str = ...,
+        rows: _builtins.int = ...,
+        columns: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "columns", b"columns", "exec_id", b"exec_id", "rows", b"rows", "term", b"term", "terminal", b"terminal"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StartDebugConsoleRequest: _TypeAlias = StartDebugConsoleRequest  # noqa: Y015

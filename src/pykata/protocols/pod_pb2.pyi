@@ -260,3 +260,62 @@ class UpdateRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UpdateRequest: _TypeAlias = UpdateRequest  # noqa: Y015
+
+@_typing.final
+class DebugConsoleRequest(_message.Message):
+    """--- the debug console ---"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXEC_ID_FIELD_NUMBER: _builtins.int
+    ARGS_FIELD_NUMBER: _builtins.int
+    TERMINAL_FIELD_NUMBER: _builtins.int
+    TERM_FIELD_NUMBER: _builtins.int
+    ROWS_FIELD_NUMBER: _builtins.int
+    COLUMNS_FIELD_NUMBER: _builtins.int
+    exec_id: _builtins.str
+    """Chosen by the client, unique among the pod's console sessions."""
+    terminal: _builtins.bool
+    term: _builtins.str
+    rows: _builtins.int
+    columns: _builtins.int
+    @_builtins.property
+    def args(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The command; empty for an interactive shell."""
+
+    def __init__(
+        self,
+        *,
+        exec_id: _builtins.str = ...,
+        args: _abc.Iterable[_builtins.str] | None = ...,
+        terminal: _builtins.bool = ...,
+        term: _builtins.str = ...,
+        rows: _builtins.int = ...,
+        columns: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "columns", b"columns", "exec_id", b"exec_id", "rows", b"rows", "term", b"term", "terminal", b"terminal"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DebugConsoleRequest: _TypeAlias = DebugConsoleRequest  # noqa: Y015
+
+@_typing.final
+class DebugConsoleExit(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATUS_FIELD_NUMBER: _builtins.int
+    status: _builtins.int
+    def __init__(
+        self,
+        *,
+        status: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DebugConsoleExit: _TypeAlias = DebugConsoleExit  # noqa: Y015

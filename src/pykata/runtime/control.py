@@ -20,9 +20,10 @@ from typing import Any
 from google.protobuf import empty_pb2
 from google.protobuf.message import Message
 
-from pykata.channels import AGENT_SERVICE, CONTROL_SERVICE
+from pykata.channels import AGENT_SERVICE, CONTROL_SERVICE, DEBUG_CONSOLE_ID
 from pykata.errors import PykataError
 from pykata.protocols import agent_pb2, pod_pb2
+from pykata.runtime.debug_console import ConsoleSessions
 from pykata.runtime.error_codes import to_status
 from pykata.runtime.pod import Pod, parse_json_object
 from pykata.runtime.process import PodProcess
@@ -77,6 +78,8 @@ class PodControl:
     def __init__(self, pod: Pod, hooks: ControlHooks = NO_HOOKS) -> None:
         self.pod = pod
         self.hooks = hooks
+        self.console = ConsoleSessions(pod.id, pod.sandbox.debug_console_enabled,
+                                       pod.sandbox.config.source)
 
     def register(self, server: Server) -> None:
         for method, request_type in _REQUESTS.items():
@@ -85,6 +88,8 @@ class PodControl:
         for method, (request_type, response_type) in FORWARDED_AGENT_CALLS.items():
             server.register(AGENT_SERVICE, method, request_type,
                             self._forwarder(method, response_type))
+        server.register(CONTROL_SERVICE, "DebugConsole", pod_pb2.DebugConsoleRequest,
+                        self.DebugConsole)
 
     @staticmethod
     def _translated(call: Callable[[Any], Awaitable[Message]]
@@ -99,7 +104,12 @@ class PodControl:
     def _forwarder(self, method: str, response_type: type[Message]
                    ) -> Callable[[Any, RequestContext], Awaitable[Message]]:
         async def forward(request: Any, ctx: RequestContext) -> Message:
-            if request.container_id not in self.pod.containers:
+            if request.container_id == DEBUG_CONSOLE_ID:
+                # Only the processes of the console sessions this owner
+                # started, and only while the console is enabled.
+                await self.console.allows(getattr(request, "exec_id", ""),
+                                          ctx.time_remaining())
+            elif request.container_id not in self.pod.containers:
                 raise StatusError(Code.NOT_FOUND,
                                   f"container {request.container_id!r} is not in this pod")
             agent = self.pod.sandbox.agent
@@ -141,6 +151,14 @@ class PodControl:
         await self.pod.update(req.container_id, parse_json_object(req.resources,
                                                                   "the resources"))
         return _EMPTY
+
+    async def DebugConsole(self, req: pod_pb2.DebugConsoleRequest, ctx: RequestContext
+                           ) -> pod_pb2.DebugConsoleExit:
+        agent = self.pod.sandbox.agent
+        if agent is None or self.pod.lifecycle.stopped:
+            raise StatusError(Code.UNAVAILABLE, f"pod {self.pod.id} has stopped")
+        status = await self.console.run(agent, req, ctx.peer)
+        return pod_pb2.DebugConsoleExit(status=status)
 
     async def Shutdown(self, req: empty_pb2.Empty) -> empty_pb2.Empty:
         if self.hooks.on_shutdown is not None:

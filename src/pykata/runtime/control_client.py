@@ -98,5 +98,18 @@ class PodClient:
         """The container's processes, as the guest numbers them."""
         return await self.agent.list_processes(container_id)
 
+    async def debug_console(self, request: pod_pb2.DebugConsoleRequest) -> int:
+        """A debug console session (`runtime.debug_console`), start to end:
+        its process's exit status. No deadline: a shell lasts as its user."""
+        try:
+            reply = await self._client.call(CONTROL_SERVICE, "DebugConsole", request,
+                                            pod_pb2.DebugConsoleExit)
+        except StatusError as exc:
+            raise from_status(exc) from None
+        except ConnectionClosedError as exc:
+            raise InvalidStateError(f"{self.name}: its owner went away during the debug "
+                                    "console session") from exc
+        return reply.status
+
     async def shutdown(self) -> None:
         await self.call("Shutdown", empty_pb2.Empty(), empty_pb2.Empty)

@@ -1,5 +1,6 @@
 """A pod's sandbox options: from its spec (its network namespace, hostname)
-and from `io.katacontainers.config.hypervisor.*` annotations.
+and from `io.katacontainers.config.hypervisor.*` and `...agent.*`
+annotations.
 
 Annotations come from whoever writes the pod spec: untrusted input. One is
 honoured only when the configuration's `enable_annotations` lists its name
@@ -23,6 +24,10 @@ from pykata.runtime.spec import network_namespace_path, spec_hostname
 
 PREFIX = "io.katacontainers.config."
 HYPERVISOR_PREFIX = PREFIX + "hypervisor."
+AGENT_PREFIX = PREFIX + "agent."
+# strconv.ParseBool's words, which writers of these annotations use.
+_TRUE = ("1", "t", "T", "TRUE", "true", "True")
+_FALSE = ("0", "f", "F", "FALSE", "false", "False")
 
 
 def _int_in(low: int, high: int) -> Callable[[str], int]:
@@ -52,15 +57,49 @@ _PARSERS: dict[str, tuple[str, Callable[[str, Config], object]]] = {
 }
 
 
+def _bool(value: str) -> bool:
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError("must be true or false")
+
+
+_AGENT_PARSERS: dict[str, tuple[str, Callable[[str], object]]] = {
+    "debug_console_enabled": ("debug_console", _bool),
+}
+
+
+def _agent_option(key: str, value: str, config: Config) -> tuple[str, object]:
+    name = key.removeprefix(AGENT_PREFIX)
+    if not any(re.fullmatch(pattern, name) for pattern in config.agent.enable_annotations):
+        raise ConfigError(
+            f"annotation {key} is not allowed by the configuration",
+            hint=f"add {name!r} to [agent] enable_annotations in {config.source}")
+    if name not in _AGENT_PARSERS:
+        raise ConfigError(f"annotation {key} is not supported by pykata",
+                          hint=f"supported: {', '.join(sorted(_AGENT_PARSERS))}")
+    field, parse = _AGENT_PARSERS[name]
+    try:
+        return field, parse(value)
+    except ValueError as exc:
+        raise ConfigError(f"annotation {key}={value!r} is invalid: {exc}") from None
+
+
 def sandbox_options(annotations: Mapping[str, str], config: Config) -> SandboxOptions:
     """The sandbox settings the annotations ask for, all checked against the allowlist."""
     chosen: dict[str, object] = {}
     for key, value in sorted(annotations.items()):
         if not key.startswith(PREFIX):
             continue
+        if key.startswith(AGENT_PREFIX):
+            field, chosen_value = _agent_option(key, value, config)
+            chosen[field] = chosen_value
+            continue
         if not key.startswith(HYPERVISOR_PREFIX):
             raise ConfigError(f"annotation {key} is not supported by pykata",
-                              hint=f"only {HYPERVISOR_PREFIX}* annotations are")
+                              hint=f"only {HYPERVISOR_PREFIX}* and {AGENT_PREFIX}* "
+                                   "annotations are")
         name = key.removeprefix(HYPERVISOR_PREFIX)
         allowed = config.qemu.enable_annotations
         if not any(re.fullmatch(pattern, name) for pattern in allowed):

@@ -77,6 +77,8 @@ class SandboxOptions:
     # what the container the pod is made for asks of its limits.
     cgroup: CgroupPlacement | None = None
     cgroup_request: ContainerRequest = NO_REQUEST
+    # The debug console (`pykata exec`); None: the configuration's default.
+    debug_console: bool | None = None
 
 
 @dataclass
@@ -134,6 +136,12 @@ class Sandbox:
         self._pod = _PodRecord()
         self._stopped = False
         self._owns_state = False
+
+    @property
+    def debug_console_enabled(self) -> bool:
+        if self.options.debug_console is not None:
+            return self.options.debug_console
+        return self.config.agent.debug_console_enabled
 
     @property
     def console_log(self) -> Path:
@@ -249,7 +257,8 @@ class Sandbox:
         assert self.agent is not None
         await self.agent.create_sandbox(agent_pb2.CreateSandboxRequest(
             hostname=self.options.hostname, sandbox_id=self.id,
-            storages=[s for r in self.resources for s in r.storages()]))
+            storages=[s for r in self.resources for s in r.storages()],
+            debug_console=self.debug_console_enabled))
         for resource in self.resources:
             await resource.setup_guest(self.agent, self.boot)
 

@@ -24,7 +24,7 @@ from pykata.ttrpc.errors import (
 )
 from pykata.ttrpc.framing import MAX_MESSAGE_SIZE
 from pykata.ttrpc.protocol import open_fd_streams
-from pykata.ttrpc.server import RequestContext, Server
+from pykata.ttrpc.server import PeerCredentials, RequestContext, Server
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
@@ -35,6 +35,7 @@ __all__ = [
     "Code",
     "ConnectionClosedError",
     "MessageTooLargeError",
+    "PeerCredentials",
     "ProtocolError",
     "RequestContext",
     "Server",

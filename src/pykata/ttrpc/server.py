@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
+import struct
 from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
@@ -32,12 +34,32 @@ from pykata.ttrpc.protocol import FrameStream
 
 if TYPE_CHECKING:
     import os
-    import socket
 
 logger = logging.getLogger(__name__)
 
 RequestT = TypeVar("RequestT", bound=Message)
 Handler = Callable[[Any, "RequestContext"], Awaitable[Message]]
+
+
+class PeerCredentials(NamedTuple):
+    """Who is at the other end of a unix socket connection (SO_PEERCRED: as
+    the kernel recorded it when the peer connected)."""
+
+    pid: int
+    uid: int
+    gid: int
+
+
+def peer_credentials(writer: asyncio.StreamWriter) -> PeerCredentials | None:
+    """The peer of a unix socket connection; None for any other transport."""
+    sock = writer.get_extra_info("socket")
+    if sock is None or getattr(sock, "family", None) != socket.AF_UNIX:
+        return None
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return None
+    return PeerCredentials(*struct.unpack("3i", raw))
 
 
 class RequestContext(NamedTuple):
@@ -53,6 +75,8 @@ class RequestContext(NamedTuple):
     metadata: dict[str, list[str]]
     deadline: float | None
     stream_id: int
+    # The caller, on a unix socket (None elsewhere).
+    peer: PeerCredentials | None = None
 
     def time_remaining(self) -> float | None:
         """Seconds left before the deadline (may be negative), None without one."""
@@ -69,8 +93,9 @@ class _Method(NamedTuple):
 class _Connection:
     """Book-keeping for one served connection."""
 
-    def __init__(self, frames: FrameStream) -> None:
+    def __init__(self, frames: FrameStream, peer: PeerCredentials | None = None) -> None:
         self.frames = frames
+        self.peer = peer
         self.handlers: set[asyncio.Task[None]] = set()
         self.last_stream_id = 0
         self.finished = asyncio.Event()
@@ -137,7 +162,7 @@ class Server:
         character-device transports (see `pykata.ttrpc.protocol.open_fd_streams`).
         Returns normally however the connection ends; problems are logged.
         """
-        conn = _Connection(FrameStream(reader, writer))
+        conn = _Connection(FrameStream(reader, writer), peer_credentials(writer))
         if self._closing:
             await conn.frames.aclose()
             return
@@ -288,11 +313,12 @@ class Server:
     async def _handle(
         self, conn: _Connection, stream_id: int, request: ttrpc_pb2.Request, deadline: float | None
     ) -> None:
-        status, payload = await self._invoke(stream_id, request, deadline)
+        status, payload = await self._invoke(stream_id, request, deadline, conn.peer)
         await self._send_response(conn, stream_id, status, payload)
 
     async def _invoke(
-        self, stream_id: int, request: ttrpc_pb2.Request, deadline: float | None
+        self, stream_id: int, request: ttrpc_pb2.Request, deadline: float | None,
+        peer: PeerCredentials | None = None,
     ) -> tuple[status_pb2.Status, bytes]:
         name = f"{request.service}/{request.method}"
         method = self._methods.get((request.service, request.method))
@@ -303,7 +329,8 @@ class Server:
         except DecodeError as exc:
             return _status(Code.INVALID_ARGUMENT, f"{name}: undecodable request: {exc}"), b""
         context = RequestContext(
-            request.service, request.method, _decode_metadata(request), deadline, stream_id
+            request.service, request.method, _decode_metadata(request), deadline, stream_id,
+            peer,
         )
         try:
             async with asyncio.timeout_at(deadline):

@@ -1,0 +1,199 @@
+"""The owner's side of the debug console (`pykata exec SANDBOX_ID`).
+
+A session is one control call, `DebugConsole`: the owner checks that the pod
+has the console enabled (its configuration or its allowlisted annotation),
+logs who asked, has the agent start the process in the VM's root environment,
+waits for it and logs how it ended. While the call runs, its client relays
+the process's stdio with the forwarded agent calls, under the pseudo-container
+id DEBUG_CONSOLE_ID and the session's exec id, which `allows` admits only for
+a session this owner started. A call that ends early (its client went away)
+kills the session's process group in the guest: no shell outlives its user.
+
+The console is host to guest only: the owner starts a process in the guest
+and relays bytes; nothing the guest sends makes the host do anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shlex
+import signal
+import time
+from pathlib import Path
+
+from google.protobuf import empty_pb2
+
+from pykata.channels import DEBUG_CONSOLE_ID
+from pykata.errors import PykataError
+from pykata.protocols import agent_pb2, pod_pb2
+from pykata.runtime.agent_client import AgentClient
+from pykata.runtime.paths import run_root
+from pykata.ttrpc import Code, PeerCredentials, StatusError
+
+log = logging.getLogger(__name__)
+
+ANNOTATION = "io.katacontainers.config.agent.debug_console_enabled"
+# The host's record of every session, beside the sandboxes' directories.
+AUDIT_LOG = "debug-console.log"
+AUDIT_LOG_LIMIT = 1024 * 1024
+# What a client may send: a command line, not a payload.
+MAX_ARGS = 256
+MAX_ARGS_BYTES = 64 * 1024
+# As the agent keeps a session's output readable after it exited.
+RELEASE_SECONDS = 10.0
+START_SECONDS = 30.0
+
+
+def disabled_message(pod_id: str, config_source: str) -> str:
+    return (f"the debug console of pod {pod_id} is not enabled: set [agent] "
+            f"debug_console_enabled = true in {config_source}, or create the pod with the "
+            f"annotation {ANNOTATION}=true allowed by [agent] enable_annotations "
+            f"(\"debug_console_enabled\")")
+
+
+class _Session:
+    def __init__(self, exec_id: str) -> None:
+        self.exec_id = exec_id
+        self.started = time.time()
+        # Set once the agent answered StartDebugConsole (`error` if it refused).
+        self.ready = asyncio.Event()
+        self.error: StatusError | None = None
+
+
+class ConsoleSessions:
+    """The debug console sessions of one pod."""
+
+    def __init__(self, pod_id: str, enabled: bool, config_source: str,
+                 audit_dir: Path | None = None) -> None:
+        self.pod_id = pod_id
+        self.enabled = enabled
+        self._config_source = config_source
+        self._audit_dir = audit_dir
+        self._sessions: dict[str, _Session] = {}
+
+    async def allows(self, exec_id: str, timeout: float | None) -> None:
+        """Refuse a forwarded call for a console process this owner did not
+        start; for one it is starting, wait until it runs (a client relays
+        the session's stdio while the call that starts it is in flight)."""
+        if not self.enabled:
+            raise StatusError(Code.PERMISSION_DENIED,
+                              disabled_message(self.pod_id, self._config_source))
+        session = self._sessions.get(exec_id)
+        if session is None:
+            raise StatusError(Code.NOT_FOUND,
+                              f"debug console session {exec_id!r} does not exist")
+        await asyncio.wait_for(session.ready.wait(), timeout)
+        if session.error is not None:
+            raise session.error
+
+    async def run(self, agent: AgentClient, req: pod_pb2.DebugConsoleRequest,
+                  peer: PeerCredentials | None) -> int:
+        """One session, start to end; its process's exit status."""
+        if not self.enabled:
+            self._audit(peer, req, "refused: not enabled")
+            raise StatusError(Code.PERMISSION_DENIED,
+                              disabled_message(self.pod_id, self._config_source))
+        _check_request(req)
+        if req.exec_id in self._sessions:
+            raise StatusError(Code.ALREADY_EXISTS,
+                              f"debug console session {req.exec_id!r} already exists")
+        session = _Session(req.exec_id)
+        self._sessions[req.exec_id] = session
+        try:
+            await self._start(agent, req, session)
+        except BaseException:
+            self._audit(peer, req, f"failed to start: {session.error}")
+            self._release(req.exec_id)
+            raise
+        self._audit(peer, req, "started")
+        status: int | None = None
+        how = "ended: its client went away"
+        try:
+            status = await agent.wait_process(DEBUG_CONSOLE_ID, req.exec_id)
+            how = f"exited with status {status}"
+            return status
+        except PykataError as exc:
+            how = f"lost: {exc}"
+            raise StatusError(Code.UNAVAILABLE, f"debug console session: {exc}") from exc
+        finally:
+            if status is None:
+                # The client went away (or the agent did): end the session's
+                # processes rather than leave a root shell behind.
+                _kill_later(agent, req.exec_id)
+            self._audit(peer, req, how, seconds=time.time() - session.started)
+            self._release(req.exec_id)
+
+    async def _start(self, agent: AgentClient, req: pod_pb2.DebugConsoleRequest,
+                     session: _Session) -> None:
+        try:
+            await agent.forward("StartDebugConsole", agent_pb2.StartDebugConsoleRequest(
+                exec_id=req.exec_id, args=req.args, terminal=req.terminal, term=req.term,
+                rows=req.rows, columns=req.columns), empty_pb2.Empty, START_SECONDS)
+        except StatusError as exc:
+            session.error = exc
+            raise
+        except BaseException:
+            session.error = StatusError(Code.UNAVAILABLE, "the session did not start")
+            raise
+        finally:
+            session.ready.set()
+
+    def _release(self, exec_id: str) -> None:
+        """Forget the session once its output had time to be read (the agent
+        keeps it as long)."""
+        asyncio.get_running_loop().call_later(RELEASE_SECONDS, self._sessions.pop,
+                                              exec_id, None)
+
+    def _audit(self, peer: PeerCredentials | None, req: pod_pb2.DebugConsoleRequest,
+               what: str, seconds: float | None = None) -> None:
+        who = (f"uid={peer.uid} gid={peer.gid} pid={peer.pid}" if peer is not None
+               else "uid=? pid=?")
+        command = shlex.join(req.args) if req.args else "(shell)"
+        line = (f"debug console: pod={self.pod_id} session={req.exec_id} {who} "
+                f"command={command!r} terminal={req.terminal} {what}"
+                + (f" after {seconds:.1f}s" if seconds is not None else ""))
+        log.info("%s", line)
+        write_audit(self._audit_dir or run_root(), line)
+
+
+def _check_request(req: pod_pb2.DebugConsoleRequest) -> None:
+    if len(req.args) > MAX_ARGS or sum(len(a) for a in req.args) > MAX_ARGS_BYTES:
+        raise StatusError(Code.INVALID_ARGUMENT,
+                          f"the command is too long (at most {MAX_ARGS} arguments, "
+                          f"{MAX_ARGS_BYTES} bytes)")
+    if any("\0" in a for a in req.args) or "\0" in req.term:
+        raise StatusError(Code.INVALID_ARGUMENT, "the command contains a NUL character")
+
+
+def _kill_later(agent: AgentClient, exec_id: str) -> None:
+    async def kill() -> None:
+        with contextlib.suppress(PykataError, asyncio.TimeoutError):
+            await asyncio.wait_for(
+                agent.signal_process(DEBUG_CONSOLE_ID, exec_id, signal.SIGKILL), 10)
+    task = asyncio.ensure_future(kill())
+    _PENDING.add(task)
+    task.add_done_callback(_PENDING.discard)
+
+
+_PENDING: set[asyncio.Task[None]] = set()
+
+
+def write_audit(directory: Path, line: str) -> None:
+    """Append `line` (with the time) to the host's session record, 0600 in
+    pykata's root-only state directory; at the limit the record becomes
+    `.1` and a new one starts, so it stays bounded."""
+    path = directory / AUDIT_LOG
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            if path.stat().st_size >= AUDIT_LOG_LIMIT:
+                os.replace(path, path.with_name(AUDIT_LOG + ".1"))
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+                     | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "a", encoding="utf-8") as out:
+            out.write(f"{stamp} {line}\n")
+    except OSError as exc:
+        log.error("cannot record the debug console session in %s: %s", path, exc)
