@@ -50,6 +50,7 @@ from pykata.runtime.pod_cgroup import (
 from pykata.runtime.pod_network import PodNetwork
 from pykata.runtime.resources import SandboxResource, SharedFilesystem
 from pykata.runtime.share import SandboxShare
+from pykata.runtime.staleness import GuestAssets
 from pykata.runtime.state import (
     SandboxState,
     process_alive,
@@ -130,6 +131,8 @@ class Sandbox:
         self.boot = ""
         self.vm_name = self.paths.key
         self.times = PhaseTimes()
+        # What its VM booted (for `runtime.staleness`); None until it has one.
+        self.guest_assets: GuestAssets | None = None
         self._created = time.time()
         self._pod = _PodRecord()
         self._stopped = False
@@ -223,6 +226,7 @@ class Sandbox:
     def _take(self, booted: BootedVm) -> None:
         self.vm, self.agent, self.boot = booted.vm, booted.agent, booted.boot
         self.vm_name = booted.vm_name or self.vm_name
+        self.guest_assets = GuestAssets.of(booted.config.kernel, booted.config.initrd)
         self.times.vm_launch, self.times.agent_ready = booted.vm_launch, booted.agent_ready
 
     async def _move_in(self, handed: BootedVm) -> None:
@@ -357,6 +361,7 @@ class Sandbox:
             self._write_state()
 
     def _write_state(self) -> None:
+        booted = self.guest_assets or GuestAssets("", "")
         write_state(self.paths.state_file, SandboxState(
             id=self.id,
             key=self.paths.key,
@@ -381,6 +386,8 @@ class Sandbox:
             status=self._pod.status,
             containers=self._pod.containers,
             cgroups=self.host_cgroup.created,
+            guest_kernel=booted.kernel, guest_initrd=booted.initrd,
+            guest_kernel_stamp=booted.kernel_stamp, guest_initrd_stamp=booted.initrd_stamp,
         ))
 
     def _record_cgroups(self) -> None:
