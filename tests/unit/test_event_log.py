@@ -96,3 +96,28 @@ def test_an_entry_prints_on_one_line() -> None:
     entry = log.add("rpc", "Check failed", error=True)
     line = entry.line()
     assert "\n" not in line and " rpc " in line and "ERROR Check failed" in line
+
+
+def test_settle_waits_for_woken_polls_only() -> None:
+    """The owner's close lets a woken follower's poll return, and does not
+    wait for an idle one."""
+    async def run() -> None:
+        log = PodEventLog()
+        log.add("pod", "started")
+        idle = asyncio.ensure_future(log.wait(1, 30))
+        await asyncio.sleep(0.01)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        await log.settle(5)
+        assert loop.time() - t0 < 1 and not idle.done()
+        log.add("container", "c1: exited (status 0)")
+        # Woken, answered: settle waits for the follower's next poll.
+        settle = asyncio.ensure_future(log.settle(5))
+        await asyncio.sleep(0.2)
+        assert idle.done() and [e.seq for e in idle.result()] == [2]
+        assert not settle.done()
+        again = asyncio.ensure_future(log.wait(2, 30))
+        await asyncio.wait_for(settle, 1)
+        assert not again.done()
+        again.cancel()
+    asyncio.run(asyncio.wait_for(run(), 10))

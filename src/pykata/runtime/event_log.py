@@ -34,6 +34,9 @@ TEXT_LIMIT = 512
 # The most entries one read returns (a client asks again from the last seq).
 MAX_READ = 1024
 
+# How long a follower answered is expected back with its next poll.
+FOLLOWER_RETURN = 2.0
+
 # Kinds of entry.
 POD = "pod"  # the pod's own steps: start, stop
 CONTAINER = "container"  # a container's or process's step
@@ -64,6 +67,10 @@ class PodEventLog:
         self._seq = itertools.count(1)
         self._text_limit = text_limit
         self._last = 0
+        # The seq each waiting long poll asked after, and when each answer
+        # to a long poll went out whose reader has not polled again yet.
+        self._polls: list[int] = []
+        self._answered: deque[float] = deque(maxlen=64)
         # Woken (and replaced) at each new entry: what long-polling readers wait on.
         # (An Event binds to a loop only when first waited on.)
         self._changed = asyncio.Event()
@@ -111,15 +118,47 @@ class PodEventLog:
     async def wait(self, seq: int, timeout: float) -> list[EventEntry]:
         """Entries after `seq`; when there are none, wait up to `timeout`
         seconds for one (a `--follow` reader's long poll)."""
+        if timeout <= 0:
+            return self.since(seq)
+        loop = asyncio.get_running_loop()
+        if self._answered:
+            self._answered.popleft()  # a follower is back
         found = self.since(seq)
-        if found or timeout <= 0:
-            return found
-        changed = self._changed
-        try:
-            await asyncio.wait_for(changed.wait(), timeout)
-        except TimeoutError:
-            return []
-        return self.since(seq)
+        if not found:
+            changed = self._changed
+            self._polls.append(seq)
+            try:
+                await asyncio.wait_for(changed.wait(), timeout)
+            except TimeoutError:
+                return []
+            finally:
+                self._polls.remove(seq)
+            found = self.since(seq)
+        self._answered.append(loop.time())
+        return found
+
+    async def settle(self, timeout: float) -> None:
+        """Let the long polls woken by the last entries return (up to
+        `timeout` s), and their replies go out: the owner calls this before
+        it closes the control socket, so a follower sees how the pod ended."""
+        # Waited for: polls with something new to return, and followers
+        # just answered that have not polled again (the last entry may have
+        # come in between). An idle follower must not slow every pod's end.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+
+        def pending() -> bool:
+            now = loop.time()
+            return (any(seq < self._last for seq in self._polls)
+                    or any(now - t < FOLLOWER_RETURN for t in self._answered))
+
+        woken = False
+        while pending() and loop.time() < deadline:
+            woken = True
+            await asyncio.sleep(0.01)
+        if woken:
+            # The handlers that returned write their replies on the next turns.
+            await asyncio.sleep(0.05)
 
 
 def _after(ring: Iterable[EventEntry], seq: int) -> list[EventEntry]:
