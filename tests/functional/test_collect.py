@@ -96,7 +96,9 @@ def test_run_pod_events_follow_and_collect(
     proc, sandbox_id = run_pod
     entries = _events(sandbox_id)
     texts = _texts(entries)
-    assert texts[0].startswith("started: cold boot, VM pid ")
+    assert texts[0] == "starting (run)"
+    started = next(i for i, t in enumerate(texts) if t.startswith("started: cold boot, VM pid "))
+    assert any(t.startswith("CreateSandbox ") for t in texts[:started])
     assert f"{sandbox_id}: created" in texts and f"{sandbox_id}: started" in texts
     assert any(t.startswith("CreateContainer ") for t in texts)
     assert [e["seq"] for e in entries] == sorted(e["seq"] for e in entries)
@@ -139,7 +141,8 @@ def test_oci_events_and_collect_with_a_secret_in_the_env(tmp_path: Path,
     try:
         assert oci("start", "c1").returncode == 0
         texts = _texts(_events("c1"))
-        assert texts[0].startswith("started: ") and "c1: started" in texts
+        assert texts[0] == "starting (oci)" and "c1: started" in texts
+        assert any(t.startswith("started: ") for t in texts)
         out = tmp_path / "report.tar.gz"
         assert pykata_cli("collect", "--oci-root", str(oci.root), "--output", str(out),
                           timeout=120).returncode == 0
@@ -171,7 +174,8 @@ def test_containerd_events_and_collect(containerd: PrivateContainerd) -> None:
     assert started.returncode == 0, started.err
     try:
         texts = _texts(_events(cid))
-        assert texts[0].startswith("started: ") and f"{cid}: started" in texts
+        assert texts[0] == "starting (shim)" and f"{cid}: started" in texts
+        assert any(t.startswith("started: ") for t in texts)
         report = _collect()
         _assert_sections(report, cid)
         assert "front end: shim" in report and "MY_SECRET=<redacted>" in report

@@ -49,7 +49,10 @@ async def test_lifecycle_calls_and_vm_death_are_logged(tmp_path: Path) -> None:
     await asyncio.wait_for(pod.wait("web"), 5)
     texts = [(e.kind, e.text, e.error) for e in pod.events.since(0)]
     kinds = [k for k, _, _ in texts]
-    assert kinds[0] == "pod" and texts[0][1].startswith("started: cold boot")
+    assert texts[0] == ("pod", "starting (run)", False)
+    started = next(i for i, (k, t, _) in enumerate(texts) if t.startswith("started: cold boot"))
+    # The guest's setup calls during the start are in the log too.
+    assert any(t.startswith("CreateSandbox ") for _, t, _ in texts[:started])
     assert ("container", "web: created", False) in texts
     assert ("container", "web: started", False) in texts
     assert any(k == "rpc" and t.startswith("CreateContainer ") for k, t, _ in texts)
@@ -67,7 +70,8 @@ async def test_a_failed_start_is_logged(tmp_path: Path) -> None:
     pod, _, _ = fake_pod(tmp_path, source=FakeSource(fail=PykataError("no QEMU here")))
     with pytest.raises(PykataError):
         await pod.start()
-    (entry,) = pod.events.since(0)
+    starting, entry = pod.events.since(0)
+    assert starting.text == "starting (run)"
     assert entry.error and entry.text == "start failed: no QEMU here"
 
 
@@ -82,6 +86,7 @@ async def test_events_over_the_control_socket_and_a_long_poll(tmp_path: Path) ->
         async with await PodClient.connect(path, "pod1") as client:
             reply = await client.events()
             assert reply.entries and reply.entries[0].seq == 1
+            assert reply.entries[0].text == "starting (run)"
             last = reply.last_seq
             assert reply.entries[-1].seq == last
             poll = asyncio.ensure_future(client.events(last, 1e9))
@@ -109,7 +114,7 @@ async def test_pykata_events_prints_the_log_and_names_a_missing_pod(
         assert "pod" in out and "started: cold boot" in out
         assert await events_cmd.show("pod1", follow=False, as_json=True) == 0
         lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-        assert lines[0]["seq"] == 1 and lines[0]["kind"] == "pod"
+        assert lines[0]["seq"] == 1 and lines[0]["text"] == "starting (run)"
         with pytest.raises(NotFoundError, match="no pod nosuch"):
             await events_cmd.show("nosuch", follow=False, as_json=False)
     finally:
@@ -132,3 +137,31 @@ async def test_follow_ends_when_the_owner_goes(tmp_path: Path,
     await pod.stop()
     assert await asyncio.wait_for(follower, 10) == 0
     assert "a late entry" in capsys.readouterr().out
+
+
+async def test_a_guest_that_stops_answering_during_setup_names_the_phase(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CreateSandbox never answered: the error says which phase stalled and
+    shows the VM's report, not a bare "timed out"; the event log has the
+    call's failure; nothing of the sandbox is left."""
+    from pykata.errors import AgentError
+    from pykata.runtime import agent_client
+    from tests.unit.pod_fakes import FakeAgent, FakeSource
+
+    class StallingAgent(FakeAgent):
+        async def CreateSandbox(self, req: object) -> object:
+            await asyncio.sleep(30)
+            raise AssertionError("not reached")
+
+    monkeypatch.setitem(agent_client._TIMEOUTS, "CreateSandbox", 0.2)
+    source = FakeSource()
+    source.agent = StallingAgent()
+    pod, _, _ = fake_pod(tmp_path, source=source)
+    with pytest.raises(AgentError) as caught:
+        await pod.start()
+    message = str(caught.value)
+    assert "stalled in sandbox create" in message and "did not answer in time" in message
+    assert "the fake VM died" in message  # the VM's failure report (console lines)
+    assert any(e.error and e.text.startswith("CreateSandbox failed after ")
+               for e in pod.events.since(0))
+    assert not pod.sandbox.paths.run_dir.exists()

@@ -144,6 +144,7 @@ class Pod:
         # What `pykata events` shows (runtime.event_log): fed by the pod's
         # steps (_emit), every agent call and the VM's exit.
         self.events = PodEventLog()
+        sandbox.agent_observers.append(self.events.observe_call)
 
     # --- what the front ends read -----------------------------------------
 
@@ -174,6 +175,7 @@ class Pod:
         if self.lifecycle.status is not Status.CREATING:
             raise InvalidStateError(f"pod {self.id} is {self.lifecycle.status.value}: "
                                     "it starts once")
+        self.events.add("pod", f"starting ({self.sandbox.front_end})")
         try:
             await self.sandbox.start()
         except BaseException as exc:
@@ -182,8 +184,6 @@ class Pod:
             self.ended.set()
             raise
         self.events.pod_started(self.sandbox)
-        if self.sandbox.agent is not None:
-            self.sandbox.agent.observers.append(self.events.observe_call)
         self.lifecycle.move(Status.RUNNING)
         self._save()
         self._spawn(self._watch_vm())
