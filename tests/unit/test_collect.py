@@ -48,6 +48,20 @@ def test_learned_values_go_everywhere_short_ones_are_left() -> None:
     assert text.count(REDACTED) == 2 and "retry 1 of 3" in text
 
 
+def test_runtime_annotations_and_ids_are_not_hunted() -> None:
+    """A CRI pod's sandbox id is an annotation value and the name the report
+    gives the pod: it stays; the annotation itself is still shown redacted."""
+    r = Redactor()
+    r.learn_spec({"annotations": {"io.kubernetes.cri.sandbox-id": "abcdef123456",
+                                  "io.example/token": ANNOTATED,
+                                  "io.example/id": "mycontainer"}})
+    r.keep(["mycontainer"])
+    assert r.text("pod abcdef123456 container mycontainer " + ANNOTATED) == \
+        f"pod abcdef123456 container mycontainer {REDACTED}"
+    assert r.annotations({"io.kubernetes.cri.sandbox-id": "x"}) == {
+        "io.kubernetes.cri.sandbox-id": REDACTED}
+
+
 def test_assignments_of_upper_case_names_are_taken_out() -> None:
     """`NAME=value` in any text (an agent log quoting an env list, a process
     printing `env`); lower-case keys (kernel parameters, logfmt) stay."""

@@ -323,6 +323,8 @@ async def gather(cfg: config_mod.Config, oci_roots: Sequence[Path] = ()) -> Repo
         overview.add("(none)")
     sections.append(overview)
     facts = await asyncio.gather(*(pod_facts(e, cfg, redactor, roots) for e in entries))
+    redactor.keep({e.id for e in entries} | {e.paths.key for e in entries}
+                  | {c for e in entries if e.state for c in e.state.containers})
     pod_parts = [s for f in facts for s in pod_sections(f, roots)]
     sections += pod_parts
     errors = Section("recent errors")
