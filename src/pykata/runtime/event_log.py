@@ -23,8 +23,7 @@ import itertools
 import time
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from pykata.untrusted import guest_line
 
@@ -44,8 +43,9 @@ RPC = "rpc"  # an agent call
 VM = "vm"  # the VM: its exit
 
 
-@dataclass(frozen=True)
-class EventEntry:
+class EventEntry(NamedTuple):
+    # A tuple: made for every agent call, so cheap to make (a frozen
+    # dataclass costs several times more).
     # Increasing from 1 for the pod's life: a reader asks for what came after.
     seq: int
     time: float  # seconds since the epoch
@@ -84,8 +84,9 @@ class PodEventLog:
                            guest_line(text, self._text_limit), error)
         self._last = entry.seq
         (self._calls if kind == RPC and not error else self._events).append(entry)
-        self._changed.set()
-        self._changed = asyncio.Event()
+        if self._polls:  # nobody waits most of the time: no Event to replace
+            self._changed.set()
+            self._changed = asyncio.Event()
         return entry
 
     def observe_call(self, method: str, seconds: float, error: BaseException | None) -> None:
