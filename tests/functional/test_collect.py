@@ -208,3 +208,49 @@ def test_a_stalled_boot_names_its_phase_and_shows_the_console(
            "kernel never started pykata's init" in err, err
     assert "last console lines" in err and "Run /bin/busybox as init process" in err, err
     assert not started_qemu_processes()
+
+
+def test_a_pod_on_replaced_guest_assets_is_reported_stale(
+        tmp_path: Path, guest_assets: assets.AssetPaths) -> None:
+    """A pod booted from configured kernel and initrd files; the initrd is
+    then replaced (as a rebuild would): `pykata check` warns about the pod
+    with the fix, and `collect` calls it stale. Before, it is current."""
+    import shutil
+
+    kernel, initrd = tmp_path / "vmlinux", tmp_path / "initrd.img"
+    shutil.copyfile(guest_assets.kernel, kernel)
+    shutil.copyfile(guest_assets.initrd, initrd)
+    data = tomllib.loads(session_config_text())
+    data["hypervisor"]["qemu"]["kernel"] = str(kernel)
+    data["hypervisor"]["qemu"]["initrd"] = str(initrd)
+    config_file = tmp_path / "configuration.toml"
+    config_file.write_text(to_toml(data))
+    before = {e.id for e in list_sandboxes()}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pykata.cli.main", "--config", str(config_file), "run", "--",
+         "sh", "-c", "echo up; sleep 600"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == b"up\n"
+        (sandbox_id,) = [e.id for e in list_sandboxes() if e.id not in before]
+        check = pykata_cli("--config", str(config_file), "check", timeout=60)
+        assert f"pod {sandbox_id}" not in check.out, check.out
+        report = pykata_cli("--config", str(config_file), "collect", timeout=120).out
+        assert f"{sandbox_id}: run, running, cold boot, assets current" in report
+        rebuilt = tmp_path / "initrd.new"
+        shutil.copyfile(guest_assets.initrd, rebuilt)
+        rebuilt.replace(initrd)
+        check = pykata_cli("--config", str(config_file), "check", timeout=60)
+        assert re.search(rf"WARN pod {re.escape(sandbox_id)}\s+stale\s+\(boots an older "
+                         rf"initrd {re.escape(str(initrd))} .*restart the pod", check.out), \
+            check.out
+        report = pykata_cli("--config", str(config_file), "collect", timeout=120).out
+        assert f"{sandbox_id}: run, running, cold boot, assets stale" in report
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
