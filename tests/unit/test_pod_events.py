@@ -165,3 +165,32 @@ async def test_a_guest_that_stops_answering_during_setup_names_the_phase(
     assert any(e.error and e.text.startswith("CreateSandbox failed after ")
                for e in pod.events.since(0))
     assert not pod.sandbox.paths.run_dir.exists()
+
+
+async def test_events_requests_out_of_range_are_clamped(tmp_path: Path) -> None:
+    """A client's wait of NaN, infinity or below zero answers at once; a
+    seq beyond the last returns nothing; a read is bounded."""
+    from pykata.protocols import pod_pb2
+    from pykata.runtime.control import PodControl
+    from pykata.runtime.event_log import MAX_READ, RING_SIZE
+
+    pod, _, _ = fake_pod(tmp_path)
+    await pod.start()
+    control = PodControl(pod)
+    try:
+        for wait in (float("nan"), float("inf"), -1.0):
+            reply = await asyncio.wait_for(
+                control.Events(pod_pb2.EventsRequest(since_seq=10**9, wait_seconds=wait)), 2)
+            assert list(reply.entries) == [] and reply.last_seq == pod.events.last_seq
+        for i in range(3000):
+            pod.events.add("pod", f"e{i}", error=True)
+        reply = await control.Events(pod_pb2.EventsRequest())
+        # The other entries' ring keeps its last RING_SIZE; the successful
+        # calls' ring (CreateSandbox) is untouched by them.
+        errors = [e for e in reply.entries if e.error]
+        assert len(errors) == RING_SIZE and errors[-1].text == "e2999"
+        calls = [e.text for e in reply.entries if not e.error]
+        assert len(calls) == 1 and calls[0].startswith("CreateSandbox ")
+        assert len(reply.entries) <= MAX_READ
+    finally:
+        await pod.stop()

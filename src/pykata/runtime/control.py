@@ -11,6 +11,7 @@ is 0600 in the sandbox's 0700 directory: only root reaches it.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -155,7 +156,9 @@ class PodControl:
 
     async def Events(self, req: pod_pb2.EventsRequest) -> pod_pb2.EventsReply:
         # Clamped: a client's wait must not hold the call past ttRPC's deadline.
-        wait = min(max(req.wait_seconds, 0.0), MAX_EVENTS_WAIT)
+        # (NaN compares false both ways and would pass both bounds.)
+        wait = min(max(req.wait_seconds, 0.0), MAX_EVENTS_WAIT) \
+            if math.isfinite(req.wait_seconds) else 0.0
         entries = await self.pod.events.wait(req.since_seq, wait)
         return pod_pb2.EventsReply(
             entries=[pod_pb2.EventEntry(seq=e.seq, time=e.time, kind=e.kind, text=e.text,
