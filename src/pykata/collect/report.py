@@ -28,7 +28,7 @@ from pykata.collect.redact import Redactor
 from pykata.errors import PykataError
 from pykata.hypervisor.capped_log import read_tail
 from pykata.runtime.sandbox_index import SandboxEntry, list_sandboxes
-from pykata.runtime.staleness import current_assets, staleness
+from pykata.runtime.staleness import GuestAssets, current_assets, staleness
 from pykata.untrusted import guest_text
 
 T = TypeVar("T", dict[str, Any], list[Any])
@@ -235,14 +235,14 @@ def _oci_logs(key: str, oci_roots: Sequence[Path]) -> list[Path]:
     return found
 
 
-async def pod_facts(entry: SandboxEntry, cfg: config_mod.Config, redactor: Redactor,
-                    oci_roots: Sequence[Path]) -> PodFacts:
+async def pod_facts(entry: SandboxEntry, current: GuestAssets | None,
+                    redactor: Redactor) -> PodFacts:
     facts = PodFacts(entry)
     state = entry.state
     if state is None:
         facts.lines.append(f"  unreadable state: {entry.error}")
         return facts
-    verdict = staleness(state, cfg)
+    verdict = staleness(state, current=current)
     facts.lines += [
         f"  key: {state.key}, front end: {state.front_end}, "
         f"owner pid {state.owner_pid} ({'running' if entry.alive else 'gone'}), "
@@ -322,7 +322,7 @@ async def gather(cfg: config_mod.Config, oci_roots: Sequence[Path] = ()) -> Repo
     if not entries:
         overview.add("(none)")
     sections.append(overview)
-    facts = await asyncio.gather(*(pod_facts(e, cfg, redactor, roots) for e in entries))
+    facts = await asyncio.gather(*(pod_facts(e, current, redactor) for e in entries))
     redactor.keep({e.id for e in entries} | {e.paths.key for e in entries}
                   | {c for e in entries if e.state for c in e.state.containers})
     pod_parts = [s for f in facts for s in pod_sections(f, roots)]
