@@ -22,6 +22,8 @@ class CheckItem:
     value: str
     detail: str
     ok: bool = True
+    # Works, but wants the user's attention (a pod on old guest assets).
+    warn: bool = False
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -70,6 +72,28 @@ def _networking(cfg: config_mod.Config) -> CheckItem:
     return CheckItem("networking", model, f"taps on /dev/net/tun, {datapath}")
 
 
+def stale_pods(cfg: config_mod.Config) -> list[CheckItem]:
+    """A warning per running pod whose VM boots older guest assets than a
+    pod started now would (runtime.staleness)."""
+    from pykata.runtime.sandbox_index import list_sandboxes
+    from pykata.runtime.staleness import current_assets, staleness
+
+    try:
+        current = current_assets(cfg)
+    except PykataError:
+        return []  # no current assets: the guest assets line says so
+    items = []
+    for entry in list_sandboxes():
+        if entry.state is None or not entry.alive:
+            continue
+        verdict = staleness(entry.state, current=current)
+        if verdict.stale:
+            items.append(CheckItem(
+                f"pod {entry.id}", "stale",
+                f"{verdict.detail}; restart the pod to run the current ones", warn=True))
+    return items
+
+
 def gather(cfg: config_mod.Config) -> list[CheckItem]:
     accel = resolve_accel(cfg.qemu.accel)
     vsock = probe_vsock()
@@ -86,6 +110,7 @@ def gather(cfg: config_mod.Config) -> list[CheckItem]:
         CheckItem("root", "yes" if os.geteuid() == 0 else "no",
                   "pykata mounts and starts VMs as root", os.geteuid() == 0),
         CheckItem("configuration", cfg.source, "the file in effect"),
+        *stale_pods(cfg),
     ]
     return items
 
@@ -97,6 +122,6 @@ def run(args: argparse.Namespace) -> int:
     else:
         width = max(len(i.name) for i in items)
         for item in items:
-            mark = "ok  " if item.ok else "FAIL"
+            mark = "FAIL" if not item.ok else "WARN" if item.warn else "ok  "
             print(f"{mark} {item.name:<{width}}  {item.value}  ({item.detail})")
     return 0 if all(i.ok for i in items) else 1

@@ -22,7 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
         assets_cmd,
         check_cmd,
         cleanup_cmd,
+        collect_cmd,
         env_cmd,
+        events_cmd,
         exec_cmd,
         factory_cmd,
         install_cmd,
@@ -43,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="verb", metavar="COMMAND")
     sub.required = True
     for module in (run_cmd, check_cmd, env_cmd, assets_cmd, cleanup_cmd, install_cmd,
-                   factory_cmd, exec_cmd):
+                   factory_cmd, exec_cmd, events_cmd, collect_cmd):
         module.register(sub)
     return parser
 

@@ -350,5 +350,9 @@ class AgentClient:
 
 
 def _agent_error(method: str, exc: StatusError) -> AgentError:
+    if exc.code == Code.DEADLINE_EXCEEDED:
+        # Not the guest's failure to report: it did not answer at all.
+        return AgentError(f"{method}: the agent did not answer in time "
+                          f"({guest_text(exc.message)})", code=int(exc.code))
     return AgentError(f"{method} failed in the guest: {guest_text(exc.message)}",
                       code=int(exc.code))

@@ -11,6 +11,7 @@ is 0600 in the sandbox's 0700 directory: only root reaches it.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -52,7 +53,11 @@ _REQUESTS: dict[str, type[Message]] = {
     "Exec": pod_pb2.ExecRequest, "Pause": pod_pb2.ContainerRef,
     "Resume": pod_pb2.ContainerRef, "Update": pod_pb2.UpdateRequest,
     "Shutdown": empty_pb2.Empty,
+    # issue 17.4: the pod's event log
+    "Events": pod_pb2.EventsRequest,
 }
+# The longest an Events call waits for a new entry (a follower asks again).
+MAX_EVENTS_WAIT = 30.0
 
 
 def control_socket(run_dir: Path) -> Path:
@@ -166,6 +171,17 @@ class PodControl:
         else:
             await self.pod.shutdown()
         return _EMPTY
+
+    async def Events(self, req: pod_pb2.EventsRequest) -> pod_pb2.EventsReply:
+        # Clamped: a client's wait must not hold the call past ttRPC's deadline.
+        # (NaN compares false both ways and would pass both bounds.)
+        wait = min(max(req.wait_seconds, 0.0), MAX_EVENTS_WAIT) \
+            if math.isfinite(req.wait_seconds) else 0.0
+        entries = await self.pod.events.wait(req.since_seq, wait)
+        return pod_pb2.EventsReply(
+            entries=[pod_pb2.EventEntry(seq=e.seq, time=e.time, kind=e.kind, text=e.text,
+                                        error=e.error) for e in entries],
+            last_seq=self.pod.events.last_seq)
 
 
 def _process_state(proc: PodProcess) -> pod_pb2.ProcessState:

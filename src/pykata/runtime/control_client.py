@@ -113,3 +113,11 @@ class PodClient:
 
     async def shutdown(self) -> None:
         await self.call("Shutdown", empty_pb2.Empty(), empty_pb2.Empty)
+
+    async def events(self, since_seq: int = 0, wait_seconds: float = 0.0
+                     ) -> pod_pb2.EventsReply:
+        """The pod's event log after `since_seq` (waiting up to `wait_seconds`
+        for an entry when there is none yet)."""
+        return await self.call("Events", pod_pb2.EventsRequest(
+            since_seq=since_seq, wait_seconds=wait_seconds), pod_pb2.EventsReply,
+            timeout=wait_seconds + 30)

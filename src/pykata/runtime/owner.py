@@ -27,6 +27,9 @@ class OwnedPod:
         its VM, its host state). Safe to repeat."""
         if self.server is not None:
             server, self.server = self.server, None
+            # A follower of the event log (`pykata events --follow`) gets the
+            # last entries (a container's exit) before the socket goes.
+            await self.pod.events.settle(1.0)
             await server.aclose()
         await self.pod.stop()
 

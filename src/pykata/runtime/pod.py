@@ -43,6 +43,7 @@ from pykata.protocols import agent_pb2
 from pykata.protocols.oci_spec import InvalidSpecError, process_from_json, resources_from_json
 from pykata.runtime.agent_client import AgentClient
 from pykata.runtime.container import Container, spec_readonly_root
+from pykata.runtime.event_log import PodEventLog, describe_pod_event
 from pykata.runtime.lifecycle import VM_DIED_STATUS, Lifecycle, Status
 from pykata.runtime.mount_points import spec_mount_points
 from pykata.runtime.paths import check_id
@@ -140,6 +141,10 @@ class Pod:
         self._background: set[asyncio.Task[Any]] = set()
         self._stopping = False
         self._teardown: asyncio.Task[None] | None = None
+        # What `pykata events` shows (runtime.event_log): fed by the pod's
+        # steps (_emit), every agent call and the VM's exit.
+        self.events = PodEventLog()
+        sandbox.agent_observers.append(self.events.observe_call)
 
     # --- what the front ends read -----------------------------------------
 
@@ -170,12 +175,15 @@ class Pod:
         if self.lifecycle.status is not Status.CREATING:
             raise InvalidStateError(f"pod {self.id} is {self.lifecycle.status.value}: "
                                     "it starts once")
+        self.events.add("pod", f"starting ({self.sandbox.front_end})")
         try:
             await self.sandbox.start()
-        except BaseException:
+        except BaseException as exc:
+            self.events.add("pod", f"start failed: {exc}", error=True)
             self.lifecycle.move(Status.STOPPED)
             self.ended.set()
             raise
+        self.events.pod_started(self.sandbox)
         self.lifecycle.move(Status.RUNNING)
         self._save()
         self._spawn(self._watch_vm())
@@ -545,9 +553,11 @@ class Pod:
     async def _watch_vm(self) -> None:
         vm = self.sandbox.vm
         assert vm is not None
-        await vm.wait()
+        status = await vm.wait()
         if self._stopping:
+            self.events.add("vm", f"the VM exited (status {status}) as the pod stopped")
             return
+        self.events.add("vm", f"the VM stopped unexpectedly (status {status})", error=True)
         note = self.sandbox.host_cgroup.death_note()
         log.error("the VM of pod %s stopped unexpectedly:\n%s%s", self.id,
                   vm.failure_report(), f"\n{note}" if note else "",
@@ -600,6 +610,7 @@ class Pod:
         task.add_done_callback(self._background.discard)
 
     def _emit(self, event: PodEvent) -> None:
+        self.events.add(*describe_pod_event(event))
         if self._on_event is not None:
             try:
                 self._on_event(event)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from pykata.channels import TOKEN_SIZE
 from pykata.config import Config
-from pykata.errors import HypervisorError, PykataError
+from pykata.errors import AgentError, HypervisorError, PykataError
 from pykata.host import vsock
 from pykata.host.cgroups import Limits
 from pykata.host.mounts import remove_unmounted
@@ -36,7 +36,7 @@ from pykata.hypervisor.qemu import Handover, QemuVM, VmConfig
 from pykata.network import tcfilter
 from pykata.protocols import agent_pb2
 from pykata.runtime import fs_choice
-from pykata.runtime.agent_client import AgentClient
+from pykata.runtime.agent_client import AgentClient, RpcObserver
 from pykata.runtime.fs_choice import SharedFsChoice
 from pykata.runtime.paths import SandboxPaths, check_id, private_dir, rename_noreplace
 from pykata.runtime.pod_cgroup import (
@@ -50,6 +50,7 @@ from pykata.runtime.pod_cgroup import (
 from pykata.runtime.pod_network import PodNetwork
 from pykata.runtime.resources import SandboxResource, SharedFilesystem
 from pykata.runtime.share import SandboxShare
+from pykata.runtime.staleness import GuestAssets
 from pykata.runtime.state import (
     SandboxState,
     process_alive,
@@ -58,6 +59,7 @@ from pykata.runtime.state import (
     write_state,
 )
 from pykata.runtime.vm_source import BootedVm, ColdBoot, VmSource, VmWant
+from pykata.ttrpc import Code
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +134,11 @@ class Sandbox:
         self.boot = ""
         self.vm_name = self.paths.key
         self.times = PhaseTimes()
+        # What its VM booted (for `runtime.staleness`); None until it has one.
+        self.guest_assets: GuestAssets | None = None
+        # Told of every call on the agent connection once the VM has one
+        # (the pod's event log): `AgentClient.observers`.
+        self.agent_observers: list[RpcObserver] = []
         self._created = time.time()
         self._pod = _PodRecord()
         self._stopped = False
@@ -204,7 +211,10 @@ class Sandbox:
                 await self._prepare_and_boot(vm_config, limits)
             if create:
                 t0 = time.monotonic()
-                await self._create_in_guest()
+                try:
+                    await self._create_in_guest()
+                except AgentError as exc:
+                    raise self._stalled(exc) from exc
                 self.times.sandbox_create = time.monotonic() - t0
         except BaseException as exc:
             # Read before the teardown removes the cgroup: a VM the host's
@@ -231,6 +241,8 @@ class Sandbox:
     def _take(self, booted: BootedVm) -> None:
         self.vm, self.agent, self.boot = booted.vm, booted.agent, booted.boot
         self.vm_name = booted.vm_name or self.vm_name
+        self.guest_assets = GuestAssets.of(booted.config.kernel, booted.config.initrd)
+        booted.agent.observers.extend(self.agent_observers)
         self.times.vm_launch, self.times.agent_ready = booted.vm_launch, booted.agent_ready
 
     async def _move_in(self, handed: BootedVm) -> None:
@@ -276,6 +288,15 @@ class Sandbox:
         # Written before anything can be left behind, so `pykata cleanup` can
         # tell an abandoned sandbox (owner dead) from one still starting.
         self._write_state()
+
+    def _stalled(self, exc: AgentError) -> AgentError:
+        """A guest that stopped answering while its sandbox was set up: the
+        error names the phase and shows the console's last lines."""
+        if exc.code != Code.DEADLINE_EXCEEDED or self.vm is None:
+            return exc
+        return AgentError(f"sandbox {self.id} stalled in sandbox create (the guest's "
+                          f"CreateSandbox and network setup): {exc.message}\n"
+                          f"{self.vm.failure_report(10)}", hint=exc.hint, code=exc.code)
 
     async def explain(self, exc: PykataError) -> PykataError:
         """`exc`, or, when the VM has stopped, an error saying so with its
@@ -366,6 +387,7 @@ class Sandbox:
             self._write_state()
 
     def _write_state(self) -> None:
+        booted = self.guest_assets or GuestAssets("", "")
         write_state(self.paths.state_file, SandboxState(
             id=self.id,
             key=self.paths.key,
@@ -390,6 +412,8 @@ class Sandbox:
             status=self._pod.status,
             containers=self._pod.containers,
             cgroups=self.host_cgroup.created,
+            guest_kernel=booted.kernel, guest_initrd=booted.initrd,
+            guest_kernel_stamp=booted.kernel_stamp, guest_initrd_stamp=booted.initrd_stamp,
         ))
 
     def _record_cgroups(self) -> None:

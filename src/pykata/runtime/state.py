@@ -73,6 +73,13 @@ class SandboxState:
     # The host cgroup directories pykata made for the pod (parents first):
     # what teardown, or `pykata cleanup` after a dead owner, removes.
     cgroups: list[str] = field(default_factory=list)
+    # The guest assets its VM booted (paths, and `inode:mtime_ns` stamps):
+    # what `runtime.staleness` compares with the current ones. Empty in
+    # records of older pykatas (their pods are "unknown", not stale).
+    guest_kernel: str = ""
+    guest_initrd: str = ""
+    guest_kernel_stamp: str = ""
+    guest_initrd_stamp: str = ""
     version: int = STATE_VERSION
 
 

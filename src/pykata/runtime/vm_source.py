@@ -25,6 +25,7 @@ from pykata.host import vsock
 from pykata.hypervisor.base import Hypervisor
 from pykata.hypervisor.qemu import QemuVM, VmConfig
 from pykata.runtime.agent_client import AgentClient
+from pykata.runtime.boot_phase import stalled_phase
 from pykata.ttrpc import Code
 
 log = logging.getLogger(__name__)
@@ -114,7 +115,8 @@ async def connect_agent(vm: Hypervisor, config: VmConfig, timeout: float, name: 
         with contextlib.suppress(BaseException):
             agent = await check
             await agent.close()
-        raise HypervisorError(f"the VM of sandbox {name} stopped while booting:\n"
+        raise HypervisorError(f"the VM of sandbox {name} stopped while booting, during "
+                              f"{stalled_phase(config.console_log).name}:\n"
                               f"{vm.failure_report()}")
     try:
         return check.result()
@@ -122,10 +124,12 @@ async def connect_agent(vm: Hypervisor, config: VmConfig, timeout: float, name: 
         if isinstance(exc, AgentError) and exc.code != Code.DEADLINE_EXCEEDED:
             raise AgentError(f"the agent of sandbox {name} failed to answer: {exc}\n"
                              f"{vm.failure_report()}") from exc
+        phase = stalled_phase(config.console_log)
         raise AgentError(
             f"the agent of sandbox {name} did not answer within {timeout:g} s "
-            f"(dial_timeout); the VM was stopped.\n{vm.failure_report()}",
-            hint="raise [agent] dial_timeout if the host is slow") from exc
+            f"(dial_timeout), {phase}; the VM was stopped.\n{vm.failure_report(10)}",
+            hint="raise [agent] dial_timeout if the host is slow; if the console stops "
+                 "early, check the kernel_params in the configuration") from exc
     except Exception as exc:
         raise AgentError(f"the agent of sandbox {name} failed to answer: {exc}\n"
                          f"{vm.failure_report()}") from exc
