@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
         env_cmd,
         factory_cmd,
         install_cmd,
+        monitor_cmd,
         run_cmd,
     )
 
@@ -42,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="verb", metavar="COMMAND")
     sub.required = True
     for module in (run_cmd, check_cmd, env_cmd, assets_cmd, cleanup_cmd, install_cmd,
-                   factory_cmd):
+                   factory_cmd, monitor_cmd):
         module.register(sub)
     return parser
 

@@ -25,6 +25,7 @@ from pykata.errors import PykataError
 from pykata.protocols import agent_pb2, pod_pb2
 from pykata.runtime.error_codes import to_status
 from pykata.runtime.pod import Pod, parse_json_object
+from pykata.runtime.pod_metrics import pod_metrics
 from pykata.runtime.process import PodProcess
 from pykata.ttrpc import Code, RequestContext, Server, StatusError
 
@@ -85,6 +86,8 @@ class PodControl:
         for method, (request_type, response_type) in FORWARDED_AGENT_CALLS.items():
             server.register(AGENT_SERVICE, method, request_type,
                             self._forwarder(method, response_type))
+        # pykata monitor (issue 17.1): it needs the caller's deadline.
+        server.register(CONTROL_SERVICE, "Metrics", empty_pb2.Empty, self.Metrics)
 
     @staticmethod
     def _translated(call: Callable[[Any], Awaitable[Message]]
@@ -148,6 +151,13 @@ class PodControl:
         else:
             await self.pod.shutdown()
         return _EMPTY
+
+    # --- pykata monitor (issue 17.1) --------------------------------------
+
+    async def Metrics(self, req: empty_pb2.Empty, ctx: RequestContext) -> pod_pb2.PodMetrics:
+        """Never fails for the guest's sake: a guest that does not answer in
+        the caller's time leaves its figures out (`guest_error`)."""
+        return await pod_metrics(self.pod, ctx.time_remaining())
 
 
 def _process_state(proc: PodProcess) -> pod_pb2.ProcessState:

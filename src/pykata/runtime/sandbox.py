@@ -47,6 +47,7 @@ from pykata.runtime.pod_cgroup import (
     pod_limits,
     remove_recorded,
 )
+from pykata.runtime.pod_metrics import RpcTimes
 from pykata.runtime.pod_network import PodNetwork
 from pykata.runtime.resources import SandboxResource, SharedFilesystem
 from pykata.runtime.share import SandboxShare
@@ -130,6 +131,8 @@ class Sandbox:
         self.boot = ""
         self.vm_name = self.paths.key
         self.times = PhaseTimes()
+        # Every agent call's seconds, by method (`pykata monitor`).
+        self.rpc_times = RpcTimes()
         self._created = time.time()
         self._pod = _PodRecord()
         self._stopped = False
@@ -222,6 +225,7 @@ class Sandbox:
 
     def _take(self, booted: BootedVm) -> None:
         self.vm, self.agent, self.boot = booted.vm, booted.agent, booted.boot
+        booted.agent.observers.append(self.rpc_times.observe)
         self.vm_name = booted.vm_name or self.vm_name
         self.times.vm_launch, self.times.agent_ready = booted.vm_launch, booted.agent_ready
 
