@@ -37,7 +37,8 @@ from pykata.ttrpc import RequestContext, Server
 
 # --- the agent's side: /proc as the guest's kernel writes it -----------------
 
-MEMINFO = "MemTotal:         502152 kB\nMemFree:          440000 kB\nHugePages_Total: 0\n"
+MEMINFO = ("MemTotal:         502152 kB\nMemFree:          440000 kB\nHugePages_Total: 0\n"
+           "Shmem:               0 kB\n")
 STAT = "cpu  200 0 100 5000 10 0 3 0 0 0\ncpu0 200 0 100 5000 10 0 3 0 0 0\n"
 NET_DEV = (
     "Inter-|   Receive                                                |  Transmit\n"
@@ -51,8 +52,8 @@ DISKSTATS = """   1       0 ram0 0 0 0 0 0 0 0 0 0 0 0
 
 def test_agent_parsers_read_procs_formats() -> None:
     """The agent's parsers turn /proc's text into the reply's units."""
-    assert agent_side.memory_bytes(MEMINFO) == {
-        "MemTotal": 502152 * 1024, "MemFree": 440000 * 1024, "HugePages_Total": 0}
+    assert agent_side.memory_bytes(MEMINFO) == {  # the fields of the fixed list only
+        "MemTotal": 502152 * 1024, "MemFree": 440000 * 1024, "Shmem": 0}
     cpu = agent_side.cpu_seconds(STAT, 100)
     assert cpu["user"] == 2.0 and cpu["idle"] == 50.0 and cpu["softirq"] == 0.03
     ifaces = {i.name: i for i in agent_side.interfaces(NET_DEV)}
@@ -84,6 +85,7 @@ def hostile_reply() -> agent_pb2.GuestMetrics:
     for n in range(1000):
         reply.memory_bytes[f"Field{n}"] = n
     reply.memory_bytes['Mem\n"}'] = 1
+    reply.memory_bytes["MemTotal"] = 1 << 60
     reply.interfaces.add(name='eth0"}\nforged 1', rx_bytes=1)
     reply.interfaces.add(name="\x1b[31mred", rx_bytes=1)
     reply.interfaces.add(name="eth0", rx_bytes=5)
@@ -104,8 +106,7 @@ def test_a_hostile_reply_is_bounded_clamped_and_its_bad_names_dropped() -> None:
     assert out.agent_cpu_seconds == 0.0
     assert out.agent_resident_bytes == guest_metrics.MAX_COUNT
     assert dict(out.cpu_seconds) == {"user": 0.0, "system": 0.0}
-    assert len(out.memory_bytes) <= guest_metrics.MAX_MEMORY_FIELDS
-    assert all("\n" not in k and '"' not in k for k in out.memory_bytes)
+    assert dict(out.memory_bytes) == {"MemTotal": guest_metrics.MAX_COUNT}  # listed only
     assert len(out.interfaces) <= guest_metrics.MAX_INTERFACES
     names = [i.name for i in out.interfaces]
     assert names[0] == "eth0" and names.count("eth0") == 1

@@ -16,6 +16,13 @@ from pykata.protocols import agent_pb2
 PROC = Path("/proc")
 # /proc/stat's "cpu" line, in its order (proc(5)).
 CPU_MODES = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+# The /proc/meminfo fields sent (the host takes no others): what a dashboard
+# of a pod's memory uses, not the kernel's fifty-odd counters.
+MEMORY_FIELDS = frozenset((
+    "MemTotal", "MemFree", "MemAvailable", "Buffers", "Cached", "SwapCached", "Active",
+    "Inactive", "Shmem", "Slab", "SReclaimable", "SUnreclaim", "AnonPages", "Mapped",
+    "Dirty", "Writeback", "KernelStack", "PageTables", "SwapTotal", "SwapFree",
+    "Committed_AS", "Mlocked"))
 SECTOR_BYTES = 512  # /proc/diskstats counts 512-byte sectors whatever the device's
 # Devices with nothing to say about the workload's I/O.
 _SKIPPED_DISKS = ("ram", "loop")
@@ -37,9 +44,9 @@ def memory_bytes(text: str) -> dict[str, int]:
     for line in text.splitlines():
         name, _, rest = line.partition(":")
         fields = rest.split()
-        if fields and fields[0].isdigit():
+        if name in MEMORY_FIELDS and fields and fields[0].isdigit():
             scale = 1024 if fields[1:] == ["kB"] else 1
-            out[name.strip()] = int(fields[0]) * scale
+            out[name] = int(fields[0]) * scale
     return out
 
 

@@ -2,10 +2,10 @@
 
 The guest may be hostile, and what it sends here becomes Prometheus series
 on the host: names become label values, so a guest could flood the monitor
-with series (a million "interfaces") or smuggle text into a scrape. So the
-number of interfaces, disks and memory fields is bounded, a name that is not
-plainly a device or meminfo name drops its entry (never escaped into a
-series), a repeated name keeps its first entry, and every number is clamped
+with series (a million "interfaces") or smuggle text into a scrape. So
+memory fields and CPU modes come from fixed lists, the number of interfaces
+and disks is bounded, a device name that is not plainly one drops its entry
+(never escaped into a series), a repeated name keeps its first entry, and every number is clamped
 to what a real guest could report.
 """
 
@@ -14,18 +14,16 @@ from __future__ import annotations
 import math
 import re
 
+from pykata.agent.guest_metrics import CPU_MODES, MEMORY_FIELDS
 from pykata.protocols import agent_pb2
 
 MAX_INTERFACES = 32
 MAX_DISKS = 32
-MAX_MEMORY_FIELDS = 64
 # Counters and sizes above this are not a real guest's (2^53: exact as a float).
 MAX_COUNT = 1 << 53
 MAX_LOAD = 1e6
-CPU_MODES = frozenset(("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal"))
 _IFNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,14}")  # IFNAMSIZ
 _DISK = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")
-_MEMINFO = re.compile(r"[A-Za-z][A-Za-z0-9_()]{0,31}")
 
 
 def _count(value: int) -> int:
@@ -46,9 +44,9 @@ def checked(reply: agent_pb2.GuestMetrics) -> agent_pb2.GuestMetrics:
         agent_virtual_bytes=_count(reply.agent_virtual_bytes),
         agent_open_fds=_count(reply.agent_open_fds),
         agent_threads=_count(reply.agent_threads))
-    for name in sorted(reply.memory_bytes)[:MAX_MEMORY_FIELDS]:
-        if _MEMINFO.fullmatch(name):
-            out.memory_bytes[name] = _count(reply.memory_bytes[name])
+    for name, value in reply.memory_bytes.items():
+        if name in MEMORY_FIELDS:
+            out.memory_bytes[name] = _count(value)
     for mode, seconds in reply.cpu_seconds.items():
         if mode in CPU_MODES:
             out.cpu_seconds[mode] = _seconds(seconds)
