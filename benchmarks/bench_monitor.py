@@ -2,9 +2,11 @@
 
 Starts idle `pykata run` pods (real owners, real VMs, cold boots, a few at a
 time) under a run root of its own, and a `pykata monitor` on a free loopback
-port. At 1, 10 and 20 pods (--steps) it times --scrapes GETs of /metrics (every
-owner asked, the guest's figures included, QEMU's and the owner's /proc
-read) and of /sandboxes (the state directories only), and prints their
+port, and a second one with --no-guest. At 1, 10 and 20 pods (--steps) it
+times --scrapes GETs, interleaved, of /metrics (every owner asked, the
+guests' figures included, QEMU's and the owners' /proc read), of the
+--no-guest monitor's /metrics (the same without the agent calls: the host's
+share) and of /sandboxes (the state directories only), and prints their
 medians and spread side by side, with the pods skipped. Every pod and the monitor are
 stopped at the end.
 
@@ -70,7 +72,8 @@ def main() -> int:
     root = tempfile.mkdtemp(prefix="pykata-bench-monitor-", dir="/run")
     os.environ["PYKATA_RUN_ROOT"] = root
     pods: list[subprocess.Popen[bytes]] = []
-    monitor = Monitor(pod_timeout=1.0)
+    monitor = Monitor(1.0)
+    host_monitor = Monitor(1.0, "--no-guest")
     rows = []
     try:
         for wanted in steps:
@@ -80,13 +83,19 @@ def main() -> int:
             print(f"{len(pods)} pods running ({time.monotonic() - started:.0f} s to start)",
                   file=sys.stderr)
             http_get(f"{monitor.url}/metrics")  # the first GetMetrics of each new pod
-            metrics, text = timed(f"{monitor.url}/metrics", args.scrapes)
-            listing, _ = timed(f"{monitor.url}/sandboxes", args.scrapes)
+            metrics, host_only, listing = [], [], []
+            # Interleaved, so the machine's load weighs on each column alike.
+            for _ in range(args.scrapes):
+                seconds, text = timed(f"{monitor.url}/metrics", 1)
+                metrics += seconds
+                host_only += timed(f"{host_monitor.url}/metrics", 1)[0]
+                listing += timed(f"{monitor.url}/sandboxes", 1)[0]
             answered = len(set(re.findall(r'pykata_guest_up\{sandbox_id="([^"]+)"\} 1', text)))
-            rows.append((len(pods), answered, metrics, listing,
+            rows.append((len(pods), answered, metrics, host_only, listing,
                          float(_FAILURES.findall(text)[0])))
     finally:
         monitor.stop()
+        host_monitor.stop()
         for proc in pods:
             os.killpg(proc.pid, signal.SIGTERM)
         for proc in pods:
@@ -102,11 +111,11 @@ def main() -> int:
                 os.rmdir(Path(root) / sub)
     print(f"\npykata monitor, {args.scrapes} scrapes each, cold `pykata run` pods "
           f"(TCG: {os.cpu_count()} CPUs)")
-    print(f"{'pods':>4} {'answered':>8}  {'GET /metrics':<46} {'GET /sandboxes':<46} "
-          "failures")
-    for count, answered, metrics, listing, failures in rows:
-        print(f"{count:>4} {answered:>8}  {spread(metrics):<46} {spread(listing):<46} "
-              f"{failures:.0f}")
+    print(f"{'pods':>4} {'answered':>8}  {'GET /metrics':<46} "
+          f"{'GET /metrics, --no-guest':<46} {'GET /sandboxes':<46} failures")
+    for count, answered, metrics, host_only, listing, failures in rows:
+        print(f"{count:>4} {answered:>8}  {spread(metrics):<46} {spread(host_only):<46} "
+              f"{spread(listing):<46} {failures:.0f}")
     return 0
 
 

@@ -52,12 +52,13 @@ class Monitor:
     """`pykata monitor --listen 127.0.0.1:<free port>` in a child process
     (it inherits the session's PYKATA_RUN_ROOT)."""
 
-    def __init__(self, pod_timeout: float = 1.0) -> None:
+    def __init__(self, pod_timeout: float = 1.0, *extra: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pykata.cli.main", "monitor",
-             "--listen", f"127.0.0.1:{self.port}", "--pod-timeout", str(pod_timeout)],
+             "--listen", f"127.0.0.1:{self.port}", "--pod-timeout", str(pod_timeout),
+             *extra],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         assert self.proc.stderr is not None
         line = self.proc.stderr.readline().decode()

@@ -17,6 +17,7 @@ import pytest
 
 from pykata import assets
 from tests.functional.conftest import Cli
+from tests.functional.containerd_peer import IMAGE, RUNTIME, PrivateContainerd
 from tests.functional.monitor_tools import Monitor, Prometheus, wait_for
 from tests.functional.oci_tools import Oci, Waiter, make_bundle
 
@@ -168,3 +169,30 @@ def _counter(text: str, name: str) -> float:
     match = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
     assert match, f"{name} is not in the scrape"
     return float(match.group(1))
+
+
+def test_a_containerd_pod_is_scraped_through_its_shim(
+        monitor: Monitor, containerd: PrivateContainerd) -> None:
+    """A pod of containerd's (its owner is the shim) is found and asked like
+    the others: its shim's and QEMU's figures, its guest's, and the shim's
+    agent calls, under the container's id."""
+    cid = "monitored"
+    started = containerd.ctr("run", "-d", "--runtime", RUNTIME, IMAGE, cid, "sleep", "600")
+    assert started.returncode == 0, started.err
+    try:
+        pods = wait_for("the shim's pod in /sandboxes", lambda: [
+            e for e in monitor.sandboxes() if e["front_end"] == "shim"], 60)
+        sid = pods[0]["id"]
+        text = wait_for("the guest's figures", lambda: (
+            t if f'pykata_guest_up{{sandbox_id="{sid}"}} 1.0' in (t := monitor.metrics())
+            else None), 30)
+        assert f'pykata_pod_info{{front_end="shim",sandbox_id="{sid}",source="cold"}}' in text
+        assert (f'pykata_container_info{{container_id="{cid}",sandbox_id="{sid}",'
+                'status="running"}') in text
+        for family in ("pykata_hypervisor_resident_memory_bytes",
+                       "pykata_shim_resident_memory_bytes", "pykata_agent_open_fds"):
+            assert f'{family}{{sandbox_id="{sid}"}}' in text, family
+        assert (f'pykata_shim_agent_rpc_duration_seconds_count{{method="CreateContainer",'
+                f'sandbox_id="{sid}"}}') in text
+    finally:
+        containerd.remove(cid)

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from google.protobuf import empty_pb2
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.registry import Collector
 
@@ -252,13 +251,15 @@ def _record(root: Path, key: str) -> Path:
 
 
 async def _owner(path: Path, *, stuck: bool = False) -> Server:
-    async def metrics(req: empty_pb2.Empty, ctx: RequestContext) -> pod_pb2.PodMetrics:
+    async def metrics(req: pod_pb2.MetricsRequest, ctx: RequestContext
+                      ) -> pod_pb2.PodMetrics:
         if stuck:
             await asyncio.sleep(3600)
-        return pod_pb2.PodMetrics(id=path.parent.name, front_end="run", boot="cold")
+        return pod_pb2.PodMetrics(id=path.parent.name, front_end="run", boot="cold",
+                                  has_guest=not req.skip_guest)
 
     server = Server()
-    server.register(CONTROL_SERVICE, "Metrics", empty_pb2.Empty, metrics)
+    server.register(CONTROL_SERVICE, "Metrics", pod_pb2.MetricsRequest, metrics)
     await server.serve_unix(path)
     return server
 
@@ -334,3 +335,37 @@ def test_sandboxes_lists_the_pods_as_json(tmp_path: Path) -> None:
     body = b"".join(app({"PATH_INFO": "/nothing", "REQUEST_METHOD": "GET"},
                         lambda status, headers: seen.append(status)))
     assert seen[-1].startswith("404") and b"/metrics" in body
+
+
+def test_the_systemd_unit_runs_the_monitor_on_loopback() -> None:
+    """deploy/pykata-monitor.service starts a command line pykata accepts,
+    listening on loopback (what the README promises)."""
+    from pykata.cli.main import build_parser
+
+    unit = (Path(__file__).parents[2] / "deploy" / "pykata-monitor.service").read_text()
+    exec_start = next(line for line in unit.splitlines() if line.startswith("ExecStart="))
+    argv = exec_start.partition("=")[2].split()
+    assert argv[0] == "/usr/local/bin/pykata"
+    args = build_parser().parse_args(argv[1:])
+    assert args.verb == "monitor"
+    assert parse_listen(args.listen)[0] == "127.0.0.1"
+
+
+def test_no_guest_asks_the_owners_to_leave_the_guest_out(tmp_path: Path) -> None:
+    """--no-guest: the owners are told to skip the agent call, and no
+    pykata_guest_up is made up for pods whose guest was not asked."""
+    good = _record(tmp_path, "good")
+
+    async def run(guest: bool) -> str:
+        server = await _owner(good)
+        try:
+            registry = CollectorRegistry(auto_describe=False)
+            registry.register(PodCollector(tmp_path, pod_timeout=2.0, guest=guest))
+            return (await asyncio.to_thread(generate_latest, registry)).decode()
+        finally:
+            await server.aclose()
+
+    assert 'pykata_guest_up{sandbox_id="good"} 1.0' in asyncio.run(run(True))
+    without = asyncio.run(run(False))
+    assert 'pykata_pod_info{front_end="run",sandbox_id="good",source="cold"} 1.0' in without
+    assert "pykata_guest_up{" not in without

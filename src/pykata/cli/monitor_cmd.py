@@ -21,6 +21,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    default=DEFAULT_POD_TIMEOUT,
                    help="how long a scrape waits for each pod before skipping it "
                         f"(default {DEFAULT_POD_TIMEOUT})")
+    p.add_argument("--no-guest", action="store_true",
+                   help="leave out the guests' figures (pykata_guest_*, pykata_agent_*): "
+                        "no agent call per scrape, the host's figures only")
     p.set_defaults(handler=run)
 
 
@@ -35,5 +38,5 @@ def run(args: argparse.Namespace) -> int:
         print(f"pykata monitor: serving http://{address[0]}:{address[1]}/metrics",
               file=sys.stderr, flush=True)
 
-    serve(args.listen, pod_timeout=args.pod_timeout, ready=ready)
+    serve(args.listen, pod_timeout=args.pod_timeout, guest=not args.no_guest, ready=ready)
     return 0

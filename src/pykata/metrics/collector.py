@@ -22,9 +22,10 @@ from pykata.metrics.scrape import DEFAULT_POD_TIMEOUT, Scrape, scrape
 
 class PodCollector(Collector):
     def __init__(self, root: Path | None = None,
-                 pod_timeout: float = DEFAULT_POD_TIMEOUT) -> None:
+                 pod_timeout: float = DEFAULT_POD_TIMEOUT, *, guest: bool = True) -> None:
         self.root = root
         self.pod_timeout = pod_timeout
+        self.guest = guest
         self._lock = threading.Lock()
         self._failures = 0
 
@@ -43,7 +44,7 @@ class PodCollector(Collector):
         with self._lock:
             self._failures += len(result.skipped)
             failures = self._failures
-        yield from pod_families(figures)
+        yield from pod_families(figures, guest=self.guest)
         yield GaugeMetricFamily("pykata_running_pods",
                                 "Pods on the node whose owner runs (answering or not)",
                                 value=len(pods))
@@ -59,7 +60,8 @@ class PodCollector(Collector):
         meanwhile in threads: smaps_rollup walks a process's page tables (about
         15 ms for an idle QEMU), the owners take as long to answer."""
         host = asyncio.gather(*(asyncio.to_thread(_host_figures, pod) for pod in pods))
-        result, figures = await asyncio.gather(scrape(pods, self.pod_timeout), host)
+        asked = scrape(pods, self.pod_timeout, guest=self.guest)
+        result, figures = await asyncio.gather(asked, host)
         return result, {pod.id: found for pod, found in zip(pods, figures, strict=True)}
 
 

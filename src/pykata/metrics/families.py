@@ -150,7 +150,9 @@ def _guest(out: _Families, sid: str, guest: agent_pb2.GuestMetrics) -> None:
               SANDBOX).add_metric([sid], guest.agent_threads)
 
 
-def pod_families(pods: Iterable[PodFigures]) -> Iterator[Metric]:
+def pod_families(pods: Iterable[PodFigures], *, guest: bool = True) -> Iterator[Metric]:
+    """The families of `pods`; without `guest` (the guests were not asked)
+    no pykata_guest_up either."""
     out = _Families()
     info = out.gauge("pykata_pod_info", "A pod: its front end and VM source (always 1)",
                      [*SANDBOX, "front_end", "source"])
@@ -169,7 +171,8 @@ def pod_families(pods: Iterable[PodFigures]) -> Iterator[Metric]:
             containers.add_metric([sid, cid, status], 1)
         for phase, seconds in sorted(m.start_seconds.items()):
             start.add_metric([sid, phase, m.boot], seconds)
-        up.add_metric([sid], 1 if m.has_guest else 0)
+        if guest:
+            up.add_metric([sid], 1 if m.has_guest else 0)
         if pod.hypervisor is not None:
             _process(out, "pykata_hypervisor", "the pod's QEMU", sid, pod.hypervisor)
         if pod.owner is not None:

@@ -8,8 +8,6 @@ import asyncio
 import logging
 from dataclasses import dataclass, field
 
-from google.protobuf import empty_pb2
-
 from pykata.channels import CONTROL_SERVICE
 from pykata.metrics.discovery import FoundPod
 from pykata.protocols import pod_pb2
@@ -33,8 +31,9 @@ class Scrape:
     skipped: dict[str, str] = field(default_factory=dict)
 
 
-async def ask(pod: FoundPod, timeout: float) -> pod_pb2.PodMetrics:
-    """The pod's Metrics from its owner, within `timeout` seconds in all."""
+async def ask(pod: FoundPod, timeout: float, *, guest: bool = True) -> pod_pb2.PodMetrics:
+    """The pod's Metrics from its owner (with the guest's figures if
+    `guest`), within `timeout` seconds in all."""
     async with asyncio.timeout(timeout):
         client = await Client.connect_unix(pod.socket)
         try:
@@ -42,16 +41,18 @@ async def ask(pod: FoundPod, timeout: float) -> pod_pb2.PodMetrics:
             deadline = loop.time() + timeout
             # The owner is told a little less, so its answer (host figures
             # without the guest's, if the guest is slow) still arrives.
-            return await client.call(CONTROL_SERVICE, "Metrics", empty_pb2.Empty(),
+            return await client.call(CONTROL_SERVICE, "Metrics",
+                                     pod_pb2.MetricsRequest(skip_guest=not guest),
                                      pod_pb2.PodMetrics,
                                      timeout=max(0.01, (deadline - loop.time()) * 0.9))
         finally:
             await client.aclose()
 
 
-async def scrape(pods: list[FoundPod], timeout: float = DEFAULT_POD_TIMEOUT) -> Scrape:
+async def scrape(pods: list[FoundPod], timeout: float = DEFAULT_POD_TIMEOUT, *,
+                 guest: bool = True) -> Scrape:
     result = Scrape()
-    replies = await asyncio.gather(*(ask(pod, timeout) for pod in pods),
+    replies = await asyncio.gather(*(ask(pod, timeout, guest=guest) for pod in pods),
                                    return_exceptions=True)
     for pod, reply in zip(pods, replies, strict=True):
         if isinstance(reply, pod_pb2.PodMetrics):

@@ -42,13 +42,13 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host, number
 
 
-def make_app(root: Path | None = None, pod_timeout: float = 1.0
+def make_app(root: Path | None = None, pod_timeout: float = 1.0, *, guest: bool = True
              ) -> Callable[[dict[str, Any], StartResponse], Iterable[bytes]]:
     registry = CollectorRegistry(auto_describe=False)
     # The monitor's own process (process_*, python_gc_*): the node's side.
     ProcessCollector(registry=registry)
     GCCollector(registry=registry)
-    registry.register(PodCollector(root, pod_timeout))
+    registry.register(PodCollector(root, pod_timeout, guest=guest))
     metrics = make_wsgi_app(registry)
 
     def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
@@ -80,12 +80,12 @@ class _QuietHandler(WSGIRequestHandler):
         pass
 
 
-def serve(listen: str, root: Path | None = None, pod_timeout: float = 1.0,
-          ready: Callable[[tuple[str, int]], None] | None = None) -> None:
+def serve(listen: str, root: Path | None = None, pod_timeout: float = 1.0, *,
+          guest: bool = True, ready: Callable[[tuple[str, int]], None] | None = None) -> None:
     host, port = parse_listen(listen)
     server_class = _IPv6Server if ":" in host else _Server
     try:
-        server = make_server(host, port, make_app(root, pod_timeout),
+        server = make_server(host, port, make_app(root, pod_timeout, guest=guest),
                              server_class=server_class, handler_class=_QuietHandler)
     except OSError as exc:
         raise ConfigError(f"cannot listen on {listen}: {exc.strerror}",

@@ -263,11 +263,30 @@ class UpdateRequest(_message.Message):
 Global___UpdateRequest: _TypeAlias = UpdateRequest  # noqa: Y015
 
 @_typing.final
-class RpcTimes(_message.Message):
-    """--- pykata monitor (issue 17.1) -------------------------------------------
+class MetricsRequest(_message.Message):
+    """--- pykata monitor (issue 17.1) -------------------------------------------"""
 
-    The owner's agent calls of one method: a histogram of their seconds.
-    """
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SKIP_GUEST_FIELD_NUMBER: _builtins.int
+    skip_guest: _builtins.bool
+    """Leave the guest's figures out (no agent call): the host's only."""
+    def __init__(
+        self,
+        *,
+        skip_guest: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["skip_guest", b"skip_guest"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MetricsRequest: _TypeAlias = MetricsRequest  # noqa: Y015
+
+@_typing.final
+class RpcTimes(_message.Message):
+    """The owner's agent calls of one method: a histogram of their seconds."""
 
     DESCRIPTOR: _descriptor.Descriptor
 

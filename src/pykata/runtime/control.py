@@ -87,7 +87,7 @@ class PodControl:
             server.register(AGENT_SERVICE, method, request_type,
                             self._forwarder(method, response_type))
         # pykata monitor (issue 17.1): it needs the caller's deadline.
-        server.register(CONTROL_SERVICE, "Metrics", empty_pb2.Empty, self.Metrics)
+        server.register(CONTROL_SERVICE, "Metrics", pod_pb2.MetricsRequest, self.Metrics)
 
     @staticmethod
     def _translated(call: Callable[[Any], Awaitable[Message]]
@@ -154,10 +154,11 @@ class PodControl:
 
     # --- pykata monitor (issue 17.1) --------------------------------------
 
-    async def Metrics(self, req: empty_pb2.Empty, ctx: RequestContext) -> pod_pb2.PodMetrics:
+    async def Metrics(self, req: pod_pb2.MetricsRequest, ctx: RequestContext
+                      ) -> pod_pb2.PodMetrics:
         """Never fails for the guest's sake: a guest that does not answer in
         the caller's time leaves its figures out (`guest_error`)."""
-        return await pod_metrics(self.pod, ctx.time_remaining())
+        return await pod_metrics(self.pod, ctx.time_remaining(), guest=not req.skip_guest)
 
 
 def _process_state(proc: PodProcess) -> pod_pb2.ProcessState:

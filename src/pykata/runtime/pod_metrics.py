@@ -67,9 +67,11 @@ class RpcTimes:
         return out
 
 
-async def pod_metrics(pod: Pod, deadline: float | None) -> pod_pb2.PodMetrics:
-    """The pod's metrics; the guest's part within `deadline` seconds (the
-    caller's), else `guest_error` says why it is missing."""
+async def pod_metrics(pod: Pod, deadline: float | None, *, guest: bool = True
+                      ) -> pod_pb2.PodMetrics:
+    """The pod's metrics; the guest's part (unless not `guest`) within
+    `deadline` seconds (the caller's), else `guest_error` says why it is
+    missing."""
     sandbox = pod.sandbox
     reply = pod_pb2.PodMetrics(
         id=pod.id, front_end=sandbox.front_end, owner_pid=os.getpid(), vm_pid=pod.vm_pid,
@@ -77,15 +79,18 @@ async def pod_metrics(pod: Pod, deadline: float | None) -> pod_pb2.PodMetrics:
         start_seconds=dataclasses.asdict(sandbox.times),
         containers={c.id: c.lifecycle.status.value for c in pod.containers.values()})
     agent = sandbox.agent
+    if not guest:
+        reply.guest_error = "not asked for"
+        return reply
     if agent is None or pod.lifecycle.stopped:
         reply.guest_error = "the pod has stopped"
         return reply
     try:
-        guest = await agent.guest_metrics(
+        figures = await agent.guest_metrics(
             timeout=max(deadline, 0.0) * GUEST_SHARE if deadline is not None else None)
     except PykataError as exc:
         reply.guest_error = exc.message
     else:
         reply.has_guest = True
-        reply.guest.CopyFrom(guest)
+        reply.guest.CopyFrom(figures)
     return reply
