@@ -46,6 +46,11 @@ def start_pod() -> subprocess.Popen[bytes]:
     return proc
 
 
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def timed(url: str, scrapes: int) -> tuple[list[float], str]:
     seconds, text = [], ""
     for _ in range(scrapes):
@@ -84,15 +89,20 @@ def main() -> int:
                   file=sys.stderr)
             http_get(f"{monitor.url}/metrics")  # the first GetMetrics of each new pod
             metrics, host_only, listing = [], [], []
+            cpu = cpu_seconds(monitor.proc.pid), cpu_seconds(host_monitor.proc.pid)
             # Interleaved, so the machine's load weighs on each column alike.
             for _ in range(args.scrapes):
                 seconds, text = timed(f"{monitor.url}/metrics", 1)
                 metrics += seconds
                 host_only += timed(f"{host_monitor.url}/metrics", 1)[0]
                 listing += timed(f"{monitor.url}/sandboxes", 1)[0]
+            # The monitors' own CPU per scrape: what the load cannot inflate
+            # (the /sandboxes GETs are in the first's, a few ms each).
+            cpu_ms = ((cpu_seconds(monitor.proc.pid) - cpu[0]) * 1000 / args.scrapes,
+                      (cpu_seconds(host_monitor.proc.pid) - cpu[1]) * 1000 / args.scrapes)
             answered = len(set(re.findall(r'pykata_guest_up\{sandbox_id="([^"]+)"\} 1', text)))
             rows.append((len(pods), answered, metrics, host_only, listing,
-                         float(_FAILURES.findall(text)[0])))
+                         float(_FAILURES.findall(text)[0]), cpu_ms, os.getloadavg()[0]))
     finally:
         monitor.stop()
         host_monitor.stop()
@@ -113,9 +123,13 @@ def main() -> int:
           f"(TCG: {os.cpu_count()} CPUs)")
     print(f"{'pods':>4} {'answered':>8}  {'GET /metrics':<46} "
           f"{'GET /metrics, --no-guest':<46} {'GET /sandboxes':<46} failures")
-    for count, answered, metrics, host_only, listing, failures in rows:
+    for count, answered, metrics, host_only, listing, failures, _cpu, _load in rows:
         print(f"{count:>4} {answered:>8}  {spread(metrics):<46} {spread(host_only):<46} "
               f"{spread(listing):<46} {failures:.0f}")
+    print("\nthe monitor's own CPU per scrape (user+system), and the host's 1-minute load")
+    for count, *_rest, cpu_ms, load in rows:
+        print(f"{count:>4} pods: {cpu_ms[0]:6.1f} ms with the guests' figures, "
+              f"{cpu_ms[1]:6.1f} ms --no-guest; load average {load:.1f}")
     return 0
 
 
