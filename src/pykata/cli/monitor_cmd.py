@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from pykata.errors import ConfigError
@@ -33,6 +34,12 @@ def run(args: argparse.Namespace) -> int:
     if not 0 < args.pod_timeout <= 60:
         raise ConfigError(f"--pod-timeout {args.pod_timeout} is out of range",
                           hint="give a number of seconds above 0 and at most 60")
+
+    if os.geteuid() != 0:
+        # Not fatal: a user's own run root (PYKATA_RUN_ROOT) may hold pods it owns.
+        print("pykata monitor: warning: not running as root: the pods' control sockets "
+              "(0600, root's) will not answer; run it as root (deploy/pykata-monitor.service)",
+              file=sys.stderr)
 
     def ready(address: tuple[str, int]) -> None:
         print(f"pykata monitor: serving http://{address[0]}:{address[1]}/metrics",
