@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -150,3 +151,48 @@ def test_console_escapes_are_shown_escaped_when_the_vm_dies(
     assert proc.returncode != 0
     assert "\x1b" not in proc.stderr and "\r" not in proc.stderr, proc.stderr
     assert "owned by the guest" in proc.stderr and "\\x1b]0;" in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("mode", ["metrics", "metrics-stall"])
+def test_guest_metrics_cannot_forge_series_or_hold_the_scrape(
+    containerd: PrivateContainerd, hostile: Callable[[str], str], mode: str,
+) -> None:
+    """`pykata monitor` scraping a pod whose agent answers GetMetrics with
+    forged series in its names, 10000 interfaces and out-of-range numbers
+    (metrics), or never answers it (metrics-stall): no forged series, at most
+    32 interfaces, numbers clamped; a silent guest only loses its own figures
+    (pykata_guest_up 0) and the scrape answers within the pod deadline."""
+    from tests.functional.monitor_tools import Monitor, wait_for
+
+    hostile(mode)
+    started = containerd.ctr("run", "-d", "--runtime", "io.containerd.pykata.v2",
+                             "docker.io/pykata/busybox:test", "h-metrics", "sleep", "600")
+    assert started.returncode == 0, started.err
+    monitor = Monitor(pod_timeout=1.0)
+    try:
+        sid = wait_for("the pod in /sandboxes", lambda: [
+            e["id"] for e in monitor.sandboxes() if e["front_end"] == "shim"], 60)[0]
+        began = time.monotonic()
+        text = monitor.metrics()
+        assert time.monotonic() - began < 3.0
+        assert f'pykata_pod_info{{front_end="shim",sandbox_id="{sid}"' in text
+        assert "forged" not in text and "\x1b" not in text and "passwd" not in text
+        if mode == "metrics-stall":
+            assert f'pykata_guest_up{{sandbox_id="{sid}"}} 0.0' in text
+            assert "pykata_guest_memory_bytes{" not in text
+            return
+        # Its big reply may miss a scrape's deadline under emulation: a later one.
+        text = wait_for("the hostile figures", lambda: (
+            t if f'pykata_guest_up{{sandbox_id="{sid}"}} 1.0' in (t := monitor.metrics())
+            else None), 30)
+        assert "forged" not in text and "\x1b" not in text and "passwd" not in text
+        # The first 32 interfaces are looked at, less the two with bad names.
+        assert text.count("pykata_guest_network_receive_bytes_total{") == 30
+        assert (f'pykata_guest_memory_bytes{{item="MemTotal",sandbox_id="{sid}"}} '
+                "9.007199254740992e+15") in text  # clamped to 2^53
+        assert f'pykata_guest_load1{{sandbox_id="{sid}"}} 0.0' in text
+        assert f'pykata_guest_load15{{sandbox_id="{sid}"}} 1e+06' in text
+    finally:
+        monitor.stop()
+        containerd.remove("h-metrics")
+    assert containerd.task_status("h-metrics") == ""

@@ -86,6 +86,13 @@ class AgentService:
     ) -> agent_pb2.BootProfile:
         return agent_pb2.BootProfile(**boot_profile.marks())
 
+    async def GetMetrics(
+        self, req: agent_pb2.GetMetricsRequest, ctx: RequestContext
+    ) -> agent_pb2.GuestMetrics:
+        from pykata.agent import guest_metrics  # asked only by `pykata monitor`
+
+        return guest_metrics.guest_metrics()
+
     async def ReseedRandomDev(
         self, req: agent_pb2.ReseedRandomDevRequest, ctx: RequestContext
     ) -> empty_pb2.Empty:
@@ -343,6 +350,8 @@ _AGENT_REQUESTS = {
     "ListInterfaces": agent_pb2.ListInterfacesRequest,
     "ListRoutes": agent_pb2.ListRoutesRequest,
     "StartDebugConsole": agent_pb2.StartDebugConsoleRequest,
+    # pykata monitor (issue 17.1)
+    "GetMetrics": agent_pb2.GetMetricsRequest,
 }
 
 

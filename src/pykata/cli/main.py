@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
         exec_cmd,
         factory_cmd,
         install_cmd,
+        monitor_cmd,
         run_cmd,
     )
 
@@ -45,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="verb", metavar="COMMAND")
     sub.required = True
     for module in (run_cmd, check_cmd, env_cmd, assets_cmd, cleanup_cmd, install_cmd,
-                   factory_cmd, exec_cmd, events_cmd, collect_cmd):
+                   factory_cmd, exec_cmd, events_cmd, collect_cmd, monitor_cmd):
         module.register(sub)
     return parser
 

@@ -1804,3 +1804,194 @@ class StartDebugConsoleRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StartDebugConsoleRequest: _TypeAlias = StartDebugConsoleRequest  # noqa: Y015
+
+@_typing.final
+class GetMetricsRequest(_message.Message):
+    """--- pykata monitor (issue 17.1) -------------------------------------------"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetMetricsRequest: _TypeAlias = GetMetricsRequest  # noqa: Y015
+
+@_typing.final
+class GuestInterface(_message.Message):
+    """One line of the guest's /proc/net/dev."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    RX_BYTES_FIELD_NUMBER: _builtins.int
+    RX_PACKETS_FIELD_NUMBER: _builtins.int
+    RX_ERRORS_FIELD_NUMBER: _builtins.int
+    TX_BYTES_FIELD_NUMBER: _builtins.int
+    TX_PACKETS_FIELD_NUMBER: _builtins.int
+    TX_ERRORS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    rx_bytes: _builtins.int
+    rx_packets: _builtins.int
+    rx_errors: _builtins.int
+    tx_bytes: _builtins.int
+    tx_packets: _builtins.int
+    tx_errors: _builtins.int
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        rx_bytes: _builtins.int = ...,
+        rx_packets: _builtins.int = ...,
+        rx_errors: _builtins.int = ...,
+        tx_bytes: _builtins.int = ...,
+        tx_packets: _builtins.int = ...,
+        tx_errors: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "rx_bytes", b"rx_bytes", "rx_errors", b"rx_errors", "rx_packets", b"rx_packets", "tx_bytes", b"tx_bytes", "tx_errors", b"tx_errors", "tx_packets", b"tx_packets"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GuestInterface: _TypeAlias = GuestInterface  # noqa: Y015
+
+@_typing.final
+class GuestDisk(_message.Message):
+    """One line of the guest's /proc/diskstats."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    READS_COMPLETED_FIELD_NUMBER: _builtins.int
+    READ_BYTES_FIELD_NUMBER: _builtins.int
+    WRITES_COMPLETED_FIELD_NUMBER: _builtins.int
+    WRITTEN_BYTES_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    reads_completed: _builtins.int
+    read_bytes: _builtins.int
+    writes_completed: _builtins.int
+    written_bytes: _builtins.int
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        reads_completed: _builtins.int = ...,
+        read_bytes: _builtins.int = ...,
+        writes_completed: _builtins.int = ...,
+        written_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "read_bytes", b"read_bytes", "reads_completed", b"reads_completed", "writes_completed", b"writes_completed", "written_bytes", b"written_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GuestDisk: _TypeAlias = GuestDisk  # noqa: Y015
+
+@_typing.final
+class GuestMetrics(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class MemoryBytesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class CpuSecondsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    LOAD1_FIELD_NUMBER: _builtins.int
+    LOAD5_FIELD_NUMBER: _builtins.int
+    LOAD15_FIELD_NUMBER: _builtins.int
+    CPU_SECONDS_FIELD_NUMBER: _builtins.int
+    INTERFACES_FIELD_NUMBER: _builtins.int
+    DISKS_FIELD_NUMBER: _builtins.int
+    AGENT_CPU_SECONDS_FIELD_NUMBER: _builtins.int
+    AGENT_RESIDENT_BYTES_FIELD_NUMBER: _builtins.int
+    AGENT_VIRTUAL_BYTES_FIELD_NUMBER: _builtins.int
+    AGENT_OPEN_FDS_FIELD_NUMBER: _builtins.int
+    AGENT_THREADS_FIELD_NUMBER: _builtins.int
+    load1: _builtins.float
+    """/proc/loadavg."""
+    load5: _builtins.float
+    load15: _builtins.float
+    agent_cpu_seconds: _builtins.float
+    """The agent's own process (/proc/self)."""
+    agent_resident_bytes: _builtins.int
+    agent_virtual_bytes: _builtins.int
+    agent_open_fds: _builtins.int
+    agent_threads: _builtins.int
+    @_builtins.property
+    def memory_bytes(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """/proc/meminfo, in bytes, by its field name (MemTotal, MemAvailable...)."""
+
+    @_builtins.property
+    def cpu_seconds(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """/proc/stat's "cpu" line, in seconds of all CPUs, by mode (user, system...)."""
+
+    @_builtins.property
+    def interfaces(self) -> _containers.RepeatedCompositeFieldContainer[Global___GuestInterface]: ...
+    @_builtins.property
+    def disks(self) -> _containers.RepeatedCompositeFieldContainer[Global___GuestDisk]: ...
+    def __init__(
+        self,
+        *,
+        memory_bytes: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        load1: _builtins.float = ...,
+        load5: _builtins.float = ...,
+        load15: _builtins.float = ...,
+        cpu_seconds: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        interfaces: _abc.Iterable[Global___GuestInterface] | None = ...,
+        disks: _abc.Iterable[Global___GuestDisk] | None = ...,
+        agent_cpu_seconds: _builtins.float = ...,
+        agent_resident_bytes: _builtins.int = ...,
+        agent_virtual_bytes: _builtins.int = ...,
+        agent_open_fds: _builtins.int = ...,
+        agent_threads: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_cpu_seconds", b"agent_cpu_seconds", "agent_open_fds", b"agent_open_fds", "agent_resident_bytes", b"agent_resident_bytes", "agent_threads", b"agent_threads", "agent_virtual_bytes", b"agent_virtual_bytes", "cpu_seconds", b"cpu_seconds", "disks", b"disks", "interfaces", b"interfaces", "load1", b"load1", "load15", b"load15", "load5", b"load5", "memory_bytes", b"memory_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GuestMetrics: _TypeAlias = GuestMetrics  # noqa: Y015

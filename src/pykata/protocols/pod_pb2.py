@@ -23,41 +23,56 @@ _sym_db = _symbol_database.Default()
 
 
 from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
+from pykata.protocols import agent_pb2 as pykata_dot_protocols_dot_agent__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1apykata/protocols/pod.proto\x12\rpykata.pod.v1\x1a\x1bgoogle/protobuf/empty.proto\"{\n\x0cProcessState\x12\x0f\n\x07\x65xec_id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x13\n\x0b\x65xit_status\x18\x03 \x01(\x05\x12\x11\n\texited_at\x18\x04 \x01(\x01\x12\x10\n\x08terminal\x18\x05 \x01(\x08\x12\x10\n\x08host_pid\x18\x06 \x01(\r\"\x93\x01\n\x0e\x43ontainerState\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x0e\n\x06\x62undle\x18\x03 \x01(\t\x12)\n\x04init\x18\x04 \x01(\x0b\x32\x1b.pykata.pod.v1.ProcessState\x12*\n\x05\x65xecs\x18\x05 \x03(\x0b\x32\x1b.pykata.pod.v1.ProcessState\"\x9d\x01\n\x08PodState\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x11\n\tfront_end\x18\x03 \x01(\t\x12\x11\n\towner_pid\x18\x04 \x01(\r\x12\x0e\n\x06vm_pid\x18\x05 \x01(\r\x12\x0c\n\x04\x62oot\x18\x06 \x01(\t\x12\x31\n\ncontainers\x18\x07 \x03(\x0b\x32\x1d.pykata.pod.v1.ContainerState\"$\n\x0c\x43ontainerRef\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\"3\n\nProcessRef\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\"Q\n\x0bKillRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\x12\x0e\n\x06signal\x18\x03 \x01(\r\x12\x0b\n\x03\x61ll\x18\x04 \x01(\x08\"W\n\x0b\x45xecRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\x12\x0f\n\x07process\x18\x03 \x01(\x0c\x12\x10\n\x08host_pid\x18\x04 \x01(\r\"8\n\rUpdateRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x11\n\tresources\x18\x02 \x01(\x0c\"s\n\x13\x44\x65\x62ugConsoleRequest\x12\x0f\n\x07\x65xec_id\x18\x01 \x01(\t\x12\x0c\n\x04\x61rgs\x18\x02 \x03(\t\x12\x10\n\x08terminal\x18\x03 \x01(\x08\x12\x0c\n\x04term\x18\x04 \x01(\t\x12\x0c\n\x04rows\x18\x05 \x01(\r\x12\x0f\n\x07\x63olumns\x18\x06 \x01(\r\"\"\n\x10\x44\x65\x62ugConsoleExit\x12\x0e\n\x06status\x18\x01 \x01(\x05\"8\n\rEventsRequest\x12\x11\n\tsince_seq\x18\x01 \x01(\x04\x12\x14\n\x0cwait_seconds\x18\x02 \x01(\x01\"R\n\nEventEntry\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0c\n\x04time\x18\x02 \x01(\x01\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\r\n\x05\x65rror\x18\x05 \x01(\x08\"K\n\x0b\x45ventsReply\x12*\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x19.pykata.pod.v1.EventEntry\x12\x10\n\x08last_seq\x18\x02 \x01(\x04\x32\x85\x05\n\x03Pod\x12\x38\n\x05State\x12\x16.google.protobuf.Empty\x1a\x17.pykata.pod.v1.PodState\x12:\n\x05Start\x12\x19.pykata.pod.v1.ProcessRef\x1a\x16.google.protobuf.Empty\x12:\n\x04Kill\x12\x1a.pykata.pod.v1.KillRequest\x1a\x16.google.protobuf.Empty\x12:\n\x04\x45xec\x12\x1a.pykata.pod.v1.ExecRequest\x1a\x16.google.protobuf.Empty\x12<\n\x05Pause\x12\x1b.pykata.pod.v1.ContainerRef\x1a\x16.google.protobuf.Empty\x12=\n\x06Resume\x12\x1b.pykata.pod.v1.ContainerRef\x1a\x16.google.protobuf.Empty\x12>\n\x06Update\x12\x1c.pykata.pod.v1.UpdateRequest\x1a\x16.google.protobuf.Empty\x12:\n\x08Shutdown\x12\x16.google.protobuf.Empty\x1a\x16.google.protobuf.Empty\x12S\n\x0c\x44\x65\x62ugConsole\x12\".pykata.pod.v1.DebugConsoleRequest\x1a\x1f.pykata.pod.v1.DebugConsoleExit\x12\x42\n\x06\x45vents\x12\x1c.pykata.pod.v1.EventsRequest\x1a\x1a.pykata.pod.v1.EventsReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1apykata/protocols/pod.proto\x12\rpykata.pod.v1\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1cpykata/protocols/agent.proto\"{\n\x0cProcessState\x12\x0f\n\x07\x65xec_id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x13\n\x0b\x65xit_status\x18\x03 \x01(\x05\x12\x11\n\texited_at\x18\x04 \x01(\x01\x12\x10\n\x08terminal\x18\x05 \x01(\x08\x12\x10\n\x08host_pid\x18\x06 \x01(\r\"\x93\x01\n\x0e\x43ontainerState\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x0e\n\x06\x62undle\x18\x03 \x01(\t\x12)\n\x04init\x18\x04 \x01(\x0b\x32\x1b.pykata.pod.v1.ProcessState\x12*\n\x05\x65xecs\x18\x05 \x03(\x0b\x32\x1b.pykata.pod.v1.ProcessState\"\x9d\x01\n\x08PodState\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x11\n\tfront_end\x18\x03 \x01(\t\x12\x11\n\towner_pid\x18\x04 \x01(\r\x12\x0e\n\x06vm_pid\x18\x05 \x01(\r\x12\x0c\n\x04\x62oot\x18\x06 \x01(\t\x12\x31\n\ncontainers\x18\x07 \x03(\x0b\x32\x1d.pykata.pod.v1.ContainerState\"$\n\x0c\x43ontainerRef\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\"3\n\nProcessRef\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\"Q\n\x0bKillRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\x12\x0e\n\x06signal\x18\x03 \x01(\r\x12\x0b\n\x03\x61ll\x18\x04 \x01(\x08\"W\n\x0b\x45xecRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\x12\x0f\n\x07process\x18\x03 \x01(\x0c\x12\x10\n\x08host_pid\x18\x04 \x01(\r\"8\n\rUpdateRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x11\n\tresources\x18\x02 \x01(\x0c\"s\n\x13\x44\x65\x62ugConsoleRequest\x12\x0f\n\x07\x65xec_id\x18\x01 \x01(\t\x12\x0c\n\x04\x61rgs\x18\x02 \x03(\t\x12\x10\n\x08terminal\x18\x03 \x01(\x08\x12\x0c\n\x04term\x18\x04 \x01(\t\x12\x0c\n\x04rows\x18\x05 \x01(\r\x12\x0f\n\x07\x63olumns\x18\x06 \x01(\r\"\"\n\x10\x44\x65\x62ugConsoleExit\x12\x0e\n\x06status\x18\x01 \x01(\x05\"8\n\rEventsRequest\x12\x11\n\tsince_seq\x18\x01 \x01(\x04\x12\x14\n\x0cwait_seconds\x18\x02 \x01(\x01\"R\n\nEventEntry\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0c\n\x04time\x18\x02 \x01(\x01\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\r\n\x05\x65rror\x18\x05 \x01(\x08\"K\n\x0b\x45ventsReply\x12*\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x19.pykata.pod.v1.EventEntry\x12\x10\n\x08last_seq\x18\x02 \x01(\x04\"$\n\x0eMetricsRequest\x12\x12\n\nskip_guest\x18\x01 \x01(\x08\"P\n\x08RpcTimes\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x0f\n\x07\x62uckets\x18\x02 \x03(\x04\x12\x13\n\x0bsum_seconds\x18\x03 \x01(\x01\x12\x0e\n\x06\x65rrors\x18\x04 \x01(\x04\"\xcd\x03\n\nPodMetrics\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\tfront_end\x18\x02 \x01(\t\x12\x11\n\towner_pid\x18\x03 \x01(\r\x12\x0e\n\x06vm_pid\x18\x04 \x01(\r\x12\x0c\n\x04\x62oot\x18\x05 \x01(\t\x12\x12\n\nrpc_bounds\x18\x06 \x03(\x01\x12%\n\x04rpcs\x18\x07 \x03(\x0b\x32\x17.pykata.pod.v1.RpcTimes\x12\x42\n\rstart_seconds\x18\x08 \x03(\x0b\x32+.pykata.pod.v1.PodMetrics.StartSecondsEntry\x12=\n\ncontainers\x18\t \x03(\x0b\x32).pykata.pod.v1.PodMetrics.ContainersEntry\x12\x11\n\thas_guest\x18\n \x01(\x08\x12!\n\x05guest\x18\x0b \x01(\x0b\x32\x12.grpc.GuestMetrics\x12\x13\n\x0bguest_error\x18\x0c \x01(\t\x1a\x33\n\x11StartSecondsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x31\n\x0f\x43ontainersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32\xca\x05\n\x03Pod\x12\x38\n\x05State\x12\x16.google.protobuf.Empty\x1a\x17.pykata.pod.v1.PodState\x12:\n\x05Start\x12\x19.pykata.pod.v1.ProcessRef\x1a\x16.google.protobuf.Empty\x12:\n\x04Kill\x12\x1a.pykata.pod.v1.KillRequest\x1a\x16.google.protobuf.Empty\x12:\n\x04\x45xec\x12\x1a.pykata.pod.v1.ExecRequest\x1a\x16.google.protobuf.Empty\x12<\n\x05Pause\x12\x1b.pykata.pod.v1.ContainerRef\x1a\x16.google.protobuf.Empty\x12=\n\x06Resume\x12\x1b.pykata.pod.v1.ContainerRef\x1a\x16.google.protobuf.Empty\x12>\n\x06Update\x12\x1c.pykata.pod.v1.UpdateRequest\x1a\x16.google.protobuf.Empty\x12:\n\x08Shutdown\x12\x16.google.protobuf.Empty\x1a\x16.google.protobuf.Empty\x12S\n\x0c\x44\x65\x62ugConsole\x12\".pykata.pod.v1.DebugConsoleRequest\x1a\x1f.pykata.pod.v1.DebugConsoleExit\x12\x42\n\x06\x45vents\x12\x1c.pykata.pod.v1.EventsRequest\x1a\x1a.pykata.pod.v1.EventsReply\x12\x43\n\x07Metrics\x12\x1d.pykata.pod.v1.MetricsRequest\x1a\x19.pykata.pod.v1.PodMetricsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pykata.protocols.pod_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PROCESSSTATE']._serialized_start=74
-  _globals['_PROCESSSTATE']._serialized_end=197
-  _globals['_CONTAINERSTATE']._serialized_start=200
-  _globals['_CONTAINERSTATE']._serialized_end=347
-  _globals['_PODSTATE']._serialized_start=350
-  _globals['_PODSTATE']._serialized_end=507
-  _globals['_CONTAINERREF']._serialized_start=509
-  _globals['_CONTAINERREF']._serialized_end=545
-  _globals['_PROCESSREF']._serialized_start=547
-  _globals['_PROCESSREF']._serialized_end=598
-  _globals['_KILLREQUEST']._serialized_start=600
-  _globals['_KILLREQUEST']._serialized_end=681
-  _globals['_EXECREQUEST']._serialized_start=683
-  _globals['_EXECREQUEST']._serialized_end=770
-  _globals['_UPDATEREQUEST']._serialized_start=772
-  _globals['_UPDATEREQUEST']._serialized_end=828
-  _globals['_DEBUGCONSOLEREQUEST']._serialized_start=830
-  _globals['_DEBUGCONSOLEREQUEST']._serialized_end=945
-  _globals['_DEBUGCONSOLEEXIT']._serialized_start=947
-  _globals['_DEBUGCONSOLEEXIT']._serialized_end=981
-  _globals['_EVENTSREQUEST']._serialized_start=983
-  _globals['_EVENTSREQUEST']._serialized_end=1039
-  _globals['_EVENTENTRY']._serialized_start=1041
-  _globals['_EVENTENTRY']._serialized_end=1123
-  _globals['_EVENTSREPLY']._serialized_start=1125
-  _globals['_EVENTSREPLY']._serialized_end=1200
-  _globals['_POD']._serialized_start=1203
-  _globals['_POD']._serialized_end=1848
+  _globals['_PODMETRICS_STARTSECONDSENTRY']._loaded_options = None
+  _globals['_PODMETRICS_STARTSECONDSENTRY']._serialized_options = b'8\001'
+  _globals['_PODMETRICS_CONTAINERSENTRY']._loaded_options = None
+  _globals['_PODMETRICS_CONTAINERSENTRY']._serialized_options = b'8\001'
+  _globals['_PROCESSSTATE']._serialized_start=104
+  _globals['_PROCESSSTATE']._serialized_end=227
+  _globals['_CONTAINERSTATE']._serialized_start=230
+  _globals['_CONTAINERSTATE']._serialized_end=377
+  _globals['_PODSTATE']._serialized_start=380
+  _globals['_PODSTATE']._serialized_end=537
+  _globals['_CONTAINERREF']._serialized_start=539
+  _globals['_CONTAINERREF']._serialized_end=575
+  _globals['_PROCESSREF']._serialized_start=577
+  _globals['_PROCESSREF']._serialized_end=628
+  _globals['_KILLREQUEST']._serialized_start=630
+  _globals['_KILLREQUEST']._serialized_end=711
+  _globals['_EXECREQUEST']._serialized_start=713
+  _globals['_EXECREQUEST']._serialized_end=800
+  _globals['_UPDATEREQUEST']._serialized_start=802
+  _globals['_UPDATEREQUEST']._serialized_end=858
+  _globals['_DEBUGCONSOLEREQUEST']._serialized_start=860
+  _globals['_DEBUGCONSOLEREQUEST']._serialized_end=975
+  _globals['_DEBUGCONSOLEEXIT']._serialized_start=977
+  _globals['_DEBUGCONSOLEEXIT']._serialized_end=1011
+  _globals['_EVENTSREQUEST']._serialized_start=1013
+  _globals['_EVENTSREQUEST']._serialized_end=1069
+  _globals['_EVENTENTRY']._serialized_start=1071
+  _globals['_EVENTENTRY']._serialized_end=1153
+  _globals['_EVENTSREPLY']._serialized_start=1155
+  _globals['_EVENTSREPLY']._serialized_end=1230
+  _globals['_METRICSREQUEST']._serialized_start=1232
+  _globals['_METRICSREQUEST']._serialized_end=1268
+  _globals['_RPCTIMES']._serialized_start=1270
+  _globals['_RPCTIMES']._serialized_end=1350
+  _globals['_PODMETRICS']._serialized_start=1353
+  _globals['_PODMETRICS']._serialized_end=1814
+  _globals['_PODMETRICS_STARTSECONDSENTRY']._serialized_start=1712
+  _globals['_PODMETRICS_STARTSECONDSENTRY']._serialized_end=1763
+  _globals['_PODMETRICS_CONTAINERSENTRY']._serialized_start=1765
+  _globals['_PODMETRICS_CONTAINERSENTRY']._serialized_end=1814
+  _globals['_POD']._serialized_start=1817
+  _globals['_POD']._serialized_end=2531
 # @@protoc_insertion_point(module_scope)

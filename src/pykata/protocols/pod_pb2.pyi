@@ -18,6 +18,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from pykata.protocols import agent_pb2 as _agent_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -403,3 +404,163 @@ class EventsReply(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___EventsReply: _TypeAlias = EventsReply  # noqa: Y015
+
+@_typing.final
+class MetricsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SKIP_GUEST_FIELD_NUMBER: _builtins.int
+    skip_guest: _builtins.bool
+    """Leave the guest's figures out (no agent call): the host's only."""
+    def __init__(
+        self,
+        *,
+        skip_guest: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["skip_guest", b"skip_guest"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MetricsRequest: _TypeAlias = MetricsRequest  # noqa: Y015
+
+@_typing.final
+class RpcTimes(_message.Message):
+    """The owner's agent calls of one method: a histogram of their seconds."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    METHOD_FIELD_NUMBER: _builtins.int
+    BUCKETS_FIELD_NUMBER: _builtins.int
+    SUM_SECONDS_FIELD_NUMBER: _builtins.int
+    ERRORS_FIELD_NUMBER: _builtins.int
+    method: _builtins.str
+    sum_seconds: _builtins.float
+    errors: _builtins.int
+    @_builtins.property
+    def buckets(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Calls at or under each of PodMetrics.rpc_bounds (cumulative, as
+        Prometheus' buckets), the last one being every call.
+        """
+
+    def __init__(
+        self,
+        *,
+        method: _builtins.str = ...,
+        buckets: _abc.Iterable[_builtins.int] | None = ...,
+        sum_seconds: _builtins.float = ...,
+        errors: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["buckets", b"buckets", "errors", b"errors", "method", b"method", "sum_seconds", b"sum_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RpcTimes: _TypeAlias = RpcTimes  # noqa: Y015
+
+@_typing.final
+class PodMetrics(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class StartSecondsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class ContainersEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    ID_FIELD_NUMBER: _builtins.int
+    FRONT_END_FIELD_NUMBER: _builtins.int
+    OWNER_PID_FIELD_NUMBER: _builtins.int
+    VM_PID_FIELD_NUMBER: _builtins.int
+    BOOT_FIELD_NUMBER: _builtins.int
+    RPC_BOUNDS_FIELD_NUMBER: _builtins.int
+    RPCS_FIELD_NUMBER: _builtins.int
+    START_SECONDS_FIELD_NUMBER: _builtins.int
+    CONTAINERS_FIELD_NUMBER: _builtins.int
+    HAS_GUEST_FIELD_NUMBER: _builtins.int
+    GUEST_FIELD_NUMBER: _builtins.int
+    GUEST_ERROR_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    front_end: _builtins.str
+    owner_pid: _builtins.int
+    vm_pid: _builtins.int
+    boot: _builtins.str
+    """cold, template or cache."""
+    has_guest: _builtins.bool
+    """The guest's figures; guest_error says why they are missing."""
+    guest_error: _builtins.str
+    @_builtins.property
+    def rpc_bounds(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """The buckets' upper bounds in seconds, shared by every method (+Inf last)."""
+
+    @_builtins.property
+    def rpcs(self) -> _containers.RepeatedCompositeFieldContainer[Global___RpcTimes]: ...
+    @_builtins.property
+    def start_seconds(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """Seconds spent in each start phase (vm_launch, agent_ready, sandbox_create)."""
+
+    @_builtins.property
+    def containers(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Container id -> status."""
+
+    @_builtins.property
+    def guest(self) -> _agent_pb2.GuestMetrics: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        front_end: _builtins.str = ...,
+        owner_pid: _builtins.int = ...,
+        vm_pid: _builtins.int = ...,
+        boot: _builtins.str = ...,
+        rpc_bounds: _abc.Iterable[_builtins.float] | None = ...,
+        rpcs: _abc.Iterable[Global___RpcTimes] | None = ...,
+        start_seconds: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        containers: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        has_guest: _builtins.bool = ...,
+        guest: _agent_pb2.GuestMetrics | None = ...,
+        guest_error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["guest", b"guest"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["boot", b"boot", "containers", b"containers", "front_end", b"front_end", "guest", b"guest", "guest_error", b"guest_error", "has_guest", b"has_guest", "id", b"id", "owner_pid", b"owner_pid", "rpc_bounds", b"rpc_bounds", "rpcs", b"rpcs", "start_seconds", b"start_seconds", "vm_pid", b"vm_pid"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PodMetrics: _TypeAlias = PodMetrics  # noqa: Y015

@@ -59,6 +59,8 @@ _TIMEOUTS = {
     "UpdateRoutes": 30.0,
     "AddARPNeighbors": 30.0,
     "ListInterfaces": 30.0,
+    # pykata monitor (issue 17.1): a scrape must not wait long for one guest.
+    "GetMetrics": 5.0,
 }
 
 R = TypeVar("R", bound=Message)
@@ -338,6 +340,14 @@ class AgentClient:
         req = agent_pb2.AddARPNeighborsRequest(
             neighbors=agent_pb2.ARPNeighbors(ARPNeighbors=neighbors))
         await self._call("AddARPNeighbors", req, empty_pb2.Empty)
+
+    async def guest_metrics(self, timeout: float | None = None) -> agent_pb2.GuestMetrics:
+        """The guest's figures (GetMetrics), checked and clamped
+        (`runtime.guest_metrics`): guest values."""
+        from pykata.runtime.guest_metrics import checked
+
+        return checked(await self._call("GetMetrics", agent_pb2.GetMetricsRequest(),
+                                        agent_pb2.GuestMetrics, timeout=timeout))
 
     async def get_oom_event(self) -> str:
         """The next container the guest reports out of memory (a long poll)."""

@@ -27,6 +27,7 @@ from pykata.protocols import agent_pb2, pod_pb2
 from pykata.runtime.debug_console import ConsoleSessions
 from pykata.runtime.error_codes import to_status
 from pykata.runtime.pod import Pod, parse_json_object
+from pykata.runtime.pod_metrics import pod_metrics
 from pykata.runtime.process import PodProcess
 from pykata.ttrpc import Code, RequestContext, Server, StatusError
 
@@ -95,6 +96,8 @@ class PodControl:
                             self._forwarder(method, response_type))
         server.register(CONTROL_SERVICE, "DebugConsole", pod_pb2.DebugConsoleRequest,
                         self.DebugConsole)
+        # pykata monitor (issue 17.1): it needs the caller's deadline.
+        server.register(CONTROL_SERVICE, "Metrics", pod_pb2.MetricsRequest, self.Metrics)
 
     @staticmethod
     def _translated(call: Callable[[Any], Awaitable[Message]]
@@ -182,6 +185,14 @@ class PodControl:
             entries=[pod_pb2.EventEntry(seq=e.seq, time=e.time, kind=e.kind, text=e.text,
                                         error=e.error) for e in entries],
             last_seq=self.pod.events.last_seq)
+
+    # --- pykata monitor (issue 17.1) --------------------------------------
+
+    async def Metrics(self, req: pod_pb2.MetricsRequest, ctx: RequestContext
+                      ) -> pod_pb2.PodMetrics:
+        """Never fails for the guest's sake: a guest that does not answer in
+        the caller's time leaves its figures out (`guest_error`)."""
+        return await pod_metrics(self.pod, ctx.time_remaining(), guest=not req.skip_guest)
 
 
 def _process_state(proc: PodProcess) -> pod_pb2.ProcessState:

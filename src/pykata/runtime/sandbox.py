@@ -47,6 +47,7 @@ from pykata.runtime.pod_cgroup import (
     pod_limits,
     remove_recorded,
 )
+from pykata.runtime.pod_metrics import RpcTimes
 from pykata.runtime.pod_network import PodNetwork
 from pykata.runtime.resources import SandboxResource, SharedFilesystem
 from pykata.runtime.share import SandboxShare
@@ -136,9 +137,11 @@ class Sandbox:
         self.times = PhaseTimes()
         # What its VM booted (for `runtime.staleness`); None until it has one.
         self.guest_assets: GuestAssets | None = None
+        # Every agent call's seconds, by method (`pykata monitor`).
+        self.rpc_times = RpcTimes()
         # Told of every call on the agent connection once the VM has one
-        # (the pod's event log): `AgentClient.observers`.
-        self.agent_observers: list[RpcObserver] = []
+        # (the metrics above, the pod's event log): `AgentClient.observers`.
+        self.agent_observers: list[RpcObserver] = [self.rpc_times.observe]
         self._created = time.time()
         self._pod = _PodRecord()
         self._stopped = False

@@ -11,6 +11,9 @@ then misbehaves as `hostile=<mode>` on the kernel command line says:
     invalid       CreateContainer is answered with bytes that are no response
     ps            ListProcesses answers out-of-range pids
     console       StartContainer writes escapes to the console, then the agent dies
+    metrics       GetMetrics answers forged series in names, 10000 interfaces,
+                  out-of-range numbers
+    metrics-stall GetMetrics never answers
 """
 
 from __future__ import annotations
@@ -27,7 +30,23 @@ from pykata.ttrpc.protocol import FrameStream
 ESCAPES = "\x1b[2J\x1b[31m\x1b]0;owned by the guest\x07\rforged: all is well\x9b"
 OK, NOT_FOUND, OUT_OF_RANGE, INTERNAL, UNIMPLEMENTED = 0, 5, 11, 13, 12
 # How long a container "runs" before WaitProcess answers (the oom mode floods meanwhile).
-RUN_SECONDS = {"oom": 3.0, "ps": 600.0}
+RUN_SECONDS = {"oom": 3.0, "ps": 600.0, "metrics": 600.0, "metrics-stall": 600.0}
+FORGED = 'eth0"} 1\npykata_forged{sandbox_id="other'
+
+
+def hostile_metrics() -> agent_pb2.GuestMetrics:
+    reply = agent_pb2.GuestMetrics(load1=float("nan"), load5=-1.0, load15=1e308,
+                                   agent_resident_bytes=(1 << 64) - 1)
+    reply.memory_bytes["MemTotal"] = (1 << 64) - 1
+    reply.memory_bytes[FORGED] = 1
+    reply.cpu_seconds[FORGED] = 1.0
+    reply.cpu_seconds["idle"] = float("inf")
+    reply.interfaces.add(name=FORGED, rx_bytes=1)
+    reply.interfaces.add(name=ESCAPES, rx_bytes=1)
+    for n in range(10_000):
+        reply.interfaces.add(name=f"if{n}", rx_bytes=(1 << 64) - 1)
+    reply.disks.add(name="../../etc/passwd", read_bytes=1)
+    return reply
 
 
 def mode() -> str:
@@ -103,6 +122,10 @@ class HostileAgent:
         elif method == "ListProcesses":
             listing = b"[-1, 99999999999, 7]" if self.mode == "ps" else b"[1]"
             await self.answer(stream, agent_pb2.ListProcessesResponse(process_list=listing))
+        elif method == "GetMetrics":
+            if self.mode == "metrics-stall":
+                await asyncio.Event().wait()
+            await self.answer(stream, hostile_metrics())
         elif method == "StatsContainer":
             await self.answer(stream, agent_pb2.StatsContainerResponse())
         elif method in ("RemoveContainer", "DestroySandbox", "CloseStdin", "TtyWinResize",
