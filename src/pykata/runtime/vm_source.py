@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from pykata import tracing
 from pykata.errors import AgentError, HypervisorError
 from pykata.host import vsock
 from pykata.hypervisor.base import Hypervisor
@@ -80,10 +81,12 @@ class ColdBoot:
     async def boot(self, config: VmConfig, name: str) -> BootedVm:
         t0 = time.monotonic()
         vm = QemuVM(config)
-        await vm.start()
+        with tracing.span("vm.launch"):
+            await vm.start()
         t1 = time.monotonic()
         try:
-            agent = await connect_agent(vm, config, self.dial_timeout, name)
+            with tracing.span("agent.ready"):
+                agent = await connect_agent(vm, config, self.dial_timeout, name)
         except BaseException:
             await vm.kill()
             raise
