@@ -108,7 +108,7 @@ def test_service_methods() -> None:
         "ResumeContainer", "WriteStdin", "ReadStdout", "ReadStderr", "CloseStdin",
         "TtyWinResize", "CreateSandbox", "DestroySandbox", "GetGuestDetails", "GetOOMEvent",
         "UpdateInterface", "UpdateRoutes", "ListInterfaces", "ListRoutes", "AddARPNeighbors",
-        "GetBootProfile", "ReseedRandomDev", "SetGuestDateTime",
+        "GetBootProfile", "ReseedRandomDev", "SetGuestDateTime", "GetTraceSpans",
     }  # fmt: skip
     # Kata's field numbers for the calls that make a template's clone its own.
     assert agent_pb2.ReseedRandomDevRequest.DESCRIPTOR.fields_by_name["data"].number == 2

@@ -358,7 +358,7 @@ _AGENT_REQUESTS = {
 def _traced(method: str, handler: Handler) -> Handler:
     """`handler`, recording a span when the host's request carries a traceparent."""
     async def run(req: Any, ctx: RequestContext) -> Message:
-        with spans.request(ctx.metadata, f"agent {method}"):
+        with spans.request(ctx.metadata, f"guest {method}"):
             return await handler(req, ctx)
     return run
 
