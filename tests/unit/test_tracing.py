@@ -9,23 +9,28 @@ import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any, cast
 
 import pytest
 from google.protobuf import empty_pb2
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
 
 from pykata import tracing
 from pykata.agent import spans
 from pykata.agent.service import AgentService, _traced
 from pykata.channels import AGENT_SERVICE
 from pykata.config import parse
-from pykata.errors import ConfigError
+from pykata.errors import ConfigError, HypervisorError
 from pykata.protocols import agent_pb2
 from pykata.runtime.agent_client import AgentClient
+from pykata.runtime.container import bind_rootfs
 from pykata.tracing import guest
-from pykata.tracing.otel import OtelBackend
+from pykata.tracing.otel import OtelBackend, traces_url
 from pykata.ttrpc import RequestContext, Server
 from tests.otlp_receiver import OtlpReceiver, check_trace
+from tests.unit.pod_fakes import CapturedIO, FakeSource, fake_pod, spec
 
 TRACE = bytes(range(1, 17))
 HOST_SPAN = bytes(range(1, 9))
@@ -72,6 +77,7 @@ def test_guest_records_nothing_without_a_valid_traceparent(value: str) -> None:
 
 
 def test_guest_buffer_is_bounded_and_counts_what_it_dropped() -> None:
+    """The guest keeps the newest MAX_SPANS spans and counts the others."""
     for _ in range(spans.MAX_SPANS + 10):
         with spans.request({"traceparent": [TRACEPARENT]}, "guest X"):
             pass
@@ -115,6 +121,7 @@ def _accept(spans_in: list[agent_pb2.GuestSpan], window: guest.Window | None = N
 
 
 def test_host_keeps_guest_spans_under_its_own_rpc_span_parents_first() -> None:
+    """A request span and its child: both kept, the parent first, times unmoved."""
     child = _span(b"childid1", b"parentid", name="crun create", start=1120, end=1150)
     accepted = _accept([child, _span(b"parentid")])
     assert [(s.name, s.parent) for s in accepted] == [("guest X", None), ("crun create", 0)]
@@ -133,10 +140,12 @@ def test_host_keeps_guest_spans_under_its_own_rpc_span_parents_first() -> None:
     _span(b"spanid01", start=10, end=5),             # ends before it starts
 ])
 def test_host_refuses_guest_spans_it_did_not_ask_for(bad: agent_pb2.GuestSpan) -> None:
+    """Unknown parents, other traces, bad ids, names or times: dropped."""
     assert _accept([bad]) == []
 
 
 def test_host_refuses_loops_deep_chains_and_orphans_of_refused_parents() -> None:
+    """A parent loop, a chain past MAX_DEPTH, a child of a refused span: dropped."""
     loop = [_span(b"aaaaaaaa", b"bbbbbbbb"), _span(b"bbbbbbbb", b"aaaaaaaa")]
     assert _accept(loop) == []
     chain = [_span(b"span%04d" % 0)] + [_span(b"span%04d" % i, b"span%04d" % (i - 1))
@@ -147,6 +156,7 @@ def test_host_refuses_loops_deep_chains_and_orphans_of_refused_parents() -> None
 
 
 def test_host_exports_at_most_a_bounded_number_per_rpc() -> None:
+    """1000 spans under one RPC: MAX_PER_WINDOW kept, then none for that RPC."""
     window = _window()
     many = [_span(b"%08d" % i) for i in range(1000)]
     assert len(_accept(many, window)) == guest.MAX_PER_WINDOW
@@ -154,6 +164,7 @@ def test_host_exports_at_most_a_bounded_number_per_rpc() -> None:
 
 
 def test_host_bounds_and_escapes_attributes() -> None:
+    """Control characters escaped, long values cut, at most MAX_ATTRIBUTES kept."""
     attributes = {f"k{i}": "v" for i in range(20)} | {"Bad Key": "x"}
     (one,) = _accept([_span(b"spanid01", attributes={"a": "\x1b[2J\n", "b": "y" * 5000})])
     assert one.attributes["guest.a"] == "\\x1b[2J\\n"
@@ -184,6 +195,7 @@ def test_guest_times_outside_the_rpc_span_are_moved_inside_keeping_lengths() -> 
 # --- configuration ----------------------------------------------------------
 
 def test_tracing_is_off_by_default_and_the_endpoint_must_be_http() -> None:
+    """Off by default; an endpoint that is no http(s) URL is refused with a hint."""
     config = parse({}, "test")
     assert config.runtime.enable_tracing is False
     assert config.runtime.tracing_endpoint == "http://127.0.0.1:4318/v1/traces"
@@ -194,6 +206,18 @@ def test_tracing_is_off_by_default_and_the_endpoint_must_be_http() -> None:
         with pytest.raises(ConfigError, match="not an http\\(s\\) URL") as info:
             parse({"runtime": {"tracing_endpoint": bad}}, "test")
         assert "4318" in (info.value.hint or "")
+
+
+@pytest.mark.parametrize(("given", "posted"), [
+    ("http://jaeger:4318", "http://jaeger:4318/v1/traces"),
+    ("http://jaeger:4318/", "http://jaeger:4318/v1/traces"),
+    ("http://[::1]:4318", "http://[::1]:4318/v1/traces"),
+    ("http://127.0.0.1:4318/v1/traces", "http://127.0.0.1:4318/v1/traces"),
+    ("https://gateway.example/otlp/v1/traces", "https://gateway.example/otlp/v1/traces"),
+])
+def test_a_collectors_base_url_gets_the_traces_path(given: str, posted: str) -> None:
+    """`http://jaeger:4318` works as Jaeger's docs write it: /v1/traces is added."""
+    assert traces_url(given) == posted
 
 
 def test_off_imports_no_opentelemetry() -> None:
@@ -271,3 +295,63 @@ async def test_without_a_current_step_no_span_and_no_drain(traced_agent: AgentCl
             tracing.flush()
         assert receiver.spans == []
     assert spans.drain() == ([], 0)
+
+
+# --- the pod's steps, over the fake VM and agent ----------------------------
+
+@pytest.fixture
+def run_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    root = tmp_path / "run"
+    monkeypatch.setenv("PYKATA_RUN_ROOT", str(root))
+    return root
+
+
+async def test_a_pods_life_is_one_trace_of_its_steps(tmp_path: Path, run_root: Path) -> None:
+    """Start, create, start, exec, kill, delete (the last container takes the
+    pod): one trace, its root `pod`, every step under it and every agent RPC
+    under a step; an agent without GetTraceSpans (this fake) changes nothing."""
+    exporter = InMemorySpanExporter()
+    with tracing.installed(OtelBackend("http://unused", "pykata-test", exporter)):
+        pod, _source, _events = fake_pod(tmp_path)
+        await pod.start()
+        rootfs = tmp_path / "rootfs"
+        rootfs.mkdir()
+        mounts = bind_rootfs(rootfs)
+        await pod.create_container("web", spec("sleep"), lambda _c: mounts, io=CapturedIO())
+        await pod.start_process("web")
+        await pod.exec("web", "e1", {"args": ["echo", "hi"], "cwd": "/"}, io=CapturedIO())
+        await pod.kill("web", "", 9)
+        await pod.wait("web")
+        await pod.delete_container("web")
+        tracing.flush()
+    spans_out = exporter.get_finished_spans()
+    assert len({s.context.trace_id for s in spans_out}) == 1
+    by_id = {s.context.span_id: s for s in spans_out}
+    (root,) = [s for s in spans_out if s.parent is None]
+    assert root.name == "pod" and root.attributes["pykata.pod"] == pod.id
+    steps = {s.name for s in spans_out if s.parent is not None
+             and s.parent.span_id == root.context.span_id}
+    assert steps == {"pod.start", "container.create", "container.start", "exec.start",
+                     "kill", "container.delete", "pod.teardown"}
+    rpcs = [s for s in spans_out if s.name.startswith("agent ")]
+    assert {"agent CreateSandbox", "agent CreateContainer", "agent StartContainer",
+            "agent ExecProcess", "agent SignalProcess", "agent RemoveContainer",
+            "agent DestroySandbox"} <= {s.name for s in rpcs}
+    assert not {"agent WaitProcess", "agent GetOOMEvent"} & {s.name for s in rpcs}
+    for rpc in rpcs:
+        assert rpc.parent is not None and by_id[rpc.parent.span_id].name != "pod"
+
+
+async def test_a_failed_start_ends_its_trace_with_the_error(tmp_path: Path,
+                                                            run_root: Path) -> None:
+    """A start that fails: the pod's root span and its start step end, marked failed."""
+    exporter = InMemorySpanExporter()
+    with tracing.installed(OtelBackend("http://unused", "pykata-test", exporter)):
+        source = FakeSource(fail=HypervisorError("no QEMU"))
+        pod, _source, _events = fake_pod(tmp_path, source=source)
+        with pytest.raises(HypervisorError):
+            await pod.start()
+        tracing.flush()
+    names = {s.name: s for s in exporter.get_finished_spans()}
+    assert names["pod"].status.status_code is StatusCode.ERROR
+    assert names["pod.start"].status.status_code is StatusCode.ERROR

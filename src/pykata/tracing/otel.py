@@ -38,6 +38,14 @@ MAX_DRAINED = 512
 FLUSH_MILLIS = 5000
 
 
+def traces_url(endpoint: str) -> str:
+    """The URL spans are posted to: a collector's base URL (no path) gets
+    OTLP/HTTP's traces path, `/v1/traces`; a URL with a path is kept."""
+    scheme, _, rest = endpoint.partition("://")
+    host, _, path = rest.partition("/")
+    return endpoint if path else f"{scheme}://{host}/v1/traces"
+
+
 class _PodTrace:
     def __init__(self, span: trace.Span) -> None:
         self.span = span
@@ -54,7 +62,7 @@ class OtelBackend:
         self._provider = TracerProvider(resource=Resource.create(
             {"service.name": service, "service.version": __version__}))
         self._provider.add_span_processor(BatchSpanProcessor(
-            exporter or OTLPSpanExporter(endpoint=endpoint, timeout=10)))
+            exporter or OTLPSpanExporter(endpoint=traces_url(endpoint), timeout=10)))
         self._tracer = self._provider.get_tracer("pykata", __version__)
         self._windows: OrderedDict[int, guest_spans.Window] = OrderedDict()
 
