@@ -93,6 +93,6 @@ def test_each_ctr_run_is_one_trace(containerd: PrivateContainerd, receiver: Otlp
         result = containerd.run(name, "true")
         assert result.returncode == 0, result.err
     traces = one_pod_trace(receiver, runs=2)
-    pods = sorted(next(s.attributes["pykata.pod"] for s in t if s.name == "pod")
+    pods = sorted(str(next(s.attributes["pykata.pod"] for s in t if s.name == "pod"))
                   for t in traces)
     assert pods == ["trace-1", "trace-2"]

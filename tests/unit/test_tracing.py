@@ -328,7 +328,7 @@ async def test_a_pods_life_is_one_trace_of_its_steps(tmp_path: Path, run_root: P
     assert len({s.context.trace_id for s in spans_out}) == 1
     by_id = {s.context.span_id: s for s in spans_out}
     (root,) = [s for s in spans_out if s.parent is None]
-    assert root.name == "pod" and root.attributes["pykata.pod"] == pod.id
+    assert root.name == "pod" and (root.attributes or {})["pykata.pod"] == pod.id
     steps = {s.name for s in spans_out if s.parent is not None
              and s.parent.span_id == root.context.span_id}
     assert steps == {"pod.start", "container.create", "container.start", "exec.start",

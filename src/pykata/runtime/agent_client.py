@@ -159,7 +159,7 @@ class AgentClient:
                                            agent_pb2.GetTraceSpansRequest(),
                                            agent_pb2.TraceSpans, timeout=10.0)
         except StatusError as exc:
-            if exc.code is not Code.UNIMPLEMENTED:
+            if exc.code != Code.UNIMPLEMENTED:
                 raise
             self._guest_traces = False  # an agent from before tracing
             return None
