@@ -86,9 +86,10 @@ def boot_steps(reply: agent_pb2.BootProfile) -> dict[str, float]:
 
 
 # Not traced: long polls and stream traffic, which run for a container's
-# whole life, and tracing's own call.
+# whole life; tracing's own call; and setting the guest's clock (its span
+# would start on one clock and end on another).
 _UNTRACED = frozenset({"WaitProcess", "GetOOMEvent", "WriteStdin", "CloseStdin",
-                       "TtyWinResize", "GetTraceSpans"})
+                       "TtyWinResize", "GetTraceSpans", "SetGuestDateTime"})
 
 # An exit status the agent reports outside a shell's 0..255 becomes this.
 INVALID_EXIT_STATUS = 255

@@ -17,12 +17,15 @@ keep their order and lengths, and always lie inside the host's span.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from pykata.protocols import agent_pb2
 from pykata.untrusted import guest_line
+
+log = logging.getLogger(__name__)
 
 MAX_PER_WINDOW = 64
 MAX_DEPTH = 8
@@ -144,6 +147,8 @@ def _offsets(by_id: dict[bytes, agent_pb2.GuestSpan],
             offsets[key] = 0
         else:
             offsets[key] = window.start + max(0, (end - window.start) - (hi - lo)) // 2 - lo
+            log.debug("guest spans moved by %.3f ms into the host's RPC span",
+                      offsets[key] / 1e6)
     return offsets
 
 
