@@ -99,9 +99,12 @@ class ColdBoot:
 async def _set_clock(agent: AgentClient) -> None:
     """A cold guest's wall clock comes from its RTC, read in whole seconds
     while it boots (0.4-1.5 s behind the host's, measured under TCG): set it
-    from the host's, so that its spans' times are the host's."""
+    from the host's, so that its spans' times are the host's. A guest that
+    refuses keeps its clock: its spans are then moved into the host's."""
     try:
         await agent.set_guest_time(time.time_ns())
+    except AgentError as exc:
+        log.warning("the guest's clock was not set for tracing: %s", exc)
     except BaseException:
         await agent.close()
         raise
