@@ -204,9 +204,11 @@ class Pod:
         await asyncio.shield(self._teardown)
 
     async def _tear_down(self) -> None:
-        with tracing.span("pod.teardown", self.trace):
-            await self._tear_down_traced()
-        tracing.end(self.trace)
+        try:
+            with tracing.span("pod.teardown", self.trace):
+                await self._tear_down_traced()
+        finally:
+            tracing.end(self.trace)
 
     async def _tear_down_traced(self) -> None:
         self._stopping = True
