@@ -196,3 +196,39 @@ def test_guest_metrics_cannot_forge_series_or_hold_the_scrape(
         monitor.stop()
         containerd.remove("h-metrics")
     assert containerd.task_status("h-metrics") == ""
+
+
+def test_flooded_guest_spans_stay_bounded_in_their_own_trace(
+    guest_assets: AssetPaths, hostile_initrd: Path, tmp_path: Path,
+) -> None:
+    """With tracing on, the guest answers every GetTraceSpans with about 1800
+    spans under the host's RPC spans (absurd times, escapes in attributes),
+    spans in other traces, under made-up parents and reusing the host's span
+    id: the run succeeds, one trace arrives, with at most MAX_PER_WINDOW guest
+    spans per RPC, each under and inside its RPC span, escapes escaped."""
+    from pykata.tracing.guest import MAX_PER_WINDOW
+    from tests.otlp_receiver import OtlpReceiver, check_trace
+
+    with OtlpReceiver() as receiver:
+        config = tmp_path / "configuration.toml"
+        config.write_text(f'[hypervisor.qemu]\nkernel = "{guest_assets.kernel}"\n'
+                          f'initrd = "{hostile_initrd}"\nkernel_params = "hostile=spans"\n'
+                          f'[runtime]\nenable_tracing = true\n'
+                          f'tracing_endpoint = "{receiver.endpoint}"\n')
+        proc = subprocess.run(
+            [sys.executable, "-m", "pykata.cli.main", "--config", str(config), "run", "--",
+             "true"], capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL)
+        assert proc.returncode == 0, proc.stderr
+        receiver.wait_for("pod")
+        traces = receiver.traces()
+        assert len(traces) == 1, "a guest span escaped into another trace"
+        (spans,) = traces.values()
+        guest = check_trace(spans)
+        rpcs = {s.span_id for s in spans if s.name.startswith("agent ")}
+        assert guest and all(s.parent_span_id in rpcs for s in guest)
+        per_rpc: dict[str, int] = {}
+        for span in guest:
+            per_rpc[span.parent_span_id] = per_rpc.get(span.parent_span_id, 0) + 1
+            assert span.name.startswith("flood"), span.name
+            assert all("\x1b" not in str(v) for v in span.attributes.values())
+        assert max(per_rpc.values()) <= MAX_PER_WINDOW

@@ -19,7 +19,7 @@ class _ScriptedClient:
         self.outcomes = outcomes
 
     async def call(self, service: str, method: str, request: Any, response_type: Any,
-                   *, timeout: float | None = None) -> Any:
+                   *, timeout: float | None = None, metadata: Any = None) -> Any:
         await asyncio.sleep(0)
         outcome = self.outcomes.pop(0)
         if isinstance(outcome, BaseException):

@@ -109,7 +109,7 @@ def test_service_methods() -> None:
         "TtyWinResize", "CreateSandbox", "DestroySandbox", "GetGuestDetails", "GetOOMEvent",
         "UpdateInterface", "UpdateRoutes", "ListInterfaces", "ListRoutes", "AddARPNeighbors",
         "GetBootProfile", "ReseedRandomDev", "SetGuestDateTime", "StartDebugConsole",
-        "GetMetrics",
+        "GetMetrics", "GetTraceSpans",
     }  # fmt: skip
     # Kata's field numbers for the calls that make a template's clone its own.
     assert agent_pb2.ReseedRandomDevRequest.DESCRIPTOR.fields_by_name["data"].number == 2

@@ -13,6 +13,7 @@ import os
 import re
 from pathlib import Path
 
+from pykata.agent import spans
 from pykata.agent.process_attrs import INHERITED, ProcessAttrs, inherited_by_spawns
 from pykata.agent.reaper import Reaper
 from pykata.agent.spawn import CommandResult, run, spawn
@@ -116,7 +117,9 @@ class Crun:
 
     async def _call(self, container_id: str, *args: str, code: Code = Code.INTERNAL) -> bytes:
         log_file = self._log(container_id)
-        result = await run(self._reaper, [*_base(log_file), *args])
+        verb = next((a for a in args if not a.startswith("-")), "")
+        with spans.span(f"crun {verb}", container=container_id):
+            result = await run(self._reaper, [*_base(log_file), *args])
         if result.code != 0:
             message = self._with_hook_output(container_id, self._describe(result, log_file))
             raise CrunError(code, message)
@@ -141,10 +144,11 @@ class Crun:
         crun starts with `attrs`, which its process inherits."""
         log_file = self._log(container_id)
         argv = [*_base(log_file), *args]
-        with inherited_by_spawns(attrs):
-            _pid, done = spawn(self._reaper, argv, stdin=stdio[0], stdout=stdio[1],
-                               stderr=stdio[2])
-        code = await done
+        with spans.span(f"crun {args[0]}", container=container_id):
+            with inherited_by_spawns(attrs):
+                _pid, done = spawn(self._reaper, argv, stdin=stdio[0], stdout=stdio[1],
+                                   stderr=stdio[2])
+            code = await done
         if code != 0:
             message = last_error(log_file) or f"crun exited with status {code}"
             raise launch_error(

@@ -12,17 +12,20 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from google.protobuf import empty_pb2
+from google.protobuf.message import Message
 
 from pykata import __version__
-from pykata.agent import boot_profile, loopback, stats
+from pykata.agent import boot_profile, loopback, spans, stats
 from pykata.agent.containers import Containers
 from pykata.agent.reaper import Reaper
 from pykata.agent.storage import mount_storage, unmount
 from pykata.channels import AGENT_SERVICE, HEALTH_SERVICE
 from pykata.protocols import agent_pb2, health_pb2
 from pykata.ttrpc import Code, RequestContext, Server, StatusError
+from pykata.ttrpc.server import Handler
 
 log = logging.getLogger(__name__)
 
@@ -274,6 +277,20 @@ class AgentService:
         await self.containers.console.start(req)
         return _EMPTY
 
+    # --- tracing (issue 17.2) -------------------------------------------------
+
+    async def GetTraceSpans(
+        self, req: agent_pb2.GetTraceSpansRequest, ctx: RequestContext
+    ) -> agent_pb2.TraceSpans:
+        finished, dropped = spans.drain()
+        return agent_pb2.TraceSpans(dropped=min(dropped, 2**32 - 1), spans=[
+            agent_pb2.GuestSpan(
+                trace_id=s.trace_id, span_id=s.span_id, parent_span_id=s.parent_id,
+                name=s.name, start_unix_nano=s.start, end_unix_nano=s.end,
+                attributes=[agent_pb2.SpanAttribute(key=k, value=v)
+                            for k, v in s.attributes.items()])
+            for s in finished])
+
     # --- out-of-memory events ----------------------------------------------
 
     async def GetOOMEvent(
@@ -352,12 +369,23 @@ _AGENT_REQUESTS = {
     "StartDebugConsole": agent_pb2.StartDebugConsoleRequest,
     # pykata monitor (issue 17.1)
     "GetMetrics": agent_pb2.GetMetricsRequest,
+    "GetTraceSpans": agent_pb2.GetTraceSpansRequest,
 }
+
+
+def _traced(method: str, handler: Handler) -> Handler:
+    """`handler`, recording a span when the host's request carries a traceparent."""
+    async def run(req: Any, ctx: RequestContext) -> Message:
+        with spans.request(ctx.metadata, f"guest {method}"):
+            return await handler(req, ctx)
+    return run
 
 
 def build_server(agent: AgentService, health: HealthService) -> Server:
     server = Server()
-    server.register_object(AGENT_SERVICE, agent, _AGENT_REQUESTS)
+    server.register_methods(AGENT_SERVICE, {
+        method: (request_type, _traced(method, getattr(agent, method)))
+        for method, request_type in _AGENT_REQUESTS.items()})
     health_requests = {"Check": health_pb2.CheckRequest, "Version": health_pb2.CheckRequest}
     server.register_object(HEALTH_SERVICE, health, health_requests)
     return server

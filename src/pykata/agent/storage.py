@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from pykata.agent import spans
 from pykata.agent.reaper import Reaper
 from pykata.agent.spawn import run
 from pykata.protocols import agent_pb2
@@ -37,7 +38,8 @@ async def mount_storage(reaper: Reaper, storage: agent_pb2.Storage) -> Path:
     if storage.options:
         argv += ["-o", ",".join(storage.options)]
     argv += [storage.source or "none", str(target)]
-    result = await run(reaper, argv)
+    with spans.span("mount", fstype=storage.fstype or fstype, mount_point=str(target)):
+        result = await run(reaper, argv)
     if result.code != 0:
         raise StatusError(Code.INTERNAL, f"mounting {storage.source} at {target}: "
                                          f"{result.error_text()}")

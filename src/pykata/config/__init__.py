@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -108,8 +109,18 @@ class RuntimeConfig:
     # costs about 200 MiB and well under 0.01 CPU on the host.
     sandbox_overhead_memory_mib: int = 256
     sandbox_overhead_millicpus: int = 50
+    # Export traces of pod starts, container steps and agent RPCs (the
+    # guest's spans included) over OTLP/HTTP to tracing_endpoint.
+    enable_tracing: bool = False
+    tracing_endpoint: str = "http://127.0.0.1:4318/v1/traces"
 
     def validate(self, where: str) -> None:
+        if not _HTTP_URL.fullmatch(self.tracing_endpoint):
+            raise ConfigError(
+                f"{where}: tracing_endpoint = {self.tracing_endpoint!r} is not an http(s) URL",
+                hint="give the collector's OTLP/HTTP traces URL, for example "
+                     "\"http://127.0.0.1:4318/v1/traces\" (Jaeger and the OpenTelemetry "
+                     "collector listen on port 4318)")
         if not 0 <= self.sandbox_overhead_memory_mib <= 1024 * 1024:
             raise ConfigError(f"{where}: sandbox_overhead_memory_mib must be between 0 and "
                               "1048576 (MiB)")
@@ -127,6 +138,8 @@ class RuntimeConfig:
 
 
 INTERNETWORKING_MODELS = ("tcfilter", "none")
+# An OTLP/HTTP endpoint: http(s), a host, an optional port and path.
+_HTTP_URL = re.compile(r"https?://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+)(:[0-9]{1,5})?(/[^\s?#]*)?")
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ import logging
 import os
 import time
 
+from pykata import tracing
 from pykata.config import Config
 from pykata.errors import AgentError, HypervisorError, PykataError
 from pykata.factory import template as templates
@@ -89,11 +90,13 @@ class TemplateSource:
         try:
             # Held while QEMU reads the template: eviction leaves it alone.
             async with templates.in_use(template):
-                await vm.start()
-                await vm.restore_state(template.state)
+                with tracing.span("vm.restore"):
+                    await vm.start()
+                    await vm.restore_state(template.state)
             t1 = time.monotonic()
-            agent = await connect_agent(vm, clone, self.config.agent.dial_timeout, name,
-                                        first_stream_id=template.next_stream_id)
+            with tracing.span("agent.ready"):
+                agent = await connect_agent(vm, clone, self.config.agent.dial_timeout, name,
+                                            first_stream_id=template.next_stream_id)
             try:
                 # Before any container runs: every clone resumed with the same
                 # random pool and a clock stopped at the template's save.

@@ -1995,3 +1995,109 @@ class GuestMetrics(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GuestMetrics: _TypeAlias = GuestMetrics  # noqa: Y015
+
+@_typing.final
+class GetTraceSpansRequest(_message.Message):
+    """--- tracing (issue 17.2) ---"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetTraceSpansRequest: _TypeAlias = GetTraceSpansRequest  # noqa: Y015
+
+@_typing.final
+class SpanAttribute(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    value: _builtins.str
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        value: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SpanAttribute: _TypeAlias = SpanAttribute  # noqa: Y015
+
+@_typing.final
+class GuestSpan(_message.Message):
+    """One step of the agent's work, timed with the guest's wall clock."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRACE_ID_FIELD_NUMBER: _builtins.int
+    SPAN_ID_FIELD_NUMBER: _builtins.int
+    PARENT_SPAN_ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    START_UNIX_NANO_FIELD_NUMBER: _builtins.int
+    END_UNIX_NANO_FIELD_NUMBER: _builtins.int
+    ATTRIBUTES_FIELD_NUMBER: _builtins.int
+    trace_id: _builtins.bytes
+    """16 bytes: the trace of the host's request"""
+    span_id: _builtins.bytes
+    """8 bytes, made up by the guest"""
+    parent_span_id: _builtins.bytes
+    """the host's RPC span, or another guest span"""
+    name: _builtins.str
+    start_unix_nano: _builtins.int
+    end_unix_nano: _builtins.int
+    @_builtins.property
+    def attributes(self) -> _containers.RepeatedCompositeFieldContainer[Global___SpanAttribute]: ...
+    def __init__(
+        self,
+        *,
+        trace_id: _builtins.bytes = ...,
+        span_id: _builtins.bytes = ...,
+        parent_span_id: _builtins.bytes = ...,
+        name: _builtins.str = ...,
+        start_unix_nano: _builtins.int = ...,
+        end_unix_nano: _builtins.int = ...,
+        attributes: _abc.Iterable[Global___SpanAttribute] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "end_unix_nano", b"end_unix_nano", "name", b"name", "parent_span_id", b"parent_span_id", "span_id", b"span_id", "start_unix_nano", b"start_unix_nano", "trace_id", b"trace_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GuestSpan: _TypeAlias = GuestSpan  # noqa: Y015
+
+@_typing.final
+class TraceSpans(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SPANS_FIELD_NUMBER: _builtins.int
+    DROPPED_FIELD_NUMBER: _builtins.int
+    dropped: _builtins.int
+    """Spans the guest dropped because its buffer was full."""
+    @_builtins.property
+    def spans(self) -> _containers.RepeatedCompositeFieldContainer[Global___GuestSpan]: ...
+    def __init__(
+        self,
+        *,
+        spans: _abc.Iterable[Global___GuestSpan] | None = ...,
+        dropped: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dropped", b"dropped", "spans", b"spans"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TraceSpans: _TypeAlias = TraceSpans  # noqa: Y015

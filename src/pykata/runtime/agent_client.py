@@ -24,10 +24,12 @@ from typing import TypeVar
 from google.protobuf import empty_pb2
 from google.protobuf.message import Message
 
+from pykata import tracing
 from pykata.channels import AGENT_SERVICE, HEALTH_SERVICE
 from pykata.errors import AgentError
 from pykata.protocols import agent_pb2, health_pb2, oci_pb2
 from pykata.ttrpc import Client, Code, ConnectionClosedError, StatusError, TtrpcError
+from pykata.ttrpc.client import Metadata
 from pykata.untrusted import guest_line, guest_text
 
 log = logging.getLogger(__name__)
@@ -61,6 +63,7 @@ _TIMEOUTS = {
     "ListInterfaces": 30.0,
     # pykata monitor (issue 17.1): a scrape must not wait long for one guest.
     "GetMetrics": 5.0,
+    "GetTraceSpans": 10.0,
 }
 
 R = TypeVar("R", bound=Message)
@@ -84,6 +87,12 @@ def boot_steps(reply: agent_pb2.BootProfile) -> dict[str, float]:
     return steps
 
 
+# Not traced: long polls and stream traffic, which run for a container's
+# whole life; tracing's own call; and setting the guest's clock (its span
+# would start on one clock and end on another).
+_UNTRACED = frozenset({"WaitProcess", "GetOOMEvent", "WriteStdin", "CloseStdin",
+                       "TtyWinResize", "GetTraceSpans", "SetGuestDateTime"})
+
 # An exit status the agent reports outside a shell's 0..255 becomes this.
 INVALID_EXIT_STATUS = 255
 MAX_PROCESSES = 65536
@@ -102,6 +111,7 @@ class AgentClient:
     def __init__(self, client: Client) -> None:
         self._client = client
         self.observers: list[RpcObserver] = []
+        self._guest_traces = True
 
     @classmethod
     async def over_socket(cls, sock: socket.socket, *, first_stream_id: int = 1
@@ -136,11 +146,35 @@ class AgentClient:
 
     async def _call(self, method: str, request: Message, response_type: type[R],
                     *, service: str = AGENT_SERVICE, timeout: float | None = None) -> R:
+        if tracing.enabled() and method not in _UNTRACED:
+            return await tracing.agent_rpc(
+                method, lambda metadata: self._send(method, request, response_type, service,
+                                                    timeout, metadata),
+                self._guest_spans)
+        return await self._send(method, request, response_type, service, timeout, None)
+
+    async def _guest_spans(self) -> agent_pb2.TraceSpans | None:
+        """What the guest recorded for traced calls (checked by the tracer)."""
+        if not self._guest_traces:
+            return None
+        try:
+            return await self._client.call(AGENT_SERVICE, "GetTraceSpans",
+                                           agent_pb2.GetTraceSpansRequest(),
+                                           agent_pb2.TraceSpans, timeout=10.0)
+        except StatusError as exc:
+            if exc.code != Code.UNIMPLEMENTED:
+                raise
+            self._guest_traces = False  # an agent from before tracing
+            return None
+
+    async def _send(self, method: str, request: Message, response_type: type[R],
+                    service: str, timeout: float | None, metadata: Metadata | None) -> R:
         started = time.monotonic()
         try:
             reply = await self._client.call(
                 service, method, request, response_type,
                 timeout=timeout if timeout is not None else _TIMEOUTS.get(method),
+                metadata=metadata,
             )
         except StatusError as exc:
             error: BaseException = _agent_error(method, exc)

@@ -9,6 +9,7 @@ import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from pykata import tracing
 from pykata.config import Config
 from pykata.runtime.control import NO_HOOKS, ControlHooks, control_socket, serve_control
 from pykata.runtime.pod import Pod, PodEvent, PodPolicy
@@ -31,12 +32,18 @@ class OwnedPod:
             # last entries (a container's exit) before the socket goes.
             await self.pod.events.settle(1.0)
             await server.aclose()
-        await self.pod.stop()
+        try:
+            await self.pod.stop()
+        finally:
+            # The owner goes soon: what the pod's trace holds goes out first.
+            tracing.flush()
 
 
 def new_pod(pod_id: str, config: Config, options: SandboxOptions, *, key: str | None,
             front_end: str, source: VmSource, policy: PodPolicy,
             on_event: Callable[[PodEvent], None] | None = None) -> Pod:
+    tracing.configure(config.runtime.enable_tracing, config.runtime.tracing_endpoint,
+                      "pykata")
     sandbox = Sandbox(pod_id, config, options, key, front_end=front_end, source=source)
     return Pod(sandbox, policy=policy, on_event=on_event)
 

@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from pykata import tracing
 from pykata.channels import CONTAINER_TYPE_KEY
 from pykata.errors import (
     AgentError,
@@ -145,6 +146,8 @@ class Pod:
         # steps (_emit), every agent call and the VM's exit.
         self.events = PodEventLog()
         sandbox.agent_observers.append(self.events.observe_call)
+        # The pod's trace (tracing on): its root span, from start to teardown.
+        self.trace: tracing.PodTrace | None = None
 
     # --- what the front ends read -----------------------------------------
 
@@ -176,12 +179,15 @@ class Pod:
             raise InvalidStateError(f"pod {self.id} is {self.lifecycle.status.value}: "
                                     "it starts once")
         self.events.add("pod", f"starting ({self.sandbox.front_end})")
+        self.trace = tracing.pod_trace("pod", **{"pykata.pod": self.id})
         try:
-            await self.sandbox.start()
+            with tracing.span("pod.start", self.trace):
+                await self.sandbox.start()
         except BaseException as exc:
             self.events.add("pod", f"start failed: {exc}", error=True)
             self.lifecycle.move(Status.STOPPED)
             self.ended.set()
+            tracing.end(self.trace, exc)
             raise
         self.events.pod_started(self.sandbox)
         self.lifecycle.move(Status.RUNNING)
@@ -206,6 +212,13 @@ class Pod:
         await asyncio.shield(self._teardown)
 
     async def _tear_down(self) -> None:
+        try:
+            with tracing.span("pod.teardown", self.trace):
+                await self._tear_down_traced()
+        finally:
+            tracing.end(self.trace)
+
+    async def _tear_down_traced(self) -> None:
         self._stopping = True
         try:
             for pod_container in list(self.containers.values()):
@@ -265,7 +278,9 @@ class Pod:
             try:
                 # The pod's host limits grow before the container can use them.
                 self._resize_host([*self.containers.values(), pod_container])
-                await self._create(pod_container, spec, rootfs, volumes)
+                with tracing.span("container.create", self.trace,
+                                  **{"pykata.container": container_id}):
+                    await self._create(pod_container, spec, rootfs, volumes)
             except BaseException:
                 await init.discard()
                 with contextlib.suppress(PykataError):
@@ -300,14 +315,16 @@ class Pod:
         proc.lifecycle.require("start")
         container = pod_container.container
         try:
-            if exec_id:
-                assert proc.spec is not None
-                await container.exec(exec_id, proc.spec)
-                agent = self.sandbox.agent
-                assert agent is not None
-                proc.start_relay(agent)
-            else:
-                await container.start()
+            with tracing.span("exec.start" if exec_id else "container.start", self.trace,
+                              **{"pykata.container": container_id, "pykata.exec": exec_id}):
+                if exec_id:
+                    assert proc.spec is not None
+                    await container.exec(exec_id, proc.spec)
+                    agent = self.sandbox.agent
+                    assert agent is not None
+                    proc.start_relay(agent)
+                else:
+                    await container.start()
         except AgentError as exc:
             # The process stays created: its caller deletes it (containerd
             # does, after a failed exec), and its stdio goes then.
@@ -370,7 +387,9 @@ class Pod:
             raise SpecError(f"invalid signal {signum}")
         proc = self.process(container_id, exec_id)
         proc.lifecycle.require("kill")
-        await self._signal(proc, signum, all_processes=all_processes)
+        with tracing.span("kill", self.trace, **{"pykata.container": container_id,
+                                                 "pykata.exec": exec_id, "signal": signum}):
+            await self._signal(proc, signum, all_processes=all_processes)
 
     async def _signal(self, proc: PodProcess, signum: int, *, all_processes: bool) -> None:
         await self.container(proc.container_id).container.kill(
@@ -477,7 +496,9 @@ class Pod:
         async with self._lock:
             pod_container = self.container(container_id)
             pod_container.lifecycle.require("delete")
-            await self._remove(pod_container)
+            with tracing.span("container.delete", self.trace,
+                              **{"pykata.container": container_id}):
+                await self._remove(pod_container)
             self._save()
             self._emit(PodEvent("deleted", container_id,
                                 exit_status=pod_container.init.exit_status,

@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from pykata import tracing
 from pykata.channels import TOKEN_SIZE
 from pykata.config import Config
 from pykata.errors import AgentError, HypervisorError, PykataError
@@ -235,9 +236,11 @@ class Sandbox:
         self.host_cgroup.prepare(limits)
         try:
             for resource in self.resources:
-                await resource.prepare()
-            self._take(await self.source.boot(
-                replace(vm_config, network=tuple(self.network.devices())), self.id))
+                with tracing.span(f"{self._phase(resource)}.prepare"):
+                    await resource.prepare()
+            with tracing.span("vm.boot"):
+                self._take(await self.source.boot(
+                    replace(vm_config, network=tuple(self.network.devices())), self.id))
         finally:
             self.network.close_taps()
 
@@ -270,12 +273,18 @@ class Sandbox:
 
     async def _create_in_guest(self) -> None:
         assert self.agent is not None
-        await self.agent.create_sandbox(agent_pb2.CreateSandboxRequest(
-            hostname=self.options.hostname, sandbox_id=self.id,
-            storages=[s for r in self.resources for s in r.storages()],
-            debug_console=self.debug_console_enabled))
+        with tracing.span("sandbox.create"):
+            await self.agent.create_sandbox(agent_pb2.CreateSandboxRequest(
+                hostname=self.options.hostname, sandbox_id=self.id,
+                storages=[s for r in self.resources for s in r.storages()],
+                debug_console=self.debug_console_enabled))
         for resource in self.resources:
-            await resource.setup_guest(self.agent, self.boot)
+            with tracing.span(f"{self._phase(resource)}.setup"):
+                await resource.setup_guest(self.agent, self.boot)
+
+    def _phase(self, resource: SandboxResource) -> str:
+        """A resource's name in traces."""
+        return "share" if resource is self.shared_fs else "network"
 
     def _make_dirs(self) -> None:
         private_dir(self.paths.root)

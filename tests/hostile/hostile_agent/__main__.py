@@ -14,6 +14,9 @@ then misbehaves as `hostile=<mode>` on the kernel command line says:
     metrics       GetMetrics answers forged series in names, 10000 interfaces,
                   out-of-range numbers
     metrics-stall GetMetrics never answers
+    spans         GetTraceSpans floods: thousands of spans under the host's span
+                  with absurd times, names and attributes, spans in other traces
+                  and under spans the host never made
 """
 
 from __future__ import annotations
@@ -63,6 +66,7 @@ class HostileAgent:
         self.container = ""
         self.exited = asyncio.Event()
         self.junk_stream = 1_000_001
+        self.traceparents: list[str] = []
 
     async def answer(self, stream: int, message: object = None, code: int = OK,
                      text: str = "") -> None:
@@ -88,6 +92,7 @@ class HostileAgent:
 
     async def handle(self, stream: int, request: ttrpc_pb2.Request) -> None:
         method = request.method
+        self.traceparents += [kv.value for kv in request.metadata if kv.key == "traceparent"]
         if method == "Check":
             await self.answer(stream, health_pb2.HealthCheckResponse(
                 status=health_pb2.HealthCheckResponse.SERVING))
@@ -126,6 +131,8 @@ class HostileAgent:
             if self.mode == "metrics-stall":
                 await asyncio.Event().wait()
             await self.answer(stream, hostile_metrics())
+        elif method == "GetTraceSpans" and self.mode == "spans":
+            await self.answer(stream, self.spans())
         elif method == "StatsContainer":
             await self.answer(stream, agent_pb2.StatsContainerResponse())
         elif method in ("RemoveContainer", "DestroySandbox", "CloseStdin", "TtyWinResize",
@@ -144,6 +151,25 @@ class HostileAgent:
             os._exit(1)  # /init ends the VM once the agent is gone
         await self.answer(stream)
         asyncio.get_running_loop().call_later(RUN_SECONDS.get(self.mode, 0.3), self.exited.set)
+
+    def spans(self) -> agent_pb2.TraceSpans:
+        out = agent_pb2.TraceSpans(dropped=2**32 - 1)
+        for traceparent in self.traceparents[-3:]:
+            _, trace_hex, span_hex, _ = traceparent.split("-")
+            trace_id, parent = bytes.fromhex(trace_hex), bytes.fromhex(span_hex)
+            for i in range(600):
+                out.spans.add(trace_id=trace_id, span_id=os.urandom(8), parent_span_id=parent,
+                              name=f"flood{i}", start_unix_nano=0, end_unix_nano=2**64 - 1,
+                              attributes=[agent_pb2.SpanAttribute(key=f"k{j}", value=ESCAPES)
+                                          for j in range(12)])
+            out.spans.add(trace_id=os.urandom(16), span_id=os.urandom(8),
+                          parent_span_id=parent, name="another-trace")
+            out.spans.add(trace_id=trace_id, span_id=os.urandom(8),
+                          parent_span_id=os.urandom(8), name="made-up-parent")
+            out.spans.add(trace_id=trace_id, span_id=parent, parent_span_id=parent,
+                          name="the-host-span-itself")
+        self.traceparents.clear()
+        return out
 
     async def oom(self, stream: int) -> None:
         if self.mode != "oom":
