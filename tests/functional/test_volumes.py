@@ -230,3 +230,47 @@ def test_a_volume_that_cannot_be_mounted_leaves_nothing(tmp_path: Path) -> None:
         container.remove()
     finally:
         cleanup_host_state(share.paths)
+
+
+def test_one_container_binding_a_path_twice_holds_it_once(tmp_path: Path) -> None:
+    """Two destinations of one container bind the same host path: one mount,
+    released with the container."""
+    source = tmp_path / "vol"
+    source.mkdir()
+    share = _share(tmp_path)
+    try:
+        container = share.container("c1")
+        container.create()
+        rel = container.add_volume(_volume(source, ["rbind"]))
+        assert container.add_volume(_volume(source, ["rbind"])) == rel
+        container.remove()
+        assert not share.volumes and not (share.paths.shared_dir / rel).exists()
+    finally:
+        cleanup_host_state(share.paths)
+
+
+def test_a_volume_that_will_not_unmount_does_not_keep_the_rootfs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Releasing a volume fails: the container's rootfs is unmounted and its
+    directories removed all the same, then the error is raised."""
+    source, rootfs = tmp_path / "vol", tmp_path / "rootfs"
+    source.mkdir()
+    rootfs.mkdir()
+    share = _share(tmp_path)
+    try:
+        container = share.container("c1")
+        container.create()
+        container.mount_rootfs([Mount("bind", str(rootfs), ("rbind",))], readonly=False)
+        container.add_volume(_volume(source, ["rbind"]))
+
+        def busy(*_: object) -> None:
+            raise MountError("mounts remain under the volume")
+
+        monkeypatch.setattr(share, "release_volume", busy)
+        with pytest.raises(MountError, match="mounts remain under the volume"):
+            container.remove()
+        assert not mounts_under(share.paths.shared_dir / "containers")
+        assert not (share.paths.share_source / "containers" / "c1").exists()
+        assert not container.volume_keys
+    finally:
+        cleanup_host_state(share.paths)

@@ -219,11 +219,21 @@ class ContainerShare:
         """Let go of the container's volumes (unmounted when no other
         container of the pod uses them), unmount its rootfs, then remove its
         directories (only if this object created them)."""
+        # A volume that cannot be unmounted does not keep the rootfs mounted:
+        # its error is raised after the rest is done (the sandbox's teardown
+        # unmounts what is left).
+        failed: list[MountError] = []
         while self.volume_keys:
-            self.share.release_volume(self.volume_keys[-1], self.id)
-            self.volume_keys.pop()
-        if not self.created:
-            return
+            try:
+                self.share.release_volume(self.volume_keys.pop(), self.id)
+            except MountError as exc:
+                failed.append(exc)
+        if self.created:
+            self._remove_own()
+        if failed:
+            raise failed[0]
+
+    def _remove_own(self) -> None:
         top = self.paths.shared_dir / self.rel
         for point in mounts_under(top):
             unmount(point, lazy=self.lazy_unmount)
