@@ -9,7 +9,8 @@
    throughput (busybox `nc` pushing N MiB from one pod to the other, timed
    in the sender) and round-trip time (busybox `ping`), with the ratios.
 
-    .venv/bin/python -m benchmarks.bench_network [--runs 10] [--cri]   (as root)
+    .venv/bin/python -m benchmarks.bench_network [--runs 10] [--cri] [--no-start]
+        [--shared-fs virtio-fs|virtio-9p]   (as root)
 """
 
 from __future__ import annotations
@@ -53,14 +54,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--cri", action="store_true", help="also pod-to-pod traffic via CRI")
+    parser.add_argument("--shared-fs", default="", choices=["", "virtio-fs", "virtio-9p"],
+                        help="the pykata pods' shared_fs (default: the packaged configuration's)")
+    parser.add_argument("--no-start", action="store_true", help="skip the start times")
     args = parser.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("run as root: the benchmark makes network namespaces")
-    bench_start(args.runs)
+    if not args.no_start:
+        bench_start(args.runs)
     if args.cri:
         from benchmarks.bench_pod_traffic import bench_traffic
 
-        bench_traffic(args.runs)
+        bench_traffic(args.runs, args.shared_fs)
     return 0
 
 

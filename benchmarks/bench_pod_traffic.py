@@ -42,7 +42,9 @@ def iperf_image(out: Path) -> Path:
     binary = shutil.which("iperf3")
     if binary is None:
         raise SystemExit("iperf3 is missing: apt-get install iperf3")
-    files = {"/usr/bin/iperf3": (Path(binary).read_bytes(), 0o755)}
+    # /tmp: iperf3's buffer files (its TMPDIR default); the layer holds files
+    # only, so a placeholder makes the directory.
+    files = {"/usr/bin/iperf3": (Path(binary).read_bytes(), 0o755), "/tmp/.keep": (b"", 0o644)}
     for line in subprocess.run(["ldd", binary], capture_output=True, text=True,
                                check=True).stdout.splitlines():
         words = line.split()
@@ -53,9 +55,9 @@ def iperf_image(out: Path) -> Path:
                                ["/usr/bin/iperf3", "-s"])
 
 def _iperf_config(name: str, argv: list[str]) -> cri.ContainerConfig:
-    # iperf3 keeps each stream's buffer in a file it unlinks while open, which
-    # 9p (pykata's rootfs and volumes) cannot use: /dev is a tmpfs for both.
-    made = container_config(name, argv, envs={"TMPDIR": "/dev"})
+    # iperf3 keeps each stream's buffer in a file under /tmp that it unlinks
+    # while open: the rootfs must be virtio-fs (9p fails that file's use).
+    made = container_config(name, argv)
     made.image.image = IPERF_IMAGE
     return made
 
@@ -112,8 +114,20 @@ class PodPair:
             self.client.remove_pod_sandbox(pod)
 
 
-def bench_traffic(runs: int) -> None:
-    peer = CriPeer(config.DEFAULT_CONFIG.read_text())
+def pykata_config_text(shared_fs: str) -> str:
+    """The packaged configuration, with `shared_fs` when one is given."""
+    text = config.DEFAULT_CONFIG.read_text()
+    if not shared_fs:
+        return text
+    text, count = re.subn(r'^shared_fs = ".*"$', f'shared_fs = "{shared_fs}"', text,
+                          flags=re.MULTILINE)
+    if count != 1:
+        raise SystemExit("the packaged configuration has no shared_fs line")
+    return text
+
+
+def bench_traffic(runs: int, shared_fs: str = "") -> None:
+    peer = CriPeer(pykata_config_text(shared_fs))
     try:
         peer.start()
         peer.import_images()

@@ -137,10 +137,15 @@ async def test_a_refused_create_unshares_its_volumes(
         expected = re.escape(f"mount `{host_file} (volume)` to `etc`: Not a directory")
         with pytest.raises(AgentError, match=expected):
             await container.create(spec)
-        assert mounts_under(container.paths.container_volumes(container.id))
+        [(key, volume)] = [(k, v) for k, v in shared_sandbox.share.volumes.items()
+                           if container.id in v.users]
+        assert key[0] == str(host_file)
+        assert mounts_under(shared_sandbox.paths.shared_dir / volume.rel)
     finally:
         await container.delete()
     assert not mounts_under(shared_sandbox.paths.shared_dir / "containers")
+    assert not mounts_under(shared_sandbox.paths.shared_dir / volume.rel)
+    assert not (shared_sandbox.paths.shared_dir / volume.rel).exists()
     assert not (shared_sandbox.paths.shared_dir / "containers" / container.id).exists()
     assert host_file.read_text() == "keep\n"
 

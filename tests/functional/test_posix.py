@@ -34,8 +34,8 @@ IN_ROOTFS = ("unlinked", "mmap", "rename", "hardlink", "xattr", "fsync")
 BETWEEN_CONTAINERS = ("flock", "fcntl")
 # What fails on each pykata filesystem (everything else passes, as on runc).
 EXPECTED_FAILURES = {
-    "virtio-9p": {"unlinked", "mmap", "flock", "fcntl"},
-    "virtio-fs": {"flock", "fcntl"},
+    "virtio-9p": {"unlinked", "mmap"},
+    "virtio-fs": set(),
 }
 HOLD_SECONDS = 8
 

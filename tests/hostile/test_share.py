@@ -92,14 +92,14 @@ def test_the_export_is_read_only_to_root_in_the_guest(
         "touch containers/y 2>/dev/null; echo touch=$?;"
         "ln -s /etc containers/evil 2>/dev/null; echo symlink=$?;"
         "mv containers/exporter containers/moved 2>/dev/null; echo rename=$?;"
-        "rmdir containers/exporter/volumes 2>/dev/null; echo rmdir=$?;"
+        "mkdir containers/exporter/new 2>/dev/null; echo mkdir-in=$?;"
         "echo x > containers/exporter/rootfs/written; echo rootfs=$?"
     )
     result = run_spec(containerd, tmp_path, "exporter", privileged_spec(["sh", "-c", script]))
     assert result.returncode == 0, result.err
     out = result.out
     assert "reached" in out, out
-    for step in ("mkdir", "touch", "symlink", "rename", "rmdir"):
+    for step in ("mkdir", "touch", "symlink", "rename", "mkdir-in"):
         assert f"{step}=1" in out, (step, out)
     # Its own rootfs is the built-in image, read-only (root.readonly) on the host too.
     assert "rootfs=1" in out, out
@@ -122,7 +122,9 @@ def test_read_only_rootfs_and_volume_hold_against_root_in_the_guest(
         "exec >/home/writer 2>&1;"
         f"until [ -d {GUEST_EXPORT}/containers/ro-victim/rootfs/bin ]; do sleep 0.2; done;"
         f"echo x > {GUEST_EXPORT}/containers/ro-victim/rootfs/evil; echo rootfs=$?;"
-        f"echo x > {GUEST_EXPORT}/containers/ro-victim/volumes/0/secret; echo volume=$?;"
+        # The victim's read-only volume is the pod's mount of world_dir.
+        f"until ls {GUEST_EXPORT}/volumes/*/secret; do sleep 0.2; done;"
+        f"for f in {GUEST_EXPORT}/volumes/*/secret; do echo x > $f; echo volume=$?; done;"
         "sleep 600"
     )
     log_mount = {"destination": "/home", "type": "bind", "source": str(logs),

@@ -19,7 +19,7 @@ import os
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from google.protobuf import empty_pb2
@@ -307,8 +307,9 @@ class FakeContainerShare:
     def mount_rootfs(self, mounts: Sequence[Any], *, readonly: bool) -> None:
         self.mounted.extend(mounts)
 
-    def add_volume(self, volume: Volume) -> None:
+    def add_volume(self, volume: Volume) -> PurePosixPath:
         self.volumes.append(volume)
+        return PurePosixPath("volumes", str(len(self.volumes) - 1))
 
     def remove(self) -> None:
         self.created = False

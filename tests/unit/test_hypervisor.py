@@ -151,6 +151,25 @@ def test_virtio_fs_command_line(tmp_path: Path) -> None:
     assert "vhost-user-fs-pci" in q35 and "force-legacy" not in q35
 
 
+def test_virtio_fs_command_line_on_q35(tmp_path: Path) -> None:
+    """On q35 the whole VM's command line: the PCI vhost-user-fs device on the
+    socket QEMU inherits, the machine's RAM the shared memfd virtiofsd maps,
+    no virtio-mmio global (q35 has no virtio-mmio; its PCI devices are
+    modern already) and no 9p."""
+    vm = _vm(tmp_path, shared_dir=tmp_path, shared_fs="virtio-fs", machine_type="q35",
+             virtiofsd="/usr/lib/qemu/virtiofsd")
+    cmd = QemuVM(vm).command(7, 9, 11, 13)
+    text = " ".join(cmd)
+    assert cmd[cmd.index("-machine") + 1] == "q35,memory-backend=pykata-ram,accel=tcg"
+    assert "memory-backend-memfd,id=pykata-ram,size=512M,share=on" in text
+    assert "-chardev socket,id=virtiofs,fd=13" in text
+    devices = [cmd[i + 1] for i, a in enumerate(cmd) if a == "-device"]
+    assert "vhost-user-fs-pci,chardev=virtiofs,tag=kataShared,queue-size=1024" in devices
+    assert not any(d.startswith("vhost-user-fs-device") for d in devices)
+    assert "-global" not in cmd and "virtio-mmio" not in text
+    assert "9p" not in text and "fsdev" not in text
+
+
 def test_virtio_fs_is_refused_on_a_templates_ram(tmp_path: Path) -> None:
     """A VM restored from a template maps its RAM private and QEMU 7.2 cannot
     save a vhost-user-fs device: such a VM is refused before anything starts."""

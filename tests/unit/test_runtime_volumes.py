@@ -25,9 +25,8 @@ def test_only_bind_mounts_are_volumes(tmp_path: Path) -> None:
     planned = plan_volumes(mounts, None)
     assert [index for index, _ in planned] == [1, 3]
     first, second = planned[0][1], planned[1][1]
-    assert (first.name, first.recursive, first.readonly, first.is_dir) == ("0", True, False, True)
-    assert (second.name, second.recursive, second.readonly, second.is_dir) == (
-        "1", False, True, False)
+    assert (first.recursive, first.readonly, first.is_dir) == (True, False, True)
+    assert (second.recursive, second.readonly, second.is_dir) == (False, True, False)
 
 
 def test_relative_source_is_relative_to_the_bundle(tmp_path: Path) -> None:

@@ -35,6 +35,9 @@ from pykata.ttrpc import Code, StatusError
 log = logging.getLogger(__name__)
 
 STATE_ROOT = Path("/run/pykata/containers")
+# Where the host's pod volumes appear in the guest (runtime.share): one mount
+# of each host path, bound by every container of the pod that binds it.
+POD_VOLUMES = "/run/pykata/shared/volumes/"
 CONSOLE_DIR = Path("/run/pykata/consoles")
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}")
 # How long an exec'd process's output may keep flowing after it exited before
@@ -151,6 +154,7 @@ class Containers:
                 Code.FAILED_PRECONDITION,
                 f"container {container.id}: rootfs {root!r} is not a directory in the guest",
             )
+        reach_pod_volumes(spec)
         _write_json(container.bundle / "config.json", spec)
         terminal = bool(spec["process"].get("terminal"))
         executable = _executable(spec["process"])
@@ -316,6 +320,26 @@ class Containers:
         self.console.close_all()
         for container in self.all():
             await self._discard(container)
+
+
+def reach_pod_volumes(spec: dict[str, Any]) -> None:
+    """Open each pod volume directory the spec binds, in the agent's own mount
+    namespace, before crun copies that namespace for the container.
+
+    Over virtio-fs each volume is a submount, which the guest kernel mounts
+    when a path first crosses it, with a new superblock (new inodes) in each
+    mount namespace that crosses it first. Crossed first by crun in each
+    container's namespace, two containers binding one volume would get two
+    inodes of each file, and their flock and fcntl locks would not meet;
+    crossed here first, every container's namespace inherits the one mount.
+    Errors are crun's to report (it names the mount that fails)."""
+    for entry in spec.get("mounts") or []:
+        source = entry.get("source") if isinstance(entry, dict) else None
+        if not isinstance(source, str) or not source.startswith(POD_VOLUMES):
+            continue
+        with contextlib.suppress(OSError):
+            os.close(os.open(source, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+                             | os.O_CLOEXEC))
 
 
 def _checks_memory_before_update(spec: dict[str, Any]) -> bool:

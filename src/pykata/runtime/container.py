@@ -15,7 +15,7 @@ from pykata.protocols import agent_pb2, oci_pb2
 from pykata.protocols.oci_spec import InvalidSpecError, process_from_json, spec_from_json
 from pykata.runtime.agent_client import AgentClient
 from pykata.runtime.mount_points import MountPoint, make_mount_points
-from pykata.runtime.paths import SandboxPaths, check_id
+from pykata.runtime.paths import GUEST_SHARED_DIR, SandboxPaths, check_id
 from pykata.runtime.resources import ContainerRootfs, ContainerVolume
 from pykata.runtime.sandbox import Sandbox
 from pykata.runtime.volumes import Volume, plan_volumes
@@ -100,8 +100,7 @@ class Container:
         them as the guest sees them; returns guest path -> host path."""
         shared: dict[str, Path] = {}
         for index, volume in volumes:
-            resource = ContainerVolume(self.share, index, volume,
-                                       self.paths.guest_volumes(self.id))
+            resource = ContainerVolume(self.share, index, volume, GUEST_SHARED_DIR)
             resource.prepare()
             resource.attach(oci.Mounts)
             shared[resource.guest_path] = resource.source

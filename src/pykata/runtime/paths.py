@@ -213,14 +213,6 @@ class SandboxPaths:
     def guest_rootfs(container_id: str) -> str:
         return f"{GUEST_SHARED_DIR}/containers/{container_id}/rootfs"
 
-    def container_volumes(self, container_id: str) -> Path:
-        """Where the host paths a container binds in are mounted for the guest."""
-        return self.shared_dir / "containers" / container_id / "volumes"
-
-    @staticmethod
-    def guest_volumes(container_id: str) -> str:
-        return f"{GUEST_SHARED_DIR}/containers/{container_id}/volumes"
-
     def scratch(self, container_id: str) -> Path:
         """Host-only space of one container (overlay upper/work dirs)."""
         return self.scratch_dir / "containers" / container_id

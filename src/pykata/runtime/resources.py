@@ -112,14 +112,17 @@ class ContainerVolume:
         self.share = share
         self.index = index
         self.volume = volume
-        self.guest_path = f"{guest_dir}/{volume.name}"
+        self.guest_dir = guest_dir  # the export, as the guest mounts it
+        self.guest_path = ""
 
     @property
     def source(self) -> Path:
         return self.volume.source
 
     def prepare(self) -> None:
-        self.share.add_volume(self.volume)
+        # The pod's mount of the host path, shared with its other
+        # containers that bind it alike (runtime.share).
+        self.guest_path = f"{self.guest_dir}/{self.share.add_volume(self.volume)}"
 
     def attach(self, mounts: Any) -> None:
         mounts[self.index].source = self.guest_path

@@ -2,12 +2,13 @@
 
 A bind mount in the OCI spec names a host path, which means nothing inside the
 VM: crun in the guest would bind the guest's own file of that name, or fail.
-So each one is bind-mounted on the host under the container's share, which the
-guest sees over 9p, and the spec's source is rewritten to the guest's path of
-it (`share.ContainerShare.add_volume`). The spec keeps its options, so crun
-applies `ro` and propagation in the guest too; a read-only volume is also
-read-only on the host side of the share, all the way down, so the guest cannot
-write through 9p whatever it does.
+So each one is bind-mounted on the host below the sandbox's export, once per
+pod (`share.SandboxShare.acquire_volume`: the pod's containers binding one
+host path alike share the mount), which the guest sees over 9p or virtio-fs,
+and the spec's source is rewritten to the guest's path of it. The spec keeps
+its options, so crun applies `ro` and propagation in the guest too; a
+read-only volume is also read-only on the host side of the share, all the way
+down, so the guest cannot write through the shared filesystem whatever it does.
 """
 
 from __future__ import annotations
@@ -25,10 +26,9 @@ _BIND_OPTIONS = {"bind", "rbind"}
 
 @dataclass(frozen=True)
 class Volume:
-    """One host path to share: where it comes from, and its name in the share."""
+    """One host path to share, and how (runtime.share mounts it for the pod)."""
 
     source: Path
-    name: str
     recursive: bool
     readonly: bool
     is_dir: bool
@@ -71,7 +71,7 @@ def plan_volumes(mounts: list[dict[str, Any]], bundle: Path | None) -> list[tupl
                 hint="device nodes, sockets and pipes cannot be shared into the VM")
         options = entry.get("options") or []
         planned.append((index, Volume(
-            source=source, name=str(len(planned)),
+            source=source,
             recursive="rbind" in options or entry.get("type") == "rbind",
             readonly="ro" in options, is_dir=stat.S_ISDIR(mode),
         )))
