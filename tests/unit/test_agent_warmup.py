@@ -14,7 +14,9 @@ import pytest
 from pykata.agent import boot_profile, warmup
 from pykata.agent.containers import DEFERRED_MODULES, Containers
 from pykata.agent.reaper import Reaper
+from pykata.factory import template
 from pykata.protocols import agent_pb2
+from pykata.runtime.agent_client import boot_steps
 from pykata.ttrpc import Code, StatusError
 
 SRC = Path(__file__).resolve().parents[2] / "src"
@@ -123,3 +125,39 @@ async def test_containers_make_the_debug_console_at_its_first_use(tmp_path: Path
     with pytest.raises(StatusError) as refused:
         await console.start(agent_pb2.StartDebugConsoleRequest(exec_id="x"))
     assert refused.value.code == Code.PERMISSION_DENIED
+
+
+class _ProfileAgent:
+    """Answers GetBootProfile with `warm_after` profiles before one marked warm."""
+
+    def __init__(self, warm_after: int | None) -> None:
+        self.calls = 0
+        self._warm_after = warm_after
+
+    async def boot_profile(self) -> dict[str, float]:
+        self.calls += 1
+        profile = {"first_request": 2.0}
+        if self._warm_after is not None and self.calls > self._warm_after:
+            profile["agent_warm"] = 2.2
+        return profile
+
+
+async def test_a_template_is_saved_once_its_agent_is_warm() -> None:
+    agent = _ProfileAgent(warm_after=3)
+    await asyncio.wait_for(template._until_warm(agent, bound=10.0), 5)  # type: ignore[arg-type]
+    assert agent.calls == 4
+
+
+async def test_a_template_agent_that_never_warms_is_saved_after_the_bound() -> None:
+    agent = _ProfileAgent(warm_after=None)
+    started = asyncio.get_running_loop().time()
+    await asyncio.wait_for(template._until_warm(agent, bound=0.2), 5)  # type: ignore[arg-type]
+    assert 0.2 <= asyncio.get_running_loop().time() - started < 3 and agent.calls >= 2
+
+
+def test_the_warm_mark_is_a_field_of_the_boot_profile(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(boot_profile, "_marks", {})
+    monkeypatch.setattr(boot_profile.time, "clock_gettime", lambda _clock: 2.5)  # a guest's
+    boot_profile.mark("agent_warm")
+    reply = agent_pb2.BootProfile(**boot_profile.marks())
+    assert "agent_warm" in boot_steps(reply)

@@ -41,4 +41,5 @@ async def warm_up(modules: tuple[str, ...], start_after: float = START_AFTER_SEC
         except Exception:  # its first real use reports it, with that request's error
             log.warning("warm-up: importing %s failed", name, exc_info=True)
         await asyncio.sleep(0)
+    boot_profile.mark("agent_warm")
     log.debug("warm-up done: %d modules imported", len(modules))
