@@ -170,7 +170,10 @@ def main() -> int:
         for label, key in guest:
             cells = []
             for m in colds:
-                at = statistics.median(samples[m].get(key) or [0.0])
+                if not samples[m].get(key):  # a guest that has no such step
+                    cells.append("  -".ljust(24))
+                    continue
+                at = statistics.median(samples[m][key])
                 cells.append(f"  at {at:6.3f} s (+{at - previous[m]:.3f})".ljust(24))
                 previous[m] = at
             print(f"    {label:<{guest_width}}" + "".join(cells))
