@@ -29,10 +29,10 @@ if TYPE_CHECKING:
     from pykata.agent.crun import Crun
     from pykata.agent.debug_console import DebugConsole
 
-# What only a container (or the debug console) needs is imported at its first
-# use, not at boot: the agent answers the host sooner, and `warmup` imports
-# these while the host prepares the first container. Everything they check is
-# checked as before, once imported.
+# What only a container needs is imported at its first use, not at boot: the
+# agent answers the host sooner, and `warmup` imports these while the host
+# prepares the first container. The debug console is not among them: only a
+# pod that enables it imports it. Everything they check is checked as before.
 DEFERRED_MODULES = (
     "json",
     "shutil",
@@ -40,9 +40,9 @@ DEFERRED_MODULES = (
     "pykata.agent.process_attrs",
     "pykata.agent.console",
     "pykata.agent.crun",
-    "pykata.agent.debug_console",
     "pykata.agent.sysctls",
     "pykata.protocols.oci_spec",
+    "pykata.agent.stats",
 )
 
 log = logging.getLogger(__name__)
