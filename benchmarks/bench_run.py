@@ -8,6 +8,10 @@ template directory of the benchmark's own, built before the first run), one
 after the other, so all three see the same machine.
 
     .venv/bin/python -m benchmarks.bench_run [--runs 10]   (from the repository root)
+
+With --vs-initrd OTHER (say, the initrd another branch's `pykata assets
+build` made), every run also starts cold and from a template (its own) with
+that initrd, in turn with the built one: guest changes compared on one machine.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -38,6 +43,9 @@ PHASES = [
     ("whole command", "whole"),
 ]
 
+_QEMU_SECTION = re.compile(r"(?m)^\[hypervisor\.qemu\]\s*$")
+_INITRD_LINE = re.compile(r"(?m)^initrd\s*=.*$")
+
 # The guest's own marks (GetBootProfile), in order.
 GUEST_STEPS = [
     ("kernel started to /init", "guest_init_started"),
@@ -46,6 +54,7 @@ GUEST_STEPS = [
     ("agent's imports done", "guest_agent_imported"),
     ("agent serving its channel", "guest_agent_listening"),
     ("host's first request", "guest_first_request"),
+    ("deferred imports done (warm)", "guest_agent_warm"),
 ]
 
 
@@ -84,12 +93,17 @@ def pykata_run(timings: Path, config_file: Path | None = None) -> dict[str, floa
     return phases
 
 
-def template_config(tmp: Path) -> Path:
-    """The configuration in effect, with templates on, kept under `tmp`."""
-    path = tmp / "template.toml"
-    path.write_text(with_factory(config.config_path().read_text(), enable_template=True,
-                                 template_path=str(tmp / "templates")))
+def template_config(tmp: Path, text: str, name: str = "templates") -> Path:
+    """`text` with templates on, kept under `tmp`."""
+    path = tmp / f"{name}.toml"
+    path.write_text(with_factory(text, enable_template=True, template_path=str(tmp / name)))
     return path
+
+
+def with_initrd(text: str, initrd: Path) -> str:
+    """`text` (a pykata configuration) with its guest initrd set to `initrd`."""
+    text = _INITRD_LINE.sub("", text)
+    return _QEMU_SECTION.sub(lambda m: f'{m[0]}\ninitrd = "{initrd}"', text, count=1)
 
 
 def _summary(samples: dict[str, list[float]], key: str) -> str:
@@ -100,45 +114,69 @@ def _summary(samples: dict[str, list[float]], key: str) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--vs-initrd", type=Path, default=None,
+                        help="also run with this guest initrd (e.g. another branch's "
+                             "`pykata assets build`), in turn with the built one")
     args = parser.parse_args()
     cfg = config.load()
     paths = assets.locate()
     accel = resolve_accel(cfg.qemu.accel).value
-    modes = ("cold", "template")
-    samples: dict[str, dict[str, list[float]]] = {m: {} for m in modes}
-    floors: list[float] = []
+    text = config.config_path().read_text()
     with tempfile.TemporaryDirectory() as tmp:
-        warm_config = template_config(Path(tmp))
-        # The template is built by the first start that finds none: not timed.
-        pykata_run(Path(tmp) / "build.json", warm_config)
+        # mode → the configuration it runs with (None: the one in effect).
+        modes: dict[str, Path | None] = {
+            "cold": None, "template": template_config(Path(tmp), text)}
+        if args.vs_initrd is not None:
+            other = with_initrd(text, args.vs_initrd.resolve())
+            (Path(tmp) / "other.toml").write_text(other)
+            modes["cold, vs initrd"] = Path(tmp) / "other.toml"
+            modes["template, vs initrd"] = template_config(Path(tmp), other, "other-templates")
+        samples: dict[str, dict[str, list[float]]] = {m: {} for m in modes}
+        floors: list[float] = []
+        # Each template is built by the first start that finds none: not timed.
+        for mode, cfg_file in modes.items():
+            if mode.startswith("template"):
+                pykata_run(Path(tmp) / f"build-{len(mode)}.json", cfg_file)
         for i in range(args.runs):
             floors.append(floor_boot(cfg.qemu.path, paths, accel, cfg.qemu.default_memory))
-            for mode in modes:
-                phases = pykata_run(Path(tmp) / f"{mode}{i}.json",
-                                    warm_config if mode == "template" else None)
+            for n, (mode, cfg_file) in enumerate(modes.items()):
+                phases = pykata_run(Path(tmp) / f"{n}-{i}.json", cfg_file)
                 for key, value in phases.items():
                     samples[mode].setdefault(key, []).append(value)
-            print(f"run {i + 1}/{args.runs}: cold {samples['cold']['whole'][-1]:.2f} s, "
-                  f"template {samples['template']['whole'][-1]:.2f} s, "
-                  f"floor {floors[-1]:.2f} s", file=sys.stderr)
+            print(f"run {i + 1}/{args.runs}: "
+                  + ", ".join(f"{m} {samples[m]['whole'][-1]:.2f} s" for m in modes)
+                  + f", floor {floors[-1]:.2f} s", file=sys.stderr)
     print(f"\npykata run -- true, built-in busybox image, accel={accel}, "
-          f"median of {args.runs} runs (min-max):\n")
+          f"median of {args.runs} runs (min-max):")
+    print(f"  initrd: {paths.initrd}")
+    if args.vs_initrd is not None:
+        print(f"  vs initrd: {args.vs_initrd}")
+    print()
     width = max(len(label) for label, _ in PHASES)
-    print(f"  {'':<{width}}  {'cold boot':<22}  {'from a VM template':<22}")
+    print(f"  {'':<{width}}" + "".join(f"  {m:<22}" for m in modes))
     for label, key in PHASES:
-        print(f"  {label:<{width}}  {_summary(samples['cold'], key):<22}  "
-              f"{_summary(samples['template'], key):<22}")
+        print(f"  {label:<{width}}" + "".join(f"  {_summary(samples[m], key):<22}"
+                                               for m in modes))
     print("  (from a template, 'VM launch' includes loading the saved state, and")
     print("   'boot to agent ready' is the agent's first answer plus the clock and reseed)")
+    colds = [m for m in modes if m.startswith("cold")]
     guest = [(label, key) for label, key in GUEST_STEPS if samples["cold"].get(key)]
     if guest:
-        print("\n  in the guest, cold boot (its clock, 0 = its kernel's start; medians):")
+        print("\n  in the guest, cold boot (its clock, 0 = its kernel's start; medians, "
+              "+ the step's own time):")
         guest_width = max(len(label) for label, _ in guest)
-        previous = 0.0
+        print(f"    {'':<{guest_width}}" + "".join(f"  {m:<22}" for m in colds))
+        previous = dict.fromkeys(colds, 0.0)
         for label, key in guest:
-            at = statistics.median(samples["cold"][key])
-            print(f"    {label:<{guest_width}}  at {at:6.3f} s   (+{at - previous:.3f})")
-            previous = at
+            cells = []
+            for m in colds:
+                if not samples[m].get(key):  # a guest that has no such step
+                    cells.append("  -".ljust(24))
+                    continue
+                at = statistics.median(samples[m][key])
+                cells.append(f"  at {at:6.3f} s (+{at - previous[m]:.3f})".ljust(24))
+                previous[m] = at
+            print(f"    {label:<{guest_width}}" + "".join(cells))
     floor = statistics.median(floors)
     print(f"\n  {'floor: bare QEMU boot to /init':<{width}}  {floor:6.3f} s"
           f"   ({min(floors):.3f}-{max(floors):.3f})")

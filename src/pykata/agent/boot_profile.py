@@ -7,15 +7,29 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 
 # /init's marks: the first field of /proc/uptime when it got there.
 INIT_ENV = {"init_started": "PYKATA_BOOT_INIT", "python_started": "PYKATA_BOOT_PYTHON"}
 _marks: dict[str, float] = {}
+_waiting: dict[str, list[Callable[[], None]]] = {}
 
 
 def mark(step: str) -> None:
     """Record `step` once: the first time counts."""
-    _marks.setdefault(step, time.clock_gettime(time.CLOCK_BOOTTIME))
+    if step in _marks:
+        return
+    _marks[step] = time.clock_gettime(time.CLOCK_BOOTTIME)
+    for callback in _waiting.pop(step, ()):
+        callback()
+
+
+def when(step: str, callback: Callable[[], None]) -> None:
+    """Call `callback` once `step` is marked (at once if it already is)."""
+    if step in _marks:
+        callback()
+    else:
+        _waiting.setdefault(step, []).append(callback)
 
 
 def marks() -> dict[str, float]:

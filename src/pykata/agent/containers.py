@@ -10,27 +10,40 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import functools
 import logging
 import os
 import re
-import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pykata.agent import guest_spec, process_attrs
-from pykata.agent.console import ConsoleSocket
-from pykata.agent.crun import Crun, wait_pid_file
-from pykata.agent.debug_console import DebugConsole
 from pykata.agent.process import Process, Stdio
 from pykata.agent.reaper import Reaper
 from pykata.agent.storage import mount_storage, unmount
-from pykata.agent.sysctls import write_sysctls
 from pykata.channels import CONTAINER_TYPE_KEY, DEBUG_CONSOLE_ID
 from pykata.protocols import agent_pb2, oci_pb2
-from pykata.protocols.oci_spec import message_to_json, spec_to_json
 from pykata.ttrpc import Code, StatusError
+
+if TYPE_CHECKING:
+    from pykata.agent.crun import Crun
+    from pykata.agent.debug_console import DebugConsole
+
+# What only a container needs is imported at its first use, not at boot: the
+# agent answers the host sooner, and `warmup` imports these while the host
+# prepares the first container. The debug console is not among them: only a
+# pod that enables it imports it. Everything they check is checked as before.
+DEFERRED_MODULES = (
+    "json",
+    "shutil",
+    "pykata.agent.guest_spec",
+    "pykata.agent.process_attrs",
+    "pykata.agent.console",
+    "pykata.agent.crun",
+    "pykata.agent.sysctls",
+    "pykata.protocols.oci_spec",
+    "pykata.agent.stats",
+)
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +85,21 @@ class Containers:
     def __init__(self, reaper: Reaper, state_root: Path = STATE_ROOT) -> None:
         self._reaper = reaper
         self._root = state_root
-        self._crun = Crun(reaper, state_root)
         self._containers: dict[str, Container] = {}
         self._lock = asyncio.Lock()
-        # The debug console's processes: DEBUG_CONSOLE_ID in the process calls.
-        self.console = DebugConsole(reaper)
+
+    @functools.cached_property
+    def _crun(self) -> Crun:
+        from pykata.agent.crun import Crun
+
+        return Crun(self._reaper, self._root)
+
+    @functools.cached_property
+    def console(self) -> DebugConsole:
+        """The debug console's processes: DEBUG_CONSOLE_ID in the process calls."""
+        from pykata.agent.debug_console import DebugConsole
+
+        return DebugConsole(self._reaper)
 
     # --- lookup ---------------------------------------------------------
 
@@ -131,6 +154,10 @@ class Containers:
         container.status = "created"
 
     async def _create(self, container: Container, req: agent_pb2.CreateContainerRequest) -> None:
+        from pykata.agent import guest_spec, process_attrs
+        from pykata.agent.sysctls import write_sysctls
+        from pykata.protocols.oci_spec import spec_to_json
+
         container.bundle.mkdir(parents=True, exist_ok=True)
         for storage in req.storages:
             container.mounts.append(await mount_storage(self._reaper, storage))
@@ -176,6 +203,9 @@ class Containers:
         self, container: Container, exec_id: str, terminal: bool, run: Any, pid_file: Path
     ) -> Process:
         """Start a process through crun with fresh stdio; return it running."""
+        from pykata.agent.console import ConsoleSocket
+        from pykata.agent.crun import wait_pid_file
+
         stdio = Stdio.for_terminal() if terminal else Stdio.pipes()
         # Not in the bundle: with 64-character ids (docker's) that path is
         # longer than a unix socket address may be.
@@ -228,6 +258,9 @@ class Containers:
             )
         if exec_id in container.processes or exec_id == container.id:
             raise StatusError(Code.ALREADY_EXISTS, f"process {exec_id!r} already exists")
+        from pykata.agent import process_attrs
+        from pykata.protocols.oci_spec import message_to_json
+
         process = message_to_json(req.process)
         attrs = process_attrs.take(process, exec_process=True)
         process_file = container.bundle / f"{exec_id}.process.json"
@@ -289,6 +322,8 @@ class Containers:
             proc.close()
         for mount in reversed(container.mounts):
             await unmount(self._reaper, mount)
+        import shutil
+
         shutil.rmtree(container.bundle, ignore_errors=True)
         self._containers.pop(container.id, None)
 
@@ -307,6 +342,9 @@ class Containers:
         return await self._crun.pids(container_id)
 
     async def update(self, container_id: str, resources: oci_pb2.LinuxResources) -> None:
+        from pykata.agent import guest_spec
+        from pykata.protocols.oci_spec import message_to_json
+
         container = self.get(container_id)
         wanted = message_to_json(resources)
         memory = wanted.get("memory", {})
@@ -317,7 +355,8 @@ class Containers:
         await self._crun.update(container_id, path)
 
     async def remove_all(self) -> None:
-        self.console.close_all()
+        if "console" in self.__dict__:  # made (and imported) at its first use
+            self.console.close_all()
         for container in self.all():
             await self._discard(container)
 
@@ -352,6 +391,8 @@ def _check_memory_limit(container: Container, limit: int | None) -> None:
     current use is refused (cgroup v2 would have the OOM killer enforce it)."""
     if limit is None or limit < 0:
         return
+    from pykata.agent import guest_spec
+
     current_file = guest_spec.CGROUP_ROOT / guest_spec.CGROUP_PARENT.lstrip("/") \
         / container.id / "memory.current"
     try:
@@ -381,4 +422,6 @@ def _executable(process: dict[str, Any]) -> str:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
+    import json
+
     path.write_text(json.dumps(data))

@@ -10,9 +10,10 @@ from pathlib import Path
 
 from pykata.agent import boot_profile
 from pykata.agent.channel import listen_vsock, open_serial, read_token
-from pykata.agent.containers import Containers
+from pykata.agent.containers import DEFERRED_MODULES, Containers
 from pykata.agent.reaper import Reaper
 from pykata.agent.service import AgentService, HealthService, build_server
+from pykata.agent.warmup import warm_up
 
 log = logging.getLogger("pykata.agent")
 
@@ -48,6 +49,7 @@ async def serve(params: dict[str, str]) -> None:
     reaper.install()
     agent = AgentService(reaper, Containers(reaper))
     server = build_server(agent, HealthService())
+    warming = asyncio.ensure_future(warm_up(DEFERRED_MODULES))
     if params.get("transport") == "vsock":
         # Imported here: hmac and hashlib are boot time the serial channel
         # does not need.
@@ -68,6 +70,7 @@ async def serve(params: dict[str, str]) -> None:
         # The connection ends when the host closes its end: the pykata
         # process that owns this VM is gone, and the VM must go with it.
         await server.serve_connection(reader, writer)
+    warming.cancel()
     await server.aclose()
     await agent.containers.remove_all()
 

@@ -7,7 +7,6 @@ bad request is answered with a status and never ends the agent.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 from collections.abc import Callable
@@ -18,7 +17,7 @@ from google.protobuf import empty_pb2
 from google.protobuf.message import Message
 
 from pykata import __version__
-from pykata.agent import boot_profile, loopback, spans, stats
+from pykata.agent import boot_profile, loopback, spans
 from pykata.agent.containers import Containers
 from pykata.agent.reaper import Reaper
 from pykata.agent.storage import mount_storage, unmount
@@ -204,6 +203,8 @@ class AgentService:
     async def StatsContainer(
         self, req: agent_pb2.StatsContainerRequest, ctx: RequestContext
     ) -> agent_pb2.StatsContainerResponse:
+        from pykata.agent import stats  # only for a container: not at boot
+
         self.containers.get(req.container_id)
         return stats.container_stats(req.container_id)
 
@@ -214,6 +215,8 @@ class AgentService:
         if req.format not in ("", "json"):
             raise StatusError(Code.INVALID_ARGUMENT, f"process list format {req.format!r} "
                                                      "is not supported (use json)")
+        import json
+
         return agent_pb2.ListProcessesResponse(process_list=json.dumps(pids).encode())
 
     # --- processes --------------------------------------------------------
@@ -308,6 +311,8 @@ class AgentService:
                 self._check_oom(container.id)
 
     def _check_oom(self, container_id: str) -> None:
+        from pykata.agent import stats
+
         kills = stats.oom_kills(container_id)
         if kills > self._oom_seen.get(container_id, 0):
             self._oom_seen[container_id] = kills

@@ -77,6 +77,8 @@ _MIB = 1024 * 1024
 # or a removal holds it for as long as deleting a few files takes).
 _IN_USE_WAIT_SECONDS = 5.0
 _POLL_SECONDS = 0.05
+# How long a template build waits for its agent's warm-up (see _until_warm).
+_WARM_SECONDS = 10.0
 # A lock file that keeps being replaced under its takers: give up, not spin.
 _LOCK_TRIES = 100
 # How long `destroy` waits for templates being built or restored from: a
@@ -356,6 +358,20 @@ def _still(template: Template) -> bool:
             and template.memory.is_file() and template.state.is_file())
 
 
+async def _until_warm(agent: AgentClient, bound: float = _WARM_SECONDS) -> None:
+    """Wait until the template's agent has imported what it defers past its
+    first answer (its boot profile's agent_warm), for at most `bound`
+    seconds: saved warm, no clone spends its start importing them. Past the
+    bound the template is saved as it is (each clone then finishes them)."""
+    deadline = time.monotonic() + bound
+    while "agent_warm" not in await agent.boot_profile():
+        if time.monotonic() >= deadline:
+            log.info("the template VM's agent did not finish its warm-up in %g s: "
+                     "saved without it", bound)
+            return
+        await asyncio.sleep(_POLL_SECONDS)
+
+
 async def _build_in(work: Path, key: str, ident: dict[str, Any], vm: VmConfig,
                     dial_timeout: float) -> Template:
     private_dir(work)
@@ -378,6 +394,7 @@ async def _build_in(work: Path, key: str, ident: dict[str, Any], vm: VmConfig,
             raise HypervisorError(
                 f"the template VM's agent did not answer: {exc}\n"
                 f"{template_vm.failure_report()}") from exc
+        await _until_warm(agent)
         next_stream_id = agent.next_stream_id
         # Saved with the agent channel still connected: the guest never sees
         # its host side go away, and resumes in every clone mid-read.

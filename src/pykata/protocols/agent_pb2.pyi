@@ -1733,6 +1733,7 @@ class BootProfile(_message.Message):
     AGENT_IMPORTED_FIELD_NUMBER: _builtins.int
     AGENT_LISTENING_FIELD_NUMBER: _builtins.int
     FIRST_REQUEST_FIELD_NUMBER: _builtins.int
+    AGENT_WARM_FIELD_NUMBER: _builtins.int
     init_started: _builtins.float
     """/init began: the kernel's part ends here."""
     python_started: _builtins.float
@@ -1745,6 +1746,11 @@ class BootProfile(_message.Message):
     """The agent channel is open and served."""
     first_request: _builtins.float
     """The host's first request (its health check) arrived."""
+    agent_warm: _builtins.float
+    """--- lean agent (issue 19.2) ---
+    What the agent imports after its first answer (the modules only
+    containers use) is imported: a VM template is saved after this.
+    """
     def __init__(
         self,
         *,
@@ -1754,10 +1760,11 @@ class BootProfile(_message.Message):
         agent_imported: _builtins.float = ...,
         agent_listening: _builtins.float = ...,
         first_request: _builtins.float = ...,
+        agent_warm: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_imported", b"agent_imported", "agent_listening", b"agent_listening", "agent_started", b"agent_started", "first_request", b"first_request", "init_started", b"init_started", "python_started", b"python_started"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_imported", b"agent_imported", "agent_listening", b"agent_listening", "agent_started", b"agent_started", "agent_warm", b"agent_warm", "first_request", b"first_request", "init_started", b"init_started", "python_started", b"python_started"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
