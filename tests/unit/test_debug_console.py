@@ -370,3 +370,42 @@ async def test_an_exit_status_out_of_range_from_the_guest_is_not_passed_on(
         assert await asyncio.wait_for(call, 5) == INVALID_EXIT_STATUS
     assert f"exited with status {INVALID_EXIT_STATUS}" in (run_root / owner.AUDIT_LOG).read_text()
     await _end(pod, server)
+
+
+_FORGED = ("z" * 4000 + "boom\n2026-12-07T05:00:00+0000 debug console: pod=p "
+           "session=console-x uid=0 exited with status 0\n\x1b]0;pwned\x07\x1b[2J")
+
+
+class _RefusingAgent:
+    """An agent whose refusal carries forged record lines and escapes."""
+
+    async def forward(self, *args: Any, **kwargs: Any) -> Any:
+        raise StatusError(Code.INTERNAL, _FORGED)
+
+
+async def test_a_guest_refusal_is_escaped_in_the_record_and_the_reply(tmp_path: Path) -> None:
+    """The agent's words reach the record, the log and root's terminal only
+    escaped, on one bounded line: the guest cannot forge a record line or
+    send a terminal escape."""
+    sessions = owner.ConsoleSessions("p", True, "cfg", audit_dir=tmp_path)
+    with pytest.raises(StatusError) as caught:
+        await sessions.run(_RefusingAgent(), _request("id"), None)  # type: ignore[arg-type]
+    assert caught.value.code == Code.INTERNAL
+    assert "\n" not in caught.value.message and "\x1b" not in caught.value.message
+    assert "\\x1b" in caught.value.message
+    lines = (tmp_path / owner.AUDIT_LOG).read_text().splitlines()
+    assert len(lines) == 1
+    assert "\x1b" not in lines[0] and "\x07" not in lines[0]
+    assert len(lines[0]) <= owner.AUDIT_LINE_LIMIT + 40  # the time stamp
+    assert "failed to start" in lines[0]
+
+
+async def test_a_session_name_that_is_not_a_name_is_refused(tmp_path: Path) -> None:
+    """The exec id goes into the record as it is: only a plain name passes."""
+    sessions = owner.ConsoleSessions("p", True, "cfg", audit_dir=tmp_path)
+    for bad in ("", "a\nb", "x" * 200, "\x1b[2J", "../x"):
+        with pytest.raises(StatusError) as caught:
+            await sessions.run(_RefusingAgent(), pod_pb2.DebugConsoleRequest(  # type: ignore[arg-type]
+                exec_id=bad, args=["id"]), None)
+        assert caught.value.code == Code.INVALID_ARGUMENT
+    assert not (tmp_path / owner.AUDIT_LOG).exists()

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import shlex
 import signal
 import time
@@ -32,6 +33,7 @@ from pykata.protocols import agent_pb2, pod_pb2
 from pykata.runtime.agent_client import AgentClient
 from pykata.runtime.paths import run_root
 from pykata.ttrpc import Code, PeerCredentials, StatusError
+from pykata.untrusted import guest_line
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,10 @@ MAX_ARGS_BYTES = 64 * 1024
 # As the agent keeps a session's output readable after it exited.
 RELEASE_SECONDS = 10.0
 START_SECONDS = 30.0
+# One record line at most (a long command is cut, its start kept).
+AUDIT_LINE_LIMIT = 1024
+# What the command line makes (`console-` and hex); nothing else is a name.
+_EXEC_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 def disabled_message(pod_id: str, config_source: str) -> str:
@@ -133,8 +139,10 @@ class ConsoleSessions:
                 exec_id=req.exec_id, args=req.args, terminal=req.terminal, term=req.term,
                 rows=req.rows, columns=req.columns), empty_pb2.Empty, START_SECONDS)
         except StatusError as exc:
-            session.error = exc
-            raise
+            # The agent's words are the guest's: they reach the session
+            # record, the owner's log and root's terminal, so escaped.
+            session.error = StatusError(exc.code, guest_line(exc.message))
+            raise session.error from exc
         except BaseException:
             session.error = StatusError(Code.UNAVAILABLE, "the session did not start")
             raise
@@ -151,15 +159,27 @@ class ConsoleSessions:
                what: str, seconds: float | None = None) -> None:
         who = (f"uid={peer.uid} gid={peer.gid} pid={peer.pid}" if peer is not None
                else "uid=? pid=?")
-        command = shlex.join(req.args) if req.args else "(shell)"
-        line = (f"debug console: pod={self.pod_id} session={req.exec_id} {who} "
-                f"command={command!r} terminal={req.terminal} {what}"
+        command = _field(shlex.join(req.args)) if req.args else "(shell)"
+        line = (f"debug console: pod={_field(self.pod_id)} session={_field(req.exec_id)} "
+                f"{who} command={command!r} terminal={req.terminal} {_field(what)}"
                 + (f" after {seconds:.1f}s" if seconds is not None else ""))
+        if len(line) > AUDIT_LINE_LIMIT:
+            line = line[:AUDIT_LINE_LIMIT - 3] + "..."
         log.info("%s", line)
         write_audit(self._audit_dir or run_root(), line)
 
 
+def _field(text: str) -> str:
+    """One field of a record line: on one line, no control characters
+    (the guest's words and a client's command alike)."""
+    return guest_line(text, AUDIT_LINE_LIMIT)
+
+
 def _check_request(req: pod_pb2.DebugConsoleRequest) -> None:
+    if not _EXEC_ID.fullmatch(req.exec_id):
+        raise StatusError(Code.INVALID_ARGUMENT,
+                          f"the session name {guest_line(req.exec_id, 140)!r} is not "
+                          "letters, digits, '.', '_' or '-' (at most 128)")
     if len(req.args) > MAX_ARGS or sum(len(a) for a in req.args) > MAX_ARGS_BYTES:
         raise StatusError(Code.INVALID_ARGUMENT,
                           f"the command is too long (at most {MAX_ARGS} arguments, "
