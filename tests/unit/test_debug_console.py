@@ -409,3 +409,56 @@ async def test_a_session_name_that_is_not_a_name_is_refused(tmp_path: Path) -> N
                 exec_id=bad, args=["id"]), None)
         assert caught.value.code == Code.INVALID_ARGUMENT
     assert not (tmp_path / owner.AUDIT_LOG).exists()
+
+
+class _SlowStartAgent:
+    """An agent that starts the shell but answers late; records its calls."""
+
+    def __init__(self) -> None:
+        self.calls: list[Any] = []
+        self.answered = asyncio.Event()
+
+    async def forward(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        self.calls.append(method)
+        await asyncio.sleep(0.2)  # the guest runs the shell meanwhile
+        self.answered.set()
+        return None
+
+    async def signal_process(self, container_id: str, exec_id: str, signum: int) -> None:
+        self.calls.append(("SignalProcess", container_id, exec_id, signum))
+
+
+async def test_a_shell_started_while_its_client_left_is_killed(tmp_path: Path) -> None:
+    """A client that goes away while StartDebugConsole is in flight leaves
+    no shell behind: the owner kills it once the start call is over, and
+    the record says the start was interrupted."""
+    sessions = owner.ConsoleSessions("p", True, "cfg", audit_dir=tmp_path)
+    agent = _SlowStartAgent()
+    task = asyncio.ensure_future(sessions.run(agent, _request(), None))  # type: ignore[arg-type]
+    await asyncio.sleep(0.05)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    await asyncio.wait_for(agent.answered.wait(), 5)
+    for _ in range(50):
+        if len(agent.calls) > 1:
+            break
+        await asyncio.sleep(0.01)
+    assert agent.calls == ["StartDebugConsole",
+                           ("SignalProcess", DEBUG_CONSOLE_ID, "console-1", signal.SIGKILL)]
+    record = (tmp_path / owner.AUDIT_LOG).read_text()
+    assert "start interrupted (its client went away)" in record
+
+
+async def test_a_refused_start_kills_nothing(tmp_path: Path) -> None:
+    """A clean refusal from the agent started nothing: no signal is sent."""
+    sessions = owner.ConsoleSessions("p", True, "cfg", audit_dir=tmp_path)
+    agent = _RefusingAgent()
+    agent_calls: list[Any] = []
+
+    async def signal_process(*args: Any) -> None:
+        agent_calls.append(args)
+    agent.signal_process = signal_process  # type: ignore[attr-defined]
+    with pytest.raises(StatusError):
+        await sessions.run(agent, _request(), None)  # type: ignore[arg-type]
+    await asyncio.sleep(0.05)
+    assert agent_calls == []

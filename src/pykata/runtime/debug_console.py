@@ -24,6 +24,7 @@ import shlex
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 from google.protobuf import empty_pb2
 
@@ -67,6 +68,7 @@ class _Session:
         # Set once the agent answered StartDebugConsole (`error` if it refused).
         self.ready = asyncio.Event()
         self.error: StatusError | None = None
+        self.start_call: asyncio.Future[Any] | None = None
 
 
 class ConsoleSessions:
@@ -110,8 +112,16 @@ class ConsoleSessions:
         self._sessions[req.exec_id] = session
         try:
             await self._start(agent, req, session)
-        except BaseException:
-            self._audit(peer, req, f"failed to start: {session.error}")
+        except BaseException as exc:
+            if _refused(exc):
+                self._audit(peer, req, f"failed to start: {session.error}")
+            else:
+                # The client went away, the call timed out or its answer was
+                # lost: the guest may have started the shell all the same.
+                # Kill it once the start call is over, so that no shell is
+                # left without its user (nor holds one of the agent's slots).
+                _kill_later(agent, req.exec_id, after=session.start_call)
+                self._audit(peer, req, f"start interrupted ({_what(exc)}); killing it")
             self._release(req.exec_id)
             raise
         self._audit(peer, req, "started")
@@ -134,10 +144,14 @@ class ConsoleSessions:
 
     async def _start(self, agent: AgentClient, req: pod_pb2.DebugConsoleRequest,
                      session: _Session) -> None:
-        try:
-            await agent.forward("StartDebugConsole", agent_pb2.StartDebugConsoleRequest(
+        # The call goes on if this one is cancelled: `run` waits for it to
+        # end before it kills what it may have started.
+        session.start_call = asyncio.ensure_future(agent.forward(
+            "StartDebugConsole", agent_pb2.StartDebugConsoleRequest(
                 exec_id=req.exec_id, args=req.args, terminal=req.terminal, term=req.term,
-                rows=req.rows, columns=req.columns), empty_pb2.Empty, START_SECONDS)
+                rows=req.rows, columns=req.columns), empty_pb2.Empty, START_SECONDS))
+        try:
+            await asyncio.shield(session.start_call)
         except StatusError as exc:
             # The agent's words are the guest's: they reach the session
             # record, the owner's log and root's terminal, so escaped.
@@ -188,8 +202,32 @@ def _check_request(req: pod_pb2.DebugConsoleRequest) -> None:
         raise StatusError(Code.INVALID_ARGUMENT, "the command contains a NUL character")
 
 
-def _kill_later(agent: AgentClient, exec_id: str) -> None:
+# What the agent answers when it did not start a session; anything else
+# (these codes included: they are also what a lost or late answer becomes)
+# may leave a shell running in the guest.
+_NOT_REFUSALS = (Code.UNAVAILABLE, Code.DEADLINE_EXCEEDED, Code.DATA_LOSS, Code.CANCELLED,
+                 Code.UNKNOWN)
+
+
+def _refused(exc: BaseException) -> bool:
+    return isinstance(exc, StatusError) and exc.code not in _NOT_REFUSALS
+
+
+def _what(exc: BaseException) -> str:
+    if isinstance(exc, asyncio.CancelledError):
+        return "its client went away"
+    return guest_line(str(exc) or type(exc).__name__, 200)
+
+
+def _kill_later(agent: AgentClient, exec_id: str,
+                after: asyncio.Future[Any] | None = None) -> None:
+    """SIGKILL the session's process group in the guest, in the background;
+    once `after` (the start call) ended, if given."""
     async def kill() -> None:
+        if after is not None:
+            await asyncio.wait([after])
+            if not after.cancelled():
+                after.exception()  # seen here; `run` reported it
         with contextlib.suppress(PykataError, asyncio.TimeoutError):
             await asyncio.wait_for(
                 agent.signal_process(DEBUG_CONSOLE_ID, exec_id, signal.SIGKILL), 10)
