@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -462,3 +463,29 @@ async def test_a_refused_start_kills_nothing(tmp_path: Path) -> None:
         await sessions.run(agent, _request(), None)  # type: ignore[arg-type]
     await asyncio.sleep(0.05)
     assert agent_calls == []
+
+
+def test_owners_rotating_the_record_at_once_lose_no_line(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch
+                                                         ) -> None:
+    """Two owners writing as the record reaches its limit rotate it once:
+    the second does not rotate the first's new record over the full one."""
+    import threading
+    old = "first-record " + "x" * owner.AUDIT_LOG_LIMIT + "\n"
+    (tmp_path / owner.AUDIT_LOG).write_text(old)
+    real_replace = os.replace
+
+    def slow_replace(src: Any, dst: Any) -> None:
+        time.sleep(0.2)  # both writers have seen the full record by now
+        real_replace(src, dst)
+    monkeypatch.setattr(os, "replace", slow_replace)
+    writers = [threading.Thread(target=owner.write_audit, args=(tmp_path, f"w{n}"))
+               for n in range(2)]
+    for thread in writers:
+        thread.start()
+    for thread in writers:
+        thread.join(10)
+    rotated = (tmp_path / (owner.AUDIT_LOG + ".1")).read_text()
+    current = (tmp_path / owner.AUDIT_LOG).read_text()
+    assert rotated == old
+    assert current.endswith((" w0\n", " w1\n")) and current.count("\n") == 2

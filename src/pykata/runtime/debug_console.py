@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import re
@@ -42,6 +43,7 @@ ANNOTATION = "io.katacontainers.config.agent.debug_console_enabled"
 # The host's record of every session, beside the sandboxes' directories.
 AUDIT_LOG = "debug-console.log"
 AUDIT_LOG_LIMIT = 1024 * 1024
+AUDIT_LOCK = AUDIT_LOG + ".lock"
 # What a client may send: a command line, not a payload.
 MAX_ARGS = 256
 MAX_ARGS_BYTES = 64 * 1024
@@ -246,12 +248,20 @@ def write_audit(directory: Path, line: str) -> None:
     path = directory / AUDIT_LOG
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     try:
-        with contextlib.suppress(FileNotFoundError):
-            if path.stat().st_size >= AUDIT_LOG_LIMIT:
-                os.replace(path, path.with_name(AUDIT_LOG + ".1"))
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
-                     | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "a", encoding="utf-8") as out:
-            out.write(f"{stamp} {line}\n")
+        # Every owner of the node writes here: one at a time checks the
+        # size, rotates and appends, so two rotating at once lose nothing.
+        lock = os.open(directory / AUDIT_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+                       | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            with contextlib.suppress(FileNotFoundError):
+                if path.stat().st_size >= AUDIT_LOG_LIMIT:
+                    os.replace(path, path.with_name(AUDIT_LOG + ".1"))
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+                         | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "a", encoding="utf-8") as out:
+                out.write(f"{stamp} {line}\n")
+        finally:
+            os.close(lock)  # and with it the lock
     except OSError as exc:
         log.error("cannot record the debug console session in %s: %s", path, exc)
