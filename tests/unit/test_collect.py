@@ -162,3 +162,58 @@ def test_a_tarball_holds_both_forms(tmp_path: Path) -> None:
                                           "pykata-collect/report.txt"]
         member = tar.extractfile("pykata-collect/report.txt")
         assert member is not None and member.read() == b"text"
+
+
+def _oci_record(directory: Path, key: str) -> None:
+    from pykata.runtime.state import STATE_VERSION
+    directory.mkdir(parents=True)
+    (directory / "state.json").write_text(json.dumps(dict(
+        id=directory.name, bundle="/", status="running", sandbox_key=key,
+        run_root="/run/pykata", created="", owner="", rootfs="", version=STATE_VERSION)))
+
+
+def test_oci_logs_follow_no_link_and_read_no_fifo(tmp_path: Path) -> None:
+    """A monitor.log planted as a link to a root-only file is not read
+    through, a FIFO does not hang collect, and a state.json that is a link
+    is not trusted; each skip says why."""
+    from pykata.collect.report import _oci_logs, _tail
+    secret = tmp_path / "shadow"
+    secret.write_text("root:$6$SALT$HASH:19000:0:99999:7:::\n")
+    secret.chmod(0o600)
+    root = tmp_path / "oci"
+    _oci_record(root / "linked", "k1")
+    (root / "linked" / "monitor.log").symlink_to(secret)
+    _oci_record(root / "fifo", "k1")
+    os.mkfifo(root / "fifo" / "monitor.log")
+    (root / "forged").mkdir()
+    _oci_record(tmp_path / "elsewhere", "k1")
+    (root / "forged" / "state.json").symlink_to(tmp_path / "elsewhere" / "state.json")
+    logs, notes = _oci_logs("k1", [root])
+    assert sorted(p.parent.name for p in logs) == ["fifo", "linked"]
+    assert any("forged/state.json is a symbolic link" in n for n in notes), notes
+    tails = {p.parent.name: _tail(p) for p in logs}
+    assert "HASH" not in "".join(tails["linked"])
+    assert "symbolic link: not followed" in tails["linked"][0]
+    assert "not a regular file" in tails["fifo"][0]
+
+
+def test_an_oci_root_others_can_write_or_files_of_another_user_are_skipped(
+        tmp_path: Path) -> None:
+    """An --oci-root another user can write in is not searched; a record or
+    a log that belongs to another user is not read."""
+    from pykata.collect.report import _oci_logs, _tail
+    shared = tmp_path / "shared"
+    _oci_record(shared / "c1", "k1")
+    shared.chmod(0o777)
+    logs, notes = _oci_logs("k1", [shared])
+    assert logs == [] and any("not searched" in n and "writable" in n for n in notes), notes
+    own = tmp_path / "own"
+    _oci_record(own / "c1", "k1")
+    _oci_record(own / "c2", "k1")
+    os.chown(own / "c2" / "state.json", 4242, 4242)
+    (own / "c1" / "monitor.log").write_text("hello\n")
+    os.chown(own / "c1" / "monitor.log", 4242, 4242)
+    logs, notes = _oci_logs("k1", [own])
+    assert [p.parent.name for p in logs] == ["c1"]
+    assert any("belongs to uid 4242" in n for n in notes), notes
+    assert "belongs to uid 4242" in _tail(logs[0])[0]

@@ -24,9 +24,10 @@ from typing import Any, TypeVar
 
 from pykata import __version__
 from pykata import config as config_mod
+from pykata.collect import files
 from pykata.collect.redact import Redactor
 from pykata.errors import PykataError
-from pykata.hypervisor.capped_log import read_tail
+from pykata.runtime.paths import others_can_replace
 from pykata.runtime.sandbox_index import SandboxEntry, list_sandboxes
 from pykata.runtime.staleness import GuestAssets, current_assets, staleness
 from pykata.untrusted import guest_text
@@ -185,12 +186,11 @@ def _spec_lines(bundle: str, redactor: Redactor) -> list[str]:
         return []
     path = Path(bundle) / "config.json"
     try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_SPEC + 1)
-        if len(raw) > MAX_SPEC:
-            return [f"spec: {path} is over {MAX_SPEC} bytes, not read"]
-        spec = json.loads(raw)
-    except (OSError, ValueError) as exc:
+        # Any owner: a rootless engine's bundle is its user's.
+        spec = json.loads(files.read_file(path, MAX_SPEC, owners=None))
+    except files.Skipped as exc:
+        return [f"spec: {guest_text(str(exc), 512)}"]
+    except ValueError as exc:
         return [f"spec: {path}: {exc}"]
     if not isinstance(spec, dict):
         return [f"spec: {path} is not an object"]
@@ -211,28 +211,45 @@ def _of(value: Any, kind: type[T]) -> T:
 
 
 def _tail(path: Path, lines: int = TAIL_LINES) -> list[str]:
-    data = read_tail(path, 65536).decode("utf-8", "replace")
+    """A log's last lines, escaped; a file that is not a plain one of root's
+    (or of whoever runs collect) is not read, and the line says why."""
+    try:
+        data = files.read_tail(path, 65536, files.trusted_owners()).decode("utf-8", "replace")
+    except files.Skipped as exc:
+        return [f"({guest_text(str(exc))})"]
     return guest_text("\n".join(data.rstrip().splitlines()[-lines:]), 65536).splitlines()
 
 
-def _oci_logs(key: str, oci_roots: Sequence[Path]) -> list[Path]:
-    """The monitor logs of pykata-oci containers whose sandbox is `key`."""
-    from pykata.runtime.state import ContainerState, read_state
+def _oci_logs(key: str, oci_roots: Sequence[Path]) -> tuple[list[Path], list[str]]:
+    """The monitor logs of pykata-oci containers whose sandbox is `key`, and
+    why any root or record was passed over. A root another user could write
+    in is not searched: its records and logs would be theirs to forge."""
+    from pykata.runtime.state import ContainerState, from_dict
 
-    found = []
+    found: list[Path] = []
+    notes: list[str] = []
     for root in oci_roots:
         try:
-            dirs = [d for d in root.iterdir() if d.is_dir()]
+            dirs = [d for d in root.iterdir() if d.is_dir() and not d.is_symlink()]
         except OSError:
             continue
+        problem = others_can_replace(root)
+        if problem:
+            notes.append(f"--oci-root {root} not searched: {problem}")
+            continue
         for d in dirs:
+            path = d / "state.json"
             try:
-                record = read_state(d / "state.json", ContainerState)
-            except PykataError:
+                raw = files.read_file(path, MAX_SPEC, files.trusted_owners())
+                record = from_dict(json.loads(raw), ContainerState, where=str(path))
+            except files.Skipped as exc:
+                notes.append(str(exc))
+                continue
+            except (PykataError, ValueError):
                 continue
             if record.sandbox_key == key:
                 found.append(d / "monitor.log")
-    return found
+    return found, [guest_text(note, 512) for note in notes]
 
 
 async def pod_facts(entry: SandboxEntry, current: GuestAssets | None,
@@ -271,7 +288,8 @@ def pod_sections(facts: PodFacts, oci_roots: Sequence[Path]) -> list[Section]:
     console = Path(state.console_log)
     sections.append(Section(f"pod {facts.entry.id}: console ({console}, last {TAIL_LINES} "
                             "lines)", _tail(console) or ["(empty)"]))
-    logs = _oci_logs(state.key, oci_roots) if state.front_end == "oci" else []
+    logs, notes = _oci_logs(state.key, oci_roots) if state.front_end == "oci" else ([], [])
+    head.lines += [f"  owner logs: {note}" for note in notes]
     for log in logs:
         sections.append(Section(f"pod {facts.entry.id}: owner log ({log}, last {TAIL_LINES} "
                                 "lines)", _tail(log) or ["(empty)"]))
