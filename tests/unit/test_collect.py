@@ -217,3 +217,46 @@ def test_an_oci_root_others_can_write_or_files_of_another_user_are_skipped(
     assert [p.parent.name for p in logs] == ["c1"]
     assert any("belongs to uid 4242" in n for n in notes), notes
     assert "belongs to uid 4242" in _tail(logs[0])[0]
+
+
+def test_a_learned_value_goes_in_its_escaped_form_too() -> None:
+    """The report shows guest text escaped: a learned value with a control
+    character is taken out in that form too."""
+    from pykata.untrusted import guest_line, guest_text
+    r = Redactor()
+    r.learn_spec({"annotations": {"x": "tok\x1bvalue\nline2"}})
+    for shown in (guest_line("said tok\x1bvalue\nline2."), guest_text("tok\x1bvalue\nline2")):
+        assert "value" not in r.text(shown), shown
+
+
+def test_secret_looking_assignments_of_any_case_and_options_are_taken_out() -> None:
+    """Nothing learned (the owner was gone): `api_key=`, `--password=` and
+    a value with punctuation go whole; plain lower-case keys stay."""
+    r = Redactor()
+    text = r.text("DB_PASSWORD=hunter2;tail api_key=s3cr3tvalue --password=topsecret "
+                  "-auth-token=abcd console=hvc0 level=error")
+    for secret in ("hunter2", ";tail", "s3cr3tvalue", "topsecret", "abcd"):
+        assert secret not in text, text
+    assert f"--password={REDACTED}" in text and f"api_key={REDACTED}" in text
+    assert "console=hvc0 level=error" in text
+
+
+def test_an_oci_pod_whose_owner_is_gone_still_teaches_its_secrets(tmp_path: Path) -> None:
+    """No owner to ask: the container's saved record names its bundle, whose
+    spec's values are learned (and the annotations the record kept)."""
+    from pykata.collect.report import _saved_specs
+    from pykata.runtime.state import STATE_VERSION
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "config.json").write_text(json.dumps(
+        {"process": {"args": ["sh"], "env": [f"plain={SECRET}"]}}))
+    record = tmp_path / "oci" / "c1"
+    record.mkdir(parents=True)
+    (record / "state.json").write_text(json.dumps(dict(
+        id="c1", bundle=str(bundle), status="stopped", sandbox_key="k1",
+        run_root="/run/pykata", created="", owner="", rootfs="",
+        annotations={"io.example/token": ANNOTATED}, version=STATE_VERSION)))
+    r = Redactor()
+    lines = _saved_specs("k1", [tmp_path / "oci"], r)
+    assert any("container c1 (its saved record)" in line for line in lines), lines
+    assert r.text(f"console: {SECRET} and {ANNOTATED}") == f"console: {REDACTED} and {REDACTED}"
