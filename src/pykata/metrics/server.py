@@ -11,6 +11,7 @@ at most `MAX_CONNECTIONS` are served at once (the others are answered 503).
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import socket
@@ -130,6 +131,11 @@ class _Server(ThreadingMixIn, WSGIServer):
         if not self._slots.acquire(blocking=False):
             # Full: answered here, without a thread; the client retries.
             try:
+                # What the client sent so far is read first: closing with it
+                # unread would reset the connection, losing the answer.
+                request.setblocking(False)
+                with contextlib.suppress(BlockingIOError):
+                    request.recv(65536)
                 request.settimeout(1.0)
                 request.sendall(_BUSY)
             except OSError:
