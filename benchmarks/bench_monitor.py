@@ -77,8 +77,9 @@ def main() -> int:
     root = tempfile.mkdtemp(prefix="pykata-bench-monitor-", dir="/run")
     os.environ["PYKATA_RUN_ROOT"] = root
     pods: list[subprocess.Popen[bytes]] = []
-    monitor = Monitor(1.0)
-    host_monitor = Monitor(1.0, "--no-guest")
+    # Every request a scrape of its own: the cost measured is a scrape's.
+    monitor = Monitor(1.0, "--reuse-seconds", "0")
+    host_monitor = Monitor(1.0, "--no-guest", "--reuse-seconds", "0")
     rows = []
     try:
         for wanted in steps:

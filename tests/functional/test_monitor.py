@@ -27,7 +27,9 @@ POD_TIMEOUT = 0.5
 
 @pytest.fixture
 def monitor(guest_assets: assets.AssetPaths) -> Iterator[Monitor]:
-    started = Monitor(pod_timeout=POD_TIMEOUT)
+    # Each request its own scrape: the test sees a SIGSTOP's effect at once
+    # (a scrape's figures are otherwise reused for a second).
+    started = Monitor(POD_TIMEOUT, "--reuse-seconds", "0")
     try:
         yield started
     finally:

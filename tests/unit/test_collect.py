@@ -162,3 +162,101 @@ def test_a_tarball_holds_both_forms(tmp_path: Path) -> None:
                                           "pykata-collect/report.txt"]
         member = tar.extractfile("pykata-collect/report.txt")
         assert member is not None and member.read() == b"text"
+
+
+def _oci_record(directory: Path, key: str) -> None:
+    from pykata.runtime.state import STATE_VERSION
+    directory.mkdir(parents=True)
+    (directory / "state.json").write_text(json.dumps(dict(
+        id=directory.name, bundle="/", status="running", sandbox_key=key,
+        run_root="/run/pykata", created="", owner="", rootfs="", version=STATE_VERSION)))
+
+
+def test_oci_logs_follow_no_link_and_read_no_fifo(tmp_path: Path) -> None:
+    """A monitor.log planted as a link to a root-only file is not read
+    through, a FIFO does not hang collect, and a state.json that is a link
+    is not trusted; each skip says why."""
+    from pykata.collect.report import _oci_logs, _tail
+    secret = tmp_path / "shadow"
+    secret.write_text("root:$6$SALT$HASH:19000:0:99999:7:::\n")
+    secret.chmod(0o600)
+    root = tmp_path / "oci"
+    _oci_record(root / "linked", "k1")
+    (root / "linked" / "monitor.log").symlink_to(secret)
+    _oci_record(root / "fifo", "k1")
+    os.mkfifo(root / "fifo" / "monitor.log")
+    (root / "forged").mkdir()
+    _oci_record(tmp_path / "elsewhere", "k1")
+    (root / "forged" / "state.json").symlink_to(tmp_path / "elsewhere" / "state.json")
+    logs, notes = _oci_logs("k1", [root])
+    assert sorted(p.parent.name for p in logs) == ["fifo", "linked"]
+    assert any("forged/state.json is a symbolic link" in n for n in notes), notes
+    tails = {p.parent.name: _tail(p) for p in logs}
+    assert "HASH" not in "".join(tails["linked"])
+    assert "symbolic link: not followed" in tails["linked"][0]
+    assert "not a regular file" in tails["fifo"][0]
+
+
+def test_an_oci_root_others_can_write_or_files_of_another_user_are_skipped(
+        tmp_path: Path) -> None:
+    """An --oci-root another user can write in is not searched; a record or
+    a log that belongs to another user is not read."""
+    from pykata.collect.report import _oci_logs, _tail
+    shared = tmp_path / "shared"
+    _oci_record(shared / "c1", "k1")
+    shared.chmod(0o777)
+    logs, notes = _oci_logs("k1", [shared])
+    assert logs == [] and any("not searched" in n and "writable" in n for n in notes), notes
+    own = tmp_path / "own"
+    _oci_record(own / "c1", "k1")
+    _oci_record(own / "c2", "k1")
+    os.chown(own / "c2" / "state.json", 4242, 4242)
+    (own / "c1" / "monitor.log").write_text("hello\n")
+    os.chown(own / "c1" / "monitor.log", 4242, 4242)
+    logs, notes = _oci_logs("k1", [own])
+    assert [p.parent.name for p in logs] == ["c1"]
+    assert any("belongs to uid 4242" in n for n in notes), notes
+    assert "belongs to uid 4242" in _tail(logs[0])[0]
+
+
+def test_a_learned_value_goes_in_its_escaped_form_too() -> None:
+    """The report shows guest text escaped: a learned value with a control
+    character is taken out in that form too."""
+    from pykata.untrusted import guest_line, guest_text
+    r = Redactor()
+    r.learn_spec({"annotations": {"x": "tok\x1bvalue\nline2"}})
+    for shown in (guest_line("said tok\x1bvalue\nline2."), guest_text("tok\x1bvalue\nline2")):
+        assert "value" not in r.text(shown), shown
+
+
+def test_secret_looking_assignments_of_any_case_and_options_are_taken_out() -> None:
+    """Nothing learned (the owner was gone): `api_key=`, `--password=` and
+    a value with punctuation go whole; plain lower-case keys stay."""
+    r = Redactor()
+    text = r.text("DB_PASSWORD=hunter2;tail api_key=s3cr3tvalue --password=topsecret "
+                  "-auth-token=abcd console=hvc0 level=error")
+    for secret in ("hunter2", ";tail", "s3cr3tvalue", "topsecret", "abcd"):
+        assert secret not in text, text
+    assert f"--password={REDACTED}" in text and f"api_key={REDACTED}" in text
+    assert "console=hvc0 level=error" in text
+
+
+def test_an_oci_pod_whose_owner_is_gone_still_teaches_its_secrets(tmp_path: Path) -> None:
+    """No owner to ask: the container's saved record names its bundle, whose
+    spec's values are learned (and the annotations the record kept)."""
+    from pykata.collect.report import _saved_specs
+    from pykata.runtime.state import STATE_VERSION
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "config.json").write_text(json.dumps(
+        {"process": {"args": ["sh"], "env": [f"plain={SECRET}"]}}))
+    record = tmp_path / "oci" / "c1"
+    record.mkdir(parents=True)
+    (record / "state.json").write_text(json.dumps(dict(
+        id="c1", bundle=str(bundle), status="stopped", sandbox_key="k1",
+        run_root="/run/pykata", created="", owner="", rootfs="",
+        annotations={"io.example/token": ANNOTATED}, version=STATE_VERSION)))
+    r = Redactor()
+    lines = _saved_specs("k1", [tmp_path / "oci"], r)
+    assert any("container c1 (its saved record)" in line for line in lines), lines
+    assert r.text(f"console: {SECRET} and {ANNOTATED}") == f"console: {REDACTED} and {REDACTED}"

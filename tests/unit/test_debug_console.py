@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -370,3 +371,121 @@ async def test_an_exit_status_out_of_range_from_the_guest_is_not_passed_on(
         assert await asyncio.wait_for(call, 5) == INVALID_EXIT_STATUS
     assert f"exited with status {INVALID_EXIT_STATUS}" in (run_root / owner.AUDIT_LOG).read_text()
     await _end(pod, server)
+
+
+_FORGED = ("z" * 4000 + "boom\n2026-12-07T05:00:00+0000 debug console: pod=p "
+           "session=console-x uid=0 exited with status 0\n\x1b]0;pwned\x07\x1b[2J")
+
+
+class _RefusingAgent:
+    """An agent whose refusal carries forged record lines and escapes."""
+
+    async def forward(self, *args: Any, **kwargs: Any) -> Any:
+        raise StatusError(Code.INTERNAL, _FORGED)
+
+
+async def test_a_guest_refusal_is_escaped_in_the_record_and_the_reply(tmp_path: Path) -> None:
+    """The agent's words reach the record, the log and root's terminal only
+    escaped, on one bounded line: the guest cannot forge a record line or
+    send a terminal escape."""
+    sessions = owner.ConsoleSessions("p", True, "cfg", audit_dir=tmp_path)
+    with pytest.raises(StatusError) as caught:
+        await sessions.run(_RefusingAgent(), _request("id"), None)  # type: ignore[arg-type]
+    assert caught.value.code == Code.INTERNAL
+    assert "\n" not in caught.value.message and "\x1b" not in caught.value.message
+    assert "\\x1b" in caught.value.message
+    lines = (tmp_path / owner.AUDIT_LOG).read_text().splitlines()
+    assert len(lines) == 1
+    assert "\x1b" not in lines[0] and "\x07" not in lines[0]
+    assert len(lines[0]) <= owner.AUDIT_LINE_LIMIT + 40  # the time stamp
+    assert "failed to start" in lines[0]
+
+
+async def test_a_session_name_that_is_not_a_name_is_refused(tmp_path: Path) -> None:
+    """The exec id goes into the record as it is: only a plain name passes."""
+    sessions = owner.ConsoleSessions("p", True, "cfg", audit_dir=tmp_path)
+    for bad in ("", "a\nb", "x" * 200, "\x1b[2J", "../x"):
+        with pytest.raises(StatusError) as caught:
+            await sessions.run(_RefusingAgent(), pod_pb2.DebugConsoleRequest(  # type: ignore[arg-type]
+                exec_id=bad, args=["id"]), None)
+        assert caught.value.code == Code.INVALID_ARGUMENT
+    assert not (tmp_path / owner.AUDIT_LOG).exists()
+
+
+class _SlowStartAgent:
+    """An agent that starts the shell but answers late; records its calls."""
+
+    def __init__(self) -> None:
+        self.calls: list[Any] = []
+        self.answered = asyncio.Event()
+
+    async def forward(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        self.calls.append(method)
+        await asyncio.sleep(0.2)  # the guest runs the shell meanwhile
+        self.answered.set()
+        return None
+
+    async def signal_process(self, container_id: str, exec_id: str, signum: int) -> None:
+        self.calls.append(("SignalProcess", container_id, exec_id, signum))
+
+
+async def test_a_shell_started_while_its_client_left_is_killed(tmp_path: Path) -> None:
+    """A client that goes away while StartDebugConsole is in flight leaves
+    no shell behind: the owner kills it once the start call is over, and
+    the record says the start was interrupted."""
+    sessions = owner.ConsoleSessions("p", True, "cfg", audit_dir=tmp_path)
+    agent = _SlowStartAgent()
+    task = asyncio.ensure_future(sessions.run(agent, _request(), None))  # type: ignore[arg-type]
+    await asyncio.sleep(0.05)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    await asyncio.wait_for(agent.answered.wait(), 5)
+    for _ in range(50):
+        if len(agent.calls) > 1:
+            break
+        await asyncio.sleep(0.01)
+    assert agent.calls == ["StartDebugConsole",
+                           ("SignalProcess", DEBUG_CONSOLE_ID, "console-1", signal.SIGKILL)]
+    record = (tmp_path / owner.AUDIT_LOG).read_text()
+    assert "start interrupted (its client went away)" in record
+
+
+async def test_a_refused_start_kills_nothing(tmp_path: Path) -> None:
+    """A clean refusal from the agent started nothing: no signal is sent."""
+    sessions = owner.ConsoleSessions("p", True, "cfg", audit_dir=tmp_path)
+    agent = _RefusingAgent()
+    agent_calls: list[Any] = []
+
+    async def signal_process(*args: Any) -> None:
+        agent_calls.append(args)
+    agent.signal_process = signal_process  # type: ignore[attr-defined]
+    with pytest.raises(StatusError):
+        await sessions.run(agent, _request(), None)  # type: ignore[arg-type]
+    await asyncio.sleep(0.05)
+    assert agent_calls == []
+
+
+def test_owners_rotating_the_record_at_once_lose_no_line(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch
+                                                         ) -> None:
+    """Two owners writing as the record reaches its limit rotate it once:
+    the second does not rotate the first's new record over the full one."""
+    import threading
+    old = "first-record " + "x" * owner.AUDIT_LOG_LIMIT + "\n"
+    (tmp_path / owner.AUDIT_LOG).write_text(old)
+    real_replace = os.replace
+
+    def slow_replace(src: Any, dst: Any) -> None:
+        time.sleep(0.2)  # both writers have seen the full record by now
+        real_replace(src, dst)
+    monkeypatch.setattr(os, "replace", slow_replace)
+    writers = [threading.Thread(target=owner.write_audit, args=(tmp_path, f"w{n}"))
+               for n in range(2)]
+    for thread in writers:
+        thread.start()
+    for thread in writers:
+        thread.join(10)
+    rotated = (tmp_path / (owner.AUDIT_LOG + ".1")).read_text()
+    current = (tmp_path / owner.AUDIT_LOG).read_text()
+    assert rotated == old
+    assert current.endswith((" w0\n", " w1\n")) and current.count("\n") == 2

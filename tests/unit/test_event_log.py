@@ -121,3 +121,36 @@ def test_settle_waits_for_woken_polls_only() -> None:
         assert not again.done()
         again.cancel()
     asyncio.run(asyncio.wait_for(run(), 10))
+
+
+def test_failing_calls_do_not_push_out_lifecycle_entries() -> None:
+    """A guest failing a call the owner repeats (GetOOMEvent) fills the
+    failures' ring only: the pod's steps and the VM's exit stay."""
+    log = PodEventLog(ring_size=8)
+    log.add("pod", "started")
+    log.add("vm", "exited unexpectedly")
+    for i in range(1000):
+        log.observe_call("GetOOMEvent", 0.001, AgentError(f"no event {i}"))
+    kept = log.since(0)
+    assert [e.text for e in kept[:2]] == ["started", "exited unexpectedly"]
+    assert len(kept) == 10 and kept[-1].text.endswith("no event 999")
+    assert len(log.errors()) == 8
+
+
+def test_a_repeated_failure_is_one_counted_entry() -> None:
+    """The same call failing the same way, again and again: one entry that
+    counts them, the latest seq (a follower sees the count grow); a
+    different error starts a new entry."""
+    log = PodEventLog(ring_size=8)
+    log.add("pod", "started")
+    for _ in range(500):
+        log.observe_call("GetOOMEvent", 0.002, AgentError("guest says no"))
+    log.observe_call("GetOOMEvent", 0.002, AgentError("something else"))
+    log.observe_call("GetOOMEvent", 0.002, AgentError("something else"))
+    kept = log.since(0)
+    assert [e.text for e in kept] == [
+        "started",
+        "GetOOMEvent failed after 0.002s: guest says no (repeated 500 times)",
+        "GetOOMEvent failed after 0.002s: something else (repeated 2 times)"]
+    assert kept[-1].seq == log.last_seq == 503
+    assert log.since(kept[1].seq)[0].text.endswith("(repeated 2 times)")

@@ -21,12 +21,14 @@ from prometheus_client.registry import Collector
 from pykata.agent import guest_metrics as agent_side
 from pykata.channels import AGENT_SERVICE, CONTROL_SERVICE
 from pykata.errors import ConfigError
+from pykata.metrics import collector as collector_mod
+from pykata.metrics import server as server_mod
 from pykata.metrics.collector import PodCollector
 from pykata.metrics.discovery import find_pods
 from pykata.metrics.families import PodFigures, pod_families
 from pykata.metrics.procfs import process_figures
 from pykata.metrics.scrape import scrape
-from pykata.metrics.server import make_app, parse_listen
+from pykata.metrics.server import is_wildcard, listener, make_app, parse_listen
 from pykata.protocols import agent_pb2, pod_pb2
 from pykata.runtime import guest_metrics
 from pykata.runtime.agent_client import AgentClient
@@ -293,7 +295,7 @@ def test_the_collector_counts_skipped_pods_across_scrapes(tmp_path: Path) -> Non
     _record(tmp_path, "gone1")
     _record(tmp_path, "gone2")
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(PodCollector(tmp_path, pod_timeout=0.2))
+    registry.register(PodCollector(tmp_path, pod_timeout=0.2, reuse_seconds=0))
     generate_latest(registry)
     text = generate_latest(registry).decode()
     assert "pykata_running_pods 2.0" in text
@@ -392,3 +394,102 @@ def test_sandboxes_says_which_pods_run_older_guest_assets(tmp_path: Path) -> Non
     assert verdicts["now"][0] == "current"
     assert verdicts["old"][0] == "stale" and "/cache/initrd-old" in verdicts["old"][1]
     assert verdicts["before"][0] == "unknown"
+
+
+# --- what anyone who reaches the listener can make the monitor do ------------
+
+def test_concurrent_scrapes_share_one_and_reuse_it_for_a_second(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Eight requests at once cost one scrape; one right after reuses it;
+    one after the reuse time scrapes again."""
+    import threading
+    walks: list[float] = []
+
+    def slow_find(root: Path | None) -> list[Any]:
+        walks.append(time.monotonic())
+        time.sleep(0.2)
+        return []
+    monkeypatch.setattr(collector_mod, "find_pods", slow_find)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(PodCollector(tmp_path, reuse_seconds=0.5))
+    texts: list[bytes] = []
+    threads = [threading.Thread(target=lambda: texts.append(generate_latest(registry)))
+               for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert len(texts) == 8 and len(set(texts)) == 1
+    assert b"pykata_running_pods 0.0" in texts[0]
+    generate_latest(registry)
+    assert len(walks) == 1
+    time.sleep(0.6)
+    generate_latest(registry)
+    assert len(walks) == 2
+
+
+def test_the_current_assets_are_looked_up_once_a_second(tmp_path: Path) -> None:
+    """A burst of /sandboxes requests hashes the guest assets once."""
+    lookups: list[int] = []
+
+    def assets() -> None:
+        lookups.append(1)
+    app = make_app(tmp_path, assets=assets)
+    for _ in range(20):
+        b"".join(app({"PATH_INFO": "/sandboxes", "REQUEST_METHOD": "GET"},
+                     lambda status, headers: None))
+    assert len(lookups) == 1
+
+
+def test_idle_connections_are_dropped_and_capped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Half-sent requests hold no thread past the request timeout, and
+    beyond the cap a connection is answered 503 at once (no thread);
+    once the idle ones are dropped, a real request is answered."""
+    import threading
+    import urllib.request
+    monkeypatch.setattr(server_mod, "MAX_CONNECTIONS", 4)
+    monkeypatch.setattr(server_mod._QuietHandler, "timeout", 2.0)
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"ok"]
+    with socket.socket() as probe:  # a free port (--listen takes no 0)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = listener(f"127.0.0.1:{port}", app)
+    serving = threading.Thread(target=server.serve_forever, daemon=True)
+    serving.start()
+    before = threading.active_count()
+    socks = []
+
+    def half_sent() -> socket.socket:
+        conn = socket.create_connection(("127.0.0.1", port), timeout=5)
+        conn.sendall(b"GET /metrics HTTP/1.1\r\n")
+        socks.append(conn)
+        return conn
+    try:
+        idle = [half_sent() for _ in range(4)]
+        deadline = time.monotonic() + 5
+        while threading.active_count() < before + 4 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert threading.active_count() == before + 4
+        for _ in range(6):
+            assert half_sent().recv(200).startswith(b"HTTP/1.0 503")
+        assert threading.active_count() == before + 4
+        started = time.monotonic()
+        assert [conn.recv(200) for conn in idle] == [b""] * 4  # dropped at the timeout
+        assert time.monotonic() - started < 4
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as answer:
+            assert answer.read() == b"ok"
+    finally:
+        for conn in socks:
+            conn.close()
+        server.shutdown()
+        server.server_close()
+        serving.join(5)
+
+
+def test_a_wildcard_listen_address_is_told_apart() -> None:
+    """`pykata monitor` warns for these (every address of the node)."""
+    assert is_wildcard("0.0.0.0:8090") and is_wildcard("[::]:8090")
+    assert not is_wildcard("127.0.0.1:8090") and not is_wildcard("[::1]:8090")

@@ -10,6 +10,7 @@ from pykata.errors import ConfigError
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from pykata.metrics.collector import REUSE_SECONDS
     from pykata.metrics.scrape import DEFAULT_POD_TIMEOUT
     from pykata.metrics.server import DEFAULT_LISTEN
 
@@ -25,13 +26,18 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--no-guest", action="store_true",
                    help="leave out the guests' figures (pykata_guest_*, pykata_agent_*): "
                         "no agent call per scrape, the host's figures only")
+    p.add_argument("--reuse-seconds", metavar="SECONDS", type=float,
+                   default=REUSE_SECONDS,
+                   help="how long a scrape's figures answer the requests after it: "
+                        "requests sooner cost no scrape (default "
+                        f"{REUSE_SECONDS:g}; 0 scrapes per request, one at a time)")
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from pykata import config as config_mod
     from pykata.errors import PykataError
-    from pykata.metrics.server import serve
+    from pykata.metrics.server import is_wildcard, serve
     from pykata.runtime.staleness import GuestAssets, current_assets
 
     cfg = config_mod.load(args.config)
@@ -46,10 +52,20 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--pod-timeout {args.pod_timeout} is out of range",
                           hint="give a number of seconds above 0 and at most 60")
 
+    if not 0 <= args.reuse_seconds <= 60:
+        raise ConfigError(f"--reuse-seconds {args.reuse_seconds} is out of range",
+                          hint="give a number of seconds from 0 to 60")
+
     if os.geteuid() != 0:
         # Not fatal: a user's own run root (PYKATA_RUN_ROOT) may hold pods it owns.
         print("pykata monitor: warning: not running as root: the pods' control sockets "
               "(0600, root's) will not answer; run it as root (deploy/pykata-monitor.service)",
+              file=sys.stderr)
+
+    if is_wildcard(args.listen):
+        print(f"pykata monitor: warning: --listen {args.listen} is every address of the "
+              "node: anyone who reaches it reads every pod's ids, pids and figures; "
+              "listen on loopback, or let a firewall admit only Prometheus",
               file=sys.stderr)
 
     def ready(address: tuple[str, int]) -> None:
@@ -57,5 +73,5 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr, flush=True)
 
     serve(args.listen, pod_timeout=args.pod_timeout, guest=not args.no_guest,
-          assets=assets, ready=ready)
+          assets=assets, reuse_seconds=args.reuse_seconds, ready=ready)
     return 0

@@ -14,9 +14,15 @@ that prints its environment to the console):
   would destroy the report). Not learned: the values of the runtime's own
   annotations (`PUBLIC_ANNOTATIONS`: a CRI pod's sandbox id is one, and
   the report names pods by it) and the ids the report names (`keep`);
-- shapes: any `NAME=value` word with an upper-case environment-style name
-  becomes `NAME=<redacted>` (lower-case keys are left: kernel parameters
-  and logfmt fields are what a report is for).
+- shapes: any `NAME=value` word with an upper-case environment-style name,
+  and any `name=value` or `--name=value` whose name says it holds a secret
+  (password, token, key, secret, credential... in any case), becomes
+  `name=<redacted>`, the value ending only at a blank (other lower-case keys
+  are left: kernel parameters and logfmt fields are what a report is for).
+
+A learned value is also hunted in the form the report shows guest text in
+(`untrusted.guest_text`/`guest_line`: control characters escaped), since a
+console or an agent's error quoting it is shown that way.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any
+
+from pykata.untrusted import guest_line, guest_text
 
 REDACTED = "<redacted>"
 MIN_LEARNED = 4
@@ -33,7 +41,13 @@ MIN_LEARNED = 4
 # container's type): shown redacted, but not hunted through the report.
 PUBLIC_ANNOTATIONS = ("io.kubernetes.cri.", "io.kubernetes.cri-o.", "io.katacontainers.",
                       "org.opencontainers.image.", "nerdctl/")
-_ASSIGNMENT = re.compile(r"(?<![A-Za-z0-9_.\-/])([A-Z][A-Z0-9_]*)=([^\s\"',;]+)")
+_ASSIGNMENT = re.compile(r"(?<![A-Za-z0-9_.\-/])([A-Z][A-Z0-9_]*)=(\S+)")
+# A name that says its value is a secret, as a word's start or an option.
+_SECRET_WORDS = ("pass", "pwd", "secret", "token", "key", "cred", "auth", "session",
+                 "cookie", "private", "signature")
+_SECRET_ASSIGNMENT = re.compile(
+    r"(?<![A-Za-z0-9_.\-/])(-{0,2}(?:[A-Za-z][A-Za-z0-9_.\-]*?)?(?:"
+    + "|".join(_SECRET_WORDS) + r")[A-Za-z0-9_.\-]*)=(\S+)", re.IGNORECASE)
 
 
 class Redactor:
@@ -55,7 +69,11 @@ class Redactor:
         self.learn(str(e).partition("=")[2] for e in env if isinstance(e, str))
 
     def learn(self, values: Iterable[str]) -> None:
-        self._values.update(v for v in values if len(v) >= MIN_LEARNED)
+        for value in values:
+            if len(value) >= MIN_LEARNED:
+                # As given, and as the report shows guest text.
+                self._values.update((value, guest_text(value, len(value)),
+                                     guest_line(value, len(value))))
 
     def keep(self, values: Iterable[str]) -> None:
         """Never hunt these (the pod and container ids the report names)."""
@@ -75,4 +93,5 @@ class Redactor:
         # Longest first: a value that contains another goes whole.
         for value in sorted(self._values - self._kept, key=len, reverse=True):
             text = text.replace(value, REDACTED)
+        text = _SECRET_ASSIGNMENT.sub(lambda m: f"{m.group(1)}={REDACTED}", text)
         return _ASSIGNMENT.sub(lambda m: f"{m.group(1)}={REDACTED}", text)

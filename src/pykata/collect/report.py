@@ -24,11 +24,13 @@ from typing import Any, TypeVar
 
 from pykata import __version__
 from pykata import config as config_mod
-from pykata.collect.redact import Redactor
+from pykata.collect import files
+from pykata.collect.redact import PUBLIC_ANNOTATIONS, Redactor
 from pykata.errors import PykataError
-from pykata.hypervisor.capped_log import read_tail
+from pykata.runtime.paths import others_can_replace
 from pykata.runtime.sandbox_index import SandboxEntry, list_sandboxes
 from pykata.runtime.staleness import GuestAssets, current_assets, staleness
+from pykata.runtime.state import ContainerState
 from pykata.untrusted import guest_text
 
 T = TypeVar("T", dict[str, Any], list[Any])
@@ -154,8 +156,9 @@ class PodFacts:
     events: list[str] = field(default_factory=list)
 
 
-async def _ask_owner(entry: SandboxEntry, facts: PodFacts, redactor: Redactor) -> None:
-    """State and the event log from a live pod's owner."""
+async def _ask_owner(entry: SandboxEntry, facts: PodFacts, redactor: Redactor) -> bool:
+    """State and the event log from a live pod's owner; False if it did not
+    answer."""
     from pykata.runtime.control_client import PodClient
 
     assert entry.state is not None
@@ -166,7 +169,7 @@ async def _ask_owner(entry: SandboxEntry, facts: PodFacts, redactor: Redactor) -
             reply = await asyncio.wait_for(client.events(), CALL_SECONDS)
     except (PykataError, TimeoutError) as exc:
         facts.lines.append(f"  owner: did not answer ({exc})")
-        return
+        return False
     facts.lines.append(f"  status: {state.status}")
     for c in state.containers:
         facts.lines.append(f"  container {c.id}: {c.status}, init exit {c.init.exit_status}, "
@@ -176,6 +179,7 @@ async def _ask_owner(entry: SandboxEntry, facts: PodFacts, redactor: Redactor) -
     facts.events = [f"{e.seq} {e.kind}{' ERROR' if e.error else ''} {e.text}"
                     for e in entries[-EVENT_ENTRIES:]]
     facts.errors = [f"pod {entry.id}: {e.text}" for e in entries if e.error]
+    return True
 
 
 def _spec_lines(bundle: str, redactor: Redactor) -> list[str]:
@@ -185,12 +189,11 @@ def _spec_lines(bundle: str, redactor: Redactor) -> list[str]:
         return []
     path = Path(bundle) / "config.json"
     try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_SPEC + 1)
-        if len(raw) > MAX_SPEC:
-            return [f"spec: {path} is over {MAX_SPEC} bytes, not read"]
-        spec = json.loads(raw)
-    except (OSError, ValueError) as exc:
+        # Any owner: a rootless engine's bundle is its user's.
+        spec = json.loads(files.read_file(path, MAX_SPEC, owners=None))
+    except files.Skipped as exc:
+        return [f"spec: {guest_text(str(exc), 512)}"]
+    except ValueError as exc:
         return [f"spec: {path}: {exc}"]
     if not isinstance(spec, dict):
         return [f"spec: {path} is not an object"]
@@ -211,32 +214,73 @@ def _of(value: Any, kind: type[T]) -> T:
 
 
 def _tail(path: Path, lines: int = TAIL_LINES) -> list[str]:
-    data = read_tail(path, 65536).decode("utf-8", "replace")
+    """A log's last lines, escaped; a file that is not a plain one of root's
+    (or of whoever runs collect) is not read, and the line says why."""
+    try:
+        data = files.read_tail(path, 65536, files.trusted_owners()).decode("utf-8", "replace")
+    except files.Skipped as exc:
+        return [f"({guest_text(str(exc))})"]
     return guest_text("\n".join(data.rstrip().splitlines()[-lines:]), 65536).splitlines()
 
 
-def _oci_logs(key: str, oci_roots: Sequence[Path]) -> list[Path]:
-    """The monitor logs of pykata-oci containers whose sandbox is `key`."""
-    from pykata.runtime.state import ContainerState, read_state
+def _oci_logs(key: str, oci_roots: Sequence[Path]) -> tuple[list[Path], list[str]]:
+    """The monitor logs of pykata-oci containers whose sandbox is `key`, and
+    why any root or record was passed over."""
+    records, notes = _oci_records(key, oci_roots)
+    return [d / "monitor.log" for d, _ in records], notes
 
-    found = []
+
+def _oci_records(key: str, oci_roots: Sequence[Path]
+                 ) -> tuple[list[tuple[Path, ContainerState]], list[str]]:
+    """The saved records of pykata-oci containers whose sandbox is `key`
+    (with their directories), and why any root or record was passed over. A
+    root another user could write in is not searched: its records and logs
+    would be theirs to forge."""
+    from pykata.runtime.state import from_dict
+
+    found: list[tuple[Path, ContainerState]] = []
+    notes: list[str] = []
     for root in oci_roots:
         try:
-            dirs = [d for d in root.iterdir() if d.is_dir()]
+            dirs = [d for d in root.iterdir() if d.is_dir() and not d.is_symlink()]
         except OSError:
             continue
+        problem = others_can_replace(root)
+        if problem:
+            notes.append(f"--oci-root {root} not searched: {problem}")
+            continue
         for d in dirs:
+            path = d / "state.json"
             try:
-                record = read_state(d / "state.json", ContainerState)
-            except PykataError:
+                raw = files.read_file(path, MAX_SPEC, files.trusted_owners())
+                record = from_dict(json.loads(raw), ContainerState, where=str(path))
+            except files.Skipped as exc:
+                notes.append(str(exc))
+                continue
+            except (PykataError, ValueError):
                 continue
             if record.sandbox_key == key:
-                found.append(d / "monitor.log")
-    return found
+                found.append((d, record))
+    return found, [guest_text(note, 512) for note in notes]
+
+
+def _saved_specs(key: str, oci_roots: Sequence[Path], redactor: Redactor) -> list[str]:
+    """When the owner is gone or does not answer, what the saved records
+    still say of its containers: their specs are read (and their secrets
+    learned) from the bundles the records name."""
+    records, _ = _oci_records(key, oci_roots)
+    lines = []
+    for _, record in records:
+        redactor.learn(str(v) for k, v in record.annotations.items()
+                       if not str(k).startswith(PUBLIC_ANNOTATIONS))
+        lines.append(f"  container {record.id} (its saved record): {record.status}, "
+                     f"bundle {record.bundle or '-'}")
+        lines.extend(f"    {line}" for line in _spec_lines(record.bundle, redactor))
+    return lines
 
 
 async def pod_facts(entry: SandboxEntry, current: GuestAssets | None,
-                    redactor: Redactor) -> PodFacts:
+                    redactor: Redactor, oci_roots: Sequence[Path] = ()) -> PodFacts:
     facts = PodFacts(entry)
     state = entry.state
     if state is None:
@@ -251,11 +295,12 @@ async def pod_facts(entry: SandboxEntry, current: GuestAssets | None,
         f"  guest assets: {verdict.state.value} ({verdict.detail})",
         f"  kernel {state.guest_kernel or '-'}, initrd {state.guest_initrd or '-'}",
     ]
-    if entry.alive and state.control_socket:
-        await _ask_owner(entry, facts, redactor)
-    else:
-        facts.lines += [f"  container {cid}: {procs.get('', '?')}"
-                        for cid, procs in state.containers.items()]
+    if entry.alive and state.control_socket and await _ask_owner(entry, facts, redactor):
+        return facts
+    facts.lines += [f"  container {cid}: {procs.get('', '?')}"
+                    for cid, procs in state.containers.items()]
+    if state.front_end == "oci":
+        facts.lines += _saved_specs(state.key, oci_roots, redactor)
     return facts
 
 
@@ -271,7 +316,8 @@ def pod_sections(facts: PodFacts, oci_roots: Sequence[Path]) -> list[Section]:
     console = Path(state.console_log)
     sections.append(Section(f"pod {facts.entry.id}: console ({console}, last {TAIL_LINES} "
                             "lines)", _tail(console) or ["(empty)"]))
-    logs = _oci_logs(state.key, oci_roots) if state.front_end == "oci" else []
+    logs, notes = _oci_logs(state.key, oci_roots) if state.front_end == "oci" else ([], [])
+    head.lines += [f"  owner logs: {note}" for note in notes]
     for log in logs:
         sections.append(Section(f"pod {facts.entry.id}: owner log ({log}, last {TAIL_LINES} "
                                 "lines)", _tail(log) or ["(empty)"]))
@@ -322,7 +368,7 @@ async def gather(cfg: config_mod.Config, oci_roots: Sequence[Path] = ()) -> Repo
     if not entries:
         overview.add("(none)")
     sections.append(overview)
-    facts = await asyncio.gather(*(pod_facts(e, current, redactor) for e in entries))
+    facts = await asyncio.gather(*(pod_facts(e, current, redactor, roots) for e in entries))
     redactor.keep({e.id for e in entries} | {e.paths.key for e in entries}
                   | {c for e in entries if e.state for c in e.state.containers})
     pod_parts = [s for f in facts for s in pod_sections(f, roots)]

@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
+import re
 import shlex
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 from google.protobuf import empty_pb2
 
@@ -32,6 +35,7 @@ from pykata.protocols import agent_pb2, pod_pb2
 from pykata.runtime.agent_client import AgentClient
 from pykata.runtime.paths import run_root
 from pykata.ttrpc import Code, PeerCredentials, StatusError
+from pykata.untrusted import guest_line
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +43,17 @@ ANNOTATION = "io.katacontainers.config.agent.debug_console_enabled"
 # The host's record of every session, beside the sandboxes' directories.
 AUDIT_LOG = "debug-console.log"
 AUDIT_LOG_LIMIT = 1024 * 1024
+AUDIT_LOCK = AUDIT_LOG + ".lock"
 # What a client may send: a command line, not a payload.
 MAX_ARGS = 256
 MAX_ARGS_BYTES = 64 * 1024
 # As the agent keeps a session's output readable after it exited.
 RELEASE_SECONDS = 10.0
 START_SECONDS = 30.0
+# One record line at most (a long command is cut, its start kept).
+AUDIT_LINE_LIMIT = 1024
+# What the command line makes (`console-` and hex); nothing else is a name.
+_EXEC_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 def disabled_message(pod_id: str, config_source: str) -> str:
@@ -61,6 +70,7 @@ class _Session:
         # Set once the agent answered StartDebugConsole (`error` if it refused).
         self.ready = asyncio.Event()
         self.error: StatusError | None = None
+        self.start_call: asyncio.Future[Any] | None = None
 
 
 class ConsoleSessions:
@@ -104,8 +114,16 @@ class ConsoleSessions:
         self._sessions[req.exec_id] = session
         try:
             await self._start(agent, req, session)
-        except BaseException:
-            self._audit(peer, req, f"failed to start: {session.error}")
+        except BaseException as exc:
+            if _refused(exc):
+                self._audit(peer, req, f"failed to start: {session.error}")
+            else:
+                # The client went away, the call timed out or its answer was
+                # lost: the guest may have started the shell all the same.
+                # Kill it once the start call is over, so that no shell is
+                # left without its user (nor holds one of the agent's slots).
+                _kill_later(agent, req.exec_id, after=session.start_call)
+                self._audit(peer, req, f"start interrupted ({_what(exc)}); killing it")
             self._release(req.exec_id)
             raise
         self._audit(peer, req, "started")
@@ -128,13 +146,19 @@ class ConsoleSessions:
 
     async def _start(self, agent: AgentClient, req: pod_pb2.DebugConsoleRequest,
                      session: _Session) -> None:
-        try:
-            await agent.forward("StartDebugConsole", agent_pb2.StartDebugConsoleRequest(
+        # The call goes on if this one is cancelled: `run` waits for it to
+        # end before it kills what it may have started.
+        session.start_call = asyncio.ensure_future(agent.forward(
+            "StartDebugConsole", agent_pb2.StartDebugConsoleRequest(
                 exec_id=req.exec_id, args=req.args, terminal=req.terminal, term=req.term,
-                rows=req.rows, columns=req.columns), empty_pb2.Empty, START_SECONDS)
+                rows=req.rows, columns=req.columns), empty_pb2.Empty, START_SECONDS))
+        try:
+            await asyncio.shield(session.start_call)
         except StatusError as exc:
-            session.error = exc
-            raise
+            # The agent's words are the guest's: they reach the session
+            # record, the owner's log and root's terminal, so escaped.
+            session.error = StatusError(exc.code, guest_line(exc.message))
+            raise session.error from exc
         except BaseException:
             session.error = StatusError(Code.UNAVAILABLE, "the session did not start")
             raise
@@ -151,15 +175,27 @@ class ConsoleSessions:
                what: str, seconds: float | None = None) -> None:
         who = (f"uid={peer.uid} gid={peer.gid} pid={peer.pid}" if peer is not None
                else "uid=? pid=?")
-        command = shlex.join(req.args) if req.args else "(shell)"
-        line = (f"debug console: pod={self.pod_id} session={req.exec_id} {who} "
-                f"command={command!r} terminal={req.terminal} {what}"
+        command = _field(shlex.join(req.args)) if req.args else "(shell)"
+        line = (f"debug console: pod={_field(self.pod_id)} session={_field(req.exec_id)} "
+                f"{who} command={command!r} terminal={req.terminal} {_field(what)}"
                 + (f" after {seconds:.1f}s" if seconds is not None else ""))
+        if len(line) > AUDIT_LINE_LIMIT:
+            line = line[:AUDIT_LINE_LIMIT - 3] + "..."
         log.info("%s", line)
         write_audit(self._audit_dir or run_root(), line)
 
 
+def _field(text: str) -> str:
+    """One field of a record line: on one line, no control characters
+    (the guest's words and a client's command alike)."""
+    return guest_line(text, AUDIT_LINE_LIMIT)
+
+
 def _check_request(req: pod_pb2.DebugConsoleRequest) -> None:
+    if not _EXEC_ID.fullmatch(req.exec_id):
+        raise StatusError(Code.INVALID_ARGUMENT,
+                          f"the session name {guest_line(req.exec_id, 140)!r} is not "
+                          "letters, digits, '.', '_' or '-' (at most 128)")
     if len(req.args) > MAX_ARGS or sum(len(a) for a in req.args) > MAX_ARGS_BYTES:
         raise StatusError(Code.INVALID_ARGUMENT,
                           f"the command is too long (at most {MAX_ARGS} arguments, "
@@ -168,8 +204,32 @@ def _check_request(req: pod_pb2.DebugConsoleRequest) -> None:
         raise StatusError(Code.INVALID_ARGUMENT, "the command contains a NUL character")
 
 
-def _kill_later(agent: AgentClient, exec_id: str) -> None:
+# What the agent answers when it did not start a session; anything else
+# (these codes included: they are also what a lost or late answer becomes)
+# may leave a shell running in the guest.
+_NOT_REFUSALS = (Code.UNAVAILABLE, Code.DEADLINE_EXCEEDED, Code.DATA_LOSS, Code.CANCELLED,
+                 Code.UNKNOWN)
+
+
+def _refused(exc: BaseException) -> bool:
+    return isinstance(exc, StatusError) and exc.code not in _NOT_REFUSALS
+
+
+def _what(exc: BaseException) -> str:
+    if isinstance(exc, asyncio.CancelledError):
+        return "its client went away"
+    return guest_line(str(exc) or type(exc).__name__, 200)
+
+
+def _kill_later(agent: AgentClient, exec_id: str,
+                after: asyncio.Future[Any] | None = None) -> None:
+    """SIGKILL the session's process group in the guest, in the background;
+    once `after` (the start call) ended, if given."""
     async def kill() -> None:
+        if after is not None:
+            await asyncio.wait([after])
+            if not after.cancelled():
+                after.exception()  # seen here; `run` reported it
         with contextlib.suppress(PykataError, asyncio.TimeoutError):
             await asyncio.wait_for(
                 agent.signal_process(DEBUG_CONSOLE_ID, exec_id, signal.SIGKILL), 10)
@@ -188,12 +248,20 @@ def write_audit(directory: Path, line: str) -> None:
     path = directory / AUDIT_LOG
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     try:
-        with contextlib.suppress(FileNotFoundError):
-            if path.stat().st_size >= AUDIT_LOG_LIMIT:
-                os.replace(path, path.with_name(AUDIT_LOG + ".1"))
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
-                     | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "a", encoding="utf-8") as out:
-            out.write(f"{stamp} {line}\n")
+        # Every owner of the node writes here: one at a time checks the
+        # size, rotates and appends, so two rotating at once lose nothing.
+        lock = os.open(directory / AUDIT_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+                       | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            with contextlib.suppress(FileNotFoundError):
+                if path.stat().st_size >= AUDIT_LOG_LIMIT:
+                    os.replace(path, path.with_name(AUDIT_LOG + ".1"))
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+                         | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "a", encoding="utf-8") as out:
+                out.write(f"{stamp} {line}\n")
+        finally:
+            os.close(lock)  # and with it the lock
     except OSError as exc:
         log.error("cannot record the debug console session in %s: %s", path, exc)

@@ -7,10 +7,13 @@ through the control socket (`Events`), so it is the same whichever front
 end owns the pod.
 
 Bounded twice: entries are cut to `TEXT_LIMIT` characters, and the log
-keeps two rings, one for successful agent calls and one for everything
-else (lifecycle steps, VM exits, failed calls). A container that writes
-a lot makes thousands of successful ReadStdout calls; in a single ring they
-would push out the one line that says why the pod broke.
+keeps three rings: successful agent calls, failed agent calls, and
+everything else (lifecycle steps, VM exits). A container that writes a lot
+makes thousands of successful ReadStdout calls, and a guest can make its
+agent fail a call the owner repeats (GetOOMEvent) as often as it likes; in a
+shared ring either would push out the line that says why the pod broke.
+A failure that repeats the one before it (same call, same error) replaces
+it with one entry that counts them.
 
 Text is escaped as guest text (`untrusted.guest_line`): an agent's error
 message is the guest's words, and a reader prints entries on a terminal.
@@ -63,7 +66,11 @@ class EventEntry(NamedTuple):
 class PodEventLog:
     def __init__(self, ring_size: int = RING_SIZE, text_limit: int = TEXT_LIMIT) -> None:
         self._calls: deque[EventEntry] = deque(maxlen=ring_size)
+        self._failures: deque[EventEntry] = deque(maxlen=ring_size)
         self._events: deque[EventEntry] = deque(maxlen=ring_size)
+        # The last failure's call and error, and how many times in a row.
+        self._repeat: tuple[str, str] | None = None
+        self._repeats = 0
         self._seq = itertools.count(1)
         self._text_limit = text_limit
         self._last = 0
@@ -83,7 +90,8 @@ class PodEventLog:
         entry = EventEntry(next(self._seq), time.time(), kind,
                            guest_line(text, self._text_limit), error)
         self._last = entry.seq
-        (self._calls if kind == RPC and not error else self._events).append(entry)
+        ring = (self._events if kind != RPC else self._failures if error else self._calls)
+        ring.append(entry)
         if self._polls:  # nobody waits most of the time: no Event to replace
             self._changed.set()
             self._changed = asyncio.Event()
@@ -95,7 +103,18 @@ class PodEventLog:
             # The owner gave up waiting (a long poll at teardown): not the guest's fault.
             self.add(RPC, f"{method} cancelled after {seconds:.3f}s")
         elif error is not None:
-            self.add(RPC, f"{method} failed after {seconds:.3f}s: {error}", error=True)
+            text = f"{method} failed after {seconds:.3f}s: {error}"
+            key = (method, str(error))
+            if key == self._repeat and self._failures and \
+                    self._failures[-1].seq == self._last:
+                # The same failure again, nothing in between: one entry,
+                # counted, takes the last one's place.
+                self._failures.pop()
+                self._repeats += 1
+                text += f" (repeated {self._repeats} times)"
+            else:
+                self._repeat, self._repeats = key, 1
+            self.add(RPC, text, error=True)
         else:
             self.add(RPC, f"{method} {seconds:.3f}s")
 
@@ -109,12 +128,13 @@ class PodEventLog:
 
     def since(self, seq: int, limit: int = MAX_READ) -> list[EventEntry]:
         """The entries kept with a seq above `seq`, oldest first, at most `limit`."""
-        merged = sorted(_after(self._calls, seq) + _after(self._events, seq),
-                        key=lambda e: e.seq)
+        merged = sorted(_after(self._calls, seq) + _after(self._failures, seq)
+                        + _after(self._events, seq), key=lambda e: e.seq)
         return merged[:max(0, limit)]
 
     def errors(self) -> list[EventEntry]:
-        return [e for e in self._events if e.error]
+        return sorted([e for e in self._events if e.error] + list(self._failures),
+                      key=lambda e: e.seq)
 
     async def wait(self, seq: int, timeout: float) -> list[EventEntry]:
         """Entries after `seq`; when there are none, wait up to `timeout`
