@@ -280,7 +280,7 @@ class AgentService:
         await self.containers.console.start(req)
         return _EMPTY
 
-    # --- tracing (issue 17.2) -------------------------------------------------
+    # --- tracing -------------------------------------------------
 
     async def GetTraceSpans(
         self, req: agent_pb2.GetTraceSpansRequest, ctx: RequestContext
@@ -372,7 +372,7 @@ _AGENT_REQUESTS = {
     "ListInterfaces": agent_pb2.ListInterfacesRequest,
     "ListRoutes": agent_pb2.ListRoutesRequest,
     "StartDebugConsole": agent_pb2.StartDebugConsoleRequest,
-    # pykata monitor (issue 17.1)
+    # pykata monitor
     "GetMetrics": agent_pb2.GetMetricsRequest,
     "GetTraceSpans": agent_pb2.GetTraceSpansRequest,
 }

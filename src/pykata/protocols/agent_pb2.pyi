@@ -1747,7 +1747,7 @@ class BootProfile(_message.Message):
     first_request: _builtins.float
     """The host's first request (its health check) arrived."""
     agent_warm: _builtins.float
-    """--- lean agent (issue 19.2) ---
+    """--- lean agent ---
     What the agent imports after its first answer (the modules only
     containers use) is imported: a VM template is saved after this.
     """
@@ -1814,7 +1814,7 @@ Global___StartDebugConsoleRequest: _TypeAlias = StartDebugConsoleRequest  # noqa
 
 @_typing.final
 class GetMetricsRequest(_message.Message):
-    """--- pykata monitor (issue 17.1) -------------------------------------------"""
+    """--- pykata monitor -------------------------------------------"""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -2005,7 +2005,7 @@ Global___GuestMetrics: _TypeAlias = GuestMetrics  # noqa: Y015
 
 @_typing.final
 class GetTraceSpansRequest(_message.Message):
-    """--- tracing (issue 17.2) ---"""
+    """--- tracing ---"""
 
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -323,7 +323,7 @@ Global___DebugConsoleExit: _TypeAlias = DebugConsoleExit  # noqa: Y015
 
 @_typing.final
 class EventsRequest(_message.Message):
-    """--- issue 17.4: the pod's event log ---"""
+    """--- the pod's event log ---"""
 
     DESCRIPTOR: _descriptor.Descriptor
 

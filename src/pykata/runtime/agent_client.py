@@ -61,7 +61,7 @@ _TIMEOUTS = {
     "UpdateRoutes": 30.0,
     "AddARPNeighbors": 30.0,
     "ListInterfaces": 30.0,
-    # pykata monitor (issue 17.1): a scrape must not wait long for one guest.
+    # `pykata monitor`: a scrape must not wait long for one guest.
     "GetMetrics": 5.0,
     "GetTraceSpans": 10.0,
 }

@@ -54,7 +54,7 @@ _REQUESTS: dict[str, type[Message]] = {
     "Exec": pod_pb2.ExecRequest, "Pause": pod_pb2.ContainerRef,
     "Resume": pod_pb2.ContainerRef, "Update": pod_pb2.UpdateRequest,
     "Shutdown": empty_pb2.Empty,
-    # issue 17.4: the pod's event log
+    # the pod's event log (`pykata events`)
     "Events": pod_pb2.EventsRequest,
 }
 # The longest an Events call waits for a new entry (a follower asks again).
@@ -96,7 +96,7 @@ class PodControl:
                             self._forwarder(method, response_type))
         server.register(CONTROL_SERVICE, "DebugConsole", pod_pb2.DebugConsoleRequest,
                         self.DebugConsole)
-        # pykata monitor (issue 17.1): it needs the caller's deadline.
+        # `pykata monitor`: it needs the caller's deadline.
         server.register(CONTROL_SERVICE, "Metrics", pod_pb2.MetricsRequest, self.Metrics)
 
     @staticmethod
@@ -186,7 +186,7 @@ class PodControl:
                                         error=e.error) for e in entries],
             last_seq=self.pod.events.last_seq)
 
-    # --- pykata monitor (issue 17.1) --------------------------------------
+    # --- pykata monitor --------------------------------------
 
     async def Metrics(self, req: pod_pb2.MetricsRequest, ctx: RequestContext
                       ) -> pod_pb2.PodMetrics:

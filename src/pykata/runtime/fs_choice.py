@@ -5,7 +5,7 @@ sandbox (`hypervisor.virtiofsd`); "auto" picks virtio-fs where it can be
 honoured and 9p otherwise, saying why. A setting pykata cannot honour stops
 the start with an error naming the setting and the fix: a pod never runs on
 a filesystem other than the one its configuration asked for without a word
-(issue 18: "virtio-fs" once ran the pod over 9p silently).
+("virtio-fs" once ran the pod over 9p silently).
 
 virtio-fs cannot serve VMs from the factory, and a configuration that turns
 the factory on gets 9p for every pod (with "auto", saying so), or is refused
