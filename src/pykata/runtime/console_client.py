@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import secrets
 import signal
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,9 +18,9 @@ from pykata.host import hostio
 from pykata.protocols import pod_pb2
 from pykata.runtime.control_client import PodClient
 from pykata.runtime.lifecycle import OUTPUT_DRAIN_SECONDS
-from pykata.runtime.paths import SandboxPaths, run_root
-from pykata.runtime.sandbox import owner_gone, read_sandbox_state
-from pykata.runtime.state import SandboxState, StateFileError
+from pykata.runtime.paths import run_root
+from pykata.runtime.sandbox_index import list_sandboxes
+from pykata.runtime.state import SandboxState
 from pykata.runtime.stdio import StdioRelay
 
 # Signals `pykata exec` passes on to the session's process when its stdin is
@@ -40,21 +39,11 @@ class Stdio:
     term: str = ""
 
 
-def _records(root: Path) -> Iterator[SandboxState]:
-    sandboxes = root / "sandboxes"
-    if not sandboxes.is_dir():
-        return
-    for entry in sorted(sandboxes.iterdir()):
-        paths = SandboxPaths(entry.name, root)
-        with contextlib.suppress(StateFileError, OSError):
-            yield read_sandbox_state(paths)
-
-
 def find_pod(sandbox_id: str, root: Path | None = None) -> SandboxState:
     """The running pod whose sandbox id (or state key) is `sandbox_id`."""
     root = root or run_root()
-    found = [s for s in _records(root)
-             if sandbox_id in (s.id, s.key) and not owner_gone(s)]
+    found = [e.state for e in list_sandboxes(root)
+             if e.state is not None and e.alive and sandbox_id in (e.state.id, e.state.key)]
     if not found:
         raise NotFoundError(f"no running pod has sandbox id {sandbox_id!r} under {root}",
                             hint="the ids are the pod's (crictl pods, ctr task ls, docker ps "
