@@ -25,7 +25,12 @@ def test_symlink_swaps_during_create_and_delete_reach_no_host_path(
     the next container's rootfs (and its volumes, and later its deletion)
     for a symlink to a host directory, in a tight loop. Not one swap lands,
     the decoy is untouched and unmounted, and the container runs and is
-    deleted as if nothing happened."""
+    deleted as if nothing happened.
+
+    Each run takes a new id: re-creating an id the guest still has in its
+    dentry cache while guest root keeps looking it up can make that creation
+    fail in the guest (see the README's limitations); that harms only the
+    pod whose root does it, and is not what this test is about."""
     decoy = Path(tempfile.mkdtemp(prefix="pykata-decoy-", dir="/tmp"))
     (decoy / "keep").write_text("keep\n")
     logs = tmp_path / "logs"
@@ -36,10 +41,11 @@ def test_symlink_swaps_during_create_and_delete_reach_no_host_path(
         "exec >/home/swapper 2>&1; n=0; swapped=0; "
         f"cd {GUEST_EXPORT}/containers || exit 9; echo looping; "
         "while [ ! -e /home/stop ]; do "
-        "  for d in race-victim race-victim/rootfs race-victim/volumes/0; do "
+        "  for v in race-victim-0 race-victim-1; do "
+        "  for d in $v $v/rootfs $v/volumes/0; do "
         "    mv $d $d.gone 2>/dev/null; rmdir $d 2>/dev/null; "
         f"    ln -sT {decoy} $d 2>/dev/null && swapped=$((swapped+1)); "
-        "  done; n=$((n+1)); "
+        "  done; done; n=$((n+1)); "
         "done; echo tries=$n swapped=$swapped"
     )
     home = {"destination": "/home", "type": "bind", "source": str(logs),
@@ -51,13 +57,13 @@ def test_symlink_swaps_during_create_and_delete_reach_no_host_path(
     try:
         wait_for_text(logs / "swapper", "looping")
         annotations = [a for k, v in MEMBER.items() for a in ("--annotation", f"{k}={v}")]
-        for _ in range(2):
+        for attempt in range(2):
             victim = containerd.ctr(
                 "run", "--rm", "--runtime", "io.containerd.pykata.v2", *annotations,
                 "--mount", f"type=bind,src={volume},dst=/home,options=rbind:rw",
-                "docker.io/pykata/busybox:test", "race-victim", "sh", "-c",
+                "docker.io/pykata/busybox:test", f"race-victim-{attempt}", "sh", "-c",
                 "echo ran > /home/ran; cat /home/ran")
-            assert victim.returncode == 0, victim.err
+            assert victim.returncode == 0, (attempt, victim.err)
             assert victim.out == "ran\n"
         (logs / "stop").write_text("")
         result = wait_for_text(logs / "swapper", "tries=")
