@@ -46,6 +46,29 @@ def test_missing_initrd_names_the_fix(cli: Cli, tmp_path: Path, guest_assets: As
     assert "pykata assets build" in result.err
 
 
+def test_missing_root_image_names_the_fix(cli: Cli, tmp_path: Path,
+                                          guest_assets: AssetPaths) -> None:
+    """A root image path that does not exist fails before QEMU starts."""
+    config = _config(tmp_path, guest_assets, initrd="", image=str(tmp_path / "no-root.img"))
+    result = cli("--config", config, "run", "--", "true")
+    assert result.returncode != 0
+    assert f"guest root image not found at {tmp_path / 'no-root.img'}" in result.err
+    assert "pykata assets build" in result.err
+
+
+def test_a_root_image_that_is_no_filesystem(cli: Cli, tmp_path: Path,
+                                            guest_assets: AssetPaths) -> None:
+    """An image the guest kernel cannot mount ends the VM at boot: the error
+    says the kernel never reached init and quotes its console, and nothing
+    is left behind (no_leftovers)."""
+    junk = tmp_path / "junk.img"
+    junk.write_bytes(b"\0" * (1 << 20))
+    config = _config(tmp_path, guest_assets, initrd="", image=str(junk))
+    result = cli("--config", config, "run", "--", "true")
+    assert result.returncode != 0
+    assert "Unable to mount root fs" in result.err, result.err
+
+
 def test_missing_qemu_binary(cli: Cli, tmp_path: Path, guest_assets: AssetPaths) -> None:
     """A QEMU path that does not exist is reported with the package to install."""
     config = _config(tmp_path, guest_assets, path=str(tmp_path / "qemu-system-x86_64"))

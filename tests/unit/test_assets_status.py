@@ -106,6 +106,7 @@ def test_locate_finds_both_and_boots_vmlinux_by_default(
         bzimage=kdir / "bzImage",
         initrd=idir / "initrd.img",
         kernel_release="6.1.0-pykata",
+        image=idir / "root.img",
     )
     assert locate(cache, kspec, ispec, boot_kernel="bzImage").kernel == kdir / "bzImage"
 

@@ -1,5 +1,8 @@
 """The guest initrd: busybox, Debian's python3.11, the agent, protobuf and crun.
 
+The same entries are also written as a read-only ext4 image (root_image.py),
+the other form a VM can boot its root from.
+
 Python files are shipped as sourceless bytecode (`foo.pyc` where `foo.py` would
 be, the layout `compileall -b` writes). The guest never compiles: /init sets
 PYTHONDONTWRITEBYTECODE and the root filesystem is thrown away anyway, so
@@ -38,6 +41,7 @@ from pykata.assets.initrd_plan import (
     make_plan,
     requirements,
 )
+from pykata.assets.root_image import ROOT_IMAGE, RootImageUnavailable, write_root_image
 
 IMAGE = "initrd.img"
 CONTENTS = "contents.txt"
@@ -92,6 +96,15 @@ def build_initrd(
             log.step(f"initrd: building key {plan.key} ({len(plan.entries)} planned entries)")
             archive = assemble(plan, stage.work, log)
             size = write_image(archive, stage.path / IMAGE, spec.compression, log)
+            sizes = {IMAGE: size}
+            root_image = "built"
+            try:
+                sizes[ROOT_IMAGE] = write_root_image(
+                    archive, plan.key, stage.work, stage.path / ROOT_IMAGE, log)
+            except RootImageUnavailable as exc:
+                # The initrd alone still boots every pod (guest_root = "initrd").
+                root_image = f"not built: {exc}"
+                log.step(f"root image {root_image}")
             (stage.path / CONTENTS).write_text(listing(plan.entries))
             manifest = {
                 "inputs": {
@@ -107,11 +120,14 @@ def build_initrd(
                     "compression": spec.compression.value,
                 },
                 "file_count": len(archive),
-                "sizes": {IMAGE: size},
+                "sizes": sizes,
+                "root_image": root_image,
             }
             path = stage.commit(manifest)
         cache.prune(KIND)
     progress(f"initrd built: {path / IMAGE} ({size} bytes, {len(archive)} entries)")
+    if ROOT_IMAGE in sizes:
+        progress(f"root image built: {path / ROOT_IMAGE} ({sizes[ROOT_IMAGE]} bytes)")
     built = cache.find(KIND, plan.key)
     assert built is not None
     return InitrdArtifact.from_installed(built)

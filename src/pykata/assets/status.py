@@ -18,6 +18,7 @@ from pykata.assets.cache import AssetCache, Installed
 from pykata.assets.initrd import IMAGE
 from pykata.assets.initrd_plan import InitrdSpec
 from pykata.assets.kernel import KernelSpec
+from pykata.assets.root_image import ROOT_IMAGE
 from pykata.errors import AssetsError, PykataError
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,9 @@ class AssetPaths:
     bzimage: Path
     initrd: Path
     kernel_release: str
+    # The same files as a read-only ext4 image (guest_root = "image"); built
+    # next to the initrd when the build runs as root, else absent.
+    image: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -111,6 +115,7 @@ def locate(
         bzimage=kdir.path / kernel.BZIMAGE,
         initrd=idir.path / IMAGE,
         kernel_release=str(kdir.manifest.get("kernel_release", "")),
+        image=idir.path / ROOT_IMAGE,
     )
 
 

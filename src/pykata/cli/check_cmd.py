@@ -41,17 +41,42 @@ def _qemu(path: str) -> CheckItem:
     return CheckItem("qemu", match.group(1) if match else "unknown", path)
 
 
-def _assets() -> list[CheckItem]:
+def _assets(q: config_mod.QemuConfig) -> list[CheckItem]:
     from pykata.assets import locate
+    from pykata.runtime.guest_files import guest_files
 
     try:
         paths = locate()
     except PykataError as exc:
         return [CheckItem("guest assets", "missing", str(exc), False)]
-    return [
+    items = [
         CheckItem("guest kernel", paths.kernel_release or "built", str(paths.kernel)),
         CheckItem("guest initrd", "built", str(paths.initrd)),
+        _root_image(paths.image),
     ]
+    try:
+        files = guest_files(q)
+    except PykataError as exc:
+        items.append(CheckItem("guest root", "missing", str(exc), False))
+    else:
+        kind = "image" if files.root_is_image else "initrd"
+        key = "image" if q.image else "initrd" if q.initrd else "guest_root"
+        items.append(CheckItem("guest root", kind,
+                               f"{files.root} (from [hypervisor.qemu] {key})"))
+    return items
+
+
+def _root_image(image: Path | None) -> CheckItem:
+    """The cache's root image: present, and read-only on the host (every VM
+    booted from it reads that one file)."""
+    if image is None or not image.is_file():
+        return CheckItem("guest root image", "not built",
+                         "run `pykata assets build` as root to build it next to the initrd")
+    st = image.stat()
+    if st.st_uid != 0 or st.st_mode & 0o222:
+        return CheckItem("guest root image", "writable", f"{image} is writable or not "
+                         "root's: run `pykata assets build --force` as root", False)
+    return CheckItem("guest root image", "built, read-only", str(image))
 
 
 def _networking(cfg: config_mod.Config) -> CheckItem:
@@ -106,7 +131,7 @@ def gather(cfg: config_mod.Config) -> list[CheckItem]:
         _qemu(cfg.qemu.path),
         CheckItem("machine type", cfg.qemu.machine_type, "from [hypervisor.qemu] machine_type"),
         _networking(cfg),
-        *_assets(),
+        *_assets(cfg.qemu),
         CheckItem("root", "yes" if os.geteuid() == 0 else "no",
                   "pykata mounts and starts VMs as root", os.geteuid() == 0),
         CheckItem("configuration", cfg.source, "the file in effect"),

@@ -209,7 +209,7 @@ def plan_install(settings: Settings) -> Plan:
         root_runs.Item("the directory of the shim's link", str(settings.bin_dir)),
         *root_runs.shim_items(shim),
         *root_runs.config_items(pykata_config, cfg.qemu.path, cfg.qemu.kernel,
-                                cfg.qemu.initrd),
+                                cfg.qemu.initrd, cfg.qemu.image),
     ])
     if _is_link_to(link, shim):
         plan.notes.append(f"{link} already links to {shim}")

@@ -105,10 +105,11 @@ def versions(cfg: config_mod.Config) -> Section:
               f"{row.built_at}, {row.path}"
               + (f", release {row.kernel_release}" if row.kernel_release else ""))
     crun = _initrd_crun()
-    s.add(f"crun (copied into the initrd): {crun}")
-    if cfg.qemu.kernel or cfg.qemu.initrd:
+    s.add(f"crun (copied into the initrd and the root image): {crun}")
+    s.add(f"guest root: {cfg.qemu.guest_root}")
+    if cfg.qemu.kernel or cfg.qemu.initrd or cfg.qemu.image:
         s.add(f"configured assets: kernel {cfg.qemu.kernel or '(cache)'}, "
-              f"initrd {cfg.qemu.initrd or '(cache)'}")
+              f"initrd {cfg.qemu.initrd or '(cache)'}, image {cfg.qemu.image or '(cache)'}")
     return s
 
 

@@ -31,6 +31,7 @@ SHARED_FS_CHOICES = ("auto", "virtio-9p", "virtio-fs")
 VIRTIO_FS_CACHE_CHOICES = ("auto", "always", "none")
 ACCEL_CHOICES = ("auto", "kvm", "tcg")
 MACHINE_CHOICES = ("microvm", "q35")
+GUEST_ROOT_CHOICES = ("image", "initrd")
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,10 @@ class QemuConfig:
     path: str = "/usr/bin/qemu-system-x86_64"
     kernel: str = ""
     initrd: str = ""
+    image: str = ""
+    # What the guest's root filesystem boots from when neither initrd nor
+    # image names a file: the cache's read-only image or its initrd.
+    guest_root: str = "initrd"
     machine_type: str = "microvm"
     accel: str = "auto"
     kernel_params: str = ""
@@ -65,6 +70,11 @@ class QemuConfig:
                     hint="list names of parameters the guest kernel takes for itself "
                          "and that change only the pod's own VM (see configuration.toml)")
         _choice(where, "machine_type", self.machine_type, MACHINE_CHOICES)
+        _choice(where, "guest_root", self.guest_root, GUEST_ROOT_CHOICES)
+        if self.image and self.initrd:
+            raise ConfigError(
+                f"{where}: both initrd = {self.initrd!r} and image = {self.image!r} are set",
+                hint="set one of them: the guest boots its root from one file")
         _choice(where, "accel", self.accel, ACCEL_CHOICES)
         _choice(where, "shared_fs", self.shared_fs, SHARED_FS_CHOICES)
         _choice(where, "virtio_fs_cache", self.virtio_fs_cache, VIRTIO_FS_CACHE_CHOICES)

@@ -13,11 +13,12 @@ restored from.
                             VM is restored from it
 
 The key is a digest of everything that makes a VM's saved state fit another
-VM: QEMU, kernel and initrd (path and file identity, so a rebuilt asset makes
-a new key), machine type, accelerator, vCPUs, memory, kernel command line and
-the device list. A VM whose shape has no template gets one built, when the
-configuration gives its shape one (`shape_refusal`); a template whose assets
-changed is never found again and is removed at the next build.
+VM: QEMU, kernel and guest root (the initrd or the root image; path and file
+identity, so a rebuilt asset makes a new key), machine type, accelerator,
+vCPUs, memory, kernel command line and the device list. A VM whose shape has
+no template gets one built, when the configuration gives its shape one
+(`shape_refusal`); a template whose assets changed is never found again and is
+removed at the next build.
 
 Templates are bounded in number and allocated bytes ([factory]
 template_max_count, template_max_size): a build that would pass a bound
@@ -179,7 +180,9 @@ def identity(vm: VmConfig) -> dict[str, Any]:
         "format": FORMAT,
         "qemu": _file_id(vm.qemu_path),
         "kernel": _file_id(vm.kernel),
-        "initrd": _file_id(vm.initrd),
+        # The initrd or the root image, whichever the guest's root is from
+        # (the command line says which).
+        "initrd": _file_id(vm.guest_root),
         "machine_type": vm.machine_type,
         "accel": vm.accel,
         "vcpus": vm.vcpus,
@@ -414,7 +417,7 @@ async def _build_in(work: Path, key: str, ident: dict[str, Any], vm: VmConfig,
 
 
 def _stale(meta: Any) -> bool:
-    """Whether a template's QEMU, kernel or initrd has changed since it was made."""
+    """Whether a template's QEMU, kernel or guest root has changed since it was made."""
     if not isinstance(meta, dict) or not isinstance(meta.get("identity"), dict):
         return True
     ident = meta["identity"]

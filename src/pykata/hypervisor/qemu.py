@@ -53,7 +53,9 @@ class VmConfig:
     run_dir: Path
     qemu_path: str
     kernel: Path
-    initrd: Path
+    # The guest's root filesystem: an initrd, or (`image`) a read-only ext4
+    # image on a virtio-blk disk. Exactly one is set.
+    initrd: Path | None = None
     machine_type: str = "microvm"
     accel: str = "tcg"
     vcpus: int = 1
@@ -83,6 +85,18 @@ class VmConfig:
     shared_fs: str = "virtio-9p"
     virtiofsd: str = ""
     virtio_fs_cache: str = "auto"
+    image: Path | None = None
+
+    def __post_init__(self) -> None:
+        if (self.initrd is None) == (self.image is None):
+            raise ValueError("a VM boots from exactly one of an initrd and a root image")
+
+    @property
+    def guest_root(self) -> Path:
+        """The file the guest's root filesystem comes from."""
+        root = self.image or self.initrd
+        assert root is not None
+        return root
 
     @property
     def uses_virtio_fs(self) -> bool:
@@ -117,6 +131,10 @@ class VmConfig:
             parts.append("pykata.debug=1")
         if self.vsock_cid:
             parts.append("pykata.transport=vsock")
+        if self.image is not None:
+            # The image is the only virtio-blk disk, so it is vda whatever
+            # else the VM has; the kernel mounts it read-only itself.
+            parts += [f"root={qa.ROOT_IMAGE_DEVICE}", "ro", "rootfstype=ext4", "init=/init"]
         parts.append(self.kernel_params)
         return qa.join_cmdline(parts)
 
@@ -138,7 +156,8 @@ class VmConfig:
     def check(self) -> None:
         """Fail early, with the fix, on anything QEMU would fail on later."""
         check_qemu(self.qemu_path)
-        for what, path in (("guest kernel", self.kernel), ("guest initrd", self.initrd)):
+        root = "guest root image" if self.image is not None else "guest initrd"
+        for what, path in (("guest kernel", self.kernel), (root, self.guest_root)):
             if not path.is_file():
                 raise HypervisorError(
                     f"{what} not found at {path}", hint="run `pykata assets build`"
@@ -257,6 +276,8 @@ class QemuVM:
             qa.KernelBoot(c.kernel, c.initrd, c.kernel_cmdline()),
             qa.QmpFd(qmp_fd),
         ]
+        if c.image is not None:
+            opts.append(qa.RootImage(c.image, c.machine_type))
         if c.uses_virtio_fs:
             opts.append(qa.ModernVirtioMmio(c.machine_type))
         nics = 0

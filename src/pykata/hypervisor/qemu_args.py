@@ -103,11 +103,35 @@ class Incoming:
 @dataclass(frozen=True)
 class KernelBoot:
     kernel: Path
-    initrd: Path
+    initrd: Path | None
     cmdline: str
 
     def args(self) -> list[str]:
-        return ["-kernel", str(self.kernel), "-initrd", str(self.initrd), "-append", self.cmdline]
+        initrd = [] if self.initrd is None else ["-initrd", str(self.initrd)]
+        return ["-kernel", str(self.kernel), *initrd, "-append", self.cmdline]
+
+
+# The guest's name for the root image: it is the VM's only virtio-blk disk.
+ROOT_IMAGE_DEVICE = "/dev/vda"
+
+
+@dataclass(frozen=True)
+class RootImage:
+    """The read-only root image as a virtio-blk disk. readonly=on makes QEMU
+    open the file read-only and the disk report itself read-only: a write
+    from the guest fails in QEMU whatever its kernel does. The default cache
+    mode reads through the host's page cache, so every VM booted from the
+    image shares one copy of the blocks they read."""
+
+    path: Path
+    machine_type: str
+
+    def args(self) -> list[str]:
+        bus = _bus_suffix(self.machine_type)
+        return [
+            "-drive", f"file={_escape(str(self.path))},if=none,id=root,format=raw,readonly=on",
+            "-device", f"virtio-blk-{bus},drive=root",
+        ]
 
 
 @dataclass(frozen=True)

@@ -247,7 +247,8 @@ def _assignments(tree: ast.Module) -> list[tuple[str, ast.expr | None]]:
     return found
 
 
-def config_items(config_path: Path, qemu: str, kernel: str, initrd: str) -> list[Item]:
+def config_items(config_path: Path, qemu: str, kernel: str, initrd: str,
+                 image: str = "") -> list[Item]:
     """The pykata configuration the handler names, and the files it names."""
     closed = "make it and every directory above it root's alone (chown root, chmod go-w)"
     items = [Item("the pykata configuration", str(config_path), hint=CONFIG_HINT)]
@@ -256,7 +257,7 @@ def config_items(config_path: Path, qemu: str, kernel: str, initrd: str) -> list
         items.append(Item("the QEMU binary the configuration names", qemu_found,
                           hint=f"{closed}, or set [hypervisor.qemu] path to a QEMU only "
                                "root can change (/usr/bin/qemu-system-x86_64)"))
-    for key, path in (("kernel", kernel), ("initrd", initrd)):
+    for key, path in (("kernel", kernel), ("initrd", initrd), ("image", image)):
         if path:
             items.append(Item(f"the guest {key} the configuration names", path,
                               hint=f"{closed}, or leave [hypervisor.qemu] {key} empty "

@@ -39,6 +39,7 @@ from pykata.protocols import agent_pb2
 from pykata.runtime import fs_choice
 from pykata.runtime.agent_client import AgentClient, RpcObserver
 from pykata.runtime.fs_choice import SharedFsChoice
+from pykata.runtime.guest_files import guest_files
 from pykata.runtime.paths import SandboxPaths, check_id, private_dir, rename_noreplace
 from pykata.runtime.pod_cgroup import (
     NO_REQUEST,
@@ -169,15 +170,16 @@ class Sandbox:
         """The VM this sandbox would boot, from its configuration and options."""
         q = self.config.qemu
         fs = self.shared_fs_choice()
-        kernel, initrd = _guest_assets(q.kernel, q.initrd)
+        files = guest_files(q)
         accel = resolve_accel(q.accel)
         use_vsock = probe_vsock().value == "vsock"
         return VmConfig(
             name=self.paths.key,
             run_dir=self.paths.run_dir,
             qemu_path=q.path,
-            kernel=kernel,
-            initrd=initrd,
+            kernel=files.kernel,
+            initrd=files.initrd,
+            image=files.image,
             machine_type=q.machine_type,
             accel=accel.value,
             vcpus=self.options.vcpus or q.default_vcpus,
@@ -247,7 +249,7 @@ class Sandbox:
     def _take(self, booted: BootedVm) -> None:
         self.vm, self.agent, self.boot = booted.vm, booted.agent, booted.boot
         self.vm_name = booted.vm_name or self.vm_name
-        self.guest_assets = GuestAssets.of(booted.config.kernel, booted.config.initrd)
+        self.guest_assets = GuestAssets.of(booted.config.kernel, booted.config.guest_root)
         booted.agent.observers.extend(self.agent_observers)
         self.times.vm_launch, self.times.agent_ready = booted.vm_launch, booted.agent_ready
 
@@ -493,10 +495,3 @@ async def discard_handed(handed: BootedVm) -> None:
         cleanup_host_state(SandboxPaths(handed.run_dir.name, handed.run_dir.parent.parent))
 
 
-def _guest_assets(kernel: str, initrd: str) -> tuple[Path, Path]:
-    if kernel and initrd:
-        return Path(kernel), Path(initrd)
-    from pykata.assets import locate
-
-    paths = locate()
-    return Path(kernel) if kernel else paths.kernel, Path(initrd) if initrd else paths.initrd

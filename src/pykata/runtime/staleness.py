@@ -1,4 +1,5 @@
-"""Stale pods: pods whose VM runs guest assets (kernel, initrd) older than the
+"""Stale pods: pods whose VM runs guest assets (kernel, and the initrd or root
+image its root filesystem came from) older than the
 ones a pod started now would get.
 
 After `pykata assets build` or an upgrade, running pods keep the kernel and
@@ -27,13 +28,14 @@ from pykata.runtime.state import SandboxState
 
 class Staleness(enum.StrEnum):
     CURRENT = "current"  # it runs what a new pod would boot
-    STALE = "stale"  # its kernel or initrd is not the current one
+    STALE = "stale"  # its kernel or guest root is not the current one
     UNKNOWN = "unknown"  # no record of what it booted, or nothing current to compare
 
 
 @dataclass(frozen=True)
 class GuestAssets:
-    """A kernel and an initrd, each as `path` and `inode:mtime_ns` (empty if unreadable)."""
+    """A kernel and a guest root (`initrd`: the initrd or the root image), each
+    as `path` and `inode:mtime_ns` (empty if unreadable)."""
 
     kernel: str
     initrd: str
@@ -73,13 +75,10 @@ def recorded_assets(state: SandboxState) -> GuestAssets | None:
 def current_assets(config: Config) -> GuestAssets:
     """What a pod started now would boot: the configured files, else the
     cache's for the current inputs (AssetsError when none is built)."""
-    q = config.qemu
-    if q.kernel and q.initrd:
-        return GuestAssets.of(q.kernel, q.initrd)
-    from pykata.assets import locate
+    from pykata.runtime.guest_files import guest_files
 
-    paths = locate()
-    return GuestAssets.of(q.kernel or paths.kernel, q.initrd or paths.initrd)
+    files = guest_files(config.qemu)
+    return GuestAssets.of(files.kernel, files.root)
 
 
 def compare(booted: GuestAssets | None, current: GuestAssets | None) -> Verdict:
@@ -93,12 +92,12 @@ def compare(booted: GuestAssets | None, current: GuestAssets | None) -> Verdict:
         ("initrd", (booted.initrd, booted.initrd_stamp), (current.initrd, current.initrd_stamp)),
     ) if then != now]
     if not old:
-        return Verdict(Staleness.CURRENT, "runs the current kernel and initrd")
+        return Verdict(Staleness.CURRENT, "runs the current kernel and guest root")
     parts = []
     if "kernel" in old:
         parts.append(f"kernel {booted.kernel} (now {current.kernel})")
     if "initrd" in old:
-        parts.append(f"initrd {booted.initrd} (now {current.initrd})")
+        parts.append(f"guest root {booted.initrd} (now {current.initrd})")
     return Verdict(Staleness.STALE, "boots an older " + " and ".join(parts))
 
 

@@ -1,0 +1,117 @@
+"""The guest's root filesystem as a read-only ext4 image (`[hypervisor]
+guest_root = "image"`), made from the same entries as the initrd.
+
+A VM booted from the initrd copies the compressed archive into its RAM and
+unpacks it into a ramfs that stays there for the VM's life: every pod holds
+its own copy of every file. Booted from the image, the guest reads only the
+blocks it uses, through a read-only virtio-blk disk; the host reads them once
+into its page cache for every VM, and nothing is unpacked at boot.
+
+The image is read-only three times over: the file is 0444 in the root-owned
+cache, QEMU opens it read-only (`readonly=on`, so the guest's disk reports
+itself read-only and a write is refused by QEMU whatever the guest's kernel
+does), and the guest mounts it `ro`. A hostile guest can read its own copy of
+pykata's files and nothing else; it cannot change what the next VM boots.
+
+No journal (nothing is ever written) and no reserved blocks; a fixed UUID and
+hash seed taken from the build key, and every time stamp zero, so one plan
+gives one image. Building needs root: the image holds device nodes
+(/dev/console must exist before /init runs) and root-owned files, which
+mke2fs copies from a staging tree made with mknod and chown.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import uuid
+from pathlib import Path
+
+from pykata.assets.buildlog import BuildLog
+from pykata.assets.cpio import Archive, Entry
+
+ROOT_IMAGE = "root.img"
+MKE2FS = "/usr/sbin/mke2fs"
+_BLOCK = 4096
+# Room for directories, inodes' extent blocks and the allocator's rounding.
+_SLACK_BYTES = 8 << 20
+
+
+class RootImageUnavailable(Exception):
+    """The image cannot be built on this host or as this user (says why)."""
+
+
+def can_build() -> str | None:
+    """None when the image can be built here, else why not."""
+    if os.geteuid() != 0:
+        return "the guest root image is built as root (it holds device nodes)"
+    if not os.access(MKE2FS, os.X_OK):
+        return f"{MKE2FS} not found (install e2fsprogs)"
+    return None
+
+
+def write_root_image(archive: Archive, key: str, work: Path, out: Path, log: BuildLog) -> int:
+    """Lay `archive` out in `work`, make the ext4 image `out` from it (0444);
+    returns its size in bytes."""
+    why = can_build()
+    if why is not None:
+        raise RootImageUnavailable(why)
+    tree = work / "root-tree"
+    if tree.exists():
+        shutil.rmtree(tree)
+    tree.mkdir(mode=0o755, parents=True)
+    entries = archive.entries()
+    data_bytes = sum(_extract(entry, tree) for entry in entries)
+    _zero_times(tree)
+    blocks = (data_bytes + len(entries) * _BLOCK + _SLACK_BYTES) // _BLOCK
+    blocks += blocks // 8
+    fs_id = str(uuid.UUID(hex=(key * 4)[:32]))
+    log.step(f"root image: {len(entries)} entries, {data_bytes} bytes of files, "
+             f"{blocks * _BLOCK >> 20} MiB")
+    out.unlink(missing_ok=True)
+    log.run(
+        [MKE2FS, "-q", "-F", "-t", "ext4", "-b", str(_BLOCK), "-m", "0",
+         "-N", str(len(entries) + 256), "-O", "^has_journal,^resize_inode",
+         "-E", f"root_owner=0:0,hash_seed={fs_id},lazy_itable_init=0",
+         "-U", fs_id, "-L", "pykata-root", "-d", str(tree), str(out), str(blocks)],
+        env={"E2FSPROGS_FAKE_TIME": "1", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+    )
+    shutil.rmtree(tree)
+    os.chmod(out, 0o444)
+    return out.stat().st_size
+
+
+def _extract(entry: Entry, tree: Path) -> int:
+    """Create one entry under `tree`, owned by root; returns its data size."""
+    path = tree / entry.path
+    kind = stat.S_IFMT(entry.mode)
+    perm = stat.S_IMODE(entry.mode)
+    size = 0
+    if kind == stat.S_IFDIR:
+        path.mkdir(exist_ok=True)
+    elif kind == stat.S_IFLNK:
+        assert entry.data is not None
+        os.symlink(entry.data.decode(), path)
+    elif kind == stat.S_IFCHR:
+        os.mknod(path, stat.S_IFCHR | perm, os.makedev(*entry.rdev))
+    elif kind == stat.S_IFREG:
+        if entry.data is not None:
+            path.write_bytes(entry.data)
+        else:
+            assert entry.source is not None
+            shutil.copyfile(entry.source, path)
+        size = path.stat().st_size
+    else:
+        raise ValueError(f"root image: {entry.path} has an unsupported file type {kind:o}")
+    os.lchown(path, 0, 0)
+    if kind != stat.S_IFLNK:
+        os.chmod(path, perm)
+    return (size + _BLOCK - 1) // _BLOCK * _BLOCK
+
+
+def _zero_times(tree: Path) -> None:
+    for top, dirs, files in os.walk(tree):
+        for name in (*dirs, *files):
+            os.utime(os.path.join(top, name), (0, 0), follow_symlinks=False)
+    os.utime(tree, (0, 0))

@@ -1,0 +1,129 @@
+"""Pods booted from the read-only root image (guest_root = "image") on real
+VMs: the container runs, the guest's / is the image mounted read-only, root
+in the guest cannot write the disk by any way it has (remount, clearing the
+block device's read-only flag, a direct write) and the host's file stays as
+built; a VM template saved from an image-booted VM restores with it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pykata.assets import AssetPaths
+from pykata.runtime.paths import run_root
+from tests.functional.conftest import _shared_ids, pykata_cli, unexpected_leftovers
+from tests.functional.test_debug_console import (
+    _config_text,
+    _exec,
+    _pod_of,
+    _start_run,
+    _stop_run,
+    _sub,
+)
+
+
+def _image_config(base: Path, *, templates: bool = False) -> Path:
+    text = _config_text(console=True, template_root=base / "templates" if templates else None)
+    text = _sub(text, 'guest_root = "initrd"', 'guest_root = "image"')
+    conf = base / "pykata.toml"
+    conf.write_text(text)
+    return conf
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def image_pod(guest_assets: AssetPaths, tmp_path_factory: pytest.TempPathFactory
+              ) -> Iterator[str]:
+    """A cold `pykata run` pod booted from the image, with the debug console."""
+    assert guest_assets.image is not None and guest_assets.image.is_file(), (
+        "the tests run as root, so `pykata assets build` makes the image")
+    conf = _image_config(tmp_path_factory.mktemp("image-pod"))
+    proc = _start_run("--config", str(conf))
+    sid = ""
+    try:
+        sid = _pod_of(proc.pid)
+        _shared_ids.add(sid)
+        yield sid
+    finally:
+        _stop_run(proc)
+        _shared_ids.discard(sid)
+        left = [line for line in unexpected_leftovers() if sid and sid in line]
+        assert not left, "the image pod left this behind:\n" + "\n".join(left)
+
+
+def test_the_guest_runs_from_the_image_mounted_read_only(
+        image_pod: str, guest_assets: AssetPaths) -> None:
+    result = _exec(image_pod, "sh", "-c", "cat /proc/cmdline; grep ' / ' /proc/mounts; "
+                                          "ls /run/pykata-init-stage-2 2>&1; true")
+    assert result.returncode == 0, result.err
+    assert "root=/dev/vda ro rootfstype=ext4 init=/init" in result.out
+    root_line = next(line for line in result.out.splitlines() if " / " in line)
+    fields = root_line.split()
+    assert fields[2] == "ext4" and fields[3].split(",")[0] == "ro", root_line
+    # Stage 2's /run hides the small tmpfs stage 1 left its mark on.
+    assert "No such file" in result.out
+
+
+def test_root_in_the_guest_cannot_write_the_image(
+        image_pod: str, guest_assets: AssetPaths) -> None:
+    assert guest_assets.image is not None
+    image = guest_assets.image
+    before = _digest(image)
+    attack = (
+        "mount -o remount,rw / && echo REMOUNTED; "
+        "touch /pwned 2>/dev/null && echo WROTE-ROOT; "
+        "blockdev --setrw /dev/vda; blockdev --getro /dev/vda; "
+        "dd if=/dev/zero of=/dev/vda bs=4096 count=1 conv=notrunc,fsync 2>&1 "
+        "  && echo WROTE-DISK; "
+        "echo 1 > /proc/sys/vm/drop_caches; echo done"
+    )
+    result = _exec(image_pod, "sh", "-c", attack)
+    assert result.returncode == 0, result.err
+    out = result.out
+    assert "done" in out, out
+    for landed in ("REMOUNTED", "WROTE-ROOT", "WROTE-DISK"):
+        assert landed not in out, out
+    # The kernel's own flag stays set: the disk says it is read-only.
+    assert "\n1\n" in f"\n{out}", out
+    assert _digest(image) == before
+    mode = image.stat()
+    assert mode.st_uid == 0 and not stat.S_IMODE(mode.st_mode) & 0o222
+    # After all that the guest still reads its files from the disk.
+    again = _exec(image_pod, "sh", "-c", "python3 -S -c 'print(6*7)'")
+    assert again.returncode == 0 and again.out.strip() == "42", again.err
+
+
+def test_a_template_saved_from_the_image_restores_with_it(
+        guest_assets: AssetPaths, tmp_path: Path) -> None:
+    conf = _image_config(tmp_path, templates=True)
+    proc = None
+    sid = ""
+    try:
+        built = pykata_cli("--config", str(conf), "run", "--", "echo", "built", timeout=240)
+        assert built.returncode == 0 and built.out == "built\n", built.err
+        metas = list((tmp_path / "templates").glob("*/template.json"))
+        assert len(metas) == 1, metas
+        identity = json.loads(metas[0].read_text())["identity"]
+        assert identity["initrd"][0] == str(guest_assets.image)
+        assert "root=/dev/vda" in identity["cmdline"]
+        proc = _start_run("--config", str(conf))
+        sid = _pod_of(proc.pid)
+        state = json.loads((run_root() / "sandboxes" / sid / "state.json").read_text())
+        assert state["boot"] == "template"
+        result = _exec(sid, "sh", "-c", "grep ' / ' /proc/mounts; touch /x || echo refused")
+        assert result.returncode == 0, result.err
+        assert " ext4 ro" in result.out and "refused" in result.out, result.out
+    finally:
+        if proc is not None:
+            _stop_run(proc)
+        pykata_cli("--config", str(conf), "factory", "destroy")
+    left = [line for line in unexpected_leftovers() if sid and sid in line]
+    assert not left, "the restored pod left this behind:\n" + "\n".join(left)
