@@ -1,13 +1,16 @@
-"""Pods booted from the read-only root image (guest_root = "image") on real
-VMs: the container runs, the guest's / is the image mounted read-only, root
-in the guest cannot write the disk by any way it has (remount, clearing the
-block device's read-only flag, a direct write) and the host's file stays as
-built; a VM template saved from an image-booted VM restores with it."""
+"""Pods booted from the read-only root image (guest_root = "image", the
+default) and from the initrd, on real VMs: the container runs, the guest's /
+is the image mounted read-only, root in the guest cannot write the disk by
+any way it has (remount, clearing the block device's read-only flag, a
+direct write) and the host's file stays as built; a VM template saved from
+an image-booted VM restores with it; the initrd still boots cold and from a
+template."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,13 +26,13 @@ from tests.functional.test_debug_console import (
     _pod_of,
     _start_run,
     _stop_run,
-    _sub,
 )
 
 
-def _image_config(base: Path, *, templates: bool = False) -> Path:
+def _root_config(base: Path, root: str = "image", *, templates: bool = False) -> Path:
     text = _config_text(console=True, template_root=base / "templates" if templates else None)
-    text = _sub(text, 'guest_root = "initrd"', 'guest_root = "image"')
+    text, count = re.subn(r'(?m)^guest_root = ".*"$', f'guest_root = "{root}"', text)
+    assert count == 1, "the packaged configuration has no guest_root line"
     conf = base / "pykata.toml"
     conf.write_text(text)
     return conf
@@ -45,7 +48,7 @@ def image_pod(guest_assets: AssetPaths, tmp_path_factory: pytest.TempPathFactory
     """A cold `pykata run` pod booted from the image, with the debug console."""
     assert guest_assets.image is not None and guest_assets.image.is_file(), (
         "the tests run as root, so `pykata assets build` makes the image")
-    conf = _image_config(tmp_path_factory.mktemp("image-pod"))
+    conf = _root_config(tmp_path_factory.mktemp("image-pod"))
     proc = _start_run("--config", str(conf))
     sid = ""
     try:
@@ -103,7 +106,7 @@ def test_root_in_the_guest_cannot_write_the_image(
 
 def test_a_template_saved_from_the_image_restores_with_it(
         guest_assets: AssetPaths, tmp_path: Path) -> None:
-    conf = _image_config(tmp_path, templates=True)
+    conf = _root_config(tmp_path, templates=True)
     proc = None
     sid = ""
     try:
@@ -127,3 +130,25 @@ def test_a_template_saved_from_the_image_restores_with_it(
         pykata_cli("--config", str(conf), "factory", "destroy")
     left = [line for line in unexpected_leftovers() if sid and sid in line]
     assert not left, "the restored pod left this behind:\n" + "\n".join(left)
+
+
+def test_the_initrd_still_boots_cold_and_from_a_template(tmp_path: Path) -> None:
+    """guest_root = "initrd": the root is the unpacked initrd (not ext4), and
+    containers start on it (crun's pivot_root needs /init's first stage)."""
+    conf = _root_config(tmp_path, "initrd", templates=True)
+    try:
+        for start in ("cold", "template"):
+            result = pykata_cli("--config", str(conf), "run", "--", "sh", "-c",
+                                f"echo {start}-ok", timeout=240)
+            assert result.returncode == 0, result.err
+            assert result.out == f"{start}-ok\n"
+        proc = _start_run("--config", str(conf))
+        try:
+            sid = _pod_of(proc.pid)
+            result = _exec(sid, "sh", "-c", "grep ' / ' /proc/mounts; cat /proc/cmdline")
+        finally:
+            _stop_run(proc)
+        assert result.returncode == 0, result.err
+        assert " ext4 " not in result.out and "root=" not in result.out, result.out
+    finally:
+        pykata_cli("--config", str(conf), "factory", "destroy")

@@ -42,7 +42,7 @@ class QemuConfig:
     image: str = ""
     # What the guest's root filesystem boots from when neither initrd nor
     # image names a file: the cache's read-only image or its initrd.
-    guest_root: str = "initrd"
+    guest_root: str = "image"
     machine_type: str = "microvm"
     accel: str = "auto"
     kernel_params: str = ""
