@@ -9,9 +9,11 @@ monitors pykata ran before the pod core, from
 (/proc/stat), then execs `echo` in every pod and counts the answers.
 
 With --baseline CHECKOUT (another pykata's checkout with its .venv), that
-pykata's pods are measured first, in the same run, then this one's.
+pykata's pods are measured first, in the same run, then this one's; with
+--vs-initrd, this pykata's pods booted from the initrd are (guest_root).
 
     .venv/bin/python -m benchmarks.bench_density [--pods 100] [--cold] [--baseline DIR]
+        [--vs-initrd]
 """
 
 from __future__ import annotations
@@ -145,6 +147,9 @@ def main() -> int:
     parser.add_argument("--idle-seconds", type=float, default=60.0)
     parser.add_argument("--baseline", type=Path, metavar="CHECKOUT",
                         help="another pykata's checkout: its pods first, then this one's")
+    parser.add_argument("--vs-initrd", action="store_true",
+                        help="this pykata booting its guests from the initrd first, then "
+                             "from the configured guest root")
     args = parser.parse_args()
     baseline = Baseline(args.baseline) if args.baseline else None
     idle_before = cpu_busy(10)
@@ -162,8 +167,12 @@ def main() -> int:
         try:
             peer.import_busybox()
             runs = [("baseline", BASE_RUNTIME)] if baseline is not None else []
+            if args.vs_initrd:
+                runs.append(("pykata-initrd", RUNTIME))
             for name, runtime in [*runs, ("pykata", RUNTIME)]:
                 text = config.DEFAULT_CONFIG.read_text()
+                if name == "pykata-initrd":
+                    text = re.sub(r'(?m)^guest_root = ".*"$', 'guest_root = "initrd"', text)
                 if not args.cold:
                     text = with_factory(text, enable_template=True,
                                         template_path=f"{tmp}/templates-{name}")
