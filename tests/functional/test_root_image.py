@@ -8,8 +8,10 @@ template."""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
 import re
 import stat
 from collections.abc import Iterator
@@ -152,3 +154,18 @@ def test_the_initrd_still_boots_cold_and_from_a_template(tmp_path: Path) -> None
         assert " ext4 " not in result.out and "root=" not in result.out, result.out
     finally:
         pykata_cli("--config", str(conf), "factory", "destroy")
+
+
+def test_a_host_users_lock_on_the_image_stops_no_pod(guest_assets: AssetPaths) -> None:
+    """The image is readable by every host user; a lock one of them holds on
+    it (QEMU's own lock bytes, 100 to 299) must not keep pods from booting."""
+    assert guest_assets.image is not None
+    fd = os.open(guest_assets.image, os.O_RDONLY)
+    try:
+        for offset in range(100, 300):
+            fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB, 1, offset)
+        result = pykata_cli("run", "--", "echo", "booted", timeout=240)
+        assert result.returncode == 0, result.err
+        assert result.out == "booted\n"
+    finally:
+        os.close(fd)

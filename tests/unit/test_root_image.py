@@ -34,7 +34,8 @@ def test_microvm_boots_the_image_read_only_as_its_only_disk(tmp_path: Path) -> N
     cmd = QemuVM(vm).command(7, 9, 11)
     assert "-initrd" not in cmd
     drive = cmd[cmd.index("-drive") + 1]
-    assert drive == f"file={tmp_path}/ro,,ot.img,if=none,id=root,format=raw,readonly=on"
+    assert drive == (f"file={tmp_path}/ro,,ot.img,if=none,id=root,format=raw,readonly=on,"
+                     "file.locking=off")
     assert cmd.count("-drive") == 1
     assert "virtio-blk-device,drive=root" in cmd
     cmdline = vm.kernel_cmdline().split()
@@ -161,3 +162,23 @@ def test_the_built_image_is_read_only_and_holds_every_entry(tmp_path: Path) -> N
 def test_the_image_is_not_built_without_root(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     assert "as root" in (root_image.can_build() or "")
+
+
+@pytest.mark.parametrize("key", ["kernel", "initrd", "image", "path"])
+def test_configured_files_are_absolute_paths(key: str) -> None:
+    with pytest.raises(ConfigError, match=rf"{key} = 'some/file' is not an absolute path"):
+        _qemu_config(**{key: "some/file"}).validate("conf")
+    _qemu_config(path="qemu-system-x86_64").validate("conf")  # found on PATH
+
+
+def test_check_fails_an_image_others_could_change(tmp_path: Path) -> None:
+    from pykata.cli import check_cmd
+
+    image = tmp_path / "root.img"
+    image.write_bytes(b"x")
+    image.chmod(0o644)
+    item = check_cmd._root_image(image, "image")
+    assert not item.ok and "write permission" in item.detail
+    image.chmod(0o444)
+    item = check_cmd._root_image(image, "image")
+    assert item.ok and item.value == "image, read-only", item

@@ -42,6 +42,7 @@ from pykata.assets.initrd_plan import (
     requirements,
 )
 from pykata.assets.root_image import ROOT_IMAGE, RootImageUnavailable, write_root_image
+from pykata.assets.root_image import can_build as can_build_root_image
 
 IMAGE = "initrd.img"
 CONTENTS = "contents.txt"
@@ -88,7 +89,11 @@ def build_initrd(
     with cache.lock(progress):
         plan = make_plan(spec, cache)
         found = cache.find(KIND, plan.key)
-        if found is not None and not force:
+        # One built without its root image (by a user who could not make
+        # it) is rebuilt by one who can: the image is the default guest root.
+        incomplete = (found is not None and not (found.path / ROOT_IMAGE).is_file()
+                      and can_build_root_image() is None)
+        if found is not None and not force and not incomplete:
             progress(f"initrd up to date (key {plan.key})")
             return InitrdArtifact.from_installed(found)
         with cache.staging(KIND, plan.key, progress) as stage:

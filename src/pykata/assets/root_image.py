@@ -7,15 +7,18 @@ its own copy of every file. Booted from the image, the guest reads only the
 blocks it uses, through a read-only virtio-blk disk; the host reads them once
 into its page cache for every VM, and nothing is unpacked at boot.
 
-The image is read-only three times over: the file is 0444 in the root-owned
-cache, QEMU opens it read-only (`readonly=on`, so the guest's disk reports
-itself read-only and a write is refused by QEMU whatever the guest's kernel
-does), and the guest mounts it `ro`. A hostile guest can read its own copy of
-pykata's files and nothing else; it cannot change what the next VM boots.
+What keeps the guest from writing it is QEMU's read-only descriptor
+(`readonly=on`: the guest's disk reports itself read-only, and QEMU refuses
+a write whatever the guest's kernel does); the guest also mounts it `ro`.
+The file is 0444 in the root-owned cache, which keeps other host users from
+changing it (not a compromised QEMU: it runs as root). A hostile guest can
+read its own copy of pykata's files and nothing else; it cannot change what
+the next VM boots.
 
-No journal (nothing is ever written) and no reserved blocks; a fixed UUID and
-hash seed taken from the build key, and every time stamp zero, so one plan
-gives one image. Building needs root: the image holds device nodes
+No journal (nothing is ever written) and no reserved blocks; pykata's own
+mke2fs settings (initrd/mke2fs.conf, not the host's); a fixed UUID and hash
+seed taken from the build key, and every time stamp zero, so one plan gives
+one image. Building needs root: the image holds device nodes
 (/dev/console must exist before /init runs) and root-owned files, which
 mke2fs copies from a staging tree made with mknod and chown.
 """
@@ -33,6 +36,8 @@ from pykata.assets.cpio import Archive, Entry
 
 ROOT_IMAGE = "root.img"
 MKE2FS = "/usr/sbin/mke2fs"
+# Its settings, not the host's /etc/mke2fs.conf.
+MKE2FS_CONFIG = Path(__file__).resolve().parent / "initrd" / "mke2fs.conf"
 _BLOCK = 4096
 # Room for directories, inodes' extent blocks and the allocator's rounding.
 _SLACK_BYTES = 8 << 20
@@ -72,10 +77,11 @@ def write_root_image(archive: Archive, key: str, work: Path, out: Path, log: Bui
     out.unlink(missing_ok=True)
     log.run(
         [MKE2FS, "-q", "-F", "-t", "ext4", "-b", str(_BLOCK), "-m", "0",
-         "-N", str(len(entries) + 256), "-O", "^has_journal,^resize_inode",
+         "-N", str(len(entries) + 256),
          "-E", f"root_owner=0:0,hash_seed={fs_id},lazy_itable_init=0",
          "-U", fs_id, "-L", "pykata-root", "-d", str(tree), str(out), str(blocks)],
-        env={"E2FSPROGS_FAKE_TIME": "1", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+        env={"E2FSPROGS_FAKE_TIME": "1", "MKE2FS_CONFIG": str(MKE2FS_CONFIG),
+             "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
     )
     shutil.rmtree(tree)
     os.chmod(out, 0o444)
@@ -85,6 +91,11 @@ def write_root_image(archive: Archive, key: str, work: Path, out: Path, log: Bui
 def _extract(entry: Entry, tree: Path) -> int:
     """Create one entry under `tree`, owned by root; returns its data size."""
     path = tree / entry.path
+    # The plan holds absolute symlinks (/bin/ls -> /bin/busybox): an entry
+    # below one would be written, as root, through it onto the host.
+    if os.path.realpath(path.parent) != os.path.join(os.path.realpath(tree),
+                                                     *Path(entry.path).parent.parts):
+        raise ValueError(f"root image: {entry.path} lies below a symbolic link")
     kind = stat.S_IFMT(entry.mode)
     perm = stat.S_IMODE(entry.mode)
     size = 0

@@ -52,31 +52,37 @@ def _assets(q: config_mod.QemuConfig) -> list[CheckItem]:
     items = [
         CheckItem("guest kernel", paths.kernel_release or "built", str(paths.kernel)),
         CheckItem("guest initrd", "built", str(paths.initrd)),
-        _root_image(paths.image),
     ]
     try:
         files = guest_files(q)
     except PykataError as exc:
         items.append(CheckItem("guest root", "missing", str(exc), False))
-    else:
-        kind = "image" if files.root_is_image else "initrd"
-        key = "image" if q.image else "initrd" if q.initrd else "guest_root"
-        items.append(CheckItem("guest root", kind,
+        return items
+    key = "image" if q.image else "initrd" if q.initrd else "guest_root"
+    if not files.root_is_image:
+        items.append(CheckItem("guest root", "initrd",
                                f"{files.root} (from [hypervisor.qemu] {key})"))
+    else:
+        items.append(_root_image(files.root, key))
     return items
 
 
-def _root_image(image: Path | None) -> CheckItem:
-    """The cache's root image: present, and read-only on the host (every VM
-    booted from it reads that one file)."""
-    if image is None or not image.is_file():
-        return CheckItem("guest root image", "not built",
-                         "run `pykata assets build` as root to build it next to the initrd")
-    st = image.stat()
-    if st.st_uid != 0 or st.st_mode & 0o222:
-        return CheckItem("guest root image", "writable", f"{image} is writable or not "
-                         "root's: run `pykata assets build --force` as root", False)
-    return CheckItem("guest root image", "built, read-only", str(image))
+def _root_image(image: Path, key: str) -> CheckItem:
+    """The root image VMs boot: root's, and writable by nobody else, nor is
+    any directory above it (every VM booted from it reads that one file)."""
+    from pykata import rootonly
+
+    problem: object = None
+    try:
+        problem = rootonly.path_problem(image)
+        if problem is None and image.stat().st_mode & 0o222:
+            problem = f"{image} has write permission bits"
+    except OSError as exc:
+        problem = f"{image}: {exc.strerror}"
+    if problem is not None:
+        return CheckItem("guest root", "image, not read-only", f"{problem}: run `pykata "
+                         "assets build --force` as root, or make it root's and read-only", False)
+    return CheckItem("guest root", "image, read-only", f"{image} (from [hypervisor.qemu] {key})")
 
 
 def _networking(cfg: config_mod.Config) -> CheckItem:

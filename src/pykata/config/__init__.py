@@ -71,6 +71,13 @@ class QemuConfig:
                          "and that change only the pod's own VM (see configuration.toml)")
         _choice(where, "machine_type", self.machine_type, MACHINE_CHOICES)
         _choice(where, "guest_root", self.guest_root, GUEST_ROOT_CHOICES)
+        for key in ("path", "kernel", "initrd", "image"):
+            value = getattr(self, key)
+            if value and not os.path.isabs(value) and (key != "path" or "/" in value):
+                raise ConfigError(
+                    f"{where}: {key} = {value!r} is not an absolute path",
+                    hint="give the file's full path (a relative one would be found from "
+                         "wherever the runtime happens to run)")
         if self.image and self.initrd:
             raise ConfigError(
                 f"{where}: both initrd = {self.initrd!r} and image = {self.image!r} are set",

@@ -121,7 +121,9 @@ class RootImage:
     open the file read-only and the disk report itself read-only: a write
     from the guest fails in QEMU whatever its kernel does. The default cache
     mode reads through the host's page cache, so every VM booted from the
-    image shares one copy of the blocks they read."""
+    image shares one copy of the blocks they read. No file locks: nobody
+    writes the image, and QEMU's locks would let any host user who can read
+    it hold a lock that stops every VM from starting."""
 
     path: Path
     machine_type: str
@@ -129,7 +131,8 @@ class RootImage:
     def args(self) -> list[str]:
         bus = _bus_suffix(self.machine_type)
         return [
-            "-drive", f"file={_escape(str(self.path))},if=none,id=root,format=raw,readonly=on",
+            "-drive", f"file={_escape(str(self.path))},if=none,id=root,format=raw,readonly=on,"
+                      "file.locking=off",
             "-device", f"virtio-blk-{bus},drive=root",
         ]
 
