@@ -196,6 +196,8 @@ def test_a_stalled_boot_names_its_phase_and_shows_the_console(
     # loglevel=7 makes the kernel's lines reach the console.
     data["hypervisor"]["qemu"]["kernel_params"] = \
         'loglevel=7 rdinit=/bin/busybox -- sh -c "sleep 600"'
+    # rdinit is the initrd's init (from the root image the kernel runs init=).
+    data["hypervisor"]["qemu"]["guest_root"] = "initrd"
     data["agent"]["dial_timeout"] = 20
     config_file = tmp_path / "configuration.toml"
     config_file.write_text(to_toml(data))
@@ -243,7 +245,7 @@ def test_a_pod_on_replaced_guest_assets_is_reported_stale(
         rebuilt.replace(initrd)
         check = pykata_cli("--config", str(config_file), "check", timeout=60)
         assert re.search(rf"WARN pod {re.escape(sandbox_id)}\s+stale\s+\(boots an older "
-                         rf"initrd {re.escape(str(initrd))} .*restart the pod", check.out), \
+                         rf"guest root {re.escape(str(initrd))} .*restart the pod", check.out), \
             check.out
         report = pykata_cli("--config", str(config_file), "collect", timeout=120).out
         assert f"{sandbox_id}: run, running, cold boot, assets stale" in report
