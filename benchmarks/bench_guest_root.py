@@ -29,43 +29,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.bench_run import floor_boot
 from benchmarks.factory_config import with_factory
 from pykata import assets, config
 from pykata.host.probes import resolve_accel
-from pykata.hypervisor.qemu import VmConfig
-from pykata.hypervisor.qemu_args import Basics, Cpu, KernelBoot, Machine, Memory, RootImage, render
 
 PYKATA = [sys.executable, "-m", "pykata.cli.main"]
 ROOTS = ("initrd", "image")
 STARTS = ("cold", "template")
 _GUEST_ROOT = re.compile(r'(?m)^guest_root = ".*"$')
-
-
-def floor_boot(qemu: str, paths: assets.AssetPaths, root: str, accel: str, memory: int
-               ) -> float:
-    """Seconds for QEMU to boot the kernel and `root` to an init that reboots at once."""
-    if root == "image":
-        assert paths.image is not None
-        vm = VmConfig(name="floor", run_dir=Path("/nonexistent"), qemu_path=qemu,
-                      kernel=paths.kernel, image=paths.image, accel=accel, memory_mib=memory)
-        # The image's cmdline already says init=/init; the later init= wins.
-        cmdline = f"{vm.kernel_cmdline()} init=/sbin/reboot -- -f"
-        extra = RootImage(paths.image, "microvm").args()
-        initrd = None
-    else:
-        vm = VmConfig(name="floor", run_dir=Path("/nonexistent"), qemu_path=qemu,
-                      kernel=paths.kernel, initrd=paths.initrd, accel=accel, memory_mib=memory)
-        cmdline = f"{vm.kernel_cmdline()} rdinit=/sbin/reboot -- -f"
-        extra = []
-        initrd = paths.initrd
-    args = [qemu, *render([
-        Basics(name="pykata-floor"), Machine("microvm", accel), Cpu(1, accel), Memory(memory),
-        KernelBoot(paths.kernel, initrd, cmdline),
-    ]), *extra, "-serial", "none"]
-    start = time.monotonic()
-    subprocess.run(args, check=True, timeout=120, stdin=subprocess.DEVNULL,
-                   stdout=subprocess.DEVNULL)
-    return time.monotonic() - start
 
 
 def _env(conf: Path, run_root: Path) -> dict[str, str]:
@@ -177,8 +149,8 @@ def main() -> int:
         floors: dict[str, list[float]] = {root: [] for root in ROOTS}
         for i in range(args.runs):
             for root in ROOTS:
-                floors[root].append(floor_boot(cfg.qemu.path, paths, root, accel,
-                                               cfg.qemu.default_memory))
+                floors[root].append(floor_boot(cfg.qemu.path, paths, accel,
+                                               cfg.qemu.default_memory, root))
             for key, conf in confs.items():
                 times[key].append(timed_run(conf, run_root))
             print(f"run {i + 1}/{args.runs}: " + ", ".join(

@@ -31,7 +31,15 @@ from benchmarks.factory_config import with_factory
 from pykata import assets, config
 from pykata.host.probes import resolve_accel
 from pykata.hypervisor.qemu import VmConfig
-from pykata.hypervisor.qemu_args import Basics, Cpu, KernelBoot, Machine, Memory, render
+from pykata.hypervisor.qemu_args import (
+    Basics,
+    Cpu,
+    KernelBoot,
+    Machine,
+    Memory,
+    RootImage,
+    render,
+)
 
 PHASES = [
     ("process start", "process_start"),
@@ -58,17 +66,23 @@ GUEST_STEPS = [
 ]
 
 
-def floor_boot(qemu: str, paths: assets.AssetPaths, accel: str, memory: int) -> float:
-    """Seconds for QEMU to boot the kernel+initrd to an init that reboots at once."""
+def floor_boot(qemu: str, paths: assets.AssetPaths, accel: str, memory: int,
+               root: str = "initrd") -> float:
+    """Seconds for QEMU to boot the kernel and its root (the initrd, or with
+    `root="image"` the root image) to an init that reboots at once."""
+    image = paths.image if root == "image" else None
     vm = VmConfig(name="floor", run_dir=Path("/nonexistent"), qemu_path=qemu,
-                  kernel=paths.kernel, initrd=paths.initrd, accel=accel, memory_mib=memory)
+                  kernel=paths.kernel, initrd=None if image else paths.initrd, image=image,
+                  accel=accel, memory_mib=memory)
     # busybox `reboot -f` as the very first process: reboot=t and -no-reboot
-    # turn it into QEMU exiting.
-    cmdline = f"{vm.kernel_cmdline()} rdinit=/sbin/reboot -- -f"
+    # turn it into QEMU exiting. From the image the later init= wins.
+    first = "init" if image else "rdinit"
+    cmdline = f"{vm.kernel_cmdline()} {first}=/sbin/reboot -- -f"
+    disk = [] if image is None else RootImage(image, "microvm").args()
     args = [qemu, *render([
         Basics(name="pykata-floor"), Machine("microvm", accel), Cpu(1, accel), Memory(memory),
-        KernelBoot(paths.kernel, paths.initrd, cmdline),
-    ]), "-serial", "none"]
+        KernelBoot(paths.kernel, vm.initrd, cmdline),
+    ]), *disk, "-serial", "none"]
     start = time.monotonic()
     subprocess.run(args, check=True, timeout=120, stdin=subprocess.DEVNULL,
                    stdout=subprocess.DEVNULL)
