@@ -9,6 +9,7 @@ allowlisted annotation, the pykata-oci one with the configuration."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -152,6 +153,24 @@ def _stop_run(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
+@contextlib.contextmanager
+def shared_run_pod(conf: Path, what: str) -> Iterator[str]:
+    """An idle `pykata run` pod of configuration `conf`, shared by a module's
+    tests as the session's shared VM is: its sandbox id. Ending it leaves
+    nothing of it behind."""
+    proc = _start_run("--config", str(conf))
+    sid = ""
+    try:
+        sid = _pod_of(proc.pid)
+        _shared_ids.add(sid)
+        yield sid
+    finally:
+        _stop_run(proc)
+        _shared_ids.discard(sid)
+        left = [line for line in unexpected_leftovers() if sid and sid in line]
+        assert not left, f"{what} left this behind:\n" + "\n".join(left)
+
+
 @pytest.fixture(scope="module")
 def run_pod(guest_assets: object, tmp_path_factory: pytest.TempPathFactory
             ) -> Iterator[str]:
@@ -160,20 +179,12 @@ def run_pod(guest_assets: object, tmp_path_factory: pytest.TempPathFactory
     base = tmp_path_factory.mktemp("console-run")
     conf = base / "pykata.toml"
     conf.write_text(_config_text(console=True, template_root=base / "templates"))
-    proc = _start_run("--config", str(conf))
-    sid = ""
     try:
-        sid = _pod_of(proc.pid)
-        # Shared by this module's tests, as the session's shared VM is.
-        _shared_ids.add(sid)
-        yield sid
+        with shared_run_pod(conf, "the console's pykata run pod") as sid:
+            yield sid
     finally:
-        _stop_run(proc)
-        _shared_ids.discard(sid)
         if (base / "templates").exists():
             pykata_cli("--config", str(conf), "factory", "destroy")
-        left = [line for line in unexpected_leftovers() if sid and sid in line]
-        assert not left, "the console's pykata run pod left this behind:\n" + "\n".join(left)
 
 
 def test_a_shell_on_a_real_terminal(run_pod: str) -> None:

@@ -21,13 +21,14 @@ import pytest
 
 from pykata.assets import AssetPaths
 from pykata.runtime.paths import run_root
-from tests.functional.conftest import _shared_ids, pykata_cli, unexpected_leftovers
+from tests.functional.conftest import pykata_cli, unexpected_leftovers
 from tests.functional.test_debug_console import (
     _config_text,
     _exec,
     _pod_of,
     _start_run,
     _stop_run,
+    shared_run_pod,
 )
 
 
@@ -51,17 +52,8 @@ def image_pod(guest_assets: AssetPaths, tmp_path_factory: pytest.TempPathFactory
     assert guest_assets.image is not None and guest_assets.image.is_file(), (
         "the tests run as root, so `pykata assets build` makes the image")
     conf = _root_config(tmp_path_factory.mktemp("image-pod"))
-    proc = _start_run("--config", str(conf))
-    sid = ""
-    try:
-        sid = _pod_of(proc.pid)
-        _shared_ids.add(sid)
+    with shared_run_pod(conf, "the image pod") as sid:
         yield sid
-    finally:
-        _stop_run(proc)
-        _shared_ids.discard(sid)
-        left = [line for line in unexpected_leftovers() if sid and sid in line]
-        assert not left, "the image pod left this behind:\n" + "\n".join(left)
 
 
 def test_the_guest_runs_from_the_image_mounted_read_only(
