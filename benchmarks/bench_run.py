@@ -75,18 +75,29 @@ def floor_boot(qemu: str, paths: assets.AssetPaths, accel: str, memory: int,
                   kernel=paths.kernel, initrd=None if image else paths.initrd, image=image,
                   accel=accel, memory_mib=memory)
     # busybox `reboot -f` as the very first process: reboot=t and -no-reboot
-    # turn it into QEMU exiting. From the image the later init= wins.
+    # turn it into QEMU exiting. From the image the later init= wins. No `--`
+    # before `-f`: QEMU appends the virtio-mmio devices to the command line,
+    # and after a `--` they would be init's arguments, leaving the image's
+    # disk unregistered and the "floor" a kernel panic.
     first = "init" if image else "rdinit"
-    cmdline = f"{vm.kernel_cmdline()} {first}=/sbin/reboot -- -f"
+    cmdline = f"{vm.kernel_cmdline()} {first}=/sbin/reboot -f"
     disk = [] if image is None else RootImage(image, "microvm").args()
-    args = [qemu, *render([
-        Basics(name="pykata-floor"), Machine("microvm", accel), Cpu(1, accel), Memory(memory),
-        KernelBoot(paths.kernel, vm.initrd, cmdline),
-    ]), *disk, "-serial", "none"]
-    start = time.monotonic()
-    subprocess.run(args, check=True, timeout=120, stdin=subprocess.DEVNULL,
-                   stdout=subprocess.DEVNULL)
-    return time.monotonic() - start
+    with tempfile.TemporaryDirectory() as tmp:
+        console = Path(tmp) / "console"
+        args = [qemu, *render([
+            Basics(name="pykata-floor"), Machine("microvm", accel), Cpu(1, accel),
+            Memory(memory), KernelBoot(paths.kernel, vm.initrd, cmdline),
+        ]), *disk, "-serial", f"file:{console}"]
+        start = time.monotonic()
+        subprocess.run(args, check=True, timeout=120, stdin=subprocess.DEVNULL,
+                       stdout=subprocess.DEVNULL)
+        took = time.monotonic() - start
+        # The kernel prints a panic whatever its log level: a floor that
+        # never reached init is no floor.
+        text = console.read_text(errors="replace")
+        if "Kernel panic" in text or "Restarting system" not in text:
+            raise SystemExit(f"the {root} floor boot did not reach its init:\n{text[-2000:]}")
+    return took
 
 
 def pykata_run(timings: Path, config_file: Path | None = None) -> dict[str, float]:

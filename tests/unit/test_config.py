@@ -18,6 +18,7 @@ def test_packaged_default_loads() -> None:
     cfg = config.load(config.DEFAULT_CONFIG)
     assert cfg.qemu.machine_type == "microvm" and cfg.qemu.default_memory == 512
     assert cfg.agent.dial_timeout == 60.0 and cfg.qemu.enable_annotations == ()
+    assert cfg.qemu.tcg_code_cache == config.QemuConfig().tcg_code_cache == 32
 
 
 @pytest.mark.parametrize(("text", "expected"), [
@@ -26,6 +27,7 @@ def test_packaged_default_loads() -> None:
     ("[hypervisor.qemu]\nenable_annotations = \"x\"\n", "must be a list of strings"),
     ("[hypervisor.qemu]\nshared_fs = \"nfs\"\n", "shared_fs = 'nfs' is not one of"),
     ("[agent]\ndial_timeout = -1\n", "dial_timeout must be a positive number"),
+    ("[hypervisor.qemu]\ntcg_code_cache = 4\n", "tcg_code_cache = 4 is out of range"),
     ("[runtime]\nenable_debug = 1\n", "runtime.enable_debug must be a bool"),
     ("[surprise]\n", "unknown key surprise"),
     ("not toml [", "not valid TOML"),

@@ -198,3 +198,16 @@ def test_virtiofsd_arguments_and_checks(tmp_path: Path) -> None:
         VirtiofsdConfig(str(tmp_path / "none"), tmp_path).check()
     with pytest.raises(HypervisorError, match="comma"):
         VirtiofsdConfig("/bin/true", tmp_path / "a,b").check()
+
+
+def test_tcg_code_cache_is_an_accelerator_option_and_only_under_tcg(tmp_path: Path) -> None:
+    """tb-size reaches QEMU through -accel (never with -machine accel= too);
+    KVM, which translates nothing, and 0 keep the single -machine form."""
+    cmd = QemuVM(_vm(tmp_path, tcg_code_cache_mib=32)).command(7, 9, 11)
+    assert cmd[cmd.index("-accel") + 1] == "tcg,tb-size=32"
+    assert "accel=" not in cmd[cmd.index("-machine") + 1]
+    for vm in (_vm(tmp_path, tcg_code_cache_mib=32, accel="kvm"),
+               _vm(tmp_path, tcg_code_cache_mib=0)):
+        cmd = QemuVM(vm).command(7, 9, 11)
+        assert "-accel" not in cmd
+        assert cmd[cmd.index("-machine") + 1].endswith(f",accel={vm.accel}")

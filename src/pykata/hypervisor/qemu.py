@@ -86,6 +86,8 @@ class VmConfig:
     virtiofsd: str = ""
     virtio_fs_cache: str = "auto"
     image: Path | None = None
+    # Under TCG: MiB of translated guest code QEMU keeps (0: QEMU's default).
+    tcg_code_cache_mib: int = 0
 
     def __post_init__(self) -> None:
         if (self.initrd is None) == (self.image is None):
@@ -270,7 +272,8 @@ class QemuVM:
                            memfd=c.uses_virtio_fs and c.memory_path is None)
         opts: list[qa.QemuOption] = [
             qa.Basics(name=f"pykata-{c.name}"),
-            qa.Machine(c.machine_type, c.accel, ram_backend=memory.backend),
+            qa.Machine(c.machine_type, c.accel, ram_backend=memory.backend,
+                       tcg_code_cache=c.tcg_code_cache_mib),
             qa.Cpu(c.vcpus, c.accel),
             memory,
             qa.KernelBoot(c.kernel, c.initrd, c.kernel_cmdline()),

@@ -35,6 +35,9 @@ class Machine:
     accel: str
     # The guest RAM is the object RAM_BACKEND_ID (see Memory.path).
     ram_backend: bool = False
+    # Under TCG, MiB of translated code QEMU keeps before it starts over
+    # (tb-size); 0 leaves QEMU's default, a 1 GiB buffer.
+    tcg_code_cache: int = 0
 
     def args(self) -> list[str]:
         if self.machine_type == "microvm":
@@ -48,6 +51,10 @@ class Machine:
             opts = self.machine_type
         if self.ram_backend:
             opts += f",memory-backend={RAM_BACKEND_ID}"
+        if self.accel == "tcg" and self.tcg_code_cache:
+            # tb-size is an option of the accelerator object, and QEMU takes
+            # -accel or -machine accel=, never both.
+            return ["-machine", opts, "-accel", f"tcg,tb-size={self.tcg_code_cache}"]
         return ["-machine", f"{opts},accel={self.accel}"]
 
 

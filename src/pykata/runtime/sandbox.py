@@ -193,6 +193,7 @@ class Sandbox:
             shared_fs=fs.kind,
             virtiofsd=fs.daemon,
             virtio_fs_cache=q.virtio_fs_cache,
+            tcg_code_cache_mib=q.tcg_code_cache,
         )
 
     async def start(self, *, create: bool = True) -> None:
