@@ -16,6 +16,9 @@ import sys
 import pytest
 
 from pykata.config import Config
+from pykata.host.probes import resolve_accel
+from pykata.hypervisor.kernel_config import tick_rate
+from pykata.runtime.guest_files import guest_files
 from pykata.runtime.sandbox import Sandbox, SandboxOptions
 from tests.functional.conftest import save_console
 
@@ -53,3 +56,28 @@ async def test_thirty_boots_in_a_row_never_hang(pykata_config: Config) -> None:
     assert len(times) == BOOTS
     print(f"\n{BOOTS} boots to agent ready ({AT_ONCE} at once): median "
           f"{statistics.median(times):.2f} s, max {max(times):.2f} s", file=sys.stderr)
+
+
+async def test_the_guest_takes_the_lapic_period_instead_of_measuring_it(
+        pykata_config: Config) -> None:
+    """Under TCG pykata's kernel is given its APIC timer period
+    (pykata.lapic_period, patch 0001): the console of a verbose-APIC boot
+    shows the period taken, and no calibration run."""
+    if resolve_accel(pykata_config.qemu.accel).value != "tcg":
+        pytest.skip("the period is given under TCG only")
+    config = dataclasses.replace(
+        pykata_config,
+        runtime=dataclasses.replace(pykata_config.runtime, enable_debug=True),
+        qemu=dataclasses.replace(pykata_config.qemu, kernel_params="apic=verbose"))
+    sandbox = Sandbox("lapic-period", config, SandboxOptions())
+    await sandbox.start()
+    try:
+        console = sandbox.console_log.read_text(errors="replace")
+    finally:
+        await sandbox.stop()
+    hz = tick_rate(guest_files(config.qemu).kernel)
+    assert hz, "pykata's built kernel has its config beside it"
+    period = 1_000_000_000 // hz
+    assert f"pykata.lapic_period={period}" in console
+    assert f"lapic timer already calibrated {period}" in console
+    assert "calibrating APIC timer" not in console

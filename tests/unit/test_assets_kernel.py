@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import os
 import struct
+import tarfile
 from pathlib import Path
 
 import pytest
 
 from pykata.assets import AssetCache, KernelSpec, build_kernel
+from pykata.assets.buildlog import BuildLog, StepFailed
 from pykata.assets.elfnote import has_pvh_note
-from pykata.assets.kernel import DEFAULT_TARBALL, FRAGMENT
+from pykata.assets.kernel import DEFAULT_TARBALL, FRAGMENT, source_tree
 from pykata.errors import AssetsError, HostError
 
 
@@ -126,3 +128,58 @@ def test_pvh_note_detection(tmp_path: Path) -> None:
     assert has_pvh_note(pvh)
     assert not has_pvh_note(other)
     assert not has_pvh_note(not_elf)
+
+
+def test_key_changes_with_the_patches(fragment: Path, tarball: Path, tmp_path: Path) -> None:
+    """A patch, or a change to one, is a new kernel; the shipped patches are in the key."""
+    patch = tmp_path / "0001-x.patch"
+    patch.write_text("one\n")
+    spec = KernelSpec(fragment=fragment, tarball=tarball, patches=(patch,))
+    one = spec.key()
+    assert KernelSpec(fragment=fragment, tarball=tarball, patches=()).key() != one
+    patch.write_text("two\n")
+    assert spec.key() != one
+    assert KernelSpec().patches and all(p.suffix == ".patch" for p in KernelSpec().patches)
+
+
+def _tiny_tree_tarball(path: Path) -> Path:
+    src = path.parent / "tree-src" / "linux-9.9"
+    src.mkdir(parents=True)
+    (src / "Makefile").write_text("all:\n")
+    (src / "timer.c").write_text("int period;\n")
+    with tarfile.open(path, "w:xz") as tar:
+        tar.add(src, arcname="linux-9.9")
+    return path
+
+
+_PATCH = """--- a/timer.c
++++ b/timer.c
+@@ -1 +1,2 @@
+ int period;
++int from_the_host;
+"""
+
+
+def test_source_tree_is_the_tarball_with_its_patches_applied(tmp_path: Path) -> None:
+    """The patched tree gets a name of its own, so an unpatched one is never reused."""
+    tarball = _tiny_tree_tarball(tmp_path / "linux-source-9.9.tar.xz")
+    patch = tmp_path / "0001-host.patch"
+    patch.write_text(_PATCH)
+    cache = AssetCache(tmp_path / "cache", sources=tmp_path / "sources")
+    log = BuildLog(tmp_path / "build.log")
+    plain = source_tree(KernelSpec(tarball=tarball, patches=()), cache, log)
+    patched = source_tree(KernelSpec(tarball=tarball, patches=(patch,)), cache, log)
+    assert plain != patched
+    assert (plain / "timer.c").read_text() == "int period;\n"
+    assert (patched / "timer.c").read_text() == "int period;\nint from_the_host;\n"
+
+
+def test_a_patch_that_does_not_apply_fails_and_leaves_no_tree(tmp_path: Path) -> None:
+    tarball = _tiny_tree_tarball(tmp_path / "linux-source-9.9.tar.xz")
+    patch = tmp_path / "0001-stale.patch"
+    patch.write_text(_PATCH.replace(" int period;", " int another;"))
+    cache = AssetCache(tmp_path / "cache", sources=tmp_path / "sources")
+    with pytest.raises(StepFailed):
+        source_tree(KernelSpec(tarball=tarball, patches=(patch,)), cache,
+                    BuildLog(tmp_path / "build.log"))
+    assert [p.name for p in (tmp_path / "sources").iterdir()] == ["lock"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -211,3 +212,31 @@ def test_tcg_code_cache_is_an_accelerator_option_and_only_under_tcg(tmp_path: Pa
         cmd = QemuVM(vm).command(7, 9, 11)
         assert "-accel" not in cmd
         assert cmd[cmd.index("-machine") + 1].endswith(f",accel={vm.accel}")
+
+
+@pytest.mark.parametrize(("config", "expected"), [
+    ("CONFIG_HZ_250=y\nCONFIG_HZ=250\n", "pykata.lapic_period=4000000"),
+    ("CONFIG_HZ=1000\n", "pykata.lapic_period=1000000"),
+    ("CONFIG_HZ=1234\n", None),  # no x86 kernel ticks at that rate
+    ("CONFIG_HZ=250 && reboot\n", None),
+    (None, None),  # a kernel without its config beside it
+])
+def test_lapic_period_comes_from_the_kernels_own_tick_rate(
+        tmp_path: Path, config: str | None, expected: str | None) -> None:
+    """Under TCG the APIC timer's period is 10^9 / HZ of QEMU's 1 GHz APIC
+    clock, given only when the kernel's HZ is known; never under KVM."""
+    kernel = tmp_path / "k" / "vmlinux"
+    kernel.parent.mkdir()
+    if config is not None:
+        (kernel.parent / "config").write_text(config)
+    words = _vm(tmp_path, kernel=kernel).kernel_cmdline().split()
+    periods = [w for w in words if w.startswith("pykata.lapic_period")]
+    assert periods == ([expected] if expected else [])
+    kvm = _vm(tmp_path, kernel=kernel, accel="kvm").kernel_cmdline()
+    assert "lapic_period" not in kvm
+
+
+def test_a_fifo_in_place_of_the_kernel_config_does_not_stall_a_start(tmp_path: Path) -> None:
+    kernel = tmp_path / "vmlinux"
+    os.mkfifo(tmp_path / "config")
+    assert "lapic_period" not in _vm(tmp_path, kernel=kernel).kernel_cmdline()

@@ -1,6 +1,7 @@
 """The guest kernel: Debian's linux-source tree built with pykata's config fragment.
 
-Steps: `make tinyconfig`, merge `kernel/pykata.config` on top, `make olddefconfig`,
+Steps: extract the tarball and apply pykata's patches (`kernel/patches/*.patch`,
+in name order), `make tinyconfig`, merge `kernel/pykata.config` on top, `make olddefconfig`,
 check that every option of the fragment survived (Kconfig silently drops an
 option whose dependencies are unmet), then `make bzImage`. Both images are kept:
 `vmlinux` (stripped, booted through its PVH entry note without decompression)
@@ -29,8 +30,9 @@ from pykata.assets.elfnote import has_pvh_note
 
 KIND = "kernel"
 # Bump when a change to this module changes what a build produces.
-BUILDER_VERSION = "1"
+BUILDER_VERSION = "2"
 FRAGMENT = Path(__file__).resolve().parent / "kernel" / "pykata.config"
+PATCHES = Path(__file__).resolve().parent / "kernel" / "patches"
 DEFAULT_TARBALL = Path("/usr/src/linux-source-6.1.tar.xz")
 VMLINUX = "vmlinux"
 BZIMAGE = "bzImage"
@@ -52,6 +54,8 @@ class KernelSpec:
     tarball: Path = DEFAULT_TARBALL
     arch: str = "x86_64"
     make_vars: tuple[tuple[str, str], ...] = field(default_factory=tuple)
+    patches: tuple[Path, ...] = field(
+        default_factory=lambda: tuple(sorted(PATCHES.glob("*.patch"))))
 
     def make_args(self) -> list[str]:
         return [f"ARCH={self.arch}", *(f"{k}={v}" for k, v in self.make_vars)]
@@ -67,11 +71,15 @@ class KernelSpec:
         inputs = {
             "builder": BUILDER_VERSION,
             "fragment": hashlib.sha256(self.fragment.read_bytes()).hexdigest(),
+            "patches": self.patch_digests(),
             "tarball": [str(self.tarball), st.st_size, st.st_mtime_ns],
             "make": self.make_args(),
             "env": _BUILD_ENV,
         }
         return _digest(inputs)
+
+    def patch_digests(self) -> list[list[str]]:
+        return [[p.name, hashlib.sha256(p.read_bytes()).hexdigest()] for p in self.patches]
 
     def package(self) -> str:
         """The Debian package providing the tarball: linux-source-6.1.tar.xz → linux-source-6.1."""
@@ -153,6 +161,7 @@ def check_host(spec: KernelSpec) -> None:
             host.tool("tar", "tar"),
             host.tool("xz", "xz-utils"),
             host.tool("objcopy", "binutils"),
+            host.tool("patch", "patch"),
             # objtool, which x86_64 builds always run, needs libelf's headers.
             host.file("/usr/include/libelf.h", "libelf-dev"),
             host.file(spec.tarball, spec.package()),
@@ -162,9 +171,13 @@ def check_host(spec: KernelSpec) -> None:
 
 
 def source_tree(spec: KernelSpec, cache: AssetCache, log: BuildLog) -> Path:
-    """The extracted tarball, extracted once per tarball identity and then reused."""
+    """The extracted tarball with pykata's patches applied, made once per tarball
+    identity and set of patches and then reused."""
     st = _stat_tarball(spec)
-    tree = cache.source_dir / f"linux-{_digest([str(spec.tarball), st.st_size, st.st_mtime_ns])}"
+    identity: list[object] = [str(spec.tarball), st.st_size, st.st_mtime_ns]
+    if spec.patches:
+        identity.append(spec.patch_digests())
+    tree = cache.source_dir / f"linux-{_digest(identity)}"
     if tree.is_dir():
         return tree
     cache.source_dir.mkdir(parents=True, exist_ok=True)
@@ -181,6 +194,12 @@ def source_tree(spec: KernelSpec, cache: AssetCache, log: BuildLog) -> Path:
             tops = [p for p in tmp.iterdir() if p.is_dir()]
             if len(tops) != 1 or not (tops[0] / "Makefile").is_file():
                 raise StepFailed(f"{spec.tarball} does not hold a single kernel source tree")
+            for patch in spec.patches:
+                log.step(f"kernel: applying {patch.name}")
+                # --fuzz=0: a patch that no longer fits its context exactly
+                # fails the build instead of landing somewhere else.
+                log.run(["patch", "-p1", "--batch", "--forward", "--fuzz=0",
+                         "--no-backup-if-mismatch", "-d", tops[0], "-i", patch])
             os.replace(tops[0], tree)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -233,6 +252,7 @@ def _inputs(spec: KernelSpec) -> dict[str, object]:
         "builder": BUILDER_VERSION,
         "fragment": str(spec.fragment),
         "fragment_sha256": hashlib.sha256(spec.fragment.read_bytes()).hexdigest(),
+        "patches": spec.patch_digests(),
         "tarball": str(spec.tarball),
         "tarball_size": st.st_size,
         "tarball_mtime_ns": st.st_mtime_ns,
