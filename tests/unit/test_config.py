@@ -18,7 +18,7 @@ def test_packaged_default_loads() -> None:
     cfg = config.load(config.DEFAULT_CONFIG)
     assert cfg.qemu.machine_type == "microvm" and cfg.qemu.default_memory == 512
     assert cfg.agent.dial_timeout == 60.0 and cfg.qemu.enable_annotations == ()
-    assert cfg.qemu.tcg_code_cache == config.QemuConfig().tcg_code_cache == 32
+    assert cfg.qemu.tcg_code_cache == config.QemuConfig().tcg_code_cache == 0
 
 
 @pytest.mark.parametrize(("text", "expected"), [

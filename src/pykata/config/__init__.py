@@ -49,10 +49,10 @@ class QemuConfig:
     default_vcpus: int = 1
     default_memory: int = 512
     # Under TCG only: MiB of translated guest code QEMU keeps per VM (tb-size).
-    # QEMU's own default reserves 1 GiB and a cold boot fills about 70 MiB of
-    # it, which then stays resident for the VM's life; 32 keeps a VM's boot
-    # within one or two refills. 0: QEMU's default. KVM runs no translator.
-    tcg_code_cache: int = 32
+    # 0 is QEMU's own default, a 1 GiB buffer of which a cold boot fills about
+    # 70 MiB, resident for the VM's life. A smaller cache trades start time
+    # for memory (README, Configuration). KVM runs no translator.
+    tcg_code_cache: int = 0
     shared_fs: str = "auto"
     # virtiofsd for shared_fs = "virtio-fs": "" finds QEMU's (Debian's
     # qemu-system-common) where it is installed; its cache mode.
