@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from pykata.agent import boot_profile
+from pykata.agent import boot_profile, protobuf_backend  # noqa: F401 - first: defers
 from pykata.agent.channel import listen_vsock, open_serial, read_token
 from pykata.agent.containers import DEFERRED_MODULES, Containers
 from pykata.agent.reaper import Reaper
