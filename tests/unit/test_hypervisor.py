@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -237,6 +238,16 @@ def test_lapic_period_comes_from_the_kernels_own_tick_rate(
 
 
 def test_a_fifo_in_place_of_the_kernel_config_does_not_stall_a_start(tmp_path: Path) -> None:
+    """Read in a thread: a blocking open would hang the test, not fail it."""
     kernel = tmp_path / "vmlinux"
     os.mkfifo(tmp_path / "config")
-    assert "lapic_period" not in _vm(tmp_path, kernel=kernel).kernel_cmdline()
+    found: list[str] = []
+    reader = threading.Thread(
+        target=lambda: found.append(_vm(tmp_path, kernel=kernel).kernel_cmdline()), daemon=True)
+    reader.start()
+    reader.join(timeout=10)
+    if reader.is_alive():  # unblock the stuck open so the thread can end
+        with open(tmp_path / "config", "wb"):
+            pass
+        pytest.fail("reading a FIFO planted as the kernel's config blocked")
+    assert found and "lapic_period" not in found[0]

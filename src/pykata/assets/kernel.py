@@ -175,8 +175,12 @@ def source_tree(spec: KernelSpec, cache: AssetCache, log: BuildLog) -> Path:
     identity and set of patches and then reused."""
     st = _stat_tarball(spec)
     identity: list[object] = [str(spec.tarball), st.st_size, st.st_mtime_ns]
-    if spec.patches:
-        identity.append(spec.patch_digests())
+    # Each patch read once: the bytes named in the tree's identity are the
+    # bytes applied, even if the file changes while the tree is made.
+    patches = [(p.name, p.read_text()) for p in spec.patches]
+    if patches:
+        identity.append([[name, hashlib.sha256(text.encode()).hexdigest()]
+                         for name, text in patches])
     tree = cache.source_dir / f"linux-{_digest(identity)}"
     if tree.is_dir():
         return tree
@@ -194,12 +198,12 @@ def source_tree(spec: KernelSpec, cache: AssetCache, log: BuildLog) -> Path:
             tops = [p for p in tmp.iterdir() if p.is_dir()]
             if len(tops) != 1 or not (tops[0] / "Makefile").is_file():
                 raise StepFailed(f"{spec.tarball} does not hold a single kernel source tree")
-            for patch in spec.patches:
-                log.step(f"kernel: applying {patch.name}")
+            for name, text in patches:
+                log.step(f"kernel: applying {name}")
                 # --fuzz=0: a patch that no longer fits its context exactly
                 # fails the build instead of landing somewhere else.
                 log.run(["patch", "-p1", "--batch", "--forward", "--fuzz=0",
-                         "--no-backup-if-mismatch", "-d", tops[0], "-i", patch])
+                         "--no-backup-if-mismatch", "-d", tops[0]], input_text=text)
             os.replace(tops[0], tree)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
