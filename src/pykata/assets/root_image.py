@@ -29,6 +29,7 @@ import os
 import shutil
 import stat
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
 from pykata.assets.buildlog import BuildLog
@@ -36,6 +37,7 @@ from pykata.assets.cpio import Archive, Entry
 
 ROOT_IMAGE = "root.img"
 MKE2FS = "/usr/sbin/mke2fs"
+DEBUGFS = "/usr/sbin/debugfs"
 # Its settings, not the host's /etc/mke2fs.conf.
 MKE2FS_CONFIG = Path(__file__).resolve().parent / "initrd" / "mke2fs.conf"
 _BLOCK = 4096
@@ -51,8 +53,9 @@ def can_build() -> str | None:
     """None when the image can be built here, else why not."""
     if os.geteuid() != 0:
         return "the guest root image is built as root (it holds device nodes)"
-    if not os.access(MKE2FS, os.X_OK):
-        return f"{MKE2FS} not found (install e2fsprogs)"
+    for tool in (MKE2FS, DEBUGFS):
+        if not os.access(tool, os.X_OK):
+            return f"{tool} not found (install e2fsprogs)"
     return None
 
 
@@ -84,8 +87,26 @@ def write_root_image(archive: Archive, key: str, work: Path, out: Path, log: Bui
              "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
     )
     shutil.rmtree(tree)
+    _zero_change_times(entries, work, out, log)
     os.chmod(out, 0o444)
     return out.stat().st_size
+
+
+def _zero_change_times(entries: Sequence[Entry], work: Path, out: Path, log: BuildLog) -> None:
+    """Set every entry's inode times to 0 in the image. mke2fs -d copies each
+    file's times from the staging tree, where no call can set a ctime (it is
+    when the build ran) and reading a file for its copy moves its atime off
+    the 0 given it (relatime), so two builds a second apart differed."""
+    commands = []
+    for entry in entries:
+        if '"' in entry.path or "\n" in entry.path:
+            raise ValueError(f"root image: {entry.path!r} cannot be named to debugfs")
+        commands += [f'sif "/{entry.path}" {field} @0' for field in ("ctime", "atime", "mtime")]
+    script = work / "zero-ctime.debugfs"
+    script.write_text("\n".join(commands) + "\n")
+    log.run([DEBUGFS, "-w", "-f", script, out],
+            env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+    script.unlink()
 
 
 def _extract(entry: Entry, tree: Path) -> int:
