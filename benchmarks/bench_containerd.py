@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.baseline import BASE_RUNTIME, Baseline
+from benchmarks.bench_run import with_disk_image
 from benchmarks.factory_config import with_factory
 from pykata import config
 from pykata.runtime.keys import pod_key
@@ -215,9 +216,15 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--baseline", type=Path, metavar="CHECKOUT",
                         help="another pykata's checkout, measured beside this one")
+    parser.add_argument("--vs-disk", action="store_true",
+                        help="also this pykata with its root image as a virtio-blk disk "
+                             "(disable_image_nvdimm = true) instead of DAX")
     args = parser.parse_args()
     baseline = Baseline(args.baseline) if args.baseline else None
-    pykatas = {"pykata": (RUNTIMES["pykata"], [sys.executable, "-m", "pykata.cli.main"])}
+    own = [sys.executable, "-m", "pykata.cli.main"]
+    pykatas = {"pykata": (RUNTIMES["pykata"], own)}
+    if args.vs_disk:
+        pykatas["pykata-disk"] = (RUNTIMES["pykata"], own)
     if baseline is not None:
         pykatas["baseline"] = (BASE_RUNTIME, [baseline.pykata()])
     modes = ["runc", *(f"{name} {how}" for name in pykatas
@@ -233,6 +240,10 @@ def main() -> int:
         cache_files: dict[str, Path] = {}
         for name in pykatas:
             templates = f"{tmp}/templates-{name}"
+            if name == "pykata-disk":
+                cold_text = with_disk_image(config.DEFAULT_CONFIG.read_text())
+            else:
+                cold_text = config.DEFAULT_CONFIG.read_text()
             texts[f"{name} cold"] = cold_text
             texts[f"{name} template"] = with_factory(cold_text, enable_template=True,
                                                      template_path=templates)
@@ -241,6 +252,7 @@ def main() -> int:
                 vm_cache_endpoint=f"{tmp}/cache-{name}.sock")
             cache_files[name] = Path(tmp) / f"cache-{name}.toml"
             cache_files[name].write_text(texts[f"{name} VM cache"])
+        cold_text = texts["runc"]
         cfg_file.write_text(cold_text)
         peer = PrivateContainerd(Path(tmp), cfg_file)
         peer.start()
@@ -264,7 +276,7 @@ def main() -> int:
                     f"{m} {times[m][-1]:.2f} s" for m in modes), file=sys.stderr)
             # exec in a running task of each, turn by turn (pykata's from a template).
             for name in execs:
-                cfg_file.write_text(texts.get(f"{name} template", cold_text))
+                cfg_file.write_text(texts.get(f"{name} template", texts["runc"]))
                 runtime = RUNTIMES["runc"] if name == "runc" else pykatas[name][0]
                 result = peer.ctr("run", "-d", "--runtime", runtime, IMAGE, f"exec-{name}",
                                   "sleep", "600")
@@ -277,7 +289,7 @@ def main() -> int:
             memory: dict[str, IdlePod] = {}
             warm: dict[str, list[IdlePod]] = {}
             for name, (runtime, _) in pykatas.items():
-                cfg_file.write_text(cold_text)
+                cfg_file.write_text(texts[f"{name} cold"])
                 memory[name] = idle_pod_memory(peer, runtime, f"bench-idle-{name}")
                 cfg_file.write_text(texts[f"{name} template"])
                 warm[name] = idle_pods_memory(peer, runtime, 3)

@@ -10,10 +10,11 @@ monitors pykata ran before the pod core, from
 
 With --baseline CHECKOUT (another pykata's checkout with its .venv), that
 pykata's pods are measured first, in the same run, then this one's; with
---vs-initrd, this pykata's pods booted from the initrd are (guest_root).
+--vs-initrd, this pykata's pods booted from the initrd are (guest_root); with
+--vs-disk, its pods with the root image as a virtio-blk disk instead of DAX.
 
     .venv/bin/python -m benchmarks.bench_density [--pods 100] [--cold] [--baseline DIR]
-        [--vs-initrd]
+        [--vs-initrd] [--vs-disk]
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.baseline import BASE_RUNTIME, Baseline
+from benchmarks.bench_run import with_disk_image
 from benchmarks.factory_config import with_factory
 from pykata import config
 from tests.functional.containerd_peer import IMAGE, PrivateContainerd
@@ -150,6 +152,9 @@ def main() -> int:
     parser.add_argument("--vs-initrd", action="store_true",
                         help="this pykata booting its guests from the initrd first, then "
                              "from the configured guest root")
+    parser.add_argument("--vs-disk", action="store_true",
+                        help="this pykata with its root image as a virtio-blk disk "
+                             "(disable_image_nvdimm = true) first, then as configured")
     args = parser.parse_args()
     baseline = Baseline(args.baseline) if args.baseline else None
     idle_before = cpu_busy(10)
@@ -169,10 +174,14 @@ def main() -> int:
             runs = [("baseline", BASE_RUNTIME)] if baseline is not None else []
             if args.vs_initrd:
                 runs.append(("pykata-initrd", RUNTIME))
+            if args.vs_disk:
+                runs.append(("pykata-disk", RUNTIME))
             for name, runtime in [*runs, ("pykata", RUNTIME)]:
                 text = config.DEFAULT_CONFIG.read_text()
                 if name == "pykata-initrd":
                     text = re.sub(r'(?m)^guest_root = ".*"$', 'guest_root = "initrd"', text)
+                if name == "pykata-disk":
+                    text = with_disk_image(text)
                 if not args.cold:
                     text = with_factory(text, enable_template=True,
                                         template_path=f"{tmp}/templates-{name}")

@@ -1,8 +1,9 @@
 """Benchmark: the guest's root from the initrd against the read-only image,
 side by side in one run: idle pod memory and start time.
 
-For each guest root ([hypervisor.qemu] guest_root = "initrd", then "image")
-and each start (cold, and restored from a VM template of its own), starts
+For each guest root ([hypervisor.qemu] guest_root = "initrd"; "image" as a
+virtio-blk disk, disable_image_nvdimm = true; "image-dax", the image as a
+DAX device, the default) and each start (cold, and restored from a VM template of its own), starts
 --pods idle `pykata run` pods one after another, lets them settle, then sums
 the PSS (/proc/<pid>/smaps_rollup) of every process pykata runs for them:
 QEMU, virtiofsd and the pod's owner. PSS divides a page shared by N
@@ -35,9 +36,20 @@ from pykata import assets, config
 from pykata.host.probes import resolve_accel
 
 PYKATA = [sys.executable, "-m", "pykata.cli.main"]
-ROOTS = ("initrd", "image")
+ROOTS = ("initrd", "image", "image-dax")
 STARTS = ("cold", "template")
 _GUEST_ROOT = re.compile(r'(?m)^guest_root = ".*"$')
+_DAX = re.compile(r"(?m)^disable_image_nvdimm = .*$")
+
+
+def root_config(base_text: str, root: str) -> str:
+    """`base_text` booting its guests from `root` (one of ROOTS)."""
+    text, count = _GUEST_ROOT.subn(f'guest_root = "{root.removesuffix("-dax")}"', base_text)
+    text, dax = _DAX.subn(f"disable_image_nvdimm = {str(root != 'image-dax').lower()}", text)
+    if count != 1 or dax != 1:
+        raise SystemExit("the configuration in effect lacks a guest_root or a "
+                         "disable_image_nvdimm line")
+    return text
 
 
 def _env(conf: Path, run_root: Path) -> dict[str, str]:
@@ -127,9 +139,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="pykata-bench-root-") as tmp:
         confs: dict[tuple[str, str], Path] = {}
         for root in ROOTS:
-            text, count = _GUEST_ROOT.subn(f'guest_root = "{root}"', base_text)
-            if count != 1:
-                raise SystemExit("the configuration in effect has no guest_root line")
+            text = root_config(base_text, root)
             for start in STARTS:
                 if start == "template":
                     text = with_factory(text, enable_template=True,

@@ -38,6 +38,7 @@ from pykata.hypervisor.qemu_args import (
     Machine,
     Memory,
     RootImage,
+    RootPmem,
     render,
 )
 
@@ -53,6 +54,7 @@ PHASES = [
 
 _QEMU_SECTION = re.compile(r"(?m)^\[hypervisor\.qemu\]\s*$")
 _INITRD_LINE = re.compile(r"(?m)^initrd\s*=.*$")
+_DAX_LINE = re.compile(r"(?m)^disable_image_nvdimm\s*=.*$")
 
 # The guest's own marks (GetBootProfile), in order.
 GUEST_STEPS = [
@@ -69,14 +71,16 @@ GUEST_STEPS = [
 def floor_boot(qemu: str, paths: assets.AssetPaths, accel: str, memory: int,
                root: str = "initrd", lapic_period: bool = True) -> float:
     """Seconds for QEMU to boot the kernel and its root (the initrd, or with
-    `root="image"` the root image) to an init that reboots at once. With
+    `root="image"` the root image as a virtio-blk disk, or with "image-dax"
+    as a DAX device) to an init that reboots at once. With
     `lapic_period` false the kernel is not given its APIC timer period and
     measures it, as every boot did before pykata gave it (the floor the
     issue's targets were set against)."""
-    image = paths.image if root == "image" else None
+    image = paths.image if root.startswith("image") else None
+    dax = root == "image-dax"
     vm = VmConfig(name="floor", run_dir=Path("/nonexistent"), qemu_path=qemu,
                   kernel=paths.kernel, initrd=None if image else paths.initrd, image=image,
-                  accel=accel, memory_mib=memory)
+                  image_dax=dax, accel=accel, memory_mib=memory)
     # busybox `reboot -f` as the very first process: reboot=t and -no-reboot
     # turn it into QEMU exiting. From the image the later init= wins. No `--`
     # before `-f`: QEMU appends the virtio-mmio devices to the command line,
@@ -87,12 +91,17 @@ def floor_boot(qemu: str, paths: assets.AssetPaths, accel: str, memory: int,
     if not lapic_period:
         words = [w for w in words if not w.startswith("pykata.lapic_period=")]
     cmdline = f"{' '.join(words)} {first}=/sbin/reboot -f"
-    disk = [] if image is None else RootImage(image, "microvm").args()
+    pmem = (RootPmem(image, image.stat().st_size, "microvm")
+            if image is not None and dax else None)
+    disk = [] if image is None else (pmem or RootImage(image, "microvm")).args()
+    layout = vm.pmem_layout()
+    ram = Memory(layout.ram_mib if layout else memory,
+                 numa_after_mib=layout.image_mib if layout else 0)
     with tempfile.TemporaryDirectory() as tmp:
         console = Path(tmp) / "console"
         args = [qemu, *render([
-            Basics(name="pykata-floor"), Machine("microvm", accel), Cpu(1, accel),
-            Memory(memory), KernelBoot(paths.kernel, vm.initrd, cmdline),
+            Basics(name="pykata-floor"), Machine("microvm", accel, numa_ram=ram.numa),
+            Cpu(1, accel), ram, KernelBoot(paths.kernel, vm.initrd, cmdline),
         ]), *disk, "-serial", f"file:{console}"]
         start = time.monotonic()
         subprocess.run(args, check=True, timeout=120, stdin=subprocess.DEVNULL,
@@ -137,6 +146,12 @@ def with_initrd(text: str, initrd: Path) -> str:
     return _QEMU_SECTION.sub(lambda m: f'{m[0]}\ninitrd = "{initrd}"', text, count=1)
 
 
+def with_disk_image(text: str) -> str:
+    """`text` with the root image as a virtio-blk disk instead of DAX."""
+    text = _DAX_LINE.sub("", text)
+    return _QEMU_SECTION.sub(lambda m: f"{m[0]}\ndisable_image_nvdimm = true", text, count=1)
+
+
 def _summary(samples: dict[str, list[float]], key: str) -> str:
     values = samples.get(key) or [0.0]
     return (f"{statistics.median(values):6.3f} s ({min(values):.2f}-{max(values):.2f})")
@@ -148,6 +163,10 @@ def main() -> int:
     parser.add_argument("--vs-initrd", type=Path, default=None,
                         help="also run with this guest initrd (e.g. another branch's "
                              "`pykata assets build`), in turn with the built one")
+    parser.add_argument("--vs-disk", action="store_true",
+                        help="also run with the root image as a virtio-blk disk "
+                             "(disable_image_nvdimm = true), and print the floors of "
+                             "the image both ways")
     args = parser.parse_args()
     cfg = config.load()
     paths = assets.locate()
@@ -162,6 +181,12 @@ def main() -> int:
             (Path(tmp) / "other.toml").write_text(other)
             modes["cold, vs initrd"] = Path(tmp) / "other.toml"
             modes["template, vs initrd"] = template_config(Path(tmp), other, "other-templates")
+        if args.vs_disk:
+            disk = with_disk_image(text)
+            (Path(tmp) / "disk.toml").write_text(disk)
+            modes["cold, image on disk"] = Path(tmp) / "disk.toml"
+            modes["template, image on disk"] = template_config(Path(tmp), disk, "disk-templates")
+        image_floors: dict[str, list[float]] = {"image-dax": [], "image": []}
         samples: dict[str, dict[str, list[float]]] = {m: {} for m in modes}
         floors: list[float] = []
         floors_measuring: list[float] = []
@@ -173,6 +198,10 @@ def main() -> int:
             floors.append(floor_boot(cfg.qemu.path, paths, accel, cfg.qemu.default_memory))
             floors_measuring.append(floor_boot(cfg.qemu.path, paths, accel,
                                                cfg.qemu.default_memory, lapic_period=False))
+            if args.vs_disk:
+                for root, found in image_floors.items():
+                    found.append(floor_boot(cfg.qemu.path, paths, accel,
+                                            cfg.qemu.default_memory, root=root))
             for n, (mode, cfg_file) in enumerate(modes.items()):
                 phases = pykata_run(Path(tmp) / f"{n}-{i}.json", cfg_file)
                 for key, value in phases.items():
@@ -218,6 +247,12 @@ def main() -> int:
     print(f"  {'floor, the kernel measuring its APIC':<{width}}  {before:6.3f} s"
           f"   ({min(floors_measuring):.3f}-{max(floors_measuring):.3f})"
           "   (the initrd's floor before pykata.lapic_period)")
+    for root, found in image_floors.items():
+        if found:
+            label = {"image-dax": "floor, the image as DAX (pmem)",
+                     "image": "floor, the image as a disk"}[root]
+            print(f"  {label:<{width}}  {statistics.median(found):6.3f} s"
+                  f"   ({min(found):.3f}-{max(found):.3f})")
     for mode in modes:
         whole = statistics.median(samples[mode]["whole"])
         print(f"  {'whole command / floor, ' + mode:<{width}}  {whole / floor:6.2f}x"

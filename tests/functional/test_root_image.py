@@ -1,9 +1,12 @@
 """Pods booted from the read-only root image (guest_root = "image", the
-default) and from the initrd, on real VMs: the container runs, the guest's /
-is the image mounted read-only, root in the guest cannot write the disk by
-any way it has (remount, clearing the block device's read-only flag, a
-direct write) and the host's file stays as built; a VM template saved from
-an image-booted VM restores with it; the initrd still boots cold and from a
+default) and from the initrd, on real VMs. The image is a DAX device by
+default (virtio-pmem): the guest's / is ext4 mounted ro with dax, reading
+its files adds nothing to the guest's page cache, and a write by root in the
+guest ends that VM without changing the host's file. As a virtio-blk disk
+(disable_image_nvdimm = true) the guest caches what it reads and cannot
+write the disk by any way it has (remount, clearing the block device's
+read-only flag, a direct write). A VM template saved from an image-booted VM
+restores with it, both ways; the initrd still boots cold and from a
 template."""
 
 from __future__ import annotations
@@ -32,10 +35,15 @@ from tests.functional.test_debug_console import (
 )
 
 
-def _root_config(base: Path, root: str = "image", *, templates: bool = False) -> Path:
+def _root_config(base: Path, root: str = "image", *, templates: bool = False,
+                 dax: bool = True) -> Path:
     text = _config_text(console=True, template_root=base / "templates" if templates else None)
     text, count = re.subn(r'(?m)^guest_root = ".*"$', f'guest_root = "{root}"', text)
     assert count == 1, "the packaged configuration has no guest_root line"
+    if not dax:
+        text, count = re.subn(r"(?m)^disable_image_nvdimm = false$",
+                              "disable_image_nvdimm = true", text)
+        assert count == 1, "the packaged configuration has no disable_image_nvdimm line"
     conf = base / "pykata.toml"
     conf.write_text(text)
     return conf
@@ -48,7 +56,8 @@ def _digest(path: Path) -> str:
 @pytest.fixture(scope="module")
 def image_pod(guest_assets: AssetPaths, tmp_path_factory: pytest.TempPathFactory
               ) -> Iterator[str]:
-    """A cold `pykata run` pod booted from the image, with the debug console."""
+    """A cold `pykata run` pod booted from the image as a DAX device (the
+    default), with the debug console."""
     assert guest_assets.image is not None and guest_assets.image.is_file(), (
         "the tests run as root, so `pykata assets build` makes the image")
     conf = _root_config(tmp_path_factory.mktemp("image-pod"))
@@ -56,21 +65,103 @@ def image_pod(guest_assets: AssetPaths, tmp_path_factory: pytest.TempPathFactory
         yield sid
 
 
-def test_the_guest_runs_from_the_image_mounted_read_only(
-        image_pod: str, guest_assets: AssetPaths) -> None:
-    result = _exec(image_pod, "sh", "-c", "cat /proc/cmdline; grep ' / ' /proc/mounts; "
-                                          "ls /run/pykata-init-stage-2 2>&1; true")
+@pytest.fixture(scope="module")
+def disk_pod(guest_assets: AssetPaths, tmp_path_factory: pytest.TempPathFactory
+             ) -> Iterator[str]:
+    """A cold pod booted from the image as a read-only virtio-blk disk."""
+    conf = _root_config(tmp_path_factory.mktemp("disk-pod"), dax=False)
+    with shared_run_pod(conf, "the disk image pod") as sid:
+        yield sid
+
+
+def _root_mount(sid: str) -> tuple[str, list[str]]:
+    result = _exec(sid, "sh", "-c", "cat /proc/cmdline; grep ' / ' /proc/mounts; "
+                                    "ls /run/pykata-init-stage-2 2>&1; true")
     assert result.returncode == 0, result.err
-    assert "root=/dev/vda ro rootfstype=ext4 init=/init" in result.out
     root_line = next(line for line in result.out.splitlines() if " / " in line)
     fields = root_line.split()
     assert fields[2] == "ext4" and fields[3].split(",")[0] == "ro", root_line
     # Stage 2's /run hides the small tmpfs stage 1 left its mark on.
     assert "No such file" in result.out
+    return result.out, fields[3].split(",")
 
 
-def test_root_in_the_guest_cannot_write_the_image(
-        image_pod: str, guest_assets: AssetPaths) -> None:
+def test_the_guest_runs_from_the_image_mapped_as_dax(image_pod: str) -> None:
+    out, options = _root_mount(image_pod)
+    assert "root=/dev/pmem0 ro rootfstype=ext4 rootflags=dax rootwait init=/init" in out
+    assert "dax=always" in options or "dax" in options, options
+
+
+def test_the_disk_image_is_mounted_read_only(disk_pod: str) -> None:
+    out, options = _root_mount(disk_pod)
+    assert "root=/dev/vda ro rootfstype=ext4 init=/init" in out
+    assert not any(o.startswith("dax") for o in options), options
+
+
+# Reads every file of the image (about 35 MiB, most of which an idle guest
+# has not read) and prints how much the guest's page cache grew (KiB).
+_CACHE_GROWTH = (
+    "c0=$(awk '/^Cached:/ {print $2}' /proc/meminfo); "
+    "find / -xdev -type f -exec cat {} + > /dev/null; "
+    "c1=$(awk '/^Cached:/ {print $2}' /proc/meminfo); echo $((c1 - c0))"
+)
+
+
+def test_reading_the_image_copies_nothing_into_the_guest(image_pod: str, disk_pod: str) -> None:
+    """The point of DAX: the guest reads the host's pages in place. The same
+    reads from the disk fill the guest's own page cache, which shows that the
+    measure would catch a copy."""
+    grown = {}
+    for name, sid in (("dax", image_pod), ("disk", disk_pod)):
+        result = _exec(sid, "sh", "-c", _CACHE_GROWTH)
+        assert result.returncode == 0, result.err
+        grown[name] = int(result.out.split()[-1])
+    assert grown["dax"] < 1024, grown
+    assert grown["disk"] > 4096, grown
+
+
+# The image's second block as the guest reads it from its pmem device.
+_BLOCK_SUM = "dd if=/dev/pmem0 bs=4096 count=1 skip=1 2>/dev/null | md5sum"
+
+
+def test_root_in_one_guest_cannot_change_the_dax_image_for_anyone(
+        image_pod: str, guest_assets: AssetPaths, tmp_path: Path) -> None:
+    """The image is mapped into every DAX guest: root in one guest remounts
+    it read-write, writes a file and overwrites a block of /dev/pmem0. QEMU
+    mapped the file read-only and made the memory read-only to the guest, so
+    the writes are dropped: the host's file keeps its SHA-256, another VM
+    mapping the same file reads the same bytes, and the attacking VM keeps
+    running (with only its own view of its root spoiled)."""
+    assert guest_assets.image is not None
+    before = _digest(guest_assets.image)
+    neighbour = _exec(image_pod, "sh", "-c", _BLOCK_SUM)
+    assert neighbour.returncode == 0, neighbour.err
+    proc = _start_run("--config", str(_root_config(tmp_path)))
+    sid = ""
+    try:
+        sid = _pod_of(proc.pid)
+        attack = _exec(sid, "sh", "-c",
+                       "mount -o remount,rw / && touch /pwned && sync && echo WROTE-FILE; "
+                       "dd if=/dev/zero of=/dev/pmem0 bs=4096 count=1 seek=1 "
+                       "conv=notrunc,fsync 2>/dev/null; echo attacked")
+        assert attack.returncode == 0 and "attacked" in attack.out, attack.err
+        assert _digest(guest_assets.image) == before
+        after = _exec(image_pod, "sh", "-c", _BLOCK_SUM + "; python3 -S -c 'print(6*7)'")
+        assert after.returncode == 0, after.err
+        assert after.out.splitlines()[0] == neighbour.out.splitlines()[0], after.out
+        assert after.out.splitlines()[-1] == "42"
+        # The attacker's VM did not die of it: its agent still answers.
+        alive = _exec(sid, "true")
+        assert alive.returncode == 0, alive.err
+    finally:
+        _stop_run(proc)
+    assert _digest(guest_assets.image) == before
+    left = [line for line in unexpected_leftovers() if sid and sid in line]
+    assert not left, "the attacking pod left this behind:\n" + "\n".join(left)
+
+
+def test_root_in_the_guest_cannot_write_the_disk_image(
+        disk_pod: str, guest_assets: AssetPaths) -> None:
     assert guest_assets.image is not None
     image = guest_assets.image
     before = _digest(image)
@@ -82,7 +173,7 @@ def test_root_in_the_guest_cannot_write_the_image(
         "  && echo WROTE-DISK; "
         "echo 1 > /proc/sys/vm/drop_caches; echo done"
     )
-    result = _exec(image_pod, "sh", "-c", attack)
+    result = _exec(disk_pod, "sh", "-c", attack)
     assert result.returncode == 0, result.err
     out = result.out
     assert "done" in out, out
@@ -94,13 +185,14 @@ def test_root_in_the_guest_cannot_write_the_image(
     mode = image.stat()
     assert mode.st_uid == 0 and not stat.S_IMODE(mode.st_mode) & 0o222
     # After all that the guest still reads its files from the disk.
-    again = _exec(image_pod, "sh", "-c", "python3 -S -c 'print(6*7)'")
+    again = _exec(disk_pod, "sh", "-c", "python3 -S -c 'print(6*7)'")
     assert again.returncode == 0 and again.out.strip() == "42", again.err
 
 
+@pytest.mark.parametrize("dax", [True, False], ids=["dax", "disk"])
 def test_a_template_saved_from_the_image_restores_with_it(
-        guest_assets: AssetPaths, tmp_path: Path) -> None:
-    conf = _root_config(tmp_path, templates=True)
+        guest_assets: AssetPaths, tmp_path: Path, dax: bool) -> None:
+    conf = _root_config(tmp_path, templates=True, dax=dax)
     proc = None
     sid = ""
     try:
@@ -110,14 +202,21 @@ def test_a_template_saved_from_the_image_restores_with_it(
         assert len(metas) == 1, metas
         identity = json.loads(metas[0].read_text())["identity"]
         assert identity["initrd"][0] == str(guest_assets.image)
-        assert "root=/dev/vda" in identity["cmdline"]
+        device = "/dev/pmem0" if dax else "/dev/vda"
+        assert f"root={device}" in identity["cmdline"]
         proc = _start_run("--config", str(conf))
         sid = _pod_of(proc.pid)
         state = json.loads((run_root() / "sandboxes" / sid / "state.json").read_text())
         assert state["boot"] == "template"
-        result = _exec(sid, "sh", "-c", "grep ' / ' /proc/mounts; touch /x || echo refused")
+        result = _exec(sid, "sh", "-c", "grep ' / ' /proc/mounts; touch /x || echo refused; "
+                                        + _CACHE_GROWTH)
         assert result.returncode == 0, result.err
         assert " ext4 ro" in result.out and "refused" in result.out, result.out
+        # The restored guest still reads the image in place (DAX) or
+        # through its own cache (disk): the device came back as it was.
+        assert ("dax" in result.out.splitlines()[0]) == dax, result.out
+        grown = int(result.out.split()[-1])
+        assert grown < 1024 if dax else grown > 4096, result.out
     finally:
         if proc is not None:
             _stop_run(proc)

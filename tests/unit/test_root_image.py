@@ -117,7 +117,8 @@ def test_guest_root_image_from_the_cache_or_the_fix(tmp_path: Path,
     assert files.image == tmp_path / "root.img" and files.initrd is None
 
 
-@pytest.mark.parametrize("name", ["root", "rootfstype", "rootflags", "rw", "init"])
+@pytest.mark.parametrize("name", ["root", "rootfstype", "rootflags", "rw", "init", "rootwait",
+                                  "memmap", "mem"])
 def test_a_pod_cannot_choose_its_root(name: str) -> None:
     assert kernel_params.check_allowlist_entry(name) is not None
 
@@ -137,6 +138,8 @@ def test_the_built_image_is_read_only_and_holds_every_entry(tmp_path: Path) -> N
     size = root_image.write_root_image(archive, "0123456789abcdef", tmp_path / "work", out, log)
     log.close()
     assert size == out.stat().st_size
+    # A whole number of 2 MiB: it can be a virtio-pmem device as it is.
+    assert size > 0 and size % (2 << 20) == 0
     assert stat.S_IMODE(out.stat().st_mode) == 0o444
     assert not (tmp_path / "work" / "root-tree").exists()
     listing = subprocess.run(["debugfs", "-R", "ls -l /dev", str(out)], capture_output=True,
@@ -186,8 +189,19 @@ def test_check_fails_an_image_others_could_change(tmp_path: Path) -> None:
     image = tmp_path / "root.img"
     image.write_bytes(b"x")
     image.chmod(0o644)
-    item = check_cmd._root_image(image, "image")
+    kernel = tmp_path / "vmlinux"
+    item = check_cmd._root_image(image, "image", kernel, "")
     assert not item.ok and "write permission" in item.detail
     image.chmod(0o444)
-    item = check_cmd._root_image(image, "image")
-    assert item.ok and item.value == "image, read-only", item
+    item = check_cmd._root_image(image, "image", kernel, "")
+    assert item.ok and item.value == "image, read-only, virtio-blk disk", item
+    # As a DAX device the one-byte image cannot be mapped: check says so.
+    item = check_cmd._root_image(image, "image", kernel, "microvm")
+    assert not item.ok and "not a multiple of 2 MiB" in item.detail, item
+    assert "disable_image_nvdimm = true" in item.detail
+    image.chmod(0o644)
+    with image.open("r+b") as f:
+        f.truncate(4 << 20)
+    image.chmod(0o444)
+    item = check_cmd._root_image(image, "image", kernel, "microvm")
+    assert item.ok and item.value == "image, read-only, DAX", item

@@ -27,7 +27,7 @@ from pykata.errors import AssetsError
 
 KIND = "initrd"
 # Bump when a change to the builder changes what a build produces.
-BUILDER_VERSION = "5"  # 4: the root image next to the initrd; 5: its ctimes zero
+BUILDER_VERSION = "6"  # 4: the root image next to the initrd; 5: its ctimes zero; 6: 2 MiB padded
 
 SRC_ROOT = Path(__file__).resolve().parents[2]  # the directory holding the pykata package
 DEFAULT_INIT = Path(__file__).resolve().parent / "initrd" / "init"

@@ -41,6 +41,7 @@ DEBUGFS = "/usr/sbin/debugfs"
 # Its settings, not the host's /etc/mke2fs.conf.
 MKE2FS_CONFIG = Path(__file__).resolve().parent / "initrd" / "mke2fs.conf"
 _BLOCK = 4096
+_BLOCKS_PER_PMEM_UNIT = (2 << 20) // _BLOCK
 # Room for directories, inodes' extent blocks and the allocator's rounding.
 _SLACK_BYTES = 8 << 20
 
@@ -74,6 +75,9 @@ def write_root_image(archive: Archive, key: str, work: Path, out: Path, log: Bui
     _zero_times(tree)
     blocks = (data_bytes + len(entries) * _BLOCK + _SLACK_BYTES) // _BLOCK
     blocks += blocks // 8
+    # A whole number of 2 MiB: the size a virtio-pmem device must have
+    # (hypervisor.qemu_args.PMEM_ALIGN), so the image is a DAX device as is.
+    blocks = -(-blocks // _BLOCKS_PER_PMEM_UNIT) * _BLOCKS_PER_PMEM_UNIT
     fs_id = str(uuid.UUID(hex=(key * 4)[:32]))
     log.step(f"root image: {len(entries)} entries, {data_bytes} bytes of files, "
              f"{blocks * _BLOCK >> 20} MiB")

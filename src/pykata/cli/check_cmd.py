@@ -63,14 +63,17 @@ def _assets(q: config_mod.QemuConfig) -> list[CheckItem]:
         items.append(CheckItem("guest root", "initrd",
                                f"{files.root} (from [hypervisor.qemu] {key})"))
     else:
-        items.append(_root_image(files.root, key))
+        items.append(_root_image(files.root, key, files.kernel,
+                                 q.machine_type if not q.disable_image_nvdimm else ""))
     return items
 
 
-def _root_image(image: Path, key: str) -> CheckItem:
+def _root_image(image: Path, key: str, kernel: Path, dax_machine: str) -> CheckItem:
     """The root image VMs boot: root's, and writable by nobody else, nor is
-    any directory above it (every VM booted from it reads that one file)."""
+    any directory above it (every VM booted from it reads that one file);
+    as a DAX device, of a size and for a kernel that can map it."""
     from pykata import rootonly
+    from pykata.hypervisor.qemu import dax_root_problem
 
     problem: object = None
     try:
@@ -82,7 +85,16 @@ def _root_image(image: Path, key: str) -> CheckItem:
     if problem is not None:
         return CheckItem("guest root", "image, not read-only", f"{problem}: run `pykata "
                          "assets build --force` as root, or make it root's and read-only", False)
-    return CheckItem("guest root", "image, read-only", f"{image} (from [hypervisor.qemu] {key})")
+    where = f"{image} (from [hypervisor.qemu] {key})"
+    if not dax_machine:
+        return CheckItem("guest root", "image, read-only, virtio-blk disk",
+                         f"{where}; each guest caches what it reads (disable_image_nvdimm)")
+    unfit = dax_root_problem(image, kernel, dax_machine)
+    if unfit is not None:
+        return CheckItem("guest root", "image, not usable as DAX", f"{unfit[0]}: {unfit[1]}",
+                         False)
+    return CheckItem("guest root", "image, read-only, DAX",
+                     f"{where}; every guest maps the host's pages of it")
 
 
 def _networking(cfg: config_mod.Config) -> CheckItem:

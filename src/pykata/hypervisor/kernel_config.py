@@ -17,18 +17,47 @@ _TICK_RATES = frozenset({100, 250, 300, 1000})
 _MAX_CONFIG_BYTES = 1 << 20
 
 
-def tick_rate(kernel: Path) -> int | None:
-    """CONFIG_HZ of the kernel at `kernel`; None when no config is beside it."""
+# What the root image as a DAX device needs of the guest kernel: on microvm
+# the e820 pmem driver (X86_PMEM_LEGACY) makes the memory marked persistent
+# a pmem device, on q35 virtio-pmem does; ZONE_DEVICE gives its pages struct
+# pages, and FS_DAX lets ext4 map them instead of copying.
+_DAX_COMMON = ("CONFIG_ZONE_DEVICE", "CONFIG_LIBNVDIMM", "CONFIG_BLK_DEV_PMEM",
+               "CONFIG_FS_DAX", "CONFIG_EXT4_FS")
+DAX_ROOT_OPTIONS = {
+    "microvm": ("CONFIG_X86_PMEM_LEGACY", *_DAX_COMMON),
+    "q35": ("CONFIG_PCI", "CONFIG_VIRTIO_PCI", "CONFIG_VIRTIO_PMEM", *_DAX_COMMON),
+}
+
+
+def options(kernel: Path) -> dict[str, str] | None:
+    """The CONFIG_ options of the kernel at `kernel` with their values;
+    None when no readable config is beside it."""
     config = kernel.parent / CONFIG_NAME
     try:
         st = config.stat()
     except OSError:
         return None
-    return _tick_rate(config, st.st_mtime_ns, st.st_size)
+    return _options(config, st.st_mtime_ns, st.st_size)
+
+
+def tick_rate(kernel: Path) -> int | None:
+    """CONFIG_HZ of the kernel at `kernel`; None when no config is beside it."""
+    value = (options(kernel) or {}).get("CONFIG_HZ", "")
+    return int(value) if value.isdigit() and int(value) in _TICK_RATES else None
+
+
+def missing_for_dax_root(kernel: Path, machine_type: str) -> list[str] | None:
+    """The options of DAX_ROOT_OPTIONS the kernel lacks on that machine
+    (built in, not as a module: pykata's guest loads none); None when its
+    config is unknown."""
+    have = options(kernel)
+    if have is None:
+        return None
+    return [name for name in DAX_ROOT_OPTIONS[machine_type] if have.get(name) != "y"]
 
 
 @functools.lru_cache(maxsize=8)
-def _tick_rate(config: Path, mtime_ns: int, size: int) -> int | None:
+def _options(config: Path, mtime_ns: int, size: int) -> dict[str, str] | None:
     del mtime_ns  # in the cache key only: a rebuilt config is read again
     if size > _MAX_CONFIG_BYTES:
         return None
@@ -39,8 +68,9 @@ def _tick_rate(config: Path, mtime_ns: int, size: int) -> int | None:
             text = f.read(_MAX_CONFIG_BYTES).decode("ascii", "replace")
     except OSError:
         return None
+    found: dict[str, str] = {}
     for line in text.splitlines():
-        if line.startswith("CONFIG_HZ="):
-            value = line.removeprefix("CONFIG_HZ=").strip()
-            return int(value) if value.isdigit() and int(value) in _TICK_RATES else None
-    return None
+        name, sep, value = line.partition("=")
+        if sep and name.startswith("CONFIG_"):
+            found[name] = value.strip()
+    return found

@@ -23,7 +23,7 @@ from typing import Any
 
 from pykata.errors import HypervisorError
 from pykata.host.probes import host_tsc_khz
-from pykata.hypervisor import migration
+from pykata.hypervisor import kernel_config, migration
 from pykata.hypervisor import qemu_args as qa
 from pykata.hypervisor import virtiofsd as vfs
 from pykata.hypervisor.base import (
@@ -87,6 +87,9 @@ class VmConfig:
     virtiofsd: str = ""
     virtio_fs_cache: str = "auto"
     image: Path | None = None
+    # The image as a DAX device (virtio-pmem) whose pages every VM shares,
+    # rather than a virtio-blk disk each guest caches its own copy of.
+    image_dax: bool = False
     # Under TCG: MiB of translated guest code QEMU keeps (0: QEMU's default).
     tcg_code_cache_mib: int = 0
 
@@ -100,6 +103,19 @@ class VmConfig:
         root = self.image or self.initrd
         assert root is not None
         return root
+
+    @property
+    def root_pmem(self) -> bool:
+        """Whether the root image is mapped into the guest (DAX)."""
+        return self.image is not None and self.image_dax
+
+    def pmem_layout(self) -> qa.PmemLayout | None:
+        """Where the image sits in a microvm's memory (DAX; q35 has a
+        virtio-pmem device and needs none)."""
+        if not self.root_pmem or self.machine_type != "microvm":
+            return None
+        assert self.image is not None
+        return qa.PmemLayout.for_microvm(self.memory_mib, self.image.stat().st_size)
 
     @property
     def uses_virtio_fs(self) -> bool:
@@ -146,7 +162,16 @@ class VmConfig:
             parts.append("pykata.debug=1")
         if self.vsock_cid:
             parts.append("pykata.transport=vsock")
-        if self.image is not None:
+        if self.root_pmem:
+            layout = self.pmem_layout()
+            # The only pmem device; dax: ext4 maps its files' pages from the
+            # device instead of copying them into the guest's page cache,
+            # and fails the mount (not silently copies) if it cannot.
+            # rootwait: the nvdimm bus finds the namespace asynchronously.
+            parts += [layout.kernel_param() if layout else "",
+                      f"root={qa.ROOT_PMEM_DEVICE}", "ro", "rootfstype=ext4", "rootflags=dax",
+                      "rootwait", "init=/init"]
+        elif self.image is not None:
             # The image is the only virtio-blk disk, so it is vda whatever
             # else the VM has; the kernel mounts it read-only itself.
             parts += [f"root={qa.ROOT_IMAGE_DEVICE}", "ro", "rootfstype=ext4", "init=/init"]
@@ -168,6 +193,12 @@ class VmConfig:
             devices.append(FreePageReporting())
         return tuple(devices)
 
+    def _check_dax_root(self) -> None:
+        assert self.image is not None
+        problem = dax_root_problem(self.image, self.kernel, self.machine_type)
+        if problem is not None:
+            raise HypervisorError(problem[0], hint=problem[1])
+
     def check(self) -> None:
         """Fail early, with the fix, on anything QEMU would fail on later."""
         check_qemu(self.qemu_path)
@@ -177,6 +208,8 @@ class VmConfig:
                 raise HypervisorError(
                     f"{what} not found at {path}", hint="run `pykata assets build`"
                 )
+        if self.root_pmem:
+            self._check_dax_root()
         if self.shared_dir is not None and not self.shared_dir.is_dir():
             raise HypervisorError(f"shared directory {self.shared_dir} does not exist")
         if self.uses_virtio_fs:
@@ -186,6 +219,23 @@ class VmConfig:
                 # device at all (see factory.template).
                 raise HypervisorError("a VM whose RAM is a template's file cannot use virtio-fs")
             self.virtiofsd_config().check()
+
+
+def dax_root_problem(image: Path, kernel: Path, machine_type: str) -> tuple[str, str] | None:
+    """Why `image` cannot be booted as a DAX device with `kernel`, and the
+    fix; None when it can (or the kernel's config is unknown)."""
+    fallback = "or set [hypervisor.qemu] disable_image_nvdimm = true (a virtio-blk disk)"
+    size = image.stat().st_size
+    if size == 0 or size % qa.PMEM_ALIGN:
+        return (f"guest root image {image} is {size} bytes, not a multiple of "
+                f"{qa.PMEM_ALIGN >> 20} MiB, so it cannot be a DAX device",
+                f"run `pykata assets build` (it pads the image it builds), {fallback}")
+    missing = kernel_config.missing_for_dax_root(kernel, machine_type)
+    if missing:
+        return (f"guest kernel {kernel} lacks {', '.join(missing)} (its config beside it), "
+                "so it cannot boot from the root image as a DAX device",
+                f"use the kernel `pykata assets build` makes, {fallback}")
+    return None
 
 
 @dataclass
@@ -281,18 +331,25 @@ class QemuVM:
     def _options(self, qmp_fd: int, agent_fd: int, console_fd: int, virtiofs_fd: int = -1
                  ) -> list[qa.QemuOption]:
         c = self.config
-        memory = qa.Memory(c.memory_mib, c.memory_path, c.memory_shared,
-                           memfd=c.uses_virtio_fs and c.memory_path is None)
+        pmem = (qa.RootPmem(c.image, c.image.stat().st_size, c.machine_type)
+                if c.root_pmem and c.image is not None else None)
+        layout = c.pmem_layout()
+        memory = qa.Memory(layout.ram_mib if layout else c.memory_mib, c.memory_path,
+                           c.memory_shared, memfd=c.uses_virtio_fs and c.memory_path is None,
+                           device_bytes=pmem.size if pmem and not layout else 0,
+                           numa_after_mib=layout.image_mib if layout else 0)
         opts: list[qa.QemuOption] = [
             qa.Basics(name=f"pykata-{c.name}"),
             qa.Machine(c.machine_type, c.accel, ram_backend=memory.backend,
-                       tcg_code_cache=c.tcg_code_cache_mib),
+                       tcg_code_cache=c.tcg_code_cache_mib, numa_ram=memory.numa),
             qa.Cpu(c.vcpus, c.accel),
             memory,
             qa.KernelBoot(c.kernel, c.initrd, c.kernel_cmdline()),
             qa.QmpFd(qmp_fd),
         ]
-        if c.image is not None:
+        if pmem is not None:
+            opts.append(pmem)
+        elif c.image is not None:
             opts.append(qa.RootImage(c.image, c.machine_type))
         if c.uses_virtio_fs:
             opts.append(qa.ModernVirtioMmio(c.machine_type))

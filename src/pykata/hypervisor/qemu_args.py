@@ -27,6 +27,7 @@ def _escape(value: str) -> str:
 
 # The id of the guest RAM's backend object, when it is a file (templates).
 RAM_BACKEND_ID = "pykata-ram"
+_GIB = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -38,18 +39,22 @@ class Machine:
     # Under TCG, MiB of translated code QEMU keeps before it starts over
     # (tb-size); 0 leaves QEMU's default, a 1 GiB buffer.
     tcg_code_cache: int = 0
+    # The guest RAM is NUMA node 0's memory (Memory.numa), not the
+    # machine's memory-backend: QEMU takes one or the other.
+    numa_ram: bool = False
 
     def args(self) -> list[str]:
         if self.machine_type == "microvm":
-            # acpi=off: QEMU then lists the virtio-mmio devices on the kernel
-            # command line itself (auto-kernel-cmdline), and the guest kernel
-            # needs no ACPI. The legacy PIT, PIC and RTC stay: without the PIC
-            # the guest's timer interrupt never arrives under TCG, and the RTC
-            # gives the guest its wall-clock time.
+            # The legacy PIT, PIC and RTC stay: without the PIC the guest's
+            # timer interrupt never arrives under TCG, and the RTC gives the
+            # guest its wall-clock time.
+            # acpi=off: QEMU then lists the virtio-mmio devices on the
+            # kernel command line itself (auto-kernel-cmdline), and the guest
+            # kernel needs no ACPI.
             opts = "microvm,acpi=off,pit=on,pic=on,rtc=on,isa-serial=on"
         else:
             opts = self.machine_type
-        if self.ram_backend:
+        if self.ram_backend and not self.numa_ram:
             opts += f",memory-backend={RAM_BACKEND_ID}"
         if self.accel == "tcg" and self.tcg_code_cache:
             # tb-size is an option of the accelerator object, and QEMU takes
@@ -81,6 +86,17 @@ class Memory:
     path: Path | None = None
     shared: bool = True
     memfd: bool = False
+    # Bytes of memory devices (the root image's virtio-pmem on q35) beyond
+    # the RAM: they are plugged into the machine's device memory, which
+    # needs a slot and room under maxmem.
+    device_bytes: int = 0
+    # MiB of guest memory after the RAM that NUMA node 1 fills (the root
+    # image on microvm, RootPmem): the RAM is then node 0, always an object.
+    numa_after_mib: int = 0
+
+    @property
+    def numa(self) -> bool:
+        return self.numa_after_mib > 0
 
     @property
     def backend(self) -> bool:
@@ -88,7 +104,18 @@ class Memory:
         return self.path is not None or self.memfd
 
     def args(self) -> list[str]:
-        out = ["-m", f"{self.mib}M"]
+        size = f"{self.mib + self.numa_after_mib}M"
+        if self.device_bytes:
+            # QEMU may align each slot to 1 GiB within the device memory.
+            room = -(-self.device_bytes // _GIB) * _GIB + _GIB
+            size += f",slots=1,maxmem={self.mib + (room >> 20)}M"
+        out = ["-m", size, *self._backend_args()]
+        if self.numa:
+            out += ["-numa", f"node,memdev={RAM_BACKEND_ID}"]
+        return out
+
+    def _backend_args(self) -> list[str]:
+        out: list[str] = []
         if self.path is not None:
             share = "on" if self.shared else "off"
             out += ["-object", f"memory-backend-file,id={RAM_BACKEND_ID},size={self.mib}M,"
@@ -96,6 +123,8 @@ class Memory:
         elif self.memfd:
             out += ["-object",
                     f"memory-backend-memfd,id={RAM_BACKEND_ID},size={self.mib}M,share=on"]
+        elif self.numa:
+            out += ["-object", f"memory-backend-ram,id={RAM_BACKEND_ID},size={self.mib}M"]
         return out
 
 
@@ -142,6 +171,74 @@ class RootImage:
                       "file.locking=off",
             "-device", f"virtio-blk-{bus},drive=root",
         ]
+
+
+# The guest's name for the root image as a DAX device: the VM's only pmem.
+ROOT_PMEM_DEVICE = "/dev/pmem0"
+# The image's size must be a multiple of this (a memory block the guest maps
+# with struct pages); pykata's image builder pads to it.
+PMEM_ALIGN = 2 << 20
+# microvm puts guest memory below 4 GiB up to 3 GiB, the rest from 4 GiB on.
+_MICROVM_LOW_MIB = 3072
+_FOUR_GIB_MIB = 4096
+ROOT_BACKEND_ID = "pykata-root"
+
+
+@dataclass(frozen=True)
+class PmemLayout:
+    """Where the root image sits in a microvm's guest memory: NUMA node 1,
+    right after the RAM (node 0), which the guest kernel is told is
+    persistent memory (memmap=SIZE!START) and makes /dev/pmem0 of."""
+
+    ram_mib: int
+    image_mib: int
+    start_mib: int
+
+    @classmethod
+    def for_microvm(cls, ram_mib: int, image_bytes: int) -> PmemLayout:
+        image_mib = image_bytes >> 20
+        # An odd MiB of RAM would leave the image off its 2 MiB alignment.
+        ram = ram_mib + ram_mib % 2
+        if ram < _MICROVM_LOW_MIB < ram + image_mib:
+            # The image would straddle the hole below 4 GiB and be two
+            # ranges; a little more RAM moves it whole above 4 GiB.
+            ram = _MICROVM_LOW_MIB
+        if ram + image_mib <= _MICROVM_LOW_MIB:
+            start = ram
+        else:
+            start = _FOUR_GIB_MIB + ram - _MICROVM_LOW_MIB
+        return cls(ram, image_mib, start)
+
+    def kernel_param(self) -> str:
+        return f"memmap={self.image_mib}M!{self.start_mib}M"
+
+
+@dataclass(frozen=True)
+class RootPmem:
+    """The read-only root image as guest memory the guest's ext4 reads in
+    DAX mode: QEMU maps the host file, so every VM maps the same host
+    page-cache pages and no guest keeps a copy of its own. On microvm (no
+    memory devices) it is NUMA node 1 after the RAM (PmemLayout); on q35 a
+    virtio-pmem device.
+
+    share=on: the mapping is the file's own pages (and a template's save
+    skips it with x-ignore-shared, so it is never copied into a template).
+    readonly=on: QEMU opens the file O_RDONLY and maps it PROT_READ, so no
+    guest write can reach it: a guest store faults in its own QEMU (under
+    TCG, QEMU dies; under KVM, the vCPU stops), and only that VM ends."""
+
+    path: Path
+    size: int
+    machine_type: str
+
+    def args(self) -> list[str]:
+        backend = ["-object", f"memory-backend-file,id={ROOT_BACKEND_ID},"
+                              f"mem-path={_escape(str(self.path))},size={self.size},"
+                              "share=on,readonly=on"]
+        if self.machine_type == "microvm":
+            return [*backend, "-numa", f"node,memdev={ROOT_BACKEND_ID}"]
+        return [*backend, "-device",
+                f"virtio-pmem-pci,memdev={ROOT_BACKEND_ID},id={ROOT_BACKEND_ID}-pmem"]
 
 
 @dataclass(frozen=True)

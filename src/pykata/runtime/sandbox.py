@@ -180,6 +180,7 @@ class Sandbox:
             kernel=files.kernel,
             initrd=files.initrd,
             image=files.image,
+            image_dax=not q.disable_image_nvdimm,
             machine_type=q.machine_type,
             accel=accel.value,
             vcpus=self.options.vcpus or q.default_vcpus,
