@@ -10,6 +10,8 @@ import json
 import time
 from pathlib import Path
 
+import pytest
+
 from pykata.assets import AssetPaths
 from tests.functional.conftest import Cli
 
@@ -56,17 +58,33 @@ def test_missing_root_image_names_the_fix(cli: Cli, tmp_path: Path,
     assert "pykata assets build" in result.err
 
 
+@pytest.mark.parametrize("dax", [True, False], ids=["dax", "disk"])
 def test_a_root_image_that_is_no_filesystem(cli: Cli, tmp_path: Path,
-                                            guest_assets: AssetPaths) -> None:
+                                            guest_assets: AssetPaths, dax: bool) -> None:
     """An image the guest kernel cannot mount ends the VM at boot: the error
     says the kernel never reached init and quotes its console, and nothing
-    is left behind (no_leftovers)."""
+    is left behind (no_leftovers). Mapped into the guest (DAX) or as a disk."""
     junk = tmp_path / "junk.img"
-    junk.write_bytes(b"\0" * (1 << 20))
-    config = _config(tmp_path, guest_assets, initrd="", image=str(junk))
+    junk.write_bytes(b"\0" * (2 << 20))
+    config = _config(tmp_path, guest_assets, initrd="", image=str(junk),
+                     disable_image_nvdimm=not dax)
     result = cli("--config", config, "run", "--", "true")
     assert result.returncode != 0
     assert "Unable to mount root fs" in result.err, result.err
+
+
+def test_a_root_image_that_cannot_be_mapped(cli: Cli, tmp_path: Path,
+                                            guest_assets: AssetPaths) -> None:
+    """An image whose size is no whole number of 2 MiB cannot be mapped
+    into the guest: refused before QEMU starts, with both fixes."""
+    junk = tmp_path / "junk.img"
+    junk.write_bytes(b"\0" * (1 << 20) + b"x")
+    config = _config(tmp_path, guest_assets, initrd="", image=str(junk))
+    result = cli("--config", config, "run", "--", "true")
+    assert result.returncode != 0
+    assert f"guest root image {junk} is {(1 << 20) + 1} bytes, not a multiple of 2 MiB" \
+        in result.err, result.err
+    assert "pykata assets build" in result.err and "disable_image_nvdimm = true" in result.err
 
 
 def test_missing_qemu_binary(cli: Cli, tmp_path: Path, guest_assets: AssetPaths) -> None:
