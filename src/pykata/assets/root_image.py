@@ -3,17 +3,22 @@ guest_root = "image"`), made from the same entries as the initrd.
 
 A VM booted from the initrd copies the compressed archive into its RAM and
 unpacks it into a ramfs that stays there for the VM's life: every pod holds
-its own copy of every file. Booted from the image, the guest reads only the
-blocks it uses, through a read-only virtio-blk disk; the host reads them once
-into its page cache for every VM, and nothing is unpacked at boot.
+its own copy of every file. The image is mapped into each guest by default
+(DAX, hypervisor.qemu_args.RootPmem): every VM maps the host's page-cache
+pages of it and the guest's ext4 reads them in place, so no guest keeps a
+copy and nothing is unpacked at boot. As a read-only virtio-blk disk
+(disable_image_nvdimm) the host reads each block once for every VM, but each
+guest caches the blocks it reads.
 
-What keeps the guest from writing it is QEMU's read-only descriptor
-(`readonly=on`: the guest's disk reports itself read-only, and QEMU refuses
-a write whatever the guest's kernel does); the guest also mounts it `ro`.
-The file is 0444 in the root-owned cache, which keeps other host users from
-changing it (not a compromised QEMU: it runs as root). A hostile guest can
-read its own copy of pykata's files and nothing else; it cannot change what
-the next VM boots.
+What keeps a guest from writing it is QEMU: it opens and maps the file
+read-only (`readonly=on`), so a guest's stores into the mapping are dropped
+and a disk refuses writes; the guest also mounts it `ro`. The file is 0444
+in the root-owned cache, which keeps other host users from changing it (not
+a compromised QEMU: it runs as root). A hostile guest can read pykata's
+files and nothing else; it cannot change what another VM or the next boot
+reads.
+
+Its size is a whole number of 2 MiB, the unit a guest maps it in.
 
 No journal (nothing is ever written) and no reserved blocks; pykata's own
 mke2fs settings (initrd/mke2fs.conf, not the host's); a fixed UUID and hash

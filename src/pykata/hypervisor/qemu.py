@@ -55,7 +55,7 @@ class VmConfig:
     qemu_path: str
     kernel: Path
     # The guest's root filesystem: an initrd, or (`image`) a read-only ext4
-    # image on a virtio-blk disk. Exactly one is set.
+    # image, mapped into the guest or a disk (image_dax). Exactly one is set.
     initrd: Path | None = None
     machine_type: str = "microvm"
     accel: str = "tcg"
@@ -87,8 +87,9 @@ class VmConfig:
     virtiofsd: str = ""
     virtio_fs_cache: str = "auto"
     image: Path | None = None
-    # The image as a DAX device (virtio-pmem) whose pages every VM shares,
-    # rather than a virtio-blk disk each guest caches its own copy of.
+    # The image mapped into the guest (DAX: memory after the RAM on microvm,
+    # virtio-pmem on q35), whose pages every VM shares, rather than a
+    # virtio-blk disk each guest caches its own copy of.
     image_dax: bool = False
     # Under TCG: MiB of translated guest code QEMU keeps (0: QEMU's default).
     tcg_code_cache_mib: int = 0
