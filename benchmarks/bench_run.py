@@ -91,8 +91,7 @@ def floor_boot(qemu: str, paths: assets.AssetPaths, accel: str, memory: int,
     if not lapic_period:
         words = [w for w in words if not w.startswith("pykata.lapic_period=")]
     cmdline = f"{' '.join(words)} {first}=/sbin/reboot -f"
-    pmem = (RootPmem(image, image.stat().st_size, "microvm")
-            if image is not None and dax else None)
+    pmem = RootPmem(image, image.stat().st_size) if image is not None and dax else None
     disk = [] if image is None else (pmem or RootImage(image, "microvm")).args()
     layout = vm.pmem_layout()
     ram = Memory(layout.ram_mib if layout else memory,

@@ -1,8 +1,9 @@
 """Pods booted from the read-only root image (guest_root = "image", the
-default) and from the initrd, on real VMs. The image is a DAX device by
-default (virtio-pmem): the guest's / is ext4 mounted ro with dax, reading
-its files adds nothing to the guest's page cache, and a write by root in the
-guest ends that VM without changing the host's file. As a virtio-blk disk
+default) and from the initrd, on real VMs. The image is mapped into the
+guest by default (DAX, guest memory marked persistent): the guest's / is
+ext4 mounted ro with dax, reading its files adds nothing to the guest's page
+cache, and root in one guest writing it changes neither the host's file nor
+another VM's view of it. As a virtio-blk disk
 (disable_image_nvdimm = true) the guest caches what it reads and cannot
 write the disk by any way it has (remount, clearing the block device's
 read-only flag, a direct write). A VM template saved from an image-booted VM

@@ -3,6 +3,7 @@ chooses it, and the image the build makes (mke2fs, as root)."""
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import subprocess
@@ -18,6 +19,7 @@ from pykata.assets.buildlog import BuildLog
 from pykata.assets.cpio import Archive
 from pykata.errors import AssetsError, ConfigError, HypervisorError
 from pykata.factory import template
+from pykata.hypervisor import kernel_config
 from pykata.hypervisor.qemu import QemuVM, VmConfig
 from pykata.runtime import guest_files as gf
 
@@ -190,18 +192,24 @@ def test_check_fails_an_image_others_could_change(tmp_path: Path) -> None:
     image.write_bytes(b"x")
     image.chmod(0o644)
     kernel = tmp_path / "vmlinux"
-    item = check_cmd._root_image(image, "image", kernel, "")
+    item = check_cmd._root_image(image, "image", kernel, dax=False)
     assert not item.ok and "write permission" in item.detail
     image.chmod(0o444)
-    item = check_cmd._root_image(image, "image", kernel, "")
+    item = check_cmd._root_image(image, "image", kernel, dax=False)
     assert item.ok and item.value == "image, read-only, virtio-blk disk", item
     # As a DAX device the one-byte image cannot be mapped: check says so.
-    item = check_cmd._root_image(image, "image", kernel, "microvm")
+    item = check_cmd._root_image(image, "image", kernel, dax=True)
     assert not item.ok and "not a multiple of 2 MiB" in item.detail, item
     assert "disable_image_nvdimm = true" in item.detail
     image.chmod(0o644)
     with image.open("r+b") as f:
         f.truncate(4 << 20)
     image.chmod(0o444)
-    item = check_cmd._root_image(image, "image", kernel, "microvm")
+    item = check_cmd._root_image(image, "image", kernel, dax=True)
+    assert not item.ok and "has no config beside it" in item.detail, item
+    (tmp_path / "config").write_text("".join(
+        f"{name}=y\n" for name in kernel_config.DAX_ROOT_OPTIONS))
+    (tmp_path / "manifest.json").write_text(json.dumps(
+        {"inputs": {"patches": [[kernel_config.DAX_ROOT_PATCH, "x"]]}}))
+    item = check_cmd._root_image(image, "image", kernel, dax=True)
     assert item.ok and item.value == "image, read-only, DAX", item

@@ -64,11 +64,11 @@ def _assets(q: config_mod.QemuConfig) -> list[CheckItem]:
                                f"{files.root} (from [hypervisor.qemu] {key})"))
     else:
         items.append(_root_image(files.root, key, files.kernel,
-                                 q.machine_type if not q.disable_image_nvdimm else ""))
+                                 dax=not q.disable_image_nvdimm and q.machine_type == "microvm"))
     return items
 
 
-def _root_image(image: Path, key: str, kernel: Path, dax_machine: str) -> CheckItem:
+def _root_image(image: Path, key: str, kernel: Path, *, dax: bool) -> CheckItem:
     """The root image VMs boot: root's, and writable by nobody else, nor is
     any directory above it (every VM booted from it reads that one file);
     as a DAX device, of a size and for a kernel that can map it."""
@@ -86,10 +86,11 @@ def _root_image(image: Path, key: str, kernel: Path, dax_machine: str) -> CheckI
         return CheckItem("guest root", "image, not read-only", f"{problem}: run `pykata "
                          "assets build --force` as root, or make it root's and read-only", False)
     where = f"{image} (from [hypervisor.qemu] {key})"
-    if not dax_machine:
+    if not dax:
         return CheckItem("guest root", "image, read-only, virtio-blk disk",
-                         f"{where}; each guest caches what it reads (disable_image_nvdimm)")
-    unfit = dax_root_problem(image, kernel, dax_machine)
+                         f"{where}; each guest caches what it reads (disable_image_nvdimm, "
+                         "or q35: DAX is microvm's only)")
+    unfit = dax_root_problem(image, kernel)
     if unfit is not None:
         return CheckItem("guest root", "image, not usable as DAX", f"{unfit[0]}: {unfit[1]}",
                          False)

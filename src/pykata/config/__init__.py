@@ -43,8 +43,8 @@ class QemuConfig:
     # What the guest's root filesystem boots from when neither initrd nor
     # image names a file: the cache's read-only image or its initrd.
     guest_root: str = "image"
-    # The image as a virtio-blk disk instead of a DAX device (virtio-pmem):
-    # each guest then caches its own copy of what it reads.
+    # The image as a read-only virtio-blk disk instead of mapped into the
+    # guest (DAX, microvm only): each guest then caches what it reads.
     disable_image_nvdimm: bool = False
     machine_type: str = "microvm"
     accel: str = "auto"

@@ -8,6 +8,7 @@ and the guest works it out itself at boot, as any kernel does.
 from __future__ import annotations
 
 import functools
+import json
 import os
 from pathlib import Path
 
@@ -17,16 +18,17 @@ _TICK_RATES = frozenset({100, 250, 300, 1000})
 _MAX_CONFIG_BYTES = 1 << 20
 
 
-# What the root image as a DAX device needs of the guest kernel: on microvm
-# the e820 pmem driver (X86_PMEM_LEGACY) makes the memory marked persistent
-# a pmem device, on q35 virtio-pmem does; ZONE_DEVICE gives its pages struct
-# pages, and FS_DAX lets ext4 map them instead of copying.
-_DAX_COMMON = ("CONFIG_ZONE_DEVICE", "CONFIG_LIBNVDIMM", "CONFIG_BLK_DEV_PMEM",
-               "CONFIG_FS_DAX", "CONFIG_EXT4_FS")
-DAX_ROOT_OPTIONS = {
-    "microvm": ("CONFIG_X86_PMEM_LEGACY", *_DAX_COMMON),
-    "q35": ("CONFIG_PCI", "CONFIG_VIRTIO_PCI", "CONFIG_VIRTIO_PMEM", *_DAX_COMMON),
-}
+# What the root image as a DAX device needs of the guest kernel: the e820
+# pmem driver (X86_PMEM_LEGACY) makes the memory marked persistent a pmem
+# device, ZONE_DEVICE gives its pages struct pages, and FS_DAX lets ext4 map
+# them instead of copying. PCI: patch 0002 lives in its x86 setup.
+DAX_ROOT_OPTIONS = ("CONFIG_PCI", "CONFIG_X86_PMEM_LEGACY", "CONFIG_ZONE_DEVICE",
+                    "CONFIG_LIBNVDIMM", "CONFIG_BLK_DEV_PMEM", "CONFIG_FS_DAX",
+                    "CONFIG_EXT4_FS")
+# The patch without which a PCI-less machine's kernel never registers the
+# persistent memory (assets/kernel/patches/).
+DAX_ROOT_PATCH = "0002-persistent-memory-without-pci.patch"
+MANIFEST_NAME = "manifest.json"
 
 
 def options(kernel: Path) -> dict[str, str] | None:
@@ -46,14 +48,39 @@ def tick_rate(kernel: Path) -> int | None:
     return int(value) if value.isdigit() and int(value) in _TICK_RATES else None
 
 
-def missing_for_dax_root(kernel: Path, machine_type: str) -> list[str] | None:
-    """The options of DAX_ROOT_OPTIONS the kernel lacks on that machine
-    (built in, not as a module: pykata's guest loads none); None when its
-    config is unknown."""
+def missing_for_dax_root(kernel: Path) -> list[str] | None:
+    """The options of DAX_ROOT_OPTIONS the kernel lacks (built in, not as a
+    module: pykata's guest loads none); None when its config is unknown."""
     have = options(kernel)
     if have is None:
         return None
-    return [name for name in DAX_ROOT_OPTIONS[machine_type] if have.get(name) != "y"]
+    return [name for name in DAX_ROOT_OPTIONS if have.get(name) != "y"]
+
+
+def built_with_patch(kernel: Path, name: str) -> bool:
+    """Whether `pykata assets build` made the kernel at `kernel` with the
+    patch `name` (its manifest beside it lists the patches it applied)."""
+    text = _read_small(kernel.parent / MANIFEST_NAME)
+    if text is None:
+        return False
+    try:
+        patches = json.loads(text).get("inputs", {}).get("patches", [])
+    except (ValueError, AttributeError):
+        return False
+    return any(isinstance(p, list) and p and p[0] == name for p in patches)
+
+
+def _read_small(path: Path) -> str | None:
+    try:
+        # O_NONBLOCK: a FIFO in the file's place cannot stall a VM's start.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as f:
+            data = f.read(_MAX_CONFIG_BYTES + 1)
+    except OSError:
+        return None
+    if len(data) > _MAX_CONFIG_BYTES:
+        return None
+    return data.decode("ascii", "replace")
 
 
 @functools.lru_cache(maxsize=8)
@@ -61,12 +88,8 @@ def _options(config: Path, mtime_ns: int, size: int) -> dict[str, str] | None:
     del mtime_ns  # in the cache key only: a rebuilt config is read again
     if size > _MAX_CONFIG_BYTES:
         return None
-    try:
-        # O_NONBLOCK: a FIFO in the config's place cannot stall a VM's start.
-        fd = os.open(config, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        with os.fdopen(fd, "rb") as f:
-            text = f.read(_MAX_CONFIG_BYTES).decode("ascii", "replace")
-    except OSError:
+    text = _read_small(config)
+    if text is None:
         return None
     found: dict[str, str] = {}
     for line in text.splitlines():

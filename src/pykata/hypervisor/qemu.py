@@ -87,9 +87,9 @@ class VmConfig:
     virtiofsd: str = ""
     virtio_fs_cache: str = "auto"
     image: Path | None = None
-    # The image mapped into the guest (DAX: memory after the RAM on microvm,
-    # virtio-pmem on q35), whose pages every VM shares, rather than a
-    # virtio-blk disk each guest caches its own copy of.
+    # On microvm, the image mapped into the guest (DAX: memory after the
+    # RAM), whose pages every VM shares, rather than a virtio-blk disk each
+    # guest caches its own copy of. q35 always gets the disk.
     image_dax: bool = False
     # Under TCG: MiB of translated guest code QEMU keeps (0: QEMU's default).
     tcg_code_cache_mib: int = 0
@@ -107,13 +107,15 @@ class VmConfig:
 
     @property
     def root_pmem(self) -> bool:
-        """Whether the root image is mapped into the guest (DAX)."""
-        return self.image is not None and self.image_dax
+        """Whether the root image is mapped into the guest (DAX): on microvm
+        only. q35 could take a virtio-pmem device, but QEMU fsyncs the image
+        on the host for each of its flush requests, which a hostile guest
+        could send without end; it gets the read-only disk."""
+        return self.image is not None and self.image_dax and self.machine_type == "microvm"
 
     def pmem_layout(self) -> qa.PmemLayout | None:
-        """Where the image sits in a microvm's memory (DAX; q35 has a
-        virtio-pmem device and needs none)."""
-        if not self.root_pmem or self.machine_type != "microvm":
+        """Where the image sits in the guest's memory (DAX)."""
+        if not self.root_pmem:
             return None
         assert self.image is not None
         return qa.PmemLayout.for_microvm(self.memory_mib, self.image.stat().st_size)
@@ -169,9 +171,9 @@ class VmConfig:
             # device instead of copying them into the guest's page cache,
             # and fails the mount (not silently copies) if it cannot.
             # rootwait: the nvdimm bus finds the namespace asynchronously.
-            parts += [layout.kernel_param() if layout else "",
-                      f"root={qa.ROOT_PMEM_DEVICE}", "ro", "rootfstype=ext4", "rootflags=dax",
-                      "rootwait", "init=/init"]
+            assert layout is not None
+            parts += [layout.kernel_param(), f"root={qa.ROOT_PMEM_DEVICE}", "ro",
+                      "rootfstype=ext4", "rootflags=dax", "rootwait", "init=/init"]
         elif self.image is not None:
             # The image is the only virtio-blk disk, so it is vda whatever
             # else the VM has; the kernel mounts it read-only itself.
@@ -196,7 +198,7 @@ class VmConfig:
 
     def _check_dax_root(self) -> None:
         assert self.image is not None
-        problem = dax_root_problem(self.image, self.kernel, self.machine_type)
+        problem = dax_root_problem(self.image, self.kernel)
         if problem is not None:
             raise HypervisorError(problem[0], hint=problem[1])
 
@@ -222,20 +224,31 @@ class VmConfig:
             self.virtiofsd_config().check()
 
 
-def dax_root_problem(image: Path, kernel: Path, machine_type: str) -> tuple[str, str] | None:
+def dax_root_problem(image: Path, kernel: Path) -> tuple[str, str] | None:
     """Why `image` cannot be booted as a DAX device with `kernel`, and the
-    fix; None when it can (or the kernel's config is unknown)."""
+    fix; None when it can."""
     fallback = "or set [hypervisor.qemu] disable_image_nvdimm = true (a virtio-blk disk)"
     size = image.stat().st_size
     if size == 0 or size % qa.PMEM_ALIGN:
         return (f"guest root image {image} is {size} bytes, not a multiple of "
                 f"{qa.PMEM_ALIGN >> 20} MiB, so it cannot be a DAX device",
                 f"run `pykata assets build` (it pads the image it builds), {fallback}")
-    missing = kernel_config.missing_for_dax_root(kernel, machine_type)
+    missing = kernel_config.missing_for_dax_root(kernel)
+    if missing is None:
+        # Booted anyway, a kernel without pmem would wait for /dev/pmem0
+        # until the agent's dial timeout.
+        return (f"guest kernel {kernel} has no {kernel_config.CONFIG_NAME} beside it, so "
+                "pykata cannot tell it can map the root image (DAX)",
+                f"use the kernel `pykata assets build` makes, {fallback}")
     if missing:
         return (f"guest kernel {kernel} lacks {', '.join(missing)} (its config beside it), "
                 "so it cannot boot from the root image as a DAX device",
                 f"use the kernel `pykata assets build` makes, {fallback}")
+    if not kernel_config.built_with_patch(kernel, kernel_config.DAX_ROOT_PATCH):
+        return (f"guest kernel {kernel} was not built with pykata's patch "
+                f"{kernel_config.DAX_ROOT_PATCH} (its {kernel_config.MANIFEST_NAME} "
+                "beside it), without which a microvm guest never finds the root image",
+                f"run `pykata assets build`, {fallback}")
     return None
 
 
@@ -332,12 +345,11 @@ class QemuVM:
     def _options(self, qmp_fd: int, agent_fd: int, console_fd: int, virtiofs_fd: int = -1
                  ) -> list[qa.QemuOption]:
         c = self.config
-        pmem = (qa.RootPmem(c.image, c.image.stat().st_size, c.machine_type)
+        pmem = (qa.RootPmem(c.image, c.image.stat().st_size)
                 if c.root_pmem and c.image is not None else None)
         layout = c.pmem_layout()
         memory = qa.Memory(layout.ram_mib if layout else c.memory_mib, c.memory_path,
                            c.memory_shared, memfd=c.uses_virtio_fs and c.memory_path is None,
-                           device_bytes=pmem.size if pmem and not layout else 0,
                            numa_after_mib=layout.image_mib if layout else 0)
         opts: list[qa.QemuOption] = [
             qa.Basics(name=f"pykata-{c.name}"),

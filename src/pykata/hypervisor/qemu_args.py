@@ -27,7 +27,6 @@ def _escape(value: str) -> str:
 
 # The id of the guest RAM's backend object, when it is a file (templates).
 RAM_BACKEND_ID = "pykata-ram"
-_GIB = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -86,10 +85,6 @@ class Memory:
     path: Path | None = None
     shared: bool = True
     memfd: bool = False
-    # Bytes of memory devices (the root image's virtio-pmem on q35) beyond
-    # the RAM: they are plugged into the machine's device memory, which
-    # needs a slot and room under maxmem.
-    device_bytes: int = 0
     # MiB of guest memory after the RAM that NUMA node 1 fills (the root
     # image on microvm, RootPmem): the RAM is then node 0, always an object.
     numa_after_mib: int = 0
@@ -104,12 +99,7 @@ class Memory:
         return self.path is not None or self.memfd
 
     def args(self) -> list[str]:
-        size = f"{self.mib + self.numa_after_mib}M"
-        if self.device_bytes:
-            # QEMU may align each slot to 1 GiB within the device memory.
-            room = -(-self.device_bytes // _GIB) * _GIB + _GIB
-            size += f",slots=1,maxmem={self.mib + (room >> 20)}M"
-        out = ["-m", size, *self._backend_args()]
+        out = ["-m", f"{self.mib + self.numa_after_mib}M", *self._backend_args()]
         if self.numa:
             out += ["-numa", f"node,memdev={RAM_BACKEND_ID}"]
         return out
@@ -217,28 +207,28 @@ class PmemLayout:
 class RootPmem:
     """The read-only root image as guest memory the guest's ext4 reads in
     DAX mode: QEMU maps the host file, so every VM maps the same host
-    page-cache pages and no guest keeps a copy of its own. On microvm (no
-    memory devices) it is NUMA node 1 after the RAM (PmemLayout); on q35 a
-    virtio-pmem device.
+    page-cache pages and no guest keeps a copy of its own. microvm has no
+    memory devices, so it is NUMA node 1 after the RAM (PmemLayout), which
+    the guest kernel is told is persistent memory.
 
     share=on: the mapping is the file's own pages (and a template's save
     skips it with x-ignore-shared, so it is never copied into a template).
-    readonly=on: QEMU opens the file O_RDONLY and maps it PROT_READ, so no
-    guest write can reach it: a guest store faults in its own QEMU (under
-    TCG, QEMU dies; under KVM, the vCPU stops), and only that VM ends."""
+    readonly=on: QEMU opens the file O_RDONLY, maps it PROT_READ and makes
+    the region read-only to the guest, so a guest's store into it is dropped
+    (under KVM the memory slot is read-only and the write exits to QEMU).
+
+    Not virtio-pmem: QEMU answers each of its flush requests with an fsync
+    of the image on the host, which a hostile guest could repeat without end
+    (and QEMU 7.2's microvm never maps the device)."""
 
     path: Path
     size: int
-    machine_type: str
 
     def args(self) -> list[str]:
-        backend = ["-object", f"memory-backend-file,id={ROOT_BACKEND_ID},"
-                              f"mem-path={_escape(str(self.path))},size={self.size},"
-                              "share=on,readonly=on"]
-        if self.machine_type == "microvm":
-            return [*backend, "-numa", f"node,memdev={ROOT_BACKEND_ID}"]
-        return [*backend, "-device",
-                f"virtio-pmem-pci,memdev={ROOT_BACKEND_ID},id={ROOT_BACKEND_ID}-pmem"]
+        return ["-object", f"memory-backend-file,id={ROOT_BACKEND_ID},"
+                           f"mem-path={_escape(str(self.path))},size={self.size},"
+                           "share=on,readonly=on",
+                "-numa", f"node,memdev={ROOT_BACKEND_ID}"]
 
 
 @dataclass(frozen=True)
