@@ -80,8 +80,8 @@ def write_root_image(archive: Archive, key: str, work: Path, out: Path, log: Bui
     _zero_times(tree)
     blocks = (data_bytes + len(entries) * _BLOCK + _SLACK_BYTES) // _BLOCK
     blocks += blocks // 8
-    # A whole number of 2 MiB: the size a virtio-pmem device must have
-    # (hypervisor.qemu_args.PMEM_ALIGN), so the image is a DAX device as is.
+    # A whole number of 2 MiB, the unit a guest maps it in as DAX
+    # (hypervisor.qemu_args.PMEM_ALIGN), so the image can be mapped as is.
     blocks = -(-blocks // _BLOCKS_PER_PMEM_UNIT) * _BLOCKS_PER_PMEM_UNIT
     fs_id = str(uuid.UUID(hex=(key * 4)[:32]))
     log.step(f"root image: {len(entries)} entries, {data_bytes} bytes of files, "

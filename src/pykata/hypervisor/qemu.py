@@ -345,9 +345,8 @@ class QemuVM:
     def _options(self, qmp_fd: int, agent_fd: int, console_fd: int, virtiofs_fd: int = -1
                  ) -> list[qa.QemuOption]:
         c = self.config
-        pmem = (qa.RootPmem(c.image, c.image.stat().st_size)
-                if c.root_pmem and c.image is not None else None)
         layout = c.pmem_layout()
+        pmem = qa.RootPmem(c.image, layout.image_mib << 20) if layout and c.image else None
         memory = qa.Memory(layout.ram_mib if layout else c.memory_mib, c.memory_path,
                            c.memory_shared, memfd=c.uses_virtio_fs and c.memory_path is None,
                            numa_after_mib=layout.image_mib if layout else 0)
